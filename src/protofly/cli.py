@@ -1,0 +1,50 @@
+"""The ``protofly`` command line.
+
+Each part of protofly that has commands owns a Typer sub-app in its own package (``catalogue/cli.py``,
+``msgnode/cli.py``, ...); this module only assembles them, so the commands live next to the code they drive.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from protofly import log
+
+app = typer.Typer(
+    name="protofly",
+    help="Deploy reTHINK protocol stubs on the fly: fetched, verified, sandboxed and supervised.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    log_format: str = typer.Option("console", "--log-format", help="Log format on stderr: console or json."),
+    log_level: str = typer.Option("WARNING", "--log-level", help="Log level: DEBUG, INFO, WARNING, ERROR."),
+) -> None:
+    """protofly: a Python Hyperty Runtime core for protocol stubs deployed on the fly."""
+    try:
+        log.configure(log_format, log_level)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def version() -> None:
+    """Print protofly's version."""
+    from protofly import __version__
+
+    typer.echo(__version__)
+
+
+# --- sub-apps: one line each, in this block -----------------------------------------------------
+# (end of sub-apps)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

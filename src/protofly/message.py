@@ -1,0 +1,213 @@
+"""The reTHINK message: one typed struct, one decoder, one exception.
+
+Everything that crosses a boundary (a sandbox channel, a WebSocket, a file) is decoded here, so the rest of
+the runtime can trust a :class:`Message` without re-checking it.  The model is deliberately tolerant where
+reTHINK peers disagree (type case, ``id`` as int or string, ``to`` as a one-element list, the Phase-1
+top-level ``resource``, ``desc`` vs ``description``) and strict where the runtime depends on a field.
+
+The body is never interpreted here: it is passed through as decoded, so a stub or a hyperty can carry any
+payload and the runtime only ever adds ``via``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "TYPES",
+    "Message",
+    "MessageError",
+    "as_dict",
+    "decode",
+    "decode_batch",
+    "encode",
+    "error_description",
+    "from_dict",
+    "is_provisional",
+    "response",
+    "response_code",
+]
+
+#: Types a runtime exchanges; ``open``/``re-open``/``close`` belong to the message node session.
+TYPES = frozenset(
+    {
+        "create",
+        "read",
+        "update",
+        "delete",
+        "subscribe",
+        "unsubscribe",
+        "response",
+        "forward",
+        "execute",
+        "open",
+        "re-open",
+        "close",
+    }
+)
+
+#: Largest encoded message accepted by :func:`decode` unless the caller says otherwise (1 MiB).
+DEFAULT_MAX_SIZE = 1 << 20
+
+
+class MessageError(ValueError):
+    """A message that cannot be accepted; the text always names the offending field.
+
+    One exception type for every kind of bad input, so that every loop that reads messages from the
+    outside needs exactly one ``except`` clause and can answer the sender instead of crashing.
+    """
+
+
+class Message(msgspec.Struct, kw_only=True, omit_defaults=True, rename={"from_": "from"}):
+    """A reTHINK message ``{id, type, from, to, body}``.
+
+    ``from`` is a Python keyword, hence ``from_``; on the wire it is ``from``.  After construction
+    ``type`` is lower case and ``to`` is a single address, whatever form the input used.
+    """
+
+    id: int | str | None = None
+    type: str
+    from_: str
+    to: str | list[str] | None = None
+    body: dict[str, Any] | None = None
+    #: Phase-1 messages (the seed's own status example) put the destination here instead of in ``to``.
+    resource: str | None = None
+
+    def __post_init__(self) -> None:
+        kind = self.type
+        if kind not in TYPES:
+            kind = kind.lower()
+            if kind not in TYPES:
+                raise MessageError(f"type: unknown message type {self.type!r}")
+            self.type = kind
+        if not self.from_:
+            raise MessageError("from: must be a non-empty address")
+        to = self.to
+        if type(to) is not str:
+            if to is None:
+                if not self.resource:
+                    raise MessageError("to: missing (and no top-level resource to route to)")
+                self.to = self.resource
+            elif len(to) == 1 and isinstance(to[0], str) and to[0]:
+                self.to = to[0]
+            else:
+                raise MessageError(f"to: expected one address, got a list of {len(to)}")
+        elif not to:
+            raise MessageError("to: must be a non-empty address")
+
+
+_decoder = msgspec.json.Decoder(Message)
+_batch_decoder = msgspec.json.Decoder(list[Message])
+_encoder = msgspec.json.Encoder()
+
+
+def decode(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE) -> Message:
+    """Parse and validate one JSON message, or raise :class:`MessageError` naming what is wrong."""
+    if len(data) > max_size:
+        raise MessageError(f"size: message of {len(data)} bytes is over the {max_size}-byte limit")
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise MessageError(_validation_text(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise MessageError(f"json: not a valid JSON message ({exc})") from None
+
+
+def decode_batch(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE) -> list[Message]:
+    """Parse a JSON array of messages in one call (the batched framing of channels that allow it)."""
+    if len(data) > max_size:
+        raise MessageError(f"size: batch of {len(data)} bytes is over the {max_size}-byte limit")
+    try:
+        return _batch_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise MessageError(_validation_text(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise MessageError(f"json: not a valid JSON message batch ({exc})") from None
+
+
+def from_dict(obj: Any) -> Message:
+    """Validate an already-parsed JSON object (for callers that hold Python data, not bytes)."""
+    try:
+        return msgspec.convert(obj, Message)
+    except msgspec.ValidationError as exc:
+        raise MessageError(_validation_text(exc)) from None
+
+
+def encode(msg: Message | list[Message]) -> bytes:
+    """Serialise to compact JSON, with lower-case ``type`` and ``from`` spelt as on the wire."""
+    return _encoder.encode(msg)
+
+
+def as_dict(msg: Message) -> dict[str, Any]:
+    """The wire form as a plain dict (``from`` key, defaults omitted)."""
+    return msgspec.to_builtins(msg)
+
+
+def response(
+    request: Message,
+    code: int,
+    description: str | None = None,
+    *,
+    value: Any = None,
+    **extra: Any,
+) -> Message:
+    """Build the answer to ``request``: same ``id``, ``from``/``to`` swapped, ``body.code``.
+
+    The request id is always reused (reTHINK's ``generateMessageResponse`` allocates a new one, which breaks
+    correlation); extra keyword arguments become extra body fields (e.g. ``runtimeToken``).
+    """
+    body: dict[str, Any] = {"code": code}
+    if description is not None:
+        body["description"] = description
+    if value is not None:
+        body["value"] = value
+    if extra:
+        body.update(extra)
+    return Message(id=request.id, type="response", from_=request.to, to=request.from_, body=body)  # type: ignore[arg-type]
+
+
+def response_code(msg: Message) -> int | None:
+    """``body.code`` as an int, or None when the message carries none (peers sometimes send strings)."""
+    body = msg.body
+    if not body:
+        return None
+    code = body.get("code")
+    if type(code) is int:
+        return code
+    if isinstance(code, str) and code.isdigit():
+        return int(code)
+    return None
+
+
+def is_provisional(msg: Message) -> bool:
+    """True for a ``1xx`` response: it is passed on but the request stays open."""
+    code = response_code(msg)
+    return code is not None and code < 200
+
+
+def error_description(body: dict[str, Any] | None) -> str | None:
+    """The reason in an error or status body; reTHINK peers write either ``description`` or ``desc``."""
+    if not body:
+        return None
+    text = body.get("description")
+    if text is None:
+        text = body.get("desc")
+    return None if text is None else str(text)
+
+
+def _validation_text(exc: msgspec.ValidationError) -> str:
+    """Turn msgspec's "... - at `$.from`" into "from: ..." so the field comes first, as everywhere else."""
+    text = str(exc)
+    detail, sep, where = text.rpartition(" - at `")
+    if sep:
+        field = where.rstrip("`").removeprefix("$").lstrip(".") or "message"
+        return f"{field}: {detail}"
+    if text.startswith("Object missing required field `"):
+        field = text.split("`")[1]
+        return f"{field}: missing required field"
+    if text.startswith("Expected `object`"):
+        return f"message: {text}"
+    return text
