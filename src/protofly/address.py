@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 __all__ = [
-    "AddressError",
     "Address",
+    "AddressError",
     "catalogue_url",
     "home_fallback_url",
     "is_within",
@@ -55,7 +55,9 @@ _KINDS = {
     "ctxt": "context",
     "mn": "message-node",
 }
-_NEEDS_HOST = frozenset({"hyperty", "hyperty-runtime", "runtime", "domain", "hyperty-catalogue", "comm", "connection", "ctxt"})
+_NEEDS_HOST = frozenset(
+    {"hyperty", "hyperty-runtime", "runtime", "domain", "hyperty-catalogue", "comm", "connection", "ctxt"}
+)
 #: Functional-element labels that name a service of a domain rather than the domain itself.
 _SERVICE_LABELS = ("msg-node.", "registry.")
 

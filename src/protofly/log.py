@@ -42,7 +42,8 @@ class KeyValueFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         pairs = " ".join(f"{k}={v}" for k, v in extras(record).items())
-        line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}  {record.getMessage()}"
+        stamp = self.formatTime(record, "%H:%M:%S")
+        line = f"{stamp} {record.levelname:<7} {record.name}  {record.getMessage()}"
         if pairs:
             line = f"{line}  {pairs}"
         if record.exc_info:

@@ -116,7 +116,9 @@ def decode(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAUL
         raise MessageError(f"json: not a valid JSON message ({exc})") from None
 
 
-def decode_batch(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE) -> list[Message]:
+def decode_batch(
+    data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE
+) -> list[Message]:
     """Parse a JSON array of messages in one call (the batched framing of channels that allow it)."""
     if len(data) > max_size:
         raise MessageError(f"size: batch of {len(data)} bytes is over the {max_size}-byte limit")
