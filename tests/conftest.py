@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -15,3 +16,35 @@ def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()
     return path
+
+
+class Inbox:
+    """A listener that records what it gets and lets a test await a count, instead of polling."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, item) -> None:
+        self.items.append(item)
+        self._changed.set()
+
+    append = __call__
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list:
+        async with asyncio.timeout(timeout):
+            while len(self.items) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.items
+
+
+@pytest.fixture
+def make_inbox() -> type[Inbox]:
+    return Inbox

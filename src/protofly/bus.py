@@ -301,9 +301,7 @@ class MessageBus:
         self.stats.timeouts += 1
         pending.timer = None
         request = pending.request
-        pending.future.set_result(
-            response(request, 408, f"no response from {request.to} within {pending.timeout:g} s")
-        )
+        pending.future.set_result(response(request, 408, f"no response from {request.to} within {pending.timeout:g} s"))
 
     def _route_unknown(self, msg: Message) -> None:
         resolver = self._resolver
@@ -345,9 +343,7 @@ class MessageBus:
         self.stats.by_code[code] = self.stats.by_code.get(code, 0) + 1
         if msg.type == "response" or self._closed:
             self.stats.dropped_responses += 1
-            log.warning(
-                "undeliverable response dropped", to=msg.to, sender=msg.from_, code=code, reason=description
-            )
+            log.warning("undeliverable response dropped", to=msg.to, sender=msg.from_, code=code, reason=description)
             return
         self.post(response(msg, code, description))
 

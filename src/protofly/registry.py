@@ -1,0 +1,383 @@
+"""The Runtime Registry: the runtime's identity, its component addresses, and the table of stubs.
+
+The registry owns three things the rest of the runtime asks about:
+
+* the runtime URL, generated once and kept in the state directory so a restarted runtime is the same
+  runtime to the message nodes that know it;
+* URLs for runtime components, never handed out twice (also across restarts);
+* one record per stub, keyed by the domain it serves, fed by the stub's own status messages on
+  ``<stubURL>/status`` and re-published to ``<runtimeURL>/status``.
+
+It plugs into the bus as the resolver: a message for an address nobody listens to goes to the stub of
+the domain that serves that address, and, when there is none yet, to the deployer hook (the Runtime UA).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protofly import address, status
+from protofly.bus import Listener, MessageBus
+from protofly.log import get_logger
+from protofly.message import Message, error_description
+
+__all__ = [
+    "Deployer",
+    "RegistryError",
+    "RuntimeRegistry",
+    "StatusEvent",
+    "StatusTimeoutError",
+    "StubRecord",
+]
+
+log = get_logger("protofly.registry")
+
+#: The Runtime UA's hook: start (or join) the deployment of a domain's stub and return its URL.
+Deployer = Callable[[str], "str | Awaitable[str | None] | None"]
+
+STATE_FILE = "runtime.sqlite"
+#: Stub numbers are reserved in blocks so that allocating one costs no disk write, yet none is reused.
+RESERVE_BLOCK = 64
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done (unknown stub, duplicate domain, unreadable state)."""
+
+
+class StatusTimeoutError(TimeoutError):
+    """``wait_for_status`` ran out of time; the text says which stub, what it waited for and what it saw."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """One status report, applied or not: the raw material of a deploy timeline."""
+
+    at: float
+    value: str
+    description: str | None
+    group: str | None
+    source: str
+    applied: bool
+    reason: str | None = None
+
+
+@dataclass(eq=False)
+class StubRecord:
+    """Everything the runtime knows about one deployed stub."""
+
+    domain: str
+    url: str
+    name: str = "default"
+    descriptor_url: str | None = None
+    history: list[StatusEvent] = field(default_factory=list)
+    anomalies: list[StatusEvent] = field(default_factory=list)
+    since: float = field(default_factory=time.time)
+    isolation: dict[str, Any] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    restarts: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    machine: status.StatusMachine = field(default_factory=status.StatusMachine, repr=False)
+    _waiters: list[tuple[frozenset[str], asyncio.Future[None]]] = field(default_factory=list, repr=False)
+    _listener: Listener | None = field(default=None, repr=False)
+
+    @property
+    def status(self) -> str | None:
+        return self.machine.current
+
+    @property
+    def deployment(self) -> str | None:
+        return self.machine.deployment
+
+    @property
+    def connection(self) -> str | None:
+        return self.machine.connection
+
+    @property
+    def status_url(self) -> str:
+        return address.status_url(self.url)
+
+    def last_description(self) -> str | None:
+        """The reason given with the current status (a failure's cause), if any."""
+        for event in reversed(self.history):
+            if event.applied:
+                return event.description
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly view for ``stub list`` and status APIs."""
+        return {
+            "domain": self.domain,
+            "url": self.url,
+            "name": self.name,
+            "status": self.status,
+            "description": self.last_description(),
+            "since": self.since,
+            "isolation": self.isolation,
+            "counters": dict(self.counters),
+            "restarts": self.restarts,
+            "anomalies": len(self.anomalies),
+        }
+
+
+class _StateStore:
+    """The runtime's small persistent state: a key/value table in SQLite, touched off the event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=5.0)
+        connection.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        return connection
+
+    def get(self, key: str) -> str | None:
+        with self._connect() as connection:
+            row = connection.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_default(self, key: str, value: str) -> str:
+        """Store ``value`` unless ``key`` already has one; return what is stored (race-free)."""
+        with self._connect() as connection:
+            connection.execute("INSERT OR IGNORE INTO state (key, value) VALUES (?, ?)", (key, value))
+            row = connection.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return str(row[0])
+
+    def reserve(self, key: str, block: int) -> int:
+        """Advance the counter ``key`` by ``block`` and return the first number of the reserved block."""
+        with self._connect() as connection:
+            connection.execute("INSERT OR IGNORE INTO state (key, value) VALUES (?, '1')", (key,))
+            start = int(connection.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()[0])
+            connection.execute("UPDATE state SET value = ? WHERE key = ?", (str(start + block), key))
+        return start
+
+
+class RuntimeRegistry:
+    """The stub table and address authority of one runtime.  Create it with :meth:`open`."""
+
+    def __init__(
+        self,
+        bus: MessageBus,
+        *,
+        domain: str,
+        runtime_url: str,
+        store: _StateStore | None = None,
+    ) -> None:
+        self.bus = bus
+        self.domain = address.validate_domain(domain)
+        self.runtime_url = runtime_url
+        self.runtime_status_url = address.status_url(runtime_url)
+        self._store = store
+        self._stubs: dict[str, StubRecord] = {}
+        self._by_url: dict[str, StubRecord] = {}
+        self._counters: dict[str, tuple[int, int]] = {}  # kind -> (next, end of reserved block)
+        self._deployer: Deployer | None = None
+
+    @classmethod
+    async def open(cls, bus: MessageBus, *, domain: str, state_dir: Path | None = None) -> RuntimeRegistry:
+        """Load (or create, once) the runtime URL from ``state_dir``; without one the runtime is ephemeral."""
+        domain = address.validate_domain(domain)
+        proposed = address.runtime_url(domain, address.new_runtime_id())
+        if state_dir is None:
+            return cls(bus, domain=domain, runtime_url=proposed)
+        store = _StateStore(Path(state_dir) / STATE_FILE)
+        try:
+            await asyncio.to_thread(Path(state_dir).mkdir, parents=True, exist_ok=True)
+            stored = await asyncio.to_thread(store.set_default, f"runtime_url:{domain}", proposed)
+        except (OSError, sqlite3.Error) as exc:
+            raise RegistryError(f"cannot use state directory {state_dir}: {exc}") from exc
+        return cls(bus, domain=domain, runtime_url=stored, store=store)
+
+    # -- addresses -------------------------------------------------------------------------------
+
+    async def allocate_url(self, kind: str) -> str:
+        """A new ``<runtimeURL>/<kind>/<n>``; ``n`` is never reused for this runtime, even after a restart."""
+        if not kind or "/" in kind:
+            raise RegistryError(f"component kind {kind!r} must be one path segment")
+        number, end = self._counters.get(kind, (0, 0))
+        if number >= end:
+            number = await self._reserve(kind)
+            end = number + RESERVE_BLOCK
+        self._counters[kind] = (number + 1, end)
+        return f"{self.runtime_url}/{kind}/{number}"
+
+    async def _reserve(self, kind: str) -> int:
+        if self._store is None:
+            return self._counters.get(kind, (1, 1))[0] or 1
+        try:
+            return await asyncio.to_thread(self._store.reserve, f"counter:{self.runtime_url}:{kind}", RESERVE_BLOCK)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot reserve component numbers in {self._store.path}: {exc}") from exc
+
+    def is_local(self, url: str) -> bool:
+        """True for addresses inside this runtime's own URL space."""
+        return address.is_within(url, self.runtime_url)
+
+    # -- the stub table ----------------------------------------------------------------------------
+
+    async def register_stub(
+        self, domain: str, *, name: str = "default", descriptor_url: str | None = None
+    ) -> StubRecord:
+        """Allocate a stub URL for ``domain``, record it as ``deploying`` and listen on its status."""
+        domain = address.validate_domain(domain)
+        if domain in self._stubs:
+            raise RegistryError(f"a stub for {domain} is already registered ({self._stubs[domain].url})")
+        url = await self.allocate_url("protostub")
+        if domain in self._stubs:  # another registration won the race while we awaited the allocation
+            raise RegistryError(f"a stub for {domain} is already registered ({self._stubs[domain].url})")
+        record = StubRecord(domain=domain, url=url, name=name, descriptor_url=descriptor_url)
+        record._listener = self.bus.add_listener(record.status_url, self._on_status)
+        self._stubs[domain] = record
+        self._by_url[url] = record
+        self.report(record, status.DEPLOYING, source="runtime")
+        return record
+
+    def unregister_stub(self, domain: str) -> StubRecord:
+        """Forget the stub of ``domain``: its status listener goes, its waiters are told."""
+        record = self._stubs.pop(domain, None)
+        if record is None:
+            raise RegistryError(f"no stub registered for {domain}")
+        self._by_url.pop(record.url, None)
+        if record._listener is not None:
+            record._listener.remove()
+            record._listener = None
+        for _, waiter in record._waiters:
+            if not waiter.done():
+                waiter.set_exception(RegistryError(f"stub {record.url} for {domain} was unregistered"))
+        record._waiters.clear()
+        return record
+
+    def stub(self, domain: str) -> StubRecord | None:
+        return self._stubs.get(domain)
+
+    def stub_by_url(self, url: str) -> StubRecord | None:
+        return self._by_url.get(url)
+
+    def stubs(self) -> list[StubRecord]:
+        return list(self._stubs.values())
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def report(
+        self,
+        record: StubRecord,
+        value: str,
+        description: str | None = None,
+        *,
+        source: str = "runtime",
+    ) -> status.Transition:
+        """Apply a status (from the stub, or from the runtime on its behalf), record and re-publish it."""
+        transition = record.machine.report(value)
+        event = StatusEvent(
+            time.time(),
+            transition.new,
+            description,
+            transition.group,
+            source,
+            transition.applied,
+            transition.reason,
+        )
+        if transition.applied:
+            record.history.append(event)
+            record.since = event.at
+            self._publish(record, event)
+            self._wake(record)
+        elif transition.old != transition.new:
+            record.anomalies.append(event)
+            log.warning(
+                "status anomaly",
+                stub_url=record.url,
+                value=transition.new,
+                reason=transition.reason,
+                source=source,
+            )
+        return transition
+
+    def _on_status(self, msg: Message) -> None:
+        record = self._by_url.get(msg.to.removesuffix("/status"))  # type: ignore[union-attr]
+        if record is None:
+            return
+        body = msg.body or {}
+        if msg.from_ != record.url:
+            event = StatusEvent(
+                time.time(), str(body.get("value")), None, None, msg.from_, False, "status from a foreign sender"
+            )
+            record.anomalies.append(event)
+            log.warning("status from foreign sender ignored", stub_url=record.url, sender=msg.from_)
+            return
+        self.report(record, body.get("value"), error_description(body), source="stub")  # type: ignore[arg-type]
+
+    def _publish(self, record: StubRecord, event: StatusEvent) -> None:
+        body: dict[str, Any] = {"value": event.value, "resource": record.url}
+        if event.description is not None:
+            body["description"] = event.description
+        self.bus.publish(Message(type="update", from_=self.runtime_url, to=self.runtime_status_url, body=body))
+
+    def _wake(self, record: StubRecord) -> None:
+        current = record.status
+        remaining = []
+        for wanted, waiter in record._waiters:
+            if waiter.done():
+                continue
+            if current in wanted:
+                waiter.set_result(None)
+            else:
+                remaining.append((wanted, waiter))
+        record._waiters = remaining
+
+    async def wait_for_status(self, stub: str | StubRecord, values: Iterable[str], timeout: float) -> StubRecord:
+        """Wait until the stub's status is one of ``values``; :class:`StatusTimeoutError` after ``timeout`` s."""
+        record = stub if isinstance(stub, StubRecord) else self._find(stub)
+        wanted = frozenset(v for v in map(status.normalize, values) if v)
+        if record.status in wanted:
+            return record
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        record._waiters.append((wanted, waiter))
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            raise StatusTimeoutError(
+                f"stub {record.url} ({record.domain}) did not reach {'/'.join(sorted(wanted))} within "
+                f"{timeout:g} s; its status is {record.status}"
+            ) from None
+        finally:
+            record._waiters = [(w, f) for (w, f) in record._waiters if f is not waiter]
+        return record
+
+    def _find(self, key: str) -> StubRecord:
+        record = self._stubs.get(key) or self._by_url.get(key)
+        if record is None:
+            raise RegistryError(f"no stub registered for {key}")
+        return record
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def set_deployer(self, deployer: Deployer | None) -> None:
+        """Install the Runtime UA's hook, called for a domain that has no stub yet."""
+        self._deployer = deployer
+
+    def resolve(self, msg: Message) -> str | Awaitable[str | None] | None:
+        """Where a message with no local listener goes: the stub URL of the domain serving ``to``."""
+        to: str = msg.to  # type: ignore[assignment]
+        if address.is_within(to, self.runtime_url):
+            return None
+        try:
+            domain = address.serving_domain(to)
+        except address.AddressError:
+            return None
+        if domain is None:
+            if address.parse(to).scheme != "global":
+                return None
+            domain = self.domain  # global services are reached through the home domain's node
+        record = self._stubs.get(domain)
+        if record is not None:
+            return record.url
+        if self._deployer is not None:
+            return self._deployer(domain)
+        return None

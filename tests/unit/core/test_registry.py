@@ -1,0 +1,237 @@
+"""The runtime registry: identity that survives restarts, the stub table, status history and routing."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from protofly.bus import MessageBus
+from protofly.message import Message, decode, response_code
+from protofly.registry import RegistryError, RuntimeRegistry, StatusTimeoutError
+
+
+async def open_registry(state_dir: Path | None = None, domain: str = "a.test") -> tuple[MessageBus, RuntimeRegistry]:
+    bus = MessageBus()
+    registry = await RuntimeRegistry.open(bus, domain=domain, state_dir=state_dir)
+    bus.set_resolver(registry.resolve)
+    return bus, registry
+
+
+def status_msg(url: str, value: str, **extra: str) -> Message:
+    return Message(type="update", from_=url, to=f"{url}/status", body={"value": value, **extra})
+
+
+async def test_runtime_url_survives_a_restart(state_dir: Path) -> None:
+    _, first = await open_registry(state_dir)
+    _, second = await open_registry(state_dir)
+    assert first.runtime_url == second.runtime_url
+    assert first.runtime_url.startswith("hyperty-runtime://a.test/")
+    _, other = await open_registry(state_dir / "elsewhere")
+    assert other.runtime_url != first.runtime_url
+
+
+async def test_without_state_dir_each_runtime_is_new() -> None:
+    _, first = await open_registry()
+    _, second = await open_registry()
+    assert first.runtime_url != second.runtime_url
+
+
+async def test_unusable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RegistryError, match="state directory"):
+        await open_registry(blocker)
+
+
+async def test_stub_urls_are_never_reused_even_after_restart(state_dir: Path) -> None:
+    _, first = await open_registry(state_dir)
+    urls = {await first.allocate_url("protostub") for _ in range(100)}
+    assert len(urls) == 100
+    _, again = await open_registry(state_dir)
+    after = {await again.allocate_url("protostub") for _ in range(10)}
+    assert not urls & after
+    assert all(u.startswith(first.runtime_url + "/protostub/") for u in urls | after)
+
+
+async def test_register_records_deploying_and_refuses_duplicates() -> None:
+    _, registry = await open_registry()
+    record = await registry.register_stub("b.test")
+    assert record.status == "deploying"
+    assert record.url.startswith(registry.runtime_url + "/protostub/")
+    assert registry.stub("b.test") is record and registry.stub_by_url(record.url) is record
+    with pytest.raises(RegistryError, match="already registered"):
+        await registry.register_stub("b.test")
+    with pytest.raises(Exception, match="domain"):
+        await registry.register_stub("not a domain")
+
+
+async def test_status_history_and_republication() -> None:
+    bus, registry = await open_registry()
+    republished: list[Message] = []
+    bus.add_listener(registry.runtime_status_url, republished.append)
+    record = await registry.register_stub("b.test")
+    registry.report(record, "deployed")
+    for value in ["created", "in-progress", "live"]:
+        bus.post(status_msg(record.url, value))
+    bus.post(status_msg(record.url, "disconnected", desc="socket closed (1006)"))
+    assert record.status == "disconnected"
+    assert record.last_description() == "socket closed (1006)"
+    assert [e.value for e in record.history] == [
+        "deploying",
+        "deployed",
+        "created",
+        "in-progress",
+        "live",
+        "disconnected",
+    ]
+    assert [e.source for e in record.history][-4:] == ["stub"] * 4
+    times = [e.at for e in record.history]
+    assert times == sorted(times)
+    assert [m.body["value"] for m in republished] == [
+        "deploying",
+        "deployed",
+        "created",
+        "in-progress",
+        "live",
+        "disconnected",
+    ]
+    last = republished[-1]
+    assert last.from_ == registry.runtime_url and last.to == registry.runtime_url + "/status"
+    assert last.body["resource"] == record.url
+    assert last.body["description"] == "socket closed (1006)"
+
+
+async def test_seed_phase1_status_message_is_recorded_live() -> None:
+    bus, registry = await open_registry()
+    record = await registry.register_stub("b.test")
+    seed = (
+        b'{"id": "1", "type": "UPDATE", "from": "'
+        + record.url.encode()
+        + b'", "resource": "'
+        + record.url.encode()
+        + b'/status", "body": {"value": "LIVE"}}'
+    )
+    bus.post(decode(seed))
+    assert record.status == "live"
+
+
+async def test_disallowed_transition_is_an_anomaly_not_applied() -> None:
+    bus, registry = await open_registry()
+    record = await registry.register_stub("b.test")
+    bus.post(status_msg(record.url, "live"))
+    bus.post(status_msg(record.url, "created"))
+    bus.post(status_msg(record.url, "sleepy"))
+    assert record.status == "live"
+    assert [(a.value, a.applied) for a in record.anomalies] == [("created", False), ("sleepy", False)]
+    assert all(a.reason for a in record.anomalies)
+
+
+async def test_status_from_another_sender_is_an_anomaly() -> None:
+    bus, registry = await open_registry()
+    record = await registry.register_stub("b.test")
+    bus.post(Message(type="update", from_="hyperty://evil.test/x", to=record.status_url, body={"value": "live"}))
+    assert record.status == "deploying"
+    assert record.anomalies and record.anomalies[0].source == "hyperty://evil.test/x"
+
+
+async def test_wait_for_status() -> None:
+    bus, registry = await open_registry()
+    record = await registry.register_stub("b.test")
+    waiter = asyncio.create_task(registry.wait_for_status("b.test", ["LIVE"], timeout=1))
+    await asyncio.sleep(0)
+    bus.post(status_msg(record.url, "created"))
+    assert not waiter.done()
+    bus.post(status_msg(record.url, "connected"))
+    assert (await asyncio.wait_for(waiter, 1)) is record
+    assert await registry.wait_for_status(record.url, ["live"], timeout=0) is record
+    with pytest.raises(StatusTimeoutError, match=r"did not reach disconnected .*status is live"):
+        await registry.wait_for_status(record, ["disconnected"], timeout=0.02)
+    assert record._waiters == []
+
+
+async def test_unregister_wakes_waiters_and_removes_listener() -> None:
+    bus, registry = await open_registry()
+    record = await registry.register_stub("b.test")
+    waiter = asyncio.create_task(registry.wait_for_status(record, ["live"], timeout=5))
+    await asyncio.sleep(0)
+    registry.unregister_stub("b.test")
+    with pytest.raises(RegistryError, match="unregistered"):
+        await asyncio.wait_for(waiter, 1)
+    assert not bus.has_listener(record.status_url)
+    assert registry.stub("b.test") is None
+    with pytest.raises(RegistryError):
+        registry.unregister_stub("b.test")
+
+
+async def test_resolve_routes_to_the_stub_of_the_serving_domain() -> None:
+    bus, registry = await open_registry()
+    record = await registry.register_stub("b.test")
+    inbox: list[Message] = []
+    bus.add_listener(record.url, inbox.append)
+    for to in [
+        "hyperty://b.test/1",
+        "domain://msg-node.b.test/address-allocation",
+        "domain://registry.b.test",
+        "comm://b.test/room",
+    ]:
+        bus.post(Message(type="create", from_="hyperty://a.test/me", to=to))
+    assert [m.to for m in inbox] == [
+        "hyperty://b.test/1",
+        "domain://msg-node.b.test/address-allocation",
+        "domain://registry.b.test",
+        "comm://b.test/room",
+    ]
+
+
+async def test_resolve_global_goes_home_and_local_space_is_404() -> None:
+    bus, registry = await open_registry()
+    home = await registry.register_stub("a.test")
+    inbox: list[Message] = []
+    bus.add_listener(home.url, inbox.append)
+    bus.post(Message(type="read", from_="hyperty://a.test/me", to="global://registry/"))
+    assert len(inbox) == 1
+    local = await bus.request(Message(type="read", from_="x:me", to=registry.runtime_url + "/nothing"), timeout=1)
+    assert response_code(local) == 404
+    garbage = await bus.request(Message(type="read", from_="x:me", to="not an address"), timeout=1)
+    assert response_code(garbage) == 404
+    session = await bus.request(Message(type="read", from_="x:me", to="mn:/session"), timeout=1)
+    assert response_code(session) == 404
+
+
+async def test_resolve_asks_the_deployer_for_unknown_domains(make_inbox) -> None:
+    bus, registry = await open_registry()
+    asked: list[str] = []
+    inbox = make_inbox()
+
+    async def deployer(domain: str) -> str:
+        asked.append(domain)
+        record = await registry.register_stub(domain)
+        bus.add_listener(record.url, inbox.append)
+        return record.url
+
+    registry.set_deployer(deployer)
+    bus.post(Message(type="create", from_="hyperty://a.test/me", to="hyperty://c.test/1"))
+    await inbox.wait_for(1, timeout=1)
+    assert asked == ["c.test"]
+    assert inbox[0].to == "hyperty://c.test/1"
+    await bus.close()
+
+
+async def test_summary_is_json_friendly() -> None:
+    _, registry = await open_registry()
+    record = await registry.register_stub("b.test")
+    summary = record.summary()
+    assert summary["domain"] == "b.test" and summary["status"] == "deploying" and summary["restarts"] == 0
+
+
+async def test_corrupt_state_file_is_a_clear_error(state_dir: Path) -> None:
+    (state_dir / "runtime.sqlite").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(RegistryError, match="cannot use state directory"):
+        await open_registry(state_dir)
+    # and a readable one still works afterwards
+    (state_dir / "runtime.sqlite").unlink()
+    await open_registry(state_dir)
+    assert sqlite3.connect(state_dir / "runtime.sqlite").execute("SELECT count(*) FROM state").fetchone()[0] >= 1
