@@ -42,6 +42,9 @@ Resolver = Callable[[Message], "str | Awaitable[str | None] | None"]
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
 DEFAULT_RESOLVE_TIMEOUT = 30.0
+#: Request deadlines are grouped in slots of this many seconds, one loop timer per slot: a timer per
+#: request cost a third of a round trip.  A 408 may therefore come up to one slot late.
+TIMER_SLOT = 0.005
 
 
 class Rejected(Exception):
@@ -74,7 +77,7 @@ class _Pending:
     future: asyncio.Future[Message]
     request: Message
     timeout: float
-    timer: asyncio.TimerHandle | None = None
+    slot: int = 0
     on_provisional: Callable[[Message], None] | None = None
 
 
@@ -105,6 +108,7 @@ class MessageBus:
         self._routes: dict[str, tuple[Listener, ...]] = {}
         self._interceptors: tuple[Interceptor, ...] = ()
         self._pending: dict[tuple[str, int | str], _Pending] = {}
+        self._slots: dict[int, tuple[asyncio.TimerHandle, set[tuple[str, int | str]]]] = {}
         self._next_id: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._resolver = resolver
@@ -199,8 +203,8 @@ class MessageBus:
             raise ValueError(f"id: a request from {msg.from_} with id {msg.id!r} is already waiting")
         loop = asyncio.get_running_loop()
         wait = self.request_timeout if timeout is None else timeout
-        pending = _Pending(loop.create_future(), msg, wait, None, on_provisional)
-        pending.timer = loop.call_later(wait, self._expire, key)
+        pending = _Pending(loop.create_future(), msg, wait, 0, on_provisional)
+        pending.slot = self._arm(loop, key, wait)
         self._pending[key] = pending
         try:
             self.post(msg)
@@ -208,8 +212,7 @@ class MessageBus:
         finally:
             if self._pending.get(key) is pending:
                 del self._pending[key]
-            if pending.timer is not None:
-                pending.timer.cancel()
+            self._disarm(key, pending.slot)
 
     def allocate_id(self, sender: str) -> int:
         """Next request id for ``sender`` (ids need only be unique per sender)."""
@@ -281,27 +284,38 @@ class MessageBus:
                     pending.on_provisional(msg)
                 except Exception as exc:
                     log.error("provisional-response callback raised", exc_info=exc)
-            if pending.timer is not None:
-                pending.timer.cancel()
-                pending.timer = asyncio.get_running_loop().call_later(
-                    pending.timeout, self._expire, (pending.request.from_, pending.request.id)
-                )
+            key = (pending.request.from_, pending.request.id)
+            self._disarm(key, pending.slot)  # type: ignore[arg-type]
+            pending.slot = self._arm(asyncio.get_running_loop(), key, pending.timeout)  # type: ignore[arg-type]
             return True
         if not pending.future.done():
             pending.future.set_result(msg)
-        if pending.timer is not None:
-            pending.timer.cancel()
-            pending.timer = None
         return True
 
-    def _expire(self, key: tuple[str, int | str]) -> None:
-        pending = self._pending.pop(key, None)
-        if pending is None or pending.future.done():
-            return
-        self.stats.timeouts += 1
-        pending.timer = None
-        request = pending.request
-        pending.future.set_result(response(request, 408, f"no response from {request.to} within {pending.timeout:g} s"))
+    def _arm(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int | str], timeout: float) -> int:
+        slot = int((loop.time() + timeout) / TIMER_SLOT) + 1
+        entry = self._slots.get(slot)
+        if entry is None:
+            self._slots[slot] = (loop.call_at(slot * TIMER_SLOT, self._expire_slot, slot), {key})
+        else:
+            entry[1].add(key)
+        return slot
+
+    def _disarm(self, key: tuple[str, int | str], slot: int) -> None:
+        entry = self._slots.get(slot)
+        if entry is not None:
+            entry[1].discard(key)
+
+    def _expire_slot(self, slot: int) -> None:
+        _, keys = self._slots.pop(slot, (None, set()))
+        for key in keys:
+            pending = self._pending.pop(key, None)
+            if pending is None or pending.future.done():
+                continue
+            self.stats.timeouts += 1
+            request = pending.request
+            description = f"no response from {request.to} within {pending.timeout:g} s"
+            pending.future.set_result(response(request, 408, description))
 
     def _route_unknown(self, msg: Message) -> None:
         resolver = self._resolver
@@ -359,10 +373,11 @@ class MessageBus:
         if self._closed:
             return
         self._closed = True
+        for handle, _ in self._slots.values():
+            handle.cancel()
+        self._slots.clear()
         for key, pending in list(self._pending.items()):
             self._pending.pop(key, None)
-            if pending.timer is not None:
-                pending.timer.cancel()
             if not pending.future.done():
                 pending.future.set_result(response(pending.request, 503, "message bus closed"))
         tasks = list(self._tasks)
