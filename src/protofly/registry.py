@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +176,9 @@ class RuntimeRegistry:
         self._store = store
         self._stubs: dict[str, StubRecord] = {}
         self._by_url: dict[str, StubRecord] = {}
-        self._counters: dict[str, tuple[int, int]] = {}  # kind -> (next, end of reserved block)
+        self._blocks: dict[str, deque[list[int]]] = {}  # kind -> reserved [next, end) ranges
+        self._memory_counter: dict[str, int] = {}  # without a state directory
+        self._topping_up: dict[str, asyncio.Task[None]] = {}
         self._deployer: Deployer | None = None
 
     @classmethod
@@ -184,14 +187,18 @@ class RuntimeRegistry:
         domain = address.validate_domain(domain)
         proposed = address.runtime_url(domain, address.new_runtime_id())
         if state_dir is None:
-            return cls(bus, domain=domain, runtime_url=proposed)
+            registry = cls(bus, domain=domain, runtime_url=proposed)
+            await registry.reserve("protostub")
+            return registry
         store = _StateStore(Path(state_dir) / STATE_FILE)
         try:
             await asyncio.to_thread(Path(state_dir).mkdir, parents=True, exist_ok=True)
             stored = await asyncio.to_thread(store.set_default, f"runtime_url:{domain}", proposed)
         except (OSError, sqlite3.Error) as exc:
             raise RegistryError(f"cannot use state directory {state_dir}: {exc}") from exc
-        return cls(bus, domain=domain, runtime_url=stored, store=store)
+        registry = cls(bus, domain=domain, runtime_url=stored, store=store)
+        await registry.reserve("protostub")
+        return registry
 
     # -- addresses -------------------------------------------------------------------------------
 
@@ -199,20 +206,71 @@ class RuntimeRegistry:
         """A new ``<runtimeURL>/<kind>/<n>``; ``n`` is never reused for this runtime, even after a restart."""
         if not kind or "/" in kind:
             raise RegistryError(f"component kind {kind!r} must be one path segment")
-        number, end = self._counters.get(kind, (0, 0))
-        if number >= end:
-            number = await self._reserve(kind)
-            end = number + RESERVE_BLOCK
-        self._counters[kind] = (number + 1, end)
+        number = self._take(kind)
+        if number is None:
+            await self._add_block(kind)
+            number = self._take(kind)
+        return self._component_url(kind, number)  # type: ignore[arg-type]
+
+    def allocate_url_nowait(self, kind: str) -> str:
+        """Like :meth:`allocate_url`, from numbers reserved ahead, so the routing path never waits on disk.
+
+        Numbers are reserved in blocks and topped up in the background when half used; exhausting them
+        takes half a block of allocations faster than one SQLite write, and is an error, never a reuse.
+        """
+        number = self._take(kind)
+        if number is None:
+            raise RegistryError(f"no {kind} numbers reserved; call reserve({kind!r}) or allocate_url() first")
+        return self._component_url(kind, number)
+
+    async def reserve(self, kind: str) -> None:
+        """Make sure numbers of ``kind`` are reserved, so :meth:`allocate_url_nowait` can be used."""
+        if self._remaining(kind) == 0:
+            await self._add_block(kind)
+
+    def _component_url(self, kind: str, number: int) -> str:
+        if self._store is None and self._remaining(kind) == 0:
+            self._add_memory_block(kind)
+        elif self._remaining(kind) <= RESERVE_BLOCK // 2 and kind not in self._topping_up:
+            task = asyncio.get_running_loop().create_task(self._add_block(kind))
+            self._topping_up[kind] = task
+            task.add_done_callback(lambda _: self._topping_up.pop(kind, None))
         return f"{self.runtime_url}/{kind}/{number}"
 
-    async def _reserve(self, kind: str) -> int:
+    def _take(self, kind: str) -> int | None:
+        blocks = self._blocks.get(kind)
+        while blocks:
+            block = blocks[0]
+            if block[0] < block[1]:
+                block[0] += 1
+                return block[0] - 1
+            blocks.popleft()
+        return None
+
+    def _remaining(self, kind: str) -> int:
+        return sum(end - start for start, end in self._blocks.get(kind, ()))
+
+    async def _add_block(self, kind: str) -> None:
         if self._store is None:
-            return self._counters.get(kind, (1, 1))[0] or 1
+            self._add_memory_block(kind)
+            return
+        key = f"counter:{self.runtime_url}:{kind}"
         try:
-            return await asyncio.to_thread(self._store.reserve, f"counter:{self.runtime_url}:{kind}", RESERVE_BLOCK)
+            start = await asyncio.to_thread(self._store.reserve, key, RESERVE_BLOCK)
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot reserve component numbers in {self._store.path}: {exc}") from exc
+        self._blocks.setdefault(kind, deque()).append([start, start + RESERVE_BLOCK])
+
+    def _add_memory_block(self, kind: str) -> None:
+        start = self._memory_counter.get(kind, 1)
+        self._memory_counter[kind] = start + RESERVE_BLOCK
+        self._blocks.setdefault(kind, deque()).append([start, start + RESERVE_BLOCK])
+
+    async def close(self) -> None:
+        """Finish background reservations (they only write a counter)."""
+        tasks = list(self._topping_up.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
 
     def is_local(self, url: str) -> bool:
         """True for addresses inside this runtime's own URL space."""
@@ -220,16 +278,16 @@ class RuntimeRegistry:
 
     # -- the stub table ----------------------------------------------------------------------------
 
-    async def register_stub(
-        self, domain: str, *, name: str = "default", descriptor_url: str | None = None
-    ) -> StubRecord:
-        """Allocate a stub URL for ``domain``, record it as ``deploying`` and listen on its status."""
+    def register_stub(self, domain: str, *, name: str = "default", descriptor_url: str | None = None) -> StubRecord:
+        """Allocate a stub URL for ``domain``, record it as ``deploying`` and listen on its status.
+
+        Synchronous on purpose: the Runtime UA registers from inside the bus's resolver, and a message
+        for the new stub must find its record before the next message is routed.
+        """
         domain = address.validate_domain(domain)
         if domain in self._stubs:
             raise RegistryError(f"a stub for {domain} is already registered ({self._stubs[domain].url})")
-        url = await self.allocate_url("protostub")
-        if domain in self._stubs:  # another registration won the race while we awaited the allocation
-            raise RegistryError(f"a stub for {domain} is already registered ({self._stubs[domain].url})")
+        url = self.allocate_url_nowait("protostub")
         record = StubRecord(domain=domain, url=url, name=name, descriptor_url=descriptor_url)
         record._listener = self.bus.add_listener(record.status_url, self._on_status)
         self._stubs[domain] = record

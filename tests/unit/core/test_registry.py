@@ -58,21 +58,21 @@ async def test_stub_urls_are_never_reused_even_after_restart(state_dir: Path) ->
 
 async def test_register_records_deploying_and_refuses_duplicates() -> None:
     _, registry = await open_registry()
-    record = await registry.register_stub("b.test")
+    record = registry.register_stub("b.test")
     assert record.status == "deploying"
     assert record.url.startswith(registry.runtime_url + "/protostub/")
     assert registry.stub("b.test") is record and registry.stub_by_url(record.url) is record
     with pytest.raises(RegistryError, match="already registered"):
-        await registry.register_stub("b.test")
+        registry.register_stub("b.test")
     with pytest.raises(Exception, match="domain"):
-        await registry.register_stub("not a domain")
+        registry.register_stub("not a domain")
 
 
 async def test_status_history_and_republication() -> None:
     bus, registry = await open_registry()
     republished: list[Message] = []
     bus.add_listener(registry.runtime_status_url, republished.append)
-    record = await registry.register_stub("b.test")
+    record = registry.register_stub("b.test")
     registry.report(record, "deployed")
     for value in ["created", "in-progress", "live"]:
         bus.post(status_msg(record.url, value))
@@ -106,7 +106,7 @@ async def test_status_history_and_republication() -> None:
 
 async def test_seed_phase1_status_message_is_recorded_live() -> None:
     bus, registry = await open_registry()
-    record = await registry.register_stub("b.test")
+    record = registry.register_stub("b.test")
     seed = (
         b'{"id": "1", "type": "UPDATE", "from": "'
         + record.url.encode()
@@ -120,7 +120,7 @@ async def test_seed_phase1_status_message_is_recorded_live() -> None:
 
 async def test_disallowed_transition_is_an_anomaly_not_applied() -> None:
     bus, registry = await open_registry()
-    record = await registry.register_stub("b.test")
+    record = registry.register_stub("b.test")
     bus.post(status_msg(record.url, "live"))
     bus.post(status_msg(record.url, "created"))
     bus.post(status_msg(record.url, "sleepy"))
@@ -131,7 +131,7 @@ async def test_disallowed_transition_is_an_anomaly_not_applied() -> None:
 
 async def test_status_from_another_sender_is_an_anomaly() -> None:
     bus, registry = await open_registry()
-    record = await registry.register_stub("b.test")
+    record = registry.register_stub("b.test")
     bus.post(Message(type="update", from_="hyperty://evil.test/x", to=record.status_url, body={"value": "live"}))
     assert record.status == "deploying"
     assert record.anomalies and record.anomalies[0].source == "hyperty://evil.test/x"
@@ -139,7 +139,7 @@ async def test_status_from_another_sender_is_an_anomaly() -> None:
 
 async def test_wait_for_status() -> None:
     bus, registry = await open_registry()
-    record = await registry.register_stub("b.test")
+    record = registry.register_stub("b.test")
     waiter = asyncio.create_task(registry.wait_for_status("b.test", ["LIVE"], timeout=1))
     await asyncio.sleep(0)
     bus.post(status_msg(record.url, "created"))
@@ -154,7 +154,7 @@ async def test_wait_for_status() -> None:
 
 async def test_unregister_wakes_waiters_and_removes_listener() -> None:
     bus, registry = await open_registry()
-    record = await registry.register_stub("b.test")
+    record = registry.register_stub("b.test")
     waiter = asyncio.create_task(registry.wait_for_status(record, ["live"], timeout=5))
     await asyncio.sleep(0)
     registry.unregister_stub("b.test")
@@ -168,7 +168,7 @@ async def test_unregister_wakes_waiters_and_removes_listener() -> None:
 
 async def test_resolve_routes_to_the_stub_of_the_serving_domain() -> None:
     bus, registry = await open_registry()
-    record = await registry.register_stub("b.test")
+    record = registry.register_stub("b.test")
     inbox: list[Message] = []
     bus.add_listener(record.url, inbox.append)
     for to in [
@@ -188,7 +188,7 @@ async def test_resolve_routes_to_the_stub_of_the_serving_domain() -> None:
 
 async def test_resolve_global_goes_home_and_local_space_is_404() -> None:
     bus, registry = await open_registry()
-    home = await registry.register_stub("a.test")
+    home = registry.register_stub("a.test")
     inbox: list[Message] = []
     bus.add_listener(home.url, inbox.append)
     bus.post(Message(type="read", from_="hyperty://a.test/me", to="global://registry/"))
@@ -208,7 +208,7 @@ async def test_resolve_asks_the_deployer_for_unknown_domains(make_inbox) -> None
 
     async def deployer(domain: str) -> str:
         asked.append(domain)
-        record = await registry.register_stub(domain)
+        record = registry.register_stub(domain)
         bus.add_listener(record.url, inbox.append)
         return record.url
 
@@ -222,7 +222,7 @@ async def test_resolve_asks_the_deployer_for_unknown_domains(make_inbox) -> None
 
 async def test_summary_is_json_friendly() -> None:
     _, registry = await open_registry()
-    record = await registry.register_stub("b.test")
+    record = registry.register_stub("b.test")
     summary = record.summary()
     assert summary["domain"] == "b.test" and summary["status"] == "deploying" and summary["restarts"] == 0
 
@@ -235,3 +235,15 @@ async def test_corrupt_state_file_is_a_clear_error(state_dir: Path) -> None:
     (state_dir / "runtime.sqlite").unlink()
     await open_registry(state_dir)
     assert sqlite3.connect(state_dir / "runtime.sqlite").execute("SELECT count(*) FROM state").fetchone()[0] >= 1
+
+
+async def test_many_synchronous_registrations_get_distinct_urls(state_dir: Path) -> None:
+    for directory in (None, state_dir):
+        _, registry = await open_registry(directory)
+        urls = set()
+        for i in range(30):
+            urls.add(registry.register_stub(f"d{i}.test").url)
+            await asyncio.sleep(0)  # let background top-ups run, as the event loop does between messages
+        more = {(await registry.allocate_url("protostub")) for _ in range(200)}
+        assert len(urls) == 30 and len(more) == 200 and not urls & more
+        await registry.close()
