@@ -39,6 +39,8 @@ def version() -> None:
 
 
 # --- sub-apps: one line each, in this block -----------------------------------------------------
+from protofly.msgnode import cli as msgnode_cli  # noqa: E402, I001
+app.add_typer(msgnode_cli.app, name="msg-node")
 # (end of sub-apps)
 
 

@@ -1,0 +1,98 @@
+"""``protofly msg-node``: run the reference message node from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from protofly.address import AddressError, validate_domain
+from protofly.msgnode.core import DEFAULT_MAX_FRAME, DEFAULT_SEND_QUEUE, DEFAULT_SEND_QUEUE_BYTES
+
+app = typer.Typer(help="The reference reTHINK message node (Vert.x protocol over WebSocket).", no_args_is_help=True)
+
+
+@app.callback()
+def _group() -> None:
+    """The reference reTHINK message node (Vert.x protocol over WebSocket)."""
+
+
+@app.command()
+def serve(
+    domain: Annotated[
+        str, typer.Option("--domain", help="Domain served: components live at domain://msg-node.<domain>/.")
+    ],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: pick a free one; the URL is printed).")] = 9090,
+    session_grace: Annotated[
+        float, typer.Option("--session-grace", help="Seconds a session outlives its socket, waiting for a re-open.")
+    ] = 30.0,
+    auth_token: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--auth-token",
+            envvar="PROTOFLY_MSG_NODE_AUTH_TOKENS",
+            help="Accept 'open' only with this body.accessToken (repeatable; env: whitespace-separated).",
+        ),
+    ] = None,
+    auth_tokens_file: Annotated[
+        Path | None,
+        typer.Option("--auth-tokens-file", help="File with one accepted access token per line (keeps them out of ps)."),
+    ] = None,
+    max_frame: Annotated[int, typer.Option("--max-frame", help="Largest frame in bytes (close 1009).")] = (
+        DEFAULT_MAX_FRAME
+    ),
+    send_queue: Annotated[int, typer.Option("--send-queue", help="Messages queued per connection.")] = (
+        DEFAULT_SEND_QUEUE
+    ),
+    send_queue_bytes: Annotated[
+        int, typer.Option("--send-queue-bytes", help="Bytes queued per connection before disconnecting it.")
+    ] = DEFAULT_SEND_QUEUE_BYTES,
+    ping_interval: Annotated[
+        float, typer.Option("--ping-interval", help="Seconds between WebSocket pings (0: off).")
+    ] = 20.0,
+) -> None:
+    """Serve the message node until SIGINT or SIGTERM; prints its ws:// URL on stdout once listening."""
+    try:
+        domain = validate_domain(domain)
+    except AddressError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--domain") from None
+    tokens = list(auth_token or [])
+    if auth_tokens_file is not None:
+        try:
+            lines = auth_tokens_file.read_text().splitlines()
+        except OSError as exc:
+            hint = "--auth-tokens-file"
+            raise typer.BadParameter(f"cannot read {auth_tokens_file}: {exc}", param_hint=hint) from None
+        tokens.extend(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    from protofly.msgnode.server import MessageNode  # aiohttp is imported only when a node runs
+
+    node = MessageNode(
+        domain,
+        host,
+        port,
+        session_grace=session_grace,
+        auth_tokens=tokens or None,
+        max_frame=max_frame,
+        send_queue=send_queue,
+        send_queue_bytes=send_queue_bytes,
+        ping_interval=ping_interval or None,
+    )
+    asyncio.run(_serve(node))
+
+
+async def _serve(node: Any) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with node:
+        typer.echo(node.url)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=3600)
+            except TimeoutError:
+                continue

@@ -1,0 +1,519 @@
+"""The message node's network shell: aiohttp WebSocket server around :class:`MessageNodeCore`.
+
+Everything protocol-shaped lives in the core; this module only moves bytes and time:
+
+* reading: aiohttp parses every frame of a socket read into its queue, and the per-connection loop
+  hands them to the core one after the other without going back to the event loop in between
+  (``decode_text=False``: the core gets the frame's bytes, never a ``str`` it would have to re-encode);
+* writing: messages for one connection are queued and written by one callback per loop iteration, all
+  frames of that iteration in one ``transport.writelines`` call (aiohttp's own writer would make one
+  system call per frame).  Frames are written on the transport directly: server frames are unmasked and
+  compression is never negotiated, so a frame is just a 2/4/10-byte header and the message bytes;
+* flow control: the queue is bounded in messages and bytes; while the socket's buffer is over its high
+  water mark nothing more is written, and a consumer whose queue overflows (or that makes no progress for
+  ``drain_timeout`` seconds) is disconnected with close code 1013 so the node's memory stays flat;
+* time: a timer armed at the core's :meth:`~MessageNodeCore.next_deadline` expires detached sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import Callable, Collection, Coroutine
+from types import TracebackType
+from typing import Any, Self
+
+from aiohttp import WSMsgType, web
+
+from protofly.log import get_logger
+from protofly.msgnode.core import (
+    CLOSE_GOING_AWAY,
+    CLOSE_TRY_AGAIN_LATER,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_SEND_QUEUE,
+    DEFAULT_SEND_QUEUE_BYTES,
+    Action,
+    Close,
+    EnableBatch,
+    MessageNodeCore,
+    Send,
+    SessionEnded,
+)
+
+__all__ = ["MessageNode"]
+
+#: Most bytes handed to the transport per write, so one connection cannot monopolise a loop iteration.
+_WRITE_CHUNK = 256 << 10
+
+_log = get_logger("protofly.msgnode")
+
+_SMALL_HEADERS = [bytes((0x81, n)) for n in range(126)]
+_HEADER16 = struct.Struct("!BBH").pack
+_HEADER64 = struct.Struct("!BBQ").pack
+
+
+def _text_header(length: int) -> bytes:
+    """Header of one final, unmasked text frame (RFC 6455 §5.2)."""
+    if length < 126:
+        return _SMALL_HEADERS[length]
+    if length < 65536:
+        return _HEADER16(0x81, 126, length)
+    return _HEADER64(0x81, 127, length)
+
+
+class _Connection:
+    """One WebSocket: its bounded outgoing queue and the writer that coalesces it."""
+
+    __slots__ = (
+        "_drain_task",
+        "_flush_handle",
+        "_loop",
+        "_node",
+        "_request",
+        "batch_frame",
+        "closing",
+        "peer",
+        "pending",
+        "pending_bytes",
+        "ws",
+    )
+
+    def __init__(self, node: MessageNode, ws: web.WebSocketResponse, request: web.Request) -> None:
+        self._node = node
+        self._loop = asyncio.get_running_loop()
+        self._request = request
+        self.ws = ws
+        self.peer = request.remote
+        self.pending: list[Any] = []
+        self.pending_bytes = 0
+        #: 0: one message per frame; else the largest JSON-array frame this peer accepts.
+        self.batch_frame = 0
+        self.closing = False
+        self._flush_handle: asyncio.Handle | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    # -- queueing -----------------------------------------------------------------------------------
+
+    def send(self, data: Any) -> None:
+        if self.closing:
+            self._node.stats["dropped_closing"] += 1
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        node = self._node
+        if len(self.pending) > node.send_queue or self.pending_bytes > node.send_queue_bytes:
+            self._overflow()
+            return
+        if self.pending_bytes > node.stats["queue_peak_bytes"]:
+            node.stats["queue_peak_bytes"] = self.pending_bytes
+        if self._flush_handle is None and self._drain_task is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def enable_batch(self, max_frame: int) -> None:
+        """Write what is queued as plain frames first: the peer learns of batching from the 200 in it."""
+        self._write(len(self.pending))
+        self.batch_frame = max_frame
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if not self.pending or self.closing:
+            return
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            self._discard()
+            return
+        count = len(self.pending)
+        if self.pending_bytes > _WRITE_CHUNK:
+            size = 0
+            for index, data in enumerate(self.pending):
+                size += len(data)
+                if size >= _WRITE_CHUNK:
+                    count = index + 1
+                    break
+        self._write(count)
+        if not self.pending:
+            return
+        if self._request.protocol.writing_paused:
+            self._drain_task = self._node._spawn(self._drain())
+        else:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _write(self, count: int) -> None:
+        """Frame the first ``count`` queued messages and hand them to the transport in one call."""
+        if count == 0:
+            return
+        transport = self._request.transport
+        if count == len(self.pending):
+            taken, size = self.pending, self.pending_bytes
+            self.pending = []
+        else:
+            taken = self.pending[:count]
+            del self.pending[:count]
+            size = sum(len(d) for d in taken)
+        self.pending_bytes -= size
+        if transport is None or transport.is_closing():
+            return
+        parts = self._frames(taken) if self.batch_frame and count > 1 else self._plain_frames(taken)
+        transport.writelines(parts)
+        stats = self._node.stats
+        stats["writes"] += 1
+        stats["messages_out"] += count
+        stats["bytes_out"] += size
+        buffered = transport.get_write_buffer_size()
+        if buffered > stats["transport_peak_bytes"]:
+            stats["transport_peak_bytes"] = buffered
+
+    def _plain_frames(self, messages: list[Any]) -> list[Any]:
+        parts: list[Any] = []
+        append = parts.append
+        for data in messages:
+            append(_text_header(len(data)))
+            append(data)
+        self._node.stats["frames_out"] += len(messages)
+        return parts
+
+    def _frames(self, messages: list[Any]) -> list[Any]:
+        """Pack messages into JSON-array frames of at most ``batch_frame`` bytes (batching extension)."""
+        parts: list[Any] = []
+        group: list[Any] = []
+        size = 2
+        limit = self.batch_frame
+        for data in messages:
+            if group and size + len(data) + 1 > limit:
+                self._emit(parts, group)
+                group = []
+                size = 2
+            group.append(data)
+            size += len(data) + 1
+        if group:
+            self._emit(parts, group)
+        return parts
+
+    def _emit(self, parts: list[Any], group: list[Any]) -> None:
+        if len(group) == 1:
+            payload = group[0]
+        else:
+            payload = b"[" + b",".join(group) + b"]"
+        parts.append(_text_header(len(payload)))
+        parts.append(payload)
+        self._node.stats["frames_out"] += 1
+
+    async def _drain(self) -> None:
+        """Wait (bounded) for the socket buffer to fall below its low water mark, then write on."""
+        try:
+            await asyncio.wait_for(self._request.writer.drain(), timeout=self._node.drain_timeout)
+        except TimeoutError:
+            self._drain_task = None
+            self._slow(f"no write progress for {self._node.drain_timeout} s")
+            return
+        except ConnectionError:
+            self._drain_task = None
+            self._discard()
+            return
+        self._drain_task = None
+        self._flush()
+
+    # -- closing ------------------------------------------------------------------------------------
+
+    def _overflow(self) -> None:
+        node = self._node
+        self._slow(f"send queue over {node.send_queue} messages or {node.send_queue_bytes} bytes")
+
+    def _slow(self, why: str) -> None:
+        self._node.stats["slow_consumers"] += 1
+        _log.warning("slow consumer disconnected", peer=self.peer, reason=why, queued=len(self.pending))
+        self._discard()
+        self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer: " + why)
+
+    def _discard(self) -> None:
+        self._node.stats["dropped_closing"] += len(self.pending)
+        self.pending = []
+        self.pending_bytes = 0
+
+    def close(self, code: int, reason: str) -> None:
+        """Write what is queued, then close with ``code`` (bounded: a stuck peer is aborted)."""
+        if self.closing:
+            return
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self.pending:
+            self._write(len(self.pending))
+        self.closing = True
+        self._node.stats["closes_sent"] += 1
+        self._node._spawn(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()),
+                                   timeout=self._node.close_timeout)
+        except (TimeoutError, ConnectionError):
+            transport = self._request.transport
+            if transport is not None:
+                transport.abort()
+
+    def finished(self) -> None:
+        """The socket is gone: stop every callback and task of this connection."""
+        self.closing = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            self._drain_task = None
+        self._discard()
+
+
+class MessageNode:
+    """A reTHINK (Vert.x protocol) message node for ``domain``, served at ``ws://host:port/ws``.
+
+    Use it as an async context manager (or :meth:`start`/:meth:`stop`).  ``port=0`` picks a free port
+    (read it from :attr:`port`); a fixed port can be reused right after :meth:`stop`, which is how tests
+    restart a node under connected stubs.  :attr:`counters` merges the core's protocol counters with the
+    shell's I/O counters; :meth:`wait_for` waits (bounded) until a condition on them holds.
+    """
+
+    def __init__(
+        self,
+        domain: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        session_grace: float = 30.0,
+        auth_tokens: Collection[str] | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        send_queue: int = DEFAULT_SEND_QUEUE,
+        send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
+        ping_interval: float | None = 20.0,
+        close_timeout: float = 5.0,
+        drain_timeout: float = 30.0,
+        max_addresses: int = 10_000,
+        max_block: int = 1_000,
+        max_bound: int = 1_000,
+        max_subscriptions: int = 10_000,
+    ) -> None:
+        self.core = MessageNodeCore(
+            domain,
+            session_grace=session_grace,
+            auth_tokens=auth_tokens,
+            max_frame=max_frame,
+            max_addresses=max_addresses,
+            max_block=max_block,
+            max_bound=max_bound,
+            max_subscriptions=max_subscriptions,
+        )
+        self.domain = self.core.domain
+        self.host = host
+        self.port = port
+        self.max_frame = max_frame
+        self.send_queue = send_queue
+        self.send_queue_bytes = send_queue_bytes
+        self.ping_interval = ping_interval or None
+        self.close_timeout = close_timeout
+        self.drain_timeout = drain_timeout
+        self.stats: dict[str, int] = dict.fromkeys(
+            (
+                "frames_in",
+                "bytes_in",
+                "binary_frames",
+                "bad_frames",
+                "messages_out",
+                "frames_out",
+                "bytes_out",
+                "writes",
+                "slow_consumers",
+                "dropped_closing",
+                "closes_sent",
+                "queue_peak_bytes",
+                "transport_peak_bytes",
+            ),
+            0,
+        )
+        self._runner: web.AppRunner | None = None
+        self._connections: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._changed: asyncio.Event | None = None
+        self._log = _log.bind(domain=self.domain)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}/ws"
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("message node already started")
+        self._changed = asyncio.Event()
+        app = web.Application()
+        app.router.add_get("/ws", self._handle_ws)
+        app.router.add_get("/stats", self._handle_stats)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self.close_timeout, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True, backlog=4096)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        self._log.info("message node listening", url=self.url, auth=self.core.auth_required)
+
+    async def stop(self) -> None:
+        """Close every connection (1001), stop listening and cancel everything this node started."""
+        runner = self._runner
+        if runner is None:
+            return
+        self._runner = None
+        for conn in list(self._connections):
+            conn.close(CLOSE_GOING_AWAY, "message node shutting down")
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.close_timeout + 1)
+        await runner.cleanup()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1)
+        self._log.info("message node stopped", url=self.url)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # -- observation --------------------------------------------------------------------------------
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Protocol counters (core), I/O counters (shell) and gauges, as one fresh dict."""
+        merged = dict(self.core.counters)
+        merged.update(self.stats)
+        merged["open_connections"] = len(self._connections)
+        merged["sessions"] = self.core.session_count
+        merged["addresses"] = self.core.address_count
+        return merged
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Return once ``predicate()`` is true; raise :class:`TimeoutError` after ``timeout`` seconds.
+
+        The predicate is re-checked whenever a session ends or a connection comes or goes, and at least
+        every 20 ms (for conditions on traffic counters, which do not signal).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"condition not reached within {timeout} s")
+            changed = self._changed
+            if changed is None:
+                await asyncio.sleep(min(remaining, 0.02))
+                continue
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=min(remaining, 0.02))
+
+    # -- handlers -----------------------------------------------------------------------------------
+
+    async def _handle_ws(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(
+            heartbeat=self.ping_interval,
+            max_msg_size=self.max_frame,
+            compress=False,
+            decode_text=False,
+            timeout=self.close_timeout,
+        )
+        if not ws.can_prepare(request).ok:
+            return web.json_response({"code": 400, "description": "expected a WebSocket upgrade"}, status=400)
+        await ws.prepare(request)
+        conn = _Connection(self, ws, request)
+        self._connections.add(conn)
+        core = self.core
+        apply = self._apply
+        stats = self.stats
+        apply(core.connected(conn))
+        self._signal()
+        try:
+            async for frame in ws:
+                kind = frame.type
+                if kind is WSMsgType.TEXT:
+                    data = frame.data
+                    stats["frames_in"] += 1
+                    stats["bytes_in"] += len(data)
+                    apply(core.received(conn, data))
+                elif kind is WSMsgType.BINARY:
+                    stats["binary_frames"] += 1
+                    apply(core.received_binary(conn))
+                elif kind is WSMsgType.ERROR:
+                    stats["bad_frames"] += 1
+                    self._log.info("websocket error, connection closed", peer=conn.peer, error=str(frame.data))
+        finally:
+            self._connections.discard(conn)
+            conn.finished()
+            apply(core.disconnected(conn, asyncio.get_running_loop().time()))
+            self._arm_timer()
+            self._signal()
+        return ws
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"domain": self.domain, **self.counters})
+
+    # -- actions ------------------------------------------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is Send:
+                action.conn.send(action.data)  # type: ignore[union-attr]
+            elif kind is Close:
+                self._log.info("closing connection", code=action.code, reason=action.reason)  # type: ignore[union-attr]
+                action.conn.close(action.code, action.reason)  # type: ignore[union-attr]
+            elif kind is EnableBatch:
+                action.conn.enable_batch(action.max_frame)  # type: ignore[union-attr]
+            elif kind is SessionEnded:
+                self._log.info("session ended", session=action.url, reason=action.reason,  # type: ignore[union-attr]
+                               addresses=action.addresses)  # type: ignore[union-attr]
+                self._signal()
+
+    def _arm_timer(self) -> None:
+        deadline = self.core.next_deadline()
+        timer = self._timer
+        if timer is not None:
+            if deadline is not None and timer.when() == deadline:
+                return
+            timer.cancel()
+            self._timer = None
+        if deadline is not None and self._runner is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._apply(self.core.tick(asyncio.get_running_loop().time()))
+        self._arm_timer()
+
+    def _signal(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Start a task this node owns: kept referenced, cancelled by :meth:`stop`."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
