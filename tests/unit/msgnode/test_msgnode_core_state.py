@@ -1,0 +1,166 @@
+"""Random sequences of node events never leave the core's tables inconsistent or leaking."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from protofly.msgnode.core import SESSION_URL, Close, MessageNodeCore, Send, SessionEnded
+
+D = "b.test"
+RUNTIMES = [f"hyperty-runtime://r{i}.test/rt" for i in range(3)]
+RESOURCES = [f"comm://a.test/{i}/changes" for i in range(3)]
+SOURCES = [None, "hyperty://a.test/h1", "hyperty://a.test/h2"]
+FOREIGN = [f"hyperty://f.test/{i}" for i in range(4)]
+
+
+class Conn:
+    pass
+
+
+class NodeMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        counter = itertools.count()
+        self.core = MessageNodeCore(D, session_grace=5.0, max_bound=2, max_subscriptions=4, max_addresses=6,
+                                    new_id=lambda: f"id{next(counter)}")
+        self.conns: list[Conn] = []
+        self.live: set[Conn] = set()
+        self.session_urls: list[str] = []
+        self.now = 0.0
+        self.ids = 0
+
+    def apply(self, conn: Conn, **fields) -> list:
+        self.ids += 1
+        fields["id"] = self.ids
+        fields["from"] = fields.pop("from_")
+        actions = self.core.received(conn, json.dumps(fields).encode())
+        for action in actions:
+            if isinstance(action, Send):
+                assert action.conn in self.live
+                reply = json.loads(bytes(action.data))
+                if reply.get("from") == SESSION_URL and reply["body"].get("runtimeToken"):
+                    self.session_urls.append(f"{reply['to']}/{reply['body']['runtimeToken']}")
+            elif isinstance(action, SessionEnded):
+                assert self.core.session(action.url) is None
+        return actions
+
+    @rule()
+    def connect(self) -> None:
+        conn = Conn()
+        self.core.connected(conn)
+        self.conns.append(conn)
+        self.live.add(conn)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), runtime=st.sampled_from(RUNTIMES))
+    def open(self, data, runtime) -> None:
+        conn = data.draw(st.sampled_from(self.alive()))
+        self.apply(conn, type="open", from_=runtime, to=SESSION_URL)
+
+    @precondition(lambda self: self.live and self.session_urls)
+    @rule(data=st.data())
+    def reopen(self, data) -> None:
+        conn = data.draw(st.sampled_from(self.alive()))
+        url = data.draw(st.sampled_from(self.session_urls))
+        for action in self.apply(conn, type="re-open", from_=url, to=SESSION_URL):
+            if isinstance(action, Close):  # a take-over closes the old socket: the shell would report it
+                self.drop(action.conn)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), number=st.integers(1, 3), key=st.sampled_from([None, "k1", "k2"]))
+    def allocate(self, data, number, key) -> None:
+        conn = data.draw(st.sampled_from(self.alive()))
+        value = {"number": number} | ({"allocationKey": key} if key else {})
+        self.apply(conn, type="create", from_="x:y", to=f"domain://msg-node.{D}/address-allocation",
+                   body={"value": value})
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), key=st.sampled_from(["k1", "k2"]))
+    def delete_key(self, data, key) -> None:
+        conn = data.draw(st.sampled_from(self.alive()))
+        self.apply(conn, type="delete", from_="x:y", to=f"domain://msg-node.{D}/address-allocation",
+                   body={"resource": key})
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), kind=st.sampled_from(["subscribe", "unsubscribe"]),
+          resource=st.sampled_from(RESOURCES), source=st.sampled_from(SOURCES))
+    def subscription(self, data, kind, resource, source) -> None:
+        conn = data.draw(st.sampled_from(self.alive()))
+        body = {"resources": [resource]} | ({"source": source} if source else {})
+        self.apply(conn, type=kind, from_="x:y", to=f"domain://msg-node.{D}/sm", body=body)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), sender=st.sampled_from(FOREIGN), to=st.sampled_from([*RESOURCES, *FOREIGN, *RUNTIMES]))
+    def message(self, data, sender, to) -> None:
+        conn = data.draw(st.sampled_from(self.alive()))
+        self.apply(conn, type="update", from_=sender, to=to, body={})
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def close(self, data) -> None:
+        conn = data.draw(st.sampled_from(self.alive()))
+        session = self.core.session_of(conn)
+        sender = session.url if session else "hyperty-runtime://nobody.test/rt"
+        for action in self.apply(conn, type="close", from_=sender, to=SESSION_URL):
+            if isinstance(action, Close):
+                self.drop(action.conn)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def disconnect(self, data) -> None:
+        self.drop(data.draw(st.sampled_from(self.alive())))
+
+    @rule(seconds=st.floats(0, 10))
+    def tick(self, seconds) -> None:
+        self.now += seconds
+        for action in self.core.tick(self.now):
+            assert isinstance(action, SessionEnded) and action.reason == "expired"
+        deadline = self.core.next_deadline()
+        assert deadline is None or deadline > self.now
+
+    def alive(self) -> list[Conn]:
+        return [c for c in self.conns if c in self.live]  # creation order: draws replay identically
+
+    def drop(self, conn: Conn) -> None:
+        if conn in self.live:
+            self.live.discard(conn)
+            self.core.disconnected(conn, self.now)
+
+    @invariant()
+    def tables_agree(self) -> None:
+        core = self.core
+        sessions = set(core._sessions.values())
+        for address, session in core._owner.items():
+            assert session in sessions
+            assert address in session.addresses or address in session.bound
+        for session in sessions:
+            assert all(core._owner.get(a) is session for a in session.addresses)
+            assert all(core._owner.get(a) is session for a in session.bound)
+            assert len(session.bound) <= core.max_bound
+            assert len(session.addresses) <= core.max_addresses
+            assert session.subscription_count == sum(len(s) for s in session.subscriptions.values())
+            assert session.subscription_count <= core.max_subscriptions
+            for resource, sources in session.subscriptions.items():
+                assert sources and session in core._subscribers[resource]
+            for key, block in session.keys.items():
+                assert block and set(block) <= session.addresses, key
+            if session.conn is not None:
+                assert session.conn in self.live
+                assert core.session_of(session.conn) is session
+                assert session.deadline is None
+            else:
+                assert session.deadline is not None
+            assert core._by_runtime[session.runtime_url] is session
+        for resource, subscribers in core._subscribers.items():
+            assert subscribers
+            assert all(s in sessions and resource in s.subscriptions for s in subscribers)
+        assert set(core._by_runtime.values()) == sessions
+
+
+NodeMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestNodeMachine = NodeMachine.TestCase
