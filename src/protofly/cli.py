@@ -41,6 +41,9 @@ def version() -> None:
 # --- sub-apps: one line each, in this block -----------------------------------------------------
 from protofly.msgnode import cli as msgnode_cli  # noqa: E402, I001
 app.add_typer(msgnode_cli.app, name="msg-node")
+from protofly.catalogue import cli as catalogue_cli  # noqa: E402, I001
+app.add_typer(catalogue_cli.app, name="catalogue")
+app.add_typer(catalogue_cli.keys_app, name="keys")
 # (end of sub-apps)
 
 
