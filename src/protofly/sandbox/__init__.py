@@ -1,0 +1,204 @@
+"""Sandboxes: where stub code runs, isolated from the runtime and from other stubs.
+
+The interface the Runtime UA uses lives here: :class:`Sandbox` deploys a component from source bytes and
+returns a :class:`Component`, to which the runtime posts messages and from which it receives the stub's
+messages (after boundary checks) and, if the process dies, a ``failed`` status and one ``on_exit`` call.
+
+Implementations:
+
+* :class:`~protofly.sandbox.process.ProcessSandbox` (the default): one OS process per stub, scrubbed
+  environment, private working directory, rlimits, bubblewrap namespaces where available, Landlock and
+  seccomp inside; see ``docs/sandbox.md``.
+* :class:`~protofly.sandbox.inprocess.InProcessSandbox`: the same protocol in the runtime's own process, for
+  trusted code and fast tests.
+
+This package's ``__init__`` is also imported inside every sandbox host process (``python -I -m
+protofly.sandbox.host``), so it stays light: the implementations are loaded on first use.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from protofly.message import Message
+    from protofly.sandbox.inprocess import InProcessSandbox
+    from protofly.sandbox.process import ProcessSandbox
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Boundary",
+    "Component",
+    "DeployError",
+    "InProcessSandbox",
+    "Limits",
+    "ProcessSandbox",
+    "Sandbox",
+    "SandboxError",
+    "create_sandbox",
+]
+
+_LIMIT_ALIASES = {"memoryMb": "memory_mb", "cpuSeconds": "cpu_seconds", "openFiles": "open_files"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one stub process.
+
+    ``cpu_seconds`` is RLIMIT_CPU: *cumulative* CPU time over the process's life, not a rate.  A long-lived
+    stub that keeps using CPU eventually reaches it, is stopped with SIGXCPU and reported ``failed``
+    ("CPU limit exceeded (SIGXCPU)"); the Runtime UA then restarts it like any crash, with a fresh budget.
+    Pick the default so that this happens only to runaway stubs (an hour of CPU by default).
+    """
+
+    memory_mb: int  # RLIMIT_AS (address space, so it also counts mapped but untouched memory)
+    cpu_seconds: int  # RLIMIT_CPU
+    open_files: int  # RLIMIT_NOFILE
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"limits.{field.name}: must be a positive integer, got {value!r}")
+
+    def narrowed(self, requested: Mapping[str, int] | None) -> Limits:
+        """These limits lowered by ``requested`` (a descriptor's ``sandbox`` field): ``min`` per field.
+
+        A request above the current value is ignored (a stub may ask for less, never more); unknown keys
+        are ignored (the field may carry other hints); a known key with a value that is not a positive
+        integer raises ``ValueError`` naming it.  camelCase spellings (``memoryMb``) are accepted.
+        """
+        if not requested:
+            return self
+        if not isinstance(requested, Mapping):
+            raise ValueError(f"sandbox limits must be an object, got {type(requested).__name__}")
+        changes: dict[str, int] = {}
+        for key, value in requested.items():
+            name = _LIMIT_ALIASES.get(key, key)
+            if name not in ("memory_mb", "cpu_seconds", "open_files"):
+                continue
+            if type(value) is not int or value < 1:
+                raise ValueError(f"sandbox.{key}: must be a positive integer, got {value!r}")
+            changes[name] = min(getattr(self, name), value, changes.get(name, value))
+        return replace(self, **changes) if changes else self
+
+    def as_dict(self) -> dict[str, int]:
+        return {"memory_mb": self.memory_mb, "cpu_seconds": self.cpu_seconds, "open_files": self.open_files}
+
+
+#: Defaults for a runtime that configures nothing: 512 MiB of address space, one hour of CPU, 256 files.
+DEFAULT_LIMITS = Limits(memory_mb=512, cpu_seconds=3600, open_files=256)
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """What a stub may claim as ``from``: the runtime's own address space is not the stub's to use.
+
+    A message is forged if its ``from`` lies within ``runtime_url`` (other than the stub's own URL and its
+    status URL), or ``is_local(from)`` says it is one of the runtime's local components, or the stub
+    serves a foreign domain and ``from`` is served by the runtime's own domain.
+    """
+
+    runtime_url: str  # hyperty-runtime://a.test/<id>
+    runtime_domain: str  # a.test
+    stub_domain: str  # the domain the stub serves, e.g. b.test
+    is_local: Callable[[str], bool] | None = None
+
+
+class SandboxError(Exception):
+    """A sandbox operation that cannot be done (closed sandbox, component no longer running, ...)."""
+
+
+class DeployError(SandboxError):
+    """Deploying a stub failed; ``summary`` is one line such as ``"SyntaxError: invalid syntax (stub.py, line 3)"``."""
+
+    def __init__(self, summary: str) -> None:
+        super().__init__(summary)
+        self.summary = summary
+
+
+class Component(ABC):
+    """One deployed stub, as the runtime sees it."""
+
+    url: str
+    pid: int | None
+    #: What isolation is ACTIVE, and under ``missing`` what is not and why (DESIGN §5: never silent).
+    isolation: dict[str, Any]
+    #: Boundary counters: ``oversized_frames``, ``invalid_frames``, ``forged_from``, ``dropped_to_stub``, ...
+    counters: dict[str, int]
+
+    @abstractmethod
+    def post(self, msg: Message) -> None:
+        """Runtime → stub.  Never blocks: messages are buffered and sent in batches."""
+
+    @abstractmethod
+    async def execute(self, method: str, params: list[Any] | None = None, *, timeout: float) -> Message:
+        """Run ``connect`` (params ``[credentials]``), ``disconnect``, ``init``, ... and return the response.
+
+        Raises ``TimeoutError`` when no response comes in time and :class:`SandboxError` when the component
+        is not running.
+        """
+
+    @abstractmethod
+    async def remove(self, grace: float = 2.0) -> None:
+        """Ask the stub to disconnect, wait up to ``grace``, then terminate, then kill; always reaps."""
+
+
+class Sandbox(ABC):
+    """Deploys components; one implementation per isolation strategy."""
+
+    kind: str
+
+    @abstractmethod
+    async def deploy(
+        self,
+        *,
+        url: str,
+        source: bytes,
+        config: dict[str, Any],
+        classname: str | None,
+        limits: Limits | None,
+        boundary: Boundary,
+        on_message: Callable[[Message], None],
+        on_exit: Callable[[str], None],
+    ) -> Component:
+        """Run ``source`` as the stub at ``url``; raises :class:`DeployError` if it cannot be started."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Remove every component this sandbox still runs (idempotent)."""
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def create_sandbox(kind: str = "process", **options: Any) -> Sandbox:
+    """The sandbox named by configuration: ``process`` (default) or ``in-process``."""
+    if kind == "process":
+        from protofly.sandbox.process import ProcessSandbox
+
+        return ProcessSandbox(**options)
+    if kind in ("in-process", "inprocess"):
+        from protofly.sandbox.inprocess import InProcessSandbox
+
+        return InProcessSandbox(**options)
+    raise ValueError(f"sandbox kind must be 'process' or 'in-process', got {kind!r}")
+
+
+def __getattr__(name: str) -> Any:
+    """Load the implementations lazily, so that the sandbox host does not import them."""
+    if name == "ProcessSandbox":
+        from protofly.sandbox.process import ProcessSandbox
+
+        return ProcessSandbox
+    if name == "InProcessSandbox":
+        from protofly.sandbox.inprocess import InProcessSandbox
+
+        return InProcessSandbox
+    raise AttributeError(f"module 'protofly.sandbox' has no attribute {name!r}")

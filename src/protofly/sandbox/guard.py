@@ -1,0 +1,126 @@
+"""The boundary the runtime enforces on what a stub sends (DESIGN §5), shared by every sandbox.
+
+The stub's process is untrusted, so these checks run on the runtime side of the channel, after framing:
+a message whose ``from`` claims an address of the runtime's own (a local hyperty, the registry, another
+stub) is dropped, counted and logged, so that a stub cannot impersonate local components.  The checks are
+cheap for the common case (the stub's own URL, or a remote address of its domain).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from protofly.address import AddressError, is_within, serving_domain
+from protofly.log import get_logger
+from protofly.message import Message
+from protofly.sandbox import Boundary
+from protofly.sandbox.channel import SANDBOX_EXTERNAL, SANDBOX_INTERNAL, FrameError
+
+__all__ = ["COUNTER_NAMES", "Guard", "failed_status", "forgery", "new_counters"]
+
+COUNTER_NAMES = (
+    "messages_from_stub",
+    "messages_to_stub",
+    "oversized_frames",
+    "invalid_frames",
+    "forged_from",
+    "dropped_to_stub",
+    "log_lines_dropped",
+)
+
+_SANDBOX_SPACE = "hyperty-runtime://sandbox"
+#: Log every boundary violation up to this count, then one line per this many.
+_LOG_FIRST = 10
+_LOG_EVERY = 1000
+
+
+def new_counters() -> dict[str, int]:
+    return dict.fromkeys(COUNTER_NAMES, 0)
+
+
+def forgery(boundary: Boundary, url: str, sender: str) -> str | None:
+    """Why ``sender`` is not an address the stub at ``url`` may use, or None if it may."""
+    if sender == url or sender == f"{url}/status":
+        return None
+    if is_within(sender, boundary.runtime_url):
+        return "address within the runtime"
+    if is_within(sender, _SANDBOX_SPACE) or sender in (SANDBOX_EXTERNAL, SANDBOX_INTERNAL):
+        return "sandbox control address"
+    if boundary.is_local is not None and boundary.is_local(sender):
+        return "address of a local component"
+    if boundary.stub_domain != boundary.runtime_domain:
+        try:
+            domain = serving_domain(sender)
+        except AddressError:
+            return "not a valid address"
+        if domain == boundary.runtime_domain:
+            return f"address of the runtime's domain {boundary.runtime_domain}"
+    return None
+
+
+def failed_status(url: str, reason: str) -> Message:
+    """The status update a dead stub can no longer send itself."""
+    return Message(
+        type="update",
+        from_=url,
+        to=f"{url}/status",
+        body={"value": "failed", "description": reason},
+    )
+
+
+class Guard:
+    """Counts and checks messages crossing one component's boundary, then hands them on.
+
+    ``on_message`` errors are the runtime's own bugs; they are logged and never break the channel.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        boundary: Boundary,
+        on_message: Callable[[Message], None],
+        counters: dict[str, int] | None = None,
+    ) -> None:
+        self.url = url
+        self.boundary = boundary
+        self.on_message = on_message
+        self.counters: dict[str, int] = counters if counters is not None else new_counters()
+        self.log = get_logger("protofly.sandbox", stub_url=url)
+        self._status_url = f"{url}/status"
+
+    def from_stub(self, msg: Message) -> None:
+        """One message from the stub: boundary check, count, deliver."""
+        counters = self.counters
+        counters["messages_from_stub"] += 1
+        sender = msg.from_
+        if sender != self.url and sender != self._status_url:
+            reason = forgery(self.boundary, self.url, sender)
+            if reason is not None:
+                counters["forged_from"] += 1
+                count = counters["forged_from"]
+                if count <= _LOG_FIRST or count % _LOG_EVERY == 0:
+                    self.log.warning(
+                        "dropped a message with a forged from",
+                        sender=sender,
+                        to=msg.to,
+                        type=msg.type,
+                        reason=reason,
+                        forged_from=count,
+                    )
+                return
+        self.deliver(msg)
+
+    def deliver(self, msg: Message) -> None:
+        try:
+            self.on_message(msg)
+        except Exception:
+            self.log.exception("the runtime's on_message failed on a message from the stub", type=msg.type)
+
+    def frame_error(self, error: FrameError) -> None:
+        key = "oversized_frames" if error.kind == "oversized" else "invalid_frames"
+        self.counters[key] += 1
+        count = self.counters[key]
+        if count <= _LOG_FIRST or count % _LOG_EVERY == 0:
+            self.log.warning(
+                "dropped a frame from the stub", kind=error.kind, size=error.size, error=error.description, count=count
+            )

@@ -1,0 +1,308 @@
+"""The sandbox host: the main program of a stub's process (``python -I -m protofly.sandbox.host SETTINGS``).
+
+It speaks the sandbox control protocol, which is itself reTHINK messages (DESIGN §5), over the socketpair
+whose descriptor number is in ``SETTINGS`` (a JSON object given by the runtime):
+
+* on start it announces ``update {value: "ready"}`` to ``hyperty-runtime://sandbox/external``;
+* ``create`` to ``hyperty-runtime://sandbox/internal`` with ``{url, sourceCode, config,
+  sourceCodeClassname, sandbox: <limits>}`` confines the process (:mod:`protofly.sandbox.confine`), reports
+  the layers (``update {value: "isolation", report}``) *before* any stub code runs, then executes the
+  source and activates the stub; the answer is ``200`` or ``500`` with the error's summary;
+* ``execute`` to the stub's URL with ``{method, params}`` runs ``connect``/``disconnect``/``init``/...
+  (``200`` with ``value``, ``404`` for an unknown method, ``500`` with the error);
+* ``delete`` with ``{url}`` answers ``200`` and ends the process;
+* every other message is the runtime's traffic for the stub and goes to its bus listeners.
+
+When the stub exhausts its memory (``MemoryError`` anywhere) the host sends its last words, ``update
+{value: "failed", description: "memory limit (MemoryError)"}``, and exits with :data:`EXIT_MEMORY`.
+A pre-started host waits with its imports done, so that a deploy costs only the stub's own start.
+
+Imports are kept to asyncio, msgspec and the SDK: this module runs once per stub.  It never logs message
+contents or ``execute`` parameters (credentials travel there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+import msgspec
+
+from protofly.message import Message, MessageError, encode, response
+from protofly.sandbox import confine, loader
+from protofly.sandbox.channel import (
+    DEFAULT_MAX_FRAME,
+    SANDBOX_EXTERNAL,
+    SANDBOX_INTERNAL,
+    FrameDecoder,
+    FrameEncoder,
+    FrameError,
+    control,
+)
+from protofly.stub import Bus, MethodNotFound, summary
+
+__all__ = ["EXIT_BAD_SETTINGS", "EXIT_MEMORY", "Host", "main"]
+
+#: Exit code after a ``MemoryError`` (the stub reached its address-space limit).
+EXIT_MEMORY = 86
+#: Exit code when the settings argument is unusable.
+EXIT_BAD_SETTINGS = 2
+#: Messages for the stub accepted before it exists (the runtime sends none; a bound against misuse).
+_MAX_BACKLOG = 10_000
+
+_log = logging.getLogger("protofly.sandbox.host")
+
+
+class Host(asyncio.Protocol):
+    """One stub's side of the channel: control requests in, the stub's messages out."""
+
+    def __init__(self, settings: dict[str, Any], sock: socket.socket) -> None:
+        max_frame = int(settings.get("max_frame", DEFAULT_MAX_FRAME))
+        self.settings = settings
+        self.sock = sock
+        self.decoder = FrameDecoder(max_frame)
+        self.encoder = FrameEncoder(max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.url: str | None = None
+        self.stub: object | None = None
+        self.bus: Bus | None = None
+        self.backlog: list[Message] = []
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.creating = False
+        self.flush_scheduled = False
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[int] = self.loop.create_future()
+
+    async def serve(self) -> int:
+        self.loop.set_exception_handler(self._loop_exception)
+        await self.loop.connect_accepted_socket(lambda: self, self.sock)
+        return await self.done
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        body = {"value": "ready", "pid": os.getpid(), "python": sys.version.split()[0]}
+        self.send(control("update", body, sender=SANDBOX_INTERNAL, to=SANDBOX_EXTERNAL))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for event in self.decoder.feed(data):
+                if type(event) is FrameError:
+                    _log.warning("dropped a frame from the runtime: %s (%d bytes)", event.kind, event.size)
+                elif event.from_ == SANDBOX_EXTERNAL:  # type: ignore[union-attr]
+                    self._control(event)  # type: ignore[arg-type]
+                else:
+                    self._to_stub(event)  # type: ignore[arg-type]
+        except MemoryError:
+            self.fatal("memory limit (MemoryError)", EXIT_MEMORY)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(0)
+
+    # -- outgoing -----------------------------------------------------------------------------------
+
+    def send(self, msg: Message) -> None:
+        """Queue a message for the runtime; everything queued in one loop iteration leaves as one frame."""
+        self.encoder.add(msg)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        data = self.encoder.flush()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def fatal(self, reason: str, code: int) -> None:
+        """Last words, written synchronously, then exit at once (the stub cannot be trusted to unwind)."""
+        try:
+            try:
+                self.encoder.add(
+                    control(
+                        "update",
+                        {"value": "failed", "description": reason},
+                        sender=SANDBOX_INTERNAL,
+                        to=SANDBOX_EXTERNAL,
+                    )
+                )
+            except MemoryError:
+                pass
+            data = self.encoder.flush()
+            fd = self.sock.fileno()
+            if fd >= 0:
+                os.set_blocking(fd, True)
+                while data:
+                    data = data[os.write(fd, data) :]
+        except BaseException:
+            pass  # nothing may stop the exit below
+        finally:
+            os._exit(code)
+
+    def _respond(self, request: Message, code: int, description: str | None = None, value: Any = None) -> None:
+        answer = response(request, code, description, value=value)
+        try:
+            encode(answer)
+        except (TypeError, msgspec.EncodeError):
+            answer = response(request, code, description or "the result is not JSON-serialisable")
+        try:
+            self.send(answer)
+        except MessageError as exc:
+            self.send(response(request, 500, f"the response is too large ({exc})"))
+
+    # -- control ------------------------------------------------------------------------------------
+
+    def _control(self, msg: Message) -> None:
+        if msg.type == "create":
+            self._spawn(self._create(msg))
+        elif msg.type == "execute":
+            self._spawn(self._execute(msg))
+        elif msg.type == "delete":
+            self._delete(msg)
+        elif msg.type != "response":
+            self._respond(msg, 400, f"unknown control message type {msg.type!r}")
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _create(self, msg: Message) -> None:
+        body = msg.body or {}
+        if self.stub is not None or self.creating:
+            self._respond(msg, 500, f"this sandbox already runs {self.url}")
+            return
+        problem = _create_problem(body)
+        if problem:
+            self._respond(msg, 400, problem)
+            return
+        self.creating = True
+        self.url = body["url"]
+        report = confine.apply(body.get("sandbox"), self.settings)
+        self.send(
+            control("update", {"value": "isolation", "report": report}, sender=SANDBOX_INTERNAL, to=SANDBOX_EXTERNAL)
+        )
+        self.flush()
+        self.bus = Bus(self.send, on_fatal=lambda exc: self.fatal("memory limit (MemoryError)", EXIT_MEMORY))
+        try:
+            self.stub = await loader.load(
+                body["sourceCode"],
+                url=body["url"],
+                config=body.get("config") or {},
+                classname=body.get("sourceCodeClassname"),
+                bus=self.bus,
+            )
+        except loader.LoadError as exc:
+            self._respond(msg, 500, exc.summary)
+            return
+        except MemoryError:
+            self.fatal("memory limit (MemoryError)", EXIT_MEMORY)
+        finally:
+            self.creating = False
+        self._respond(msg, 200)
+        backlog, self.backlog = self.backlog, []
+        for queued in backlog:
+            self._to_stub(queued)
+
+    async def _execute(self, msg: Message) -> None:
+        body = msg.body or {}
+        method = body.get("method")
+        params = body.get("params")
+        if params is None:
+            params = []
+        if self.stub is None:
+            self._respond(msg, 409, "no stub is deployed in this sandbox")
+            return
+        if not isinstance(method, str) or not isinstance(params, list):
+            self._respond(msg, 400, "execute needs body.method (a string) and body.params (a list)")
+            return
+        try:
+            value = await loader.execute(self.stub, method, params)
+        except MethodNotFound as exc:
+            self._respond(msg, 404, str(exc))
+        except MemoryError:
+            self.fatal("memory limit (MemoryError)", EXIT_MEMORY)
+        except Exception as exc:
+            self._respond(msg, 500, summary(exc))
+        else:
+            self._respond(msg, 200, value=value)
+
+    def _delete(self, msg: Message) -> None:
+        self._respond(msg, 200)
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    def _to_stub(self, msg: Message) -> None:
+        bus = self.bus
+        if bus is None or self.stub is None:
+            if len(self.backlog) < _MAX_BACKLOG:
+                self.backlog.append(msg)
+            return
+        bus.dispatch(msg)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), MemoryError):
+            self.fatal("memory limit (MemoryError)", EXIT_MEMORY)
+        loop.default_exception_handler(context)
+
+
+def _create_problem(body: dict[str, Any]) -> str | None:
+    """What is wrong with a ``create`` body, naming the field, or None."""
+    if not isinstance(body.get("url"), str) or not body["url"]:
+        return "create: body.url must be a non-empty string"
+    if not isinstance(body.get("sourceCode"), str):
+        return "create: body.sourceCode must be a string"
+    if not isinstance(body.get("config") or {}, dict):
+        return "create: body.config must be an object"
+    classname = body.get("sourceCodeClassname")
+    if classname is not None and not isinstance(classname, str):
+        return "create: body.sourceCodeClassname must be a string"
+    limits = body.get("sandbox")
+    if limits is not None and not isinstance(limits, dict):
+        return "create: body.sandbox must be an object of limits"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; never returns (exits with ``os._exit`` so that stub threads cannot hold it up)."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        settings = msgspec.json.decode(args[0]) if args else None
+        fd = int(settings["fd"])  # type: ignore[index]
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError, IndexError):
+        sys.stderr.write("usage: python -I -m protofly.sandbox.host '{\"fd\": N, ...}'\n")
+        sys.stderr.flush()
+        os._exit(EXIT_BAD_SETTINGS)
+    confine.set_parent_death_signal(settings.get("parent_pid"))
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    code = 1
+    try:
+        sock = socket.socket(fileno=fd)
+        code = asyncio.run(_serve(settings, sock))
+    except MemoryError:
+        code = EXIT_MEMORY
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+async def _serve(settings: dict[str, Any], sock: socket.socket) -> int:
+    return await Host(settings, sock).serve()
+
+
+if __name__ == "__main__":
+    main()

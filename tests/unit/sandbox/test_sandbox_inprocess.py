@@ -1,0 +1,124 @@
+"""InProcessSandbox: the sandbox contract without a process (trusted code, fast tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from protofly.message import Message, MessageError
+from protofly.sandbox import Boundary, DeployError, SandboxError
+from protofly.sandbox.inprocess import InProcessSandbox
+
+STUBS = Path(__file__).resolve().parents[2] / "stubs_src"
+RUNTIME = "hyperty-runtime://a.test/r1"
+URL = f"{RUNTIME}/protostub/1"
+BOUNDARY = Boundary(runtime_url=RUNTIME, runtime_domain="a.test", stub_domain="b.test")
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+
+    def __call__(self, msg: Message) -> None:
+        self.queue.put_nowait(msg)
+
+    async def next(self, timeout: float = 5.0) -> Message:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    async def next_data(self) -> Message:
+        while True:
+            msg = await self.next()
+            if msg.to != f"{URL}/status":
+                return msg
+
+
+async def deploy(sandbox: InProcessSandbox, name: str, inbox: Inbox, classname: str | None = None, config=None):
+    return await sandbox.deploy(
+        url=URL,
+        source=(STUBS / name).read_bytes(),
+        config=config or {},
+        classname=classname,
+        limits=None,
+        boundary=BOUNDARY,
+        on_message=inbox,
+        on_exit=lambda reason: None,
+    )
+
+
+def request(n: int = 1, body=None) -> Message:
+    return Message(id=n, type="create", from_="hyperty://a.test/h", to="hyperty://b.test/x", body=body or {"n": n})
+
+
+async def test_echo_round_trip_and_status():
+    inbox = Inbox()
+    async with InProcessSandbox() as sandbox:
+        component = await deploy(sandbox, "echo.py", inbox, "EchoStub")
+        assert (await inbox.next()).body == {"value": "created"}
+        component.post(request(1))
+        reply = await inbox.next_data()
+        assert reply.to == "hyperty://a.test/h"
+        assert reply.body["echo"] == {"n": 1}
+        assert reply.body["via"] == URL
+        assert component.isolation["process"] is False
+        assert "rlimits: not enforceable in-process" in component.isolation["missing"]
+        assert component.counters["messages_to_stub"] == 1
+
+
+async def test_messages_are_copied_across_the_boundary():
+    inbox = Inbox()
+    async with InProcessSandbox() as sandbox:
+        component = await deploy(sandbox, "echo.py", inbox, "EchoStub")
+        original = request(1)
+        component.post(original)
+        await inbox.next_data()
+        assert "via" not in original.body
+
+
+async def test_forged_from_is_dropped_and_counted():
+    inbox = Inbox()
+    async with InProcessSandbox() as sandbox:
+        config = {"forged": ["hyperty://a.test/x", f"{RUNTIME}/registry"]}
+        component = await deploy(sandbox, "forger.py", inbox, "Forger", config)
+        component.post(request(1))
+        honest = await inbox.next_data()
+        assert honest.from_ == "hyperty://b.test/honest"
+        assert component.counters["forged_from"] == 2
+
+
+async def test_activate_style_stub_and_execute():
+    inbox = Inbox()
+    async with InProcessSandbox() as sandbox:
+        component = await deploy(sandbox, "activate_style.py", inbox, config={"url": "ws://127.0.0.1:1/ws"})
+        component.post(request(3))
+        reply = await inbox.next_data()
+        assert reply.body["config"] == {"url": "ws://127.0.0.1:1/ws"}
+        answer = await component.execute("ping", ["x"], timeout=5)
+        assert answer.body == {"code": 200, "value": "pong x"}
+        assert (await component.execute("fly", [], timeout=5)).body["code"] == 404
+        assert (await component.execute("ping", [], timeout=5)).body["code"] == 500
+
+
+async def test_a_deploy_error_carries_the_summary():
+    async with InProcessSandbox() as sandbox:
+        with pytest.raises(DeployError, match="RuntimeError: configuration has no message node url"):
+            await deploy(sandbox, "failing_activate.py", Inbox())
+
+
+async def test_after_remove_posts_are_dropped_and_execute_refuses():
+    inbox = Inbox()
+    async with InProcessSandbox() as sandbox:
+        component = await deploy(sandbox, "echo.py", inbox, "EchoStub")
+        await component.remove()
+        component.post(request(1))
+        assert component.counters["dropped_to_stub"] == 1
+        with pytest.raises(SandboxError, match="not running"):
+            await component.execute("connect", [None], timeout=1)
+
+
+async def test_an_oversized_message_is_refused_at_post():
+    async with InProcessSandbox(max_frame=200) as sandbox:
+        component = await deploy(sandbox, "echo.py", Inbox(), "EchoStub")
+        with pytest.raises(MessageError, match="size"):
+            component.post(request(1, {"pad": "x" * 500}))
