@@ -55,6 +55,7 @@ def __getattr__(name: str) -> Any:
         return getattr(client, name)
     raise AttributeError(f"module 'protofly.catalogue' has no attribute {name!r}")
 
+
 __all__ = [
     "CODES",
     "E_CHANGED",

@@ -304,7 +304,8 @@ class CatalogueClient:
         session = self._session
         if session is None:
             raise RuntimeError("CatalogueClient is not open; use 'async with CatalogueClient(...)'")
-        headers = {"Accept": "application/json, */*;q=0.5"}
+        # identity: the size limit then bounds what is read, and no compressed body can expand past it.
+        headers = {"Accept": "application/json, */*;q=0.5", "Accept-Encoding": "identity"}
         if action.etag:
             headers["If-None-Match"] = action.etag
         url = action.url
@@ -343,8 +344,8 @@ class CatalogueClient:
         if declared is not None and declared > limit:
             resp.close()
             raise CatalogueError(E_TOO_LARGE, f"body of {declared} bytes is over the {limit}-byte limit", url=url)
-        if declared is not None:
-            body = await resp.read()
+        if declared is not None and not resp.headers.get("Content-Encoding"):
+            body = await resp.read()  # exactly ``declared`` bytes, already checked against the limit
         else:
             chunks: list[bytes] = []
             size = 0

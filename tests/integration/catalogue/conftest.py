@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gzip
 import ipaddress
 import json
 import shutil
@@ -138,6 +139,9 @@ class BadServer:
             return await self._huge(request)
         if mode == "declared":
             return await self._declared(request)
+        if mode == "gzip":
+            bomb = gzip.compress(b" " * (8 << 20), compresslevel=1)
+            return web.Response(body=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
         if mode == "loop":
             raise web.HTTPFound(location=request.path)
         if mode == "redirect":

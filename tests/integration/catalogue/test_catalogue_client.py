@@ -165,6 +165,12 @@ async def test_declared_fifty_mib_is_refused_before_reading(bad_server, open_cli
     assert client.stats.bytes_downloaded == 0
 
 
+async def test_compressed_body_is_limited_after_decompression(bad_server, open_client):
+    client = await open_client({"b.test": bad_server.url("gzip")}, max_size=1 << 20)
+    error = await fails(client.fetch_stub("b.test"), E_TOO_LARGE)
+    assert "cut off" in str(error)
+
+
 async def test_catalogue_that_never_answers(silent_server, open_client):
     client = await open_client({"b.test": silent_server.base}, read_timeout=0.2, total_timeout=1.0)
     error = await fails(client.fetch_stub("b.test"), E_FETCH)
