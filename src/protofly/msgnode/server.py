@@ -43,8 +43,10 @@ from protofly.msgnode.core import (
 
 __all__ = ["MessageNode"]
 
-#: Most bytes handed to the transport per write, so one connection cannot monopolise a loop iteration.
+#: Bytes (or messages) queued for one connection that are written at once instead of at the end of the
+#: loop iteration; also the most handed to the transport per write call.
 _WRITE_CHUNK = 256 << 10
+_WRITE_BATCH = 1024
 
 _log = get_logger("protofly.msgnode")
 
@@ -101,14 +103,19 @@ class _Connection:
             return
         self.pending.append(data)
         self.pending_bytes += len(data)
+        if self._drain_task is None:
+            if self.pending_bytes >= _WRITE_CHUNK or len(self.pending) >= _WRITE_BATCH:
+                # a burst (many frames read in one go): write now rather than queue it all for later
+                if self._flush_handle is not None:
+                    self._flush_handle.cancel()
+                self._flush()
+            elif self._flush_handle is None:
+                self._flush_handle = self._loop.call_soon(self._flush)
         node = self._node
         if len(self.pending) > node.send_queue or self.pending_bytes > node.send_queue_bytes:
             self._overflow()
-            return
-        if self.pending_bytes > node.stats["queue_peak_bytes"]:
+        elif self.pending_bytes > node.stats["queue_peak_bytes"]:
             node.stats["queue_peak_bytes"] = self.pending_bytes
-        if self._flush_handle is None and self._drain_task is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
 
     def enable_batch(self, max_frame: int) -> None:
         """Write what is queued as plain frames first: the peer learns of batching from the 200 in it."""
@@ -118,28 +125,30 @@ class _Connection:
     # -- writing ------------------------------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Write everything queued, a chunk per call, until done or the socket's buffer is full."""
         self._flush_handle = None
-        if not self.pending or self.closing:
+        if self.closing:
             return
         transport = self._request.transport
         if transport is None or transport.is_closing():
             self._discard()
             return
-        count = len(self.pending)
-        if self.pending_bytes > _WRITE_CHUNK:
-            size = 0
-            for index, data in enumerate(self.pending):
-                size += len(data)
-                if size >= _WRITE_CHUNK:
-                    count = index + 1
-                    break
-        self._write(count)
-        if not self.pending:
-            return
-        if self._request.protocol.writing_paused:
+        protocol = self._request.protocol
+        while self.pending and not protocol.writing_paused:
+            self._write(self._chunk())
+        if self.pending and self._drain_task is None:
             self._drain_task = self._node._spawn(self._drain())
-        else:
-            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _chunk(self) -> int:
+        """How many queued messages make up the next write of about ``_WRITE_CHUNK`` bytes."""
+        if self.pending_bytes <= _WRITE_CHUNK:
+            return len(self.pending)
+        size = 0
+        for index, data in enumerate(self.pending):
+            size += len(data)
+            if size >= _WRITE_CHUNK:
+                return index + 1
+        return len(self.pending)
 
     def _write(self, count: int) -> None:
         """Frame the first ``count`` queued messages and hand them to the transport in one call."""
@@ -226,14 +235,15 @@ class _Connection:
         self._node.stats["slow_consumers"] += 1
         _log.warning("slow consumer disconnected", peer=self.peer, reason=why, queued=len(self.pending))
         self._discard()
-        self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer: " + why)
+        # the close frame waits behind data the peer is not reading: give it a second, not close_timeout
+        self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer: " + why, timeout=min(1.0, self._node.close_timeout))
 
     def _discard(self) -> None:
         self._node.stats["dropped_closing"] += len(self.pending)
         self.pending = []
         self.pending_bytes = 0
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str, timeout: float | None = None) -> None:
         """Write what is queued, then close with ``code`` (bounded: a stuck peer is aborted)."""
         if self.closing:
             return
@@ -244,12 +254,11 @@ class _Connection:
             self._write(len(self.pending))
         self.closing = True
         self._node.stats["closes_sent"] += 1
-        self._node._spawn(self._close(code, reason))
+        self._node._spawn(self._close(code, reason, self._node.close_timeout if timeout is None else timeout))
 
-    async def _close(self, code: int, reason: str) -> None:
+    async def _close(self, code: int, reason: str, timeout: float) -> None:
         try:
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()),
-                                   timeout=self._node.close_timeout)
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), timeout=timeout)
         except (TimeoutError, ConnectionError):
             transport = self._request.transport
             if transport is not None:
