@@ -81,8 +81,12 @@ class Loaded:
 
 
 def load_directory(directory: Path) -> Loaded:
-    """Read a published directory (blocking: call it in a thread).  Broken entries are skipped and
-    reported in ``problems`` with the field at fault, so one bad file does not take the catalogue down."""
+    """Read a published directory (blocking: call it in a thread).
+
+    A descriptor that does not parse is skipped and reported in ``problems`` with the field at fault, so
+    one bad file does not take the catalogue down.  A source that does not match its descriptor's
+    ``sha256`` is reported but served: clients refuse it (``E_DIGEST``), and only they can be trusted to.
+    """
     root = Path(directory)
     config = _read_config(root)
     folder = root / WELL_KNOWN / "protocolstub"
@@ -91,9 +95,9 @@ def load_directory(directory: Path) -> Loaded:
     for path in sorted(folder.glob("*.ps.json")) if folder.is_dir() else []:
         name = path.name[: -len(".ps.json")]
         try:
-            stubs[name] = _load_stub(path, name)
+            stubs[name] = _load_stub(path, name, problems)
         except (CatalogueError, OSError) as exc:
-            problems.append(f"{path}: {exc}")
+            problems.append(f"{path}: skipped: {exc}")
     default = config.get("default")
     max_age = config.get("maxAge")
     return Loaded(
@@ -112,7 +116,7 @@ def _read_config(root: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {"_problems": [f"{path}: expected a JSON object"]}
 
 
-def _load_stub(path: Path, name: str) -> _Stub:
+def _load_stub(path: Path, name: str, problems: list[str]) -> _Stub:
     body = path.read_bytes()
     descriptor = parse_descriptor(body, url=str(path))
     suffixes = (".ps.py", ".ps.js") if descriptor.is_python else (".ps.js", ".ps.py")
@@ -122,9 +126,9 @@ def _load_stub(path: Path, name: str) -> _Stub:
             source = source_path.read_bytes()
             expected = descriptor.source_sha256
             if expected is not None and sha256_hex(source) != expected:
-                raise CatalogueError(
-                    E_DIGEST, f"{source_path.name} does not match sourcePackage.sha256 (republish it)", url=str(path)
-                )
+                # Served anyway: the catalogue is not the trust anchor, the runtime is, and it refuses this
+                # entry with E_DIGEST (which is what a tampered or half-updated catalogue must look like).
+                problems.append(f"{source_path}: does not match sourcePackage.sha256 ({E_DIGEST}; republish it)")
             return _Stub(name, descriptor, body, source, suffix)
     embedded = descriptor.source_package
     if embedded is not None and embedded.embedded:

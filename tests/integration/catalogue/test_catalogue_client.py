@@ -227,13 +227,16 @@ async def test_tls_is_verified(catalogue_dir, start_server, open_client, server_
 # -- verification -----------------------------------------------------------------------------------------
 
 
-async def test_tampered_source(catalogue_dir, static_server, open_client):
+async def test_tampered_source(catalogue_dir, start_server, static_server, open_client):
     source = catalogue_dir / ".well-known" / "protocolstub" / "echo.ps.py"
     source.write_bytes(source.read_bytes() + b"\nimport os; os.system('evil')\n")
     base = await static_server(catalogue_dir)
     client = await open_client({"b.test": base})
     error = await fails(client.fetch_stub("https://b.test/.well-known/protocolstub/echo.ps.json"), E_DIGEST)
     assert "echo" in str(error) and base in str(error)
+    server = await start_server(catalogue_dir)  # the catalogue layout embeds the tampered source
+    client = await open_client({"b.test": server.base_url}, state_dir=None)
+    await fails(client.fetch_stub("b.test"), E_DIGEST)
 
 
 async def test_wrong_signature(catalogue_dir, start_server, open_client):

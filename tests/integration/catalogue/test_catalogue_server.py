@@ -9,7 +9,14 @@ import json
 import aiohttp
 import pytest
 
-from protofly.catalogue import parse_descriptor, parse_source_package, publish, verify_stub
+from protofly.catalogue import (
+    E_DIGEST,
+    CatalogueError,
+    parse_descriptor,
+    parse_source_package,
+    publish,
+    verify_stub,
+)
 
 from .conftest import ECHO
 
@@ -140,7 +147,7 @@ async def test_default_alias_from_config_file_and_reload(tmp_path, keys, start_s
     assert server.names == ["echo", "second"]
 
 
-async def test_broken_entries_are_skipped_and_reported(tmp_path, keys, start_server, http):
+async def test_broken_entries_are_reported(tmp_path, keys, start_server, http, open_client):
     directory = tmp_path / "pub"
     publish(ECHO, directory, keys["b.test"], "b.test")
     publish(ECHO, directory, keys["b.test"], "b.test", name="tampered")
@@ -150,10 +157,15 @@ async def test_broken_entries_are_skipped_and_reported(tmp_path, keys, start_ser
         '{"objectName": "broken", "language": "python", "sandbox": {"memoryMB": -1}}'
     )
     server = await start_server(directory, default="missing")
-    assert server.names == ["echo"]
+    assert server.names == ["echo", "tampered"]  # the broken descriptor is skipped
     problems = "\n".join(server.problems)
     assert "sandbox.memoryMB" in problems and "tampered.ps.py" in problems and "'missing'" in problems
-    assert (await get(http, f"{server.base_url}{PS}/tampered"))[0] == 404
+    assert (await get(http, f"{server.base_url}{PS}/broken"))[0] == 404
+    # The tampered source is served as it is on disk, and the client refuses it.
+    client = await open_client({"b.test": server.base_url})
+    with pytest.raises(CatalogueError) as info:
+        await client.fetch_stub("hyperty-catalogue://catalogue.b.test/.well-known/protocolstub/tampered")
+    assert info.value.code == E_DIGEST
 
 
 async def test_binary_source_is_embedded_as_base64(tmp_path, keys, start_server, http, echo_package):
