@@ -158,6 +158,8 @@ class _Conn:
     conn: Hashable
     session: Session | None = None
     batch: bool = False
+    #: A Close was issued: frames still arriving before the socket goes are ignored (and counted).
+    closing: bool = False
 
 
 _COUNTERS = (
@@ -179,6 +181,7 @@ _COUNTERS = (
     "addresses_freed",
     "bound",
     "bound_evicted",
+    "ignored_after_close",
 )
 
 
@@ -294,29 +297,41 @@ class MessageNodeCore:
         state = self._conns.get(conn)
         if state is None:
             state = self._conns[conn] = _Conn(conn)
+        elif state.closing:
+            self.counters["ignored_after_close"] += 1
+            return []
         out: list[Action] = []
-        if isinstance(data, Message):
-            self.counters["messages_in"] += 1
-            self._route(state, data, None, out)
-            return out
-        if isinstance(data, str):
-            data = data.encode()
-        if len(data) > self.max_frame:
-            self.counters["invalid"] += 1
-            text = f"frame of {len(data)} bytes is over the {self.max_frame}-byte limit"
-            out.append(Close(conn, CLOSE_TOO_BIG, text))
-            return out
-        if state.batch and _starts_array(data):
-            try:
-                items: list[Any] = msgspec.json.decode(data, type=list[msgspec.Raw])
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self.counters["invalid"] += 1
-                out.append(Close(conn, CLOSE_INVALID_PAYLOAD, _reason(f"batch: not a JSON array ({exc})")))
+        counters = self.counters
+        if type(data) is not bytes:
+            if isinstance(data, Message):
+                counters["messages_in"] += 1
+                self._route(state, data, None, out)
                 return out
-        else:
-            items = [data]
+            data = data.encode() if isinstance(data, str) else bytes(data)
+        if len(data) > self.max_frame:
+            counters["invalid"] += 1
+            text = f"frame of {len(data)} bytes is over the {self.max_frame}-byte limit"
+            self._close_conn(state, CLOSE_TOO_BIG, text, out)
+            return out
+        if not state.batch or not _starts_array(data):  # the common case: one message per frame
+            counters["messages_in"] += 1
+            try:
+                msg = decode(data, max_size=self.max_frame)
+            except MessageError as exc:
+                self._invalid(state, data, str(exc), out)
+                return out
+            self._route(state, msg, data, out)
+            return out
+        try:
+            items: list[msgspec.Raw] = msgspec.json.decode(data, type=list[msgspec.Raw])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            counters["invalid"] += 1
+            self._close_conn(state, CLOSE_INVALID_PAYLOAD, f"batch: not a JSON array ({exc})", out)
+            return out
         for raw in items:
-            self.counters["messages_in"] += 1
+            if state.closing:  # an element of this batch already condemned the connection
+                break
+            counters["messages_in"] += 1
             try:
                 msg = decode(raw, max_size=self.max_frame)
             except MessageError as exc:
@@ -327,8 +342,16 @@ class MessageNodeCore:
 
     def received_binary(self, conn: Hashable) -> list[Action]:
         """reTHINK carries JSON in text frames only; a binary frame means a confused peer."""
+        state = self._conns.get(conn)
+        if state is None:
+            state = self._conns[conn] = _Conn(conn)
+        elif state.closing:
+            self.counters["ignored_after_close"] += 1
+            return []
         self.counters["invalid"] += 1
-        return [Close(conn, CLOSE_UNSUPPORTED_DATA, "binary frames are not supported: send JSON text frames")]
+        out: list[Action] = []
+        self._close_conn(state, CLOSE_UNSUPPORTED_DATA, "binary frames are not supported: send JSON text frames", out)
+        return out
 
     def disconnected(self, conn: Hashable, now: float) -> list[Action]:
         """The socket is gone: its session (if any) waits ``session_grace`` seconds for a re-open."""
@@ -370,9 +393,15 @@ class MessageNodeCore:
         if msg.type in _SESSION_TYPES:
             self._error(state, msg, 400, f"type: '{msg.type}' is only valid to {SESSION_URL}", out)
             return
-        if not self._claim_from(session, msg.from_):
-            self._error(state, msg, 403, f"from: {msg.from_} is allocated to another session", out)
-            return
+        sender = msg.from_
+        owner = self._owner.get(sender)
+        if owner is not session:
+            if not self._claim_from(session, sender, owner):
+                self._error(state, msg, 403, f"from: {sender} is allocated to another session", out)
+                return
+        elif sender in session.bound:  # refresh its place in the LRU order
+            del session.bound[sender]
+            session.bound[sender] = None
         target = self._owner.get(to)
         if target is None:
             target = self._runtime_session(to)
@@ -419,20 +448,13 @@ class MessageNodeCore:
             end = to.rfind("/", 0, end)
         return session
 
-    def _claim_from(self, session: Session, sender: str) -> bool:
-        """Check ``from`` and bind an unknown ``hyperty://`` sender to this session (Vert.x transition).
+    def _claim_from(self, session: Session, sender: str, owner: Session | None) -> bool:
+        """Accept a ``from`` this session does not own yet, binding an unknown ``hyperty://`` to it.
 
-        Binding lets the reply to a foreign hyperty find its way back through the session it came
-        from.  Bound addresses are capped per session, least recently used evicted first, so a peer
-        that invents senders cannot grow the node's tables without bound.
+        This is the Vert.x transition handler: binding lets the reply to a foreign hyperty find its way
+        back through the session it came from.  Bound addresses are capped per session, least recently
+        used evicted first, so a peer that invents senders cannot grow the node's tables without bound.
         """
-        owner = self._owner.get(sender)
-        if owner is session:
-            bound = session.bound
-            if sender in bound:  # refresh its place in the LRU order
-                del bound[sender]
-                bound[sender] = None
-            return True
         if owner is None:
             if sender.startswith("hyperty://"):
                 self._bind(session, sender)
@@ -517,7 +539,7 @@ class MessageNodeCore:
             other = self._conns.get(previous)
             if other is not None:
                 other.session = None
-            out.append(Close(previous, CLOSE_SESSION_TAKEN_OVER, "session re-opened on another connection"))
+                self._close_conn(other, CLOSE_SESSION_TAKEN_OVER, "session re-opened on another connection", out)
         session.conn = state.conn
         session.deadline = None
         state.session = session
@@ -567,7 +589,7 @@ class MessageNodeCore:
             return
         self._reply(state, response(msg, 200), out)
         self._end(session, "closed", out)
-        out.append(Close(state.conn, CLOSE_NORMAL, "session closed"))
+        self._close_conn(state, CLOSE_NORMAL, "session closed", out)
 
     def _end(self, session: Session, reason: str, out: list[Action]) -> None:
         """Free everything the session holds; its connection (if any) stays open but session-less."""
@@ -831,6 +853,10 @@ class MessageNodeCore:
 
     # -- replies -------------------------------------------------------------------------------------
 
+    def _close_conn(self, state: _Conn, code: int, reason: str, out: list[Action]) -> None:
+        state.closing = True
+        out.append(Close(state.conn, code, _reason(reason)))
+
     def _reply(self, state: _Conn, msg: Message, out: list[Action]) -> None:
         out.append(Send(state.conn, encode(msg)))
 
@@ -855,7 +881,7 @@ class MessageNodeCore:
             obj = None
         sender = obj.get("from") if isinstance(obj, dict) else None
         if not isinstance(sender, str) or not sender:
-            out.append(Close(state.conn, CLOSE_INVALID_PAYLOAD, _reason(text)))
+            self._close_conn(state, CLOSE_INVALID_PAYLOAD, text, out)
             return
         kind = obj.get("type")
         if isinstance(kind, str) and kind.lower() == "response":

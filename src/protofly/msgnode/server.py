@@ -47,6 +47,8 @@ __all__ = ["MessageNode"]
 #: loop iteration; also the most handed to the transport per write call.
 _WRITE_CHUNK = 256 << 10
 _WRITE_BATCH = 1024
+#: Largest JSON-array frame the node packs: beyond a few kB packing saves nothing and costs latency.
+_PACK_LIMIT = 64 << 10
 
 _log = get_logger("protofly.msgnode")
 
@@ -120,7 +122,7 @@ class _Connection:
     def enable_batch(self, max_frame: int) -> None:
         """Write what is queued as plain frames first: the peer learns of batching from the 200 in it."""
         self._write(len(self.pending))
-        self.batch_frame = max_frame
+        self.batch_frame = min(max_frame, _PACK_LIMIT)
 
     # -- writing ------------------------------------------------------------------------------------
 
@@ -247,6 +249,7 @@ class _Connection:
         """Write what is queued, then close with ``code`` (bounded: a stuck peer is aborted)."""
         if self.closing:
             return
+        _log.info("closing connection", peer=self.peer, code=code, reason=reason)
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -491,7 +494,6 @@ class MessageNode:
             if kind is Send:
                 action.conn.send(action.data)  # type: ignore[union-attr]
             elif kind is Close:
-                self._log.info("closing connection", code=action.code, reason=action.reason)  # type: ignore[union-attr]
                 action.conn.close(action.code, action.reason)  # type: ignore[union-attr]
             elif kind is EnableBatch:
                 action.conn.enable_batch(action.max_frame)  # type: ignore[union-attr]

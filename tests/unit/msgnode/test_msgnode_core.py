@@ -833,3 +833,19 @@ def test_close_reasons_fit_in_a_close_frame(node):
 
 def test_disconnect_of_an_unknown_connection_is_harmless(node):
     assert node.core.disconnected(Conn("never"), now=0.0) == []
+
+
+def test_frames_after_a_close_are_ignored_until_the_socket_goes(node):
+    conn, _ = node.session("a")
+    [close] = node.core.received(conn, b"{broken")
+    assert isinstance(close, Close)
+    assert node.send(conn, type="read", from_="hyperty-runtime://a.test/rt", to="hyperty://b.test/x") == []
+    assert node.core.received_binary(conn) == []
+    assert node.core.counters["ignored_after_close"] == 2
+
+
+def test_a_batch_stops_at_the_element_that_closes_the_connection(node):
+    conn = node.connect("a")
+    node.open(conn, "hyperty-runtime://a.test/rt", batch=True)
+    actions = node.core.received(conn, b'[{"type":"read","to":"x:y"},{"id":1,"type":"read","from":"a:b","to":"x:y"}]')
+    assert [type(a) for a in actions] == [Close]
