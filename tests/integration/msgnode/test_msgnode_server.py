@@ -414,3 +414,10 @@ async def test_cli_serve_prints_the_url_and_serves(tmp_path):
             os.kill(proc.pid, signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), timeout=10)
     assert code == 0
+
+
+async def test_plain_http_on_the_websocket_path_is_a_clear_400(node):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{node.port}/ws", timeout=aiohttp.ClientTimeout(total=WAIT)) as r:
+            assert r.status == 400
+            assert "WebSocket" in (await r.json())["description"]
