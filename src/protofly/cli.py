@@ -44,6 +44,8 @@ app.add_typer(msgnode_cli.app, name="msg-node")
 from protofly.catalogue import cli as catalogue_cli  # noqa: E402, I001
 app.add_typer(catalogue_cli.app, name="catalogue")
 app.add_typer(catalogue_cli.keys_app, name="keys")
+from protofly.sandbox import cli as sandbox_cli  # noqa: E402, I001
+app.add_typer(sandbox_cli.app, name="sandbox")
 # (end of sub-apps)
 
 

@@ -27,8 +27,10 @@ class RawWriter(ProtoStub):
             _frame(b"this is not json"),
             _frame(json.dumps([good, bad]).encode()),
         ]
+        os.set_blocking(fd, True)  # the host's asyncio made it non-blocking; a hostile stub does not care
         for frame in frames:
             view = memoryview(frame)
             while view:
                 view = view[os.write(fd, view) :]
+        os.set_blocking(fd, False)
         self.deliver(Message(type="create", from_="hyperty://b.test/raw", to=msg.from_, body={"n": 2}))

@@ -92,7 +92,11 @@ class InProcessComponent(Component):
         if not isinstance(method, str) or not method:
             raise ValueError(f"method must be a non-empty string, got {method!r}")
         request = Message(
-            id=0, type="execute", from_=SANDBOX_EXTERNAL, to=self.url, body={"method": method, "params": list(params or [])}
+            id=0,
+            type="execute",
+            from_=SANDBOX_EXTERNAL,
+            to=self.url,
+            body={"method": method, "params": list(params or [])},
         )
         try:
             value = await asyncio.wait_for(execute(self.instance, method, list(params or [])), timeout)
@@ -163,7 +167,9 @@ class InProcessSandbox(Sandbox):
             raise DeployError(exc.summary) from None
         except TimeoutError:
             self._components.discard(component)
-            raise DeployError(f"TimeoutError: the stub did not finish deploying within {self.deploy_timeout} s") from None
+            raise DeployError(
+                f"TimeoutError: the stub did not finish deploying within {self.deploy_timeout} s"
+            ) from None
         except MemoryError:
             self._components.discard(component)
             raise DeployError("MemoryError: the stub ran out of memory while deploying") from None

@@ -560,6 +560,7 @@ class ProcessComponent(Component):
         self._exit_reason = reason
         previous, self._state = self._state, "exited"
         _LIVE.discard(self)
+        self._sandbox._host_ended(self)
         self._exited.set()
         if self._transport is not None:
             self._transport.close()
@@ -709,6 +710,8 @@ class ProcessSandbox(Sandbox):
         self.probe: iso.Probe | None = None
         self._spares: deque[asyncio.Task[ProcessComponent]] = deque()
         self._components: set[ProcessComponent] = set()
+        #: Every host started and not yet reaped (spares, deployed, discarded).
+        self._hosts: set[ProcessComponent] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
@@ -772,27 +775,36 @@ class ProcessSandbox(Sandbox):
                 timeout=self.deploy_timeout,
             )
         except BaseException:
+            # A failed or cancelled deploy leaves nothing worth a grace period: kill now, reap in the background.
             self._components.discard(component)
-            await asyncio.shield(self._discard(component))
+            component._kill_now()
+            reaped = asyncio.ensure_future(component._wait_exit(_KILL_WAIT))
+            self._own(reaped)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(reaped)  # deploy() returns with the failed host reaped, unless cancelled
             raise
         return component
 
     async def close(self) -> None:
-        if self._closed:
-            if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=_KILL_WAIT)
-            return
-        self._closed = True
-        spares = list(self._spares)
-        self._spares.clear()
-        for task in spares:
-            task.cancel()
-        removals = [c.remove(self.close_grace) for c in self._components]
-        removals += [self._remove_spare(task) for task in spares]
-        await asyncio.gather(*removals, return_exceptions=True)
-        self._components.clear()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=_KILL_WAIT)
+        if not self._closed:
+            self._closed = True
+            spares = list(self._spares)
+            self._spares.clear()
+            for task in spares:
+                task.cancel()
+            removals = [c.remove(self.close_grace) for c in self._components]
+            removals += [self._remove_spare(task) for task in spares]
+            await asyncio.gather(*removals, return_exceptions=True)
+            self._components.clear()
+        # Whatever else was started (spares cancelled while starting, discarded deploys) is killed already;
+        # wait until every one of them is reaped, so that close() leaves no process behind.
+        for host in list(self._hosts):
+            if host.state != "exited":
+                host._kill_now()
+        waits = [asyncio.ensure_future(host._wait_exit(_KILL_WAIT)) for host in list(self._hosts)]
+        pending = waits + list(self._tasks)
+        if pending:
+            await asyncio.wait(pending, timeout=_KILL_WAIT)
 
     # -- spares -------------------------------------------------------------------------------------
 
@@ -805,8 +817,12 @@ class ProcessSandbox(Sandbox):
     async def _new_host(self) -> ProcessComponent:
         assert self.probe is not None
         component = ProcessComponent(self, self.probe)
+        self._hosts.add(component)
         await component.start(self.start_timeout)
         return component
+
+    def _host_ended(self, component: ProcessComponent) -> None:
+        self._hosts.discard(component)
 
     async def _take(self) -> ProcessComponent:
         """A started host: a ready spare if there is one, else the next one starting, else a new one."""
@@ -815,9 +831,15 @@ class ProcessSandbox(Sandbox):
             task = ready or self._spares[0]
             self._spares.remove(task)
             try:
-                component = await task
-            except (SandboxError, OSError):
+                await asyncio.wait([task])  # unlike `await task`, a cancelled spare is not our own cancellation
+            except asyncio.CancelledError:
+                self._spares.appendleft(task)  # still good for the next deploy
+                raise
+            if task.cancelled() or self._closed:
+                raise SandboxError("the sandbox is closed")
+            if task.exception() is not None:
                 continue  # logged by _log_spare_failure; try the next, or a fresh start below
+            component = task.result()
             if component.state == "ready":
                 self._refill()
                 return component
@@ -829,12 +851,9 @@ class ProcessSandbox(Sandbox):
         return component
 
     async def _remove_spare(self, task: asyncio.Task[ProcessComponent]) -> None:
-        with contextlib.suppress(BaseException):
-            component = await task
-            await component.remove(self.close_grace)
-
-    async def _discard(self, component: ProcessComponent) -> None:
-        await component.remove(grace=0.0)
+        await asyncio.wait([task], timeout=self.start_timeout)
+        if task.done() and not task.cancelled() and task.exception() is None:
+            await task.result().remove(self.close_grace)
 
     def _own(self, awaitable: Any) -> None:
         """Run a clean-up task the sandbox owns (close() waits for it)."""
