@@ -127,7 +127,10 @@ class InProcessSandbox(Sandbox):
 
     kind = "in-process"
 
-    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME, deploy_timeout: float = 15.0, **_ignored: Any) -> None:
+    def __init__(
+        self, *, limits: Limits | None = None, max_frame: int = DEFAULT_MAX_FRAME, deploy_timeout: float = 15.0
+    ) -> None:
+        self.limits = limits  # recorded, never enforced: there is no process to limit
         self.max_frame = max_frame
         self.deploy_timeout = deploy_timeout
         self._components: set[InProcessComponent] = set()
@@ -173,8 +176,9 @@ class InProcessSandbox(Sandbox):
         except MemoryError:
             self._components.discard(component)
             raise DeployError("MemoryError: the stub ran out of memory while deploying") from None
-        if limits is not None:
-            component.isolation["requested_limits"] = limits.as_dict()
+        requested = limits if limits is not None else self.limits
+        if requested is not None:
+            component.isolation["requested_limits"] = requested.as_dict()
         return component
 
     def _forget(self, component: InProcessComponent) -> None:

@@ -194,6 +194,7 @@ class ProcessComponent(Component):
 
     def __init__(self, sandbox: ProcessSandbox, probe: iso.Probe) -> None:
         self.url = ""
+        self._status_url = ""
         self.pid: int | None = None
         self.isolation: dict[str, Any] = {}
         self.counters = new_counters()
@@ -314,6 +315,8 @@ class ProcessComponent(Component):
             self._proc = self._spawn(child.fileno())
         except OSError as exc:
             parent.close()
+            if self._workdir is not None:
+                self._sandbox._own(asyncio.to_thread(shutil.rmtree, self._workdir, True))
             raise SandboxError(f"cannot start the sandbox host: {exc}") from None
         finally:
             child.close()
@@ -386,6 +389,7 @@ class ProcessComponent(Component):
         timeout: float,
     ) -> None:
         self.url = url
+        self._status_url = f"{url}/status"
         self._guard = Guard(url, boundary, on_message, self.counters)
         self._on_exit = on_exit
         self._log = _log.bind(stub_url=url, sandbox_pid=self.pid)
@@ -490,10 +494,29 @@ class ProcessComponent(Component):
             elif event.to == SANDBOX_EXTERNAL:  # type: ignore[union-attr]
                 self._on_control(event)  # type: ignore[arg-type]
             elif guard is not None:
+                if self._secrets and event.to == self._status_url:  # type: ignore[union-attr]
+                    self._scrub(event)  # type: ignore[arg-type]
                 guard.from_stub(event)  # type: ignore[arg-type]
+
+    def _scrub(self, msg: Message) -> None:
+        """Hide connect's credentials in a description the runtime will show or log (status, error answer).
+
+        A stub's exception text may quote what it was given; the body is otherwise passed on untouched.
+        """
+        body = msg.body
+        if body and isinstance(body.get("description"), str):
+            body["description"] = self._redact(body["description"])
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
 
     def _on_control(self, msg: Message) -> None:
         if msg.type == "response":
+            if self._secrets:
+                self._scrub(msg)
             future = self._waiters.get(msg.id)  # type: ignore[arg-type]
             if future is not None and not future.done():
                 future.set_result(msg)
@@ -635,9 +658,7 @@ class ProcessComponent(Component):
         text = raw.decode("utf-8", "replace").rstrip("\r\n")
         if len(text) > _LINE_LIMIT:
             text = text[:_LINE_LIMIT] + " [cut]"
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
+        text = self._redact(text)
         if stream == "stderr":
             self._recent_stderr.append(text)
         if not self._take_token():
@@ -840,6 +861,7 @@ class ProcessSandbox(Sandbox):
             if task.exception() is not None:
                 continue  # logged by _log_spare_failure; try the next, or a fresh start below
             component = task.result()
+            component._check_exit()  # a spare killed a moment ago may not have been noticed yet
             if component.state == "ready":
                 self._refill()
                 return component

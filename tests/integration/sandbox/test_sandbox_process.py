@@ -228,9 +228,10 @@ async def test_credentials_never_reach_a_log(sandbox, caplog):
     inbox = Inbox()
     component = await deploy(sandbox, "secretive.py", inbox, classname="Secretive")
     answer = await component.execute("connect", [{"user": "alice", "password": secret}], timeout=10)
-    assert answer.body == {"code": 500, "description": "PermissionError: login refused by the message node"}
+    refused = "PermissionError: login refused by the message node for password ***"
+    assert answer.body == {"code": 500, "description": refused}
     failed = await inbox.status("failed")
-    assert failed.body["description"] == "PermissionError: login refused by the message node"
+    assert failed.body["description"] == refused
     await component.remove()
     printed = [r for r in caplog.records if getattr(r, "stream", None) == "stdout"]
     assert [r.getMessage() for r in printed] == ["logging in with ***"]
@@ -343,6 +344,22 @@ async def test_a_prestarted_host_is_used_for_the_next_deploy():
         assert component.pid == spare_pid
         await inbox.status("created")
         assert len(box._spares) == 1  # a replacement is starting
+    finally:
+        await box.close()
+
+
+async def test_a_spare_that_died_is_replaced_by_a_fresh_host():
+    box = ProcessSandbox(prestart=1)
+    try:
+        await box.start()
+        await box.wait_ready()
+        spare = box._spares[0].result()
+        os.kill(spare.pid, signal.SIGKILL)
+        inbox = Inbox()
+        component = await deploy(box, "echo.py", inbox, classname="EchoStub")
+        assert component.pid != spare.pid
+        await inbox.status("created")
+        assert inbox.exits == []
     finally:
         await box.close()
 
