@@ -43,6 +43,7 @@ from protofly.catalogue import CatalogueClient, CatalogueError
 from protofly.catalogue.errors import E_CHANGED, E_DIGEST, E_ROLLBACK, E_SIGNATURE, E_UNSIGNED, E_UNTRUSTED
 from protofly.catalogue.keys import TrustStore
 from protofly.config import RuntimeConfig
+from protofly.hyperty import Hyperty, allocate_hyperty
 from protofly.identity import IdentityModule
 from protofly.log import get_logger
 from protofly.message import Message, error_description, response, response_code
@@ -266,7 +267,15 @@ class Runtime:
     def remove_local_address(self, url: str) -> None:
         self._local.discard(url)
 
-    # -- the API: load, unload, retry ------------------------------------------------------------
+    # -- the API: hyperties, load, unload, retry -------------------------------------------------
+
+    async def new_hyperty(self, handler: Callable[[Message], Any] | None = None) -> Hyperty:
+        """A new ``hyperty://<domain>/<id>`` allocated by the home domain's message node.
+
+        The home stub is deployed on demand by the allocation request itself (the seed's "deployment of a
+        Hyperty" trigger).  ``handler`` gets incoming messages; a non-None return value answers with 200.
+        """
+        return await allocate_hyperty(self, handler)
 
     async def load_stub(self, reference: str) -> StubHandle:
         """Deploy the stub of a domain (or named by a catalogue URL) and wait until it is ``live``.
