@@ -217,6 +217,7 @@ class ProtoStub:
         self._status_count = 0
         self._backlog: deque[Message] | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._connecting_with_credentials = False
         bus.add_listener("*", self._receive)
         self.status("created")
 
@@ -285,11 +286,18 @@ class ProtoStub:
         return await call_public(self, method, params)
 
     async def _connect_once(self, credentials: Mapping[str, Any] | None) -> None:
-        """Connect, sharing one attempt between the runtime's request and queued auto-connects."""
+        """Connect, sharing one attempt between the runtime's request and queued auto-connects.
+
+        Credentials are never dropped: a request with credentials that finds an anonymous attempt (an
+        auto-connect) running waits for it and then connects again with them.
+        """
         running = self._connecting
         if running is not None and not running.done():
-            await asyncio.shield(running)
-            return
+            if credentials is None or self._connecting_with_credentials:
+                await asyncio.shield(running)
+                return
+            await asyncio.wait([running])
+        self._connecting_with_credentials = credentials is not None
         self._connecting = self.bus.spawn(self._connect(credentials), quiet=True)
         await asyncio.shield(self._connecting)
 

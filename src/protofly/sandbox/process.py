@@ -238,6 +238,11 @@ class ProcessComponent(Component):
     def exit_reason(self) -> str | None:
         return self._exit_reason
 
+    @property
+    def died_before_stub_code(self) -> bool:
+        """The host ended before it reported its confinement, i.e. before any stub code could run."""
+        return self._state == "exited" and self._host_report is None
+
     def post(self, msg: Message) -> None:
         if self._state != "running":
             self.counters["dropped_to_stub"] += 1
@@ -781,30 +786,38 @@ class ProcessSandbox(Sandbox):
                 f"ValueError: the stub source ({len(source)} bytes) does not fit the {self.max_frame}-byte frame limit"
             )
         await self.start()
-        component = await self._take()
-        self._components.add(component)
-        try:
-            await component.deploy(
-                url=url,
-                source=text,
-                config=config,
-                classname=classname,
-                limits=effective,
-                boundary=boundary,
-                on_message=on_message,
-                on_exit=on_exit,
-                timeout=self.deploy_timeout,
-            )
-        except BaseException:
-            # A failed or cancelled deploy leaves nothing worth a grace period: kill now, reap in the background.
-            self._components.discard(component)
-            component._kill_now()
-            reaped = asyncio.ensure_future(component._wait_exit(_KILL_WAIT))
-            self._own(reaped)
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(reaped)  # deploy() returns with the failed host reaped, unless cancelled
-            raise
-        return component
+        for attempt in (1, 2):
+            component = await self._take()
+            self._components.add(component)
+            try:
+                await component.deploy(
+                    url=url,
+                    source=text,
+                    config=config,
+                    classname=classname,
+                    limits=effective,
+                    boundary=boundary,
+                    on_message=on_message,
+                    on_exit=on_exit,
+                    timeout=self.deploy_timeout,
+                )
+            except BaseException as exc:
+                self._components.discard(component)
+                await self._reap_failed(component)
+                if attempt == 1 and isinstance(exc, DeployError) and component.died_before_stub_code:
+                    _log.warning("a sandbox host died before the stub's code ran; retrying on a new one", url=url)
+                    continue
+                raise
+            return component
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _reap_failed(self, component: ProcessComponent) -> None:
+        """A failed or cancelled deploy leaves nothing worth a grace period: kill now and wait for the reap."""
+        component._kill_now()
+        reaped = asyncio.ensure_future(component._wait_exit(_KILL_WAIT))
+        self._own(reaped)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(reaped)  # unless we are cancelled, return with the host reaped
 
     async def close(self) -> None:
         if not self._closed:

@@ -98,6 +98,30 @@ async def test_connect_from_the_runtime_passes_credentials_and_reports_live():
     assert rec.statuses() == ["created", "in-progress", "live"]
 
 
+async def test_credentials_are_not_lost_to_a_running_anonymous_auto_connect():
+    class Gated(ProtoStub):
+        def __init__(self, url, bus, config):
+            super().__init__(url, bus, config)
+            self.gate = asyncio.Event()
+            self.started = asyncio.Event()
+            self.logins: list[object] = []
+
+        async def connect(self, credentials=None):
+            self.logins.append(credentials)
+            self.started.set()
+            await self.gate.wait()
+
+    rec = Recorder()
+    stub = Gated(URL, rec.bus, {})
+    rec.bus.dispatch(incoming(1))  # starts an auto-connect without credentials
+    await asyncio.wait_for(stub.started.wait(), 2)
+    explicit = asyncio.ensure_future(stub.handle_execute("connect", [{"token": "t"}]))
+    stub.gate.set()
+    await asyncio.wait_for(explicit, 2)
+    assert stub.logins == [None, {"token": "t"}]
+    assert stub.connected
+
+
 async def test_after_an_explicit_disconnect_messages_do_not_reconnect_until_connect():
     rec = Recorder()
     stub = Echo(URL, rec.bus, {})
@@ -139,9 +163,11 @@ async def test_async_on_message_runs_in_arrival_order():
             self.order: list[int] = []
             self.first_may_finish = asyncio.Event()
             self.all_done = asyncio.Event()
+            self.first_started = asyncio.Event()
 
         async def on_message(self, msg):
             if msg.body["n"] == 1:
+                self.first_started.set()
                 await self.first_may_finish.wait()
             self.order.append(msg.body["n"])
             if len(self.order) == 3:
@@ -152,7 +178,7 @@ async def test_async_on_message_runs_in_arrival_order():
     await stub.handle_execute("connect", [None])
     for n in (1, 2, 3):
         rec.bus.dispatch(incoming(n))
-    await asyncio.sleep(0)
+    await asyncio.wait_for(stub.first_started.wait(), 2)
     assert stub.order == []  # 2 and 3 wait behind the unfinished 1
     stub.first_may_finish.set()
     await asyncio.wait_for(stub.all_done.wait(), 2)
