@@ -67,6 +67,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is *now*: a test runner may swap and close the stream it saw earlier."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure(fmt: str = "console", level: str | int = "INFO") -> None:
     """Install one stderr handler on the ``protofly`` logger, in ``console`` or ``json`` format."""
     if fmt not in ("console", "json"):
@@ -74,8 +89,7 @@ def configure(fmt: str = "console", level: str | int = "INFO") -> None:
     root = logging.getLogger("protofly")
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
-    root.propagate = False
