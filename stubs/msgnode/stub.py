@@ -1,0 +1,893 @@
+"""The protocol stub for protofly's message node (and any reTHINK Vert.x-protocol node).
+
+Published as a stub package (``stubs/msgnode/``) and served by each domain's catalogue; the runtime never
+imports it.  It runs in a sandbox process, so it imports only the standard library, ``msgspec`` (through
+:mod:`protofly.message`), ``websockets`` and the stub SDK.
+
+Two parts, as every stateful protocol in protofly:
+
+* :class:`NodeSession`, the session protocol without I/O: events in (socket opened, frame received,
+  socket closed, timer fired, message from the runtime), actions out (:class:`Status`, :class:`Wake`,
+  :class:`Deliver`, :class:`Answer`, :class:`CloseSocket`, :class:`Retry`, :class:`Live`, :class:`Failed`).
+  It owns the outbox, the ``open``/``re-open`` handshake with its fallback, the batching and drain
+  extensions and the backoff, and is unit-tested without sockets;
+* :class:`MsgNodeStub`, the asyncio shell: one WebSocket at a time, a reader loop, a writer task that sends
+  whatever the session hands it, the open timer and the reconnection sleep, all owned by ``bus.spawn``.
+
+Configuration (descriptor ``configuration``; the runtime adds ``runtimeURL``), see :class:`Settings`.
+Credentials given to ``connect`` may hold ``accessToken`` for the node's token authentication; the token
+goes into the ``open`` body and nowhere else (never into a log, a status or a ``repr``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
+
+from protofly.message import Message, MessageError, decode, encode, response, response_code
+from protofly.stub import Bus, ProtoStub, summary
+
+__all__ = [
+    "SESSION",
+    "Answer",
+    "CloseSocket",
+    "Deliver",
+    "Failed",
+    "Live",
+    "MsgNodeStub",
+    "NodeSession",
+    "Retry",
+    "Settings",
+    "Status",
+    "Wake",
+    "close_description",
+]
+
+_log = logging.getLogger("protofly.stubs.msgnode")
+
+#: The node's session manager (Vert.x ``SessionManager``): open, re-open, close, drain notices.
+SESSION = "mn:/session"
+
+#: RFC 6455 §7.4.1 close codes in words (reTHINK's Vert.x stub reports the same explanations), plus the
+#: application code protofly's node uses when a session is re-opened from another connection.
+CLOSE_CODES = {
+    1000: "normal closure",
+    1001: "going away",
+    1002: "protocol error",
+    1003: "unsupported data",
+    1005: "no status code received",
+    1006: "abnormal closure, no close frame",
+    1007: "invalid frame payload data",
+    1008: "policy violation",
+    1009: "message too big",
+    1010: "mandatory extension missing",
+    1011: "internal server error",
+    1012: "service restart",
+    1013: "try again later",
+    1014: "bad gateway",
+    1015: "TLS handshake failure",
+    4000: "session taken over by another connection",
+}
+
+_WHITESPACE = b" \t\r\n"
+_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+_batch = msgspec.json.Decoder(list[Message])
+
+
+def close_description(code: int | None, reason: str | None = None) -> str:
+    """``"1001 (going away): message node shutting down"``: the status description of a lost socket."""
+    if code is None:
+        code = 1006
+    words = CLOSE_CODES.get(code, "unknown reason")
+    text = f"{code} ({words})"
+    return f"{text}: {reason}" if reason else text
+
+
+# -- configuration -----------------------------------------------------------------------------------
+
+
+class Settings:
+    """The stub's knobs, read from the descriptor's ``configuration`` (camelCase keys, JSON types).
+
+    ``url`` is required (``ws://`` or ``wss://``); everything else has a default that suits a node on the
+    same machine or network.  A bad value raises ``ValueError`` naming the key, so the deployment fails
+    with a reason instead of a stub that misbehaves later.
+    """
+
+    __slots__ = (
+        "backoff_base",
+        "backoff_cap",
+        "batch",
+        "batch_bytes",
+        "drain",
+        "max_message",
+        "open_timeout",
+        "outbox_bytes",
+        "outbox_messages",
+        "ping_interval",
+        "runtime_url",
+        "url",
+    )
+
+    #: key: (attribute, default, type, minimum)
+    FIELDS: dict[str, tuple[str, Any, type, float]] = {
+        "outboxMessages": ("outbox_messages", 100_000, int, 1),
+        "outboxBytes": ("outbox_bytes", 256 << 20, int, 1),
+        "backoffBase": ("backoff_base", 0.1, float, 0.0),
+        "backoffCap": ("backoff_cap", 5.0, float, 0.001),
+        "batch": ("batch", True, bool, 0),
+        "batchBytes": ("batch_bytes", 256 << 10, int, 2),
+        "drain": ("drain", True, bool, 0),
+        "openTimeout": ("open_timeout", 3.0, float, 0.001),
+        "maxMessage": ("max_message", 1 << 20, int, 64),
+        "pingInterval": ("ping_interval", 20.0, float, 0.0),
+    }
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        url = config.get("url")
+        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"configuration.url: expected the node's ws:// or wss:// URL, got {url!r}")
+        runtime_url = config.get("runtimeURL")
+        if not isinstance(runtime_url, str) or not runtime_url:
+            raise ValueError("configuration.runtimeURL: missing (the runtime adds it when it deploys the stub)")
+        self.url = url
+        self.runtime_url = runtime_url
+        for key, (attribute, default, kind, minimum) in self.FIELDS.items():
+            value = config.get(key, default)
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise ValueError(f"configuration.{key}: expected true or false, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
+                raise ValueError(f"configuration.{key}: expected a{'n integer' if kind is int else ' number'}, "
+                                 f"got {value!r}")
+            elif value < minimum:
+                raise ValueError(f"configuration.{key}: must be at least {minimum}, got {value!r}")
+            else:
+                value = kind(value)
+            setattr(self, attribute, value)
+        if self.backoff_cap < self.backoff_base:
+            raise ValueError(
+                f"configuration.backoffCap ({self.backoff_cap}) is below backoffBase ({self.backoff_base})"
+            )
+
+
+# -- actions ----------------------------------------------------------------------------------------
+
+
+class Status:
+    """Publish a connection status (``in-progress``, ``live``, ``disconnected``, ``failed``)."""
+
+    __slots__ = ("description", "value")
+
+    def __init__(self, value: str, description: str | None = None) -> None:
+        self.value = value
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"Status({self.value!r}, {self.description!r})"
+
+
+class Wake:
+    """There are frames to write: the shell's writer should call :meth:`NodeSession.next_frame`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Wake()"
+
+
+class Deliver:
+    """Messages from the node for the runtime, in order (the shell stamps ``via`` and posts them)."""
+
+    __slots__ = ("messages",)
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = messages
+
+    def __repr__(self) -> str:
+        return f"Deliver({len(self.messages)} messages)"
+
+
+class Answer:
+    """An error response to a runtime sender whose message the stub cannot carry."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"Answer({self.message.body!r})"
+
+
+class CloseSocket:
+    """Close the WebSocket (the session reports the outcome when :meth:`NodeSession.closed` is called)."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"CloseSocket({self.code}, {self.reason!r})"
+
+
+class Retry:
+    """Connect again after ``delay`` seconds (capped, jittered exponential backoff)."""
+
+    __slots__ = ("delay",)
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __repr__(self) -> str:
+        return f"Retry({self.delay:.3f})"
+
+
+class Live:
+    """The handshake succeeded; ``fresh`` when a new session replaced one the node had forgotten."""
+
+    __slots__ = ("fresh",)
+
+    def __init__(self, fresh: bool) -> None:
+        self.fresh = fresh
+
+    def __repr__(self) -> str:
+        return f"Live(fresh={self.fresh})"
+
+
+class Failed:
+    """The node refused the session for good (authentication, a malformed open): stop reconnecting."""
+
+    __slots__ = ("description",)
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"Failed({self.description!r})"
+
+
+Action = Status | Wake | Deliver | Answer | CloseSocket | Retry | Live | Failed
+
+# phases of NodeSession
+IDLE = "idle"  # no socket (before the first connect, or between attempts)
+OPENING = "opening"  # socket open, open/re-open sent, waiting for its answer
+LIVE = "live"  # session granted: the outbox flows
+DRAINING = "draining"  # the node is stopping gracefully: nothing more is sent after 'drained'
+CLOSING = "closing"  # disconnect() sent 'close': waiting for the socket to go
+STOPPED = "stopped"  # disconnected on request, or refused for good: no reconnection
+
+#: Open refusals that another attempt cannot fix (the credentials or the request are wrong).
+_PERMANENT = frozenset({400, 401, 403})
+
+
+# -- the session protocol, sans I/O ------------------------------------------------------------------
+
+
+class NodeSession:
+    """One runtime's session with one message node, across any number of sockets.
+
+    The outbox holds encoded messages (``via`` already stamped) from the moment the runtime hands them over
+    until they are written: while the socket is down, opening, or the node drains, they wait, in order,
+    bounded by ``outbox_messages`` and ``outbox_bytes``; a message that does not fit is answered ``503``
+    at once (``413`` if it could never be sent).  Frames handed to the writer but not written (the socket
+    went away first) are put back with :meth:`unsent`, so a message is lost only if the node accepted its
+    bytes and then died without a graceful drain.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        stub_url: str,
+        *,
+        rng: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.settings = settings
+        self.stub_url = stub_url
+        self.runtime_url = settings.runtime_url
+        self.phase = IDLE
+        #: ``<runtimeURL>/<runtimeToken>`` once the node granted a session; kept across sockets for re-open.
+        self.session_url: str | None = None
+        self.outbox: deque[bytes] = deque()
+        self.outbox_size = 0
+        self.attempt = 0
+        self.batch_granted = False
+        self.drain_granted = False
+        self.frame_limit = settings.batch_bytes
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "accepted",
+                "sent",
+                "frames_sent",
+                "requeued",
+                "received",
+                "refused",
+                "invalid",
+                "opens",
+                "reopens",
+                "reopen_fallbacks",
+                "drains",
+                "disconnects",
+            ),
+            0,
+        )
+        self._rng = rng
+        self._token: str | None = None
+        self._control: deque[bytes] = deque()
+        self._pending: tuple[int, str] | None = None  # (id, "open" | "re-open")
+        self._why: str | None = None  # why the current socket is being closed, for the status
+        self._ids = 0
+        self._had_session = False
+        #: live at least once since start(): before that a failure fails connect() instead of retrying
+        self._established = False
+
+    def __repr__(self) -> str:  # never shows the access token
+        return f"NodeSession(phase={self.phase!r}, session={self.session_url!r}, outbox={len(self.outbox)})"
+
+    # -- the runtime's side ---------------------------------------------------------------------
+
+    def set_credentials(self, credentials: Mapping[str, Any] | None) -> None:
+        """Keep ``accessToken`` (if any) for every ``open`` from now on; other fields are not the node's."""
+        if credentials is None:
+            return
+        token = credentials.get("accessToken")
+        if token is not None and not isinstance(token, str):
+            raise ValueError("credentials.accessToken: expected a string")
+        self._token = token
+
+    def start(self) -> None:
+        """The runtime wants a connection (``connect``): leave ``stopped``, begin a fresh backoff."""
+        if self.phase == STOPPED:
+            self.phase = IDLE
+        self.attempt = 0
+        self._established = False
+
+    def submit(self, msg: Message) -> Answer | None:
+        """Accept a message for the node (stamping ``body.via``), or say why not as an error response."""
+        if self.phase in (STOPPED, CLOSING):
+            return self._refuse(msg, 503, f"the stub for {self.settings.url} is disconnected; connect() it first")
+        body = msg.body
+        if body is None:
+            msg.body = {"via": self.stub_url}
+        else:
+            body["via"] = self.stub_url
+        try:
+            data = encode(msg)
+        except (TypeError, msgspec.EncodeError) as exc:
+            return self._refuse(msg, 400, f"body: not JSON-serialisable ({exc})")
+        size = len(data)
+        if size > self.settings.max_message:
+            return self._refuse(msg, 413, f"size: message of {size} bytes is over the node's "
+                                f"{self.settings.max_message}-byte limit")
+        if len(self.outbox) >= self.settings.outbox_messages or self.outbox_size + size > self.settings.outbox_bytes:
+            return self._refuse(msg, 503, f"the stub's outbox is full ({len(self.outbox)} messages, "
+                                f"{self.outbox_size} bytes) while the node is {self._state_words()}")
+        self.outbox.append(data)
+        self.outbox_size += size
+        self.counters["accepted"] += 1
+        return None
+
+    @property
+    def can_send(self) -> bool:
+        return self.phase == LIVE
+
+    def next_frame(self) -> tuple[bytes, int] | None:
+        """The next frame to write and how many outbox messages it carries (0: a session message).
+
+        Session messages go first; outbox messages only while live, packed into JSON arrays of at most
+        ``frame_limit`` bytes when the node granted batching, else one per frame as reTHINK nodes expect.
+        """
+        outbox = self.outbox
+        if self._control and not (self.phase == CLOSING and outbox):  # 'close' goes after the outbox
+            return self._control.popleft(), 0
+        if self.phase not in (LIVE, CLOSING) or not outbox:
+            return None
+        first = outbox.popleft()
+        if not self.batch_granted or not outbox:
+            self.outbox_size -= len(first)
+            return first, 1
+        parts = [first]
+        size = len(first) + 2
+        limit = self.frame_limit
+        while outbox and size + len(outbox[0]) + 1 <= limit:
+            data = outbox.popleft()
+            parts.append(data)
+            size += len(data) + 1
+        self.outbox_size -= size - len(parts) - 1
+        if len(parts) == 1:
+            return first, 1
+        return b"[" + b",".join(parts) + b"]", len(parts)
+
+    def written(self, count: int) -> None:
+        """A frame carrying ``count`` outbox messages reached the socket."""
+        self.counters["sent"] += count
+        self.counters["frames_sent"] += 1
+
+    def unsent(self, frame: bytes, count: int) -> None:
+        """A frame from :meth:`next_frame` could not be written: put its messages back at the front."""
+        if count == 0:
+            return  # a session message belongs to the socket that is gone
+        self.counters["requeued"] += count
+        if count == 1:
+            parts = [frame]
+        else:
+            parts = [bytes(raw) for raw in _raw_list.decode(frame)]
+        for data in reversed(parts):
+            self.outbox.appendleft(data)
+            self.outbox_size += len(data)
+
+    def disconnect(self) -> list[Action]:
+        """The runtime asked to disconnect: send what is queued, then ``close``; or stop where we are."""
+        actions: list[Action] = []
+        if self.phase == LIVE and self.session_url is not None:
+            self._control.append(self._session_message("close", self.session_url))
+            self.phase = CLOSING
+            actions.append(Wake())
+            return actions
+        if self.phase == DRAINING:  # 'drained' was our last frame: let the node close the socket
+            self.phase = CLOSING
+            return self._refuse_outbox("the node is draining and the stub was asked to disconnect")
+        self.phase = STOPPED
+        self.session_url = None
+        self._pending = None
+        actions.extend(self._refuse_outbox("the stub was asked to disconnect before the node was reached"))
+        return actions
+
+    # -- the socket's side ----------------------------------------------------------------------
+
+    def socket_opened(self) -> list[Action]:
+        """A WebSocket is open: ask for the session (``re-open`` if we had one, else ``open``)."""
+        self._control.clear()
+        self._why = None
+        self.batch_granted = False
+        self.drain_granted = False
+        self.frame_limit = self.settings.batch_bytes
+        self.phase = OPENING
+        if self.session_url is not None:
+            self._send_open("re-open", self.session_url)
+        else:
+            self._send_open("open", self.runtime_url)
+        return [Status("in-progress"), Wake()]
+
+    def received(self, data: bytes) -> list[Action]:
+        """One text frame from the node: a message or (batching) an array of messages."""
+        messages = self._decode(data)
+        actions: list[Action] = []
+        batch: list[Message] = []
+        for msg in messages:
+            if msg.from_ == SESSION:
+                if batch:
+                    actions.append(Deliver(batch))
+                    batch = []
+                self._session_event(msg, actions)
+            elif self.phase in (LIVE, DRAINING, CLOSING):
+                batch.append(msg)
+            else:
+                self.counters["invalid"] += 1  # nothing but the session's answer may come before it
+        if batch:
+            actions.append(Deliver(batch))
+        self.counters["received"] += sum(len(a.messages) for a in actions if type(a) is Deliver)
+        return actions
+
+    def open_timed_out(self) -> list[Action]:
+        """No answer to ``open``/``re-open`` in time: give this socket up (reTHINK: "Timeout from mn:/session")."""
+        if self.phase != OPENING:
+            return []
+        self._why = f"Timeout from {SESSION}: no answer within {self.settings.open_timeout:g} s"
+        return [CloseSocket(1000, "no answer to open")]
+
+    def connect_failed(self, description: str) -> list[Action]:
+        """The socket could not be opened (refused, handshake failed, timed out)."""
+        if self.phase == STOPPED:
+            return []
+        return self._lost(f"cannot reach the message node: {description}")
+
+    def closed(self, code: int | None, reason: str | None) -> list[Action]:
+        """The socket is gone (whoever closed it): report why and, unless stopped, retry with backoff."""
+        previous = self.phase
+        why, self._why = self._why, None
+        self._control.clear()
+        self._pending = None
+        if previous == CLOSING:
+            self.phase = STOPPED
+            self.session_url = None
+            return [Status("disconnected", close_description(code, reason))]
+        if previous == STOPPED:
+            return []
+        self.counters["disconnects"] += 1
+        description = why or close_description(code, reason)
+        if previous == DRAINING:
+            description += " (the node drained the session for a restart)"
+        return self._lost(description)
+
+    def _lost(self, description: str) -> list[Action]:
+        """No session now: retry with backoff, or, if it never got live since connect(), fail that connect."""
+        if not self._established:
+            self.phase = STOPPED
+            return [Status("failed", description), Failed(description), *self._refuse_outbox(description)]
+        self.phase = IDLE
+        return [Status("disconnected", description), self._retry()]
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _retry(self) -> Retry:
+        """Equal jitter: half the capped exponential step, plus a random share of the other half."""
+        settings = self.settings
+        ceiling = min(settings.backoff_cap, settings.backoff_base * (2 ** min(self.attempt, 32)))
+        self.attempt += 1
+        return Retry(ceiling / 2 + self._rng(0.0, ceiling / 2))
+
+    def _next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def _session_message(self, kind: str, sender: str, body: dict[str, Any] | None = None) -> bytes:
+        return encode(Message(id=self._next_id(), type=kind, from_=sender, to=SESSION, body=body))
+
+    def _send_open(self, kind: str, sender: str) -> None:
+        body: dict[str, Any] = {}
+        if self.settings.batch:
+            body["batch"] = True
+        if self.settings.drain:
+            body["drain"] = True
+        if kind == "open" and self._token is not None:
+            body["accessToken"] = self._token
+        msg_id = self._next_id()
+        self._pending = (msg_id, kind)
+        self.counters["opens" if kind == "open" else "reopens"] += 1
+        self._control.append(encode(Message(id=msg_id, type=kind, from_=sender, to=SESSION, body=body or None)))
+
+    def _session_event(self, msg: Message, actions: list[Action]) -> None:
+        if msg.type == "response":
+            pending = self._pending
+            if pending is not None and _same_id(msg.id, pending[0]):
+                self._pending = None
+                self._answered(pending[1], msg, actions)
+            return  # the answer to 'close' or 'drained', or a stale one: nothing to do
+        body = msg.body or {}
+        if msg.type == "update" and body.get("value") == "draining":
+            self._draining(actions)
+
+    def _answered(self, kind: str, msg: Message, actions: list[Action]) -> None:
+        code = response_code(msg)
+        body = msg.body or {}
+        if code == 200:
+            fresh = False
+            if kind == "open":
+                token = body.get("runtimeToken")
+                if not isinstance(token, str) or not token:
+                    self._why = f"{SESSION} granted the session without a runtimeToken"
+                    actions.append(CloseSocket(1002, "no runtimeToken"))
+                    return
+                fresh = self._had_session
+                self.session_url = f"{self.runtime_url}/{token}"
+                self._had_session = True
+            self.phase = LIVE
+            self.attempt = 0
+            self._established = True
+            self.batch_granted = body.get("batch") is True
+            self.drain_granted = body.get("drain") is True
+            limit = body.get("maxFrame")
+            if self.batch_granted and type(limit) is int and limit > 2:
+                self.frame_limit = min(self.settings.batch_bytes, limit)
+            description = "new session: the node did not know the previous one" if fresh else None
+            actions.append(Status("live", description))
+            actions.append(Live(fresh))
+            if self.outbox:
+                actions.append(Wake())
+            return
+        reason = body.get("description") or body.get("desc") or f"code {code}"
+        if kind == "re-open":
+            # The node lost the session (restart, expiry): reTHINK's stubs stop here; we open a new one.
+            self.counters["reopen_fallbacks"] += 1
+            self.session_url = None
+            self._send_open("open", self.runtime_url)
+            actions.append(Wake())
+            return
+        if code in _PERMANENT:
+            self.phase = STOPPED
+            description = f"the message node refused the session: {code} {reason}"
+            actions.append(Status("failed", description))
+            actions.append(Failed(description))
+            actions.append(CloseSocket(1000, "session refused"))
+            actions.extend(self._refuse_outbox(description))
+            return
+        self._why = f"the message node refused the session: {code} {reason}"
+        actions.append(CloseSocket(1000, "session refused"))
+
+    def _draining(self, actions: list[Action]) -> None:
+        """Graceful stop of the node: nothing after 'drained', which is our last frame on this socket."""
+        if self.phase != LIVE or self.session_url is None:
+            return
+        self.phase = DRAINING
+        self.counters["drains"] += 1
+        self._control.append(self._session_message("update", self.session_url, {"value": "drained"}))
+        actions.append(Wake())
+
+    def _decode(self, data: bytes) -> list[Message]:
+        first = _first_byte(data)
+        try:
+            if first == 0x5B:  # '['
+                return _batch.decode(data)
+            return [decode(data, max_size=len(data) + 1)]
+        except (msgspec.ValidationError, msgspec.DecodeError, MessageError):
+            pass
+        if first != 0x5B:
+            self.counters["invalid"] += 1
+            return []
+        try:  # one bad element must not cost the others
+            parts = _raw_list.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            self.counters["invalid"] += 1
+            return []
+        messages = []
+        for part in parts:
+            try:
+                messages.append(decode(part, max_size=len(part) + 1))
+            except MessageError:
+                self.counters["invalid"] += 1
+        return messages
+
+    def _refuse(self, msg: Message, code: int, description: str) -> Answer | None:
+        self.counters["refused"] += 1
+        if msg.type == "response":
+            return None  # an answer cannot be answered; counted
+        return Answer(response(msg, code, description))
+
+    def _refuse_outbox(self, description: str) -> list[Action]:
+        actions: list[Action] = []
+        while self.outbox:
+            data = self.outbox.popleft()
+            try:
+                msg = decode(data, max_size=len(data) + 1)
+            except MessageError:
+                continue
+            answer = self._refuse(msg, 503, description)
+            if answer is not None:
+                actions.append(answer)
+        self.outbox_size = 0
+        return actions
+
+    def _state_words(self) -> str:
+        return {IDLE: "unreachable", OPENING: "being connected", DRAINING: "draining"}.get(self.phase, self.phase)
+
+
+def _first_byte(data: bytes) -> int | None:
+    for byte in data[:32]:
+        if byte not in _WHITESPACE:
+            return byte
+    return None
+
+
+def _same_id(got: int | str | None, sent: int) -> bool:
+    """Vert.x re-encodes ids as integers; other peers may turn them into strings."""
+    return got == sent or got == str(sent)
+
+
+# -- the asyncio shell -------------------------------------------------------------------------------
+
+
+class MsgNodeStub(ProtoStub):
+    """The runtime's end of a message node session: reconnects by itself, loses nothing it accepted.
+
+    Status: ``created`` → ``in-progress`` → ``live``; a lost socket gives ``disconnected`` (the close code
+    in words), then ``in-progress`` → ``live`` again after a ``re-open`` (or a fresh ``open`` when the node
+    forgot the session); ``disconnect()`` gives ``disconnected`` with ``1000 (normal closure)``; a node that
+    refuses the session for good (``401``/``403``/``400``) gives ``failed``.
+    """
+
+    def __init__(self, url: str, bus: Bus, config: Mapping[str, Any] | None = None) -> None:
+        settings = Settings(config or {})
+        super().__init__(url, bus, config)
+        self.settings = settings
+        self.session = NodeSession(settings, url)
+        self._loop_task: asyncio.Task[None] | None = None
+        self._ws: ClientConnection | None = None
+        self._wake: asyncio.Event | None = None
+        self._open_timer: asyncio.TimerHandle | None = None
+        self._first: asyncio.Future[None] | None = None
+
+    # -- the SDK's hooks ------------------------------------------------------------------------
+
+    async def connect(self, credentials: Mapping[str, Any] | None = None) -> None:
+        """Open the session, once: raise if the first attempt fails; after that, reconnect by itself."""
+        self.session.set_credentials(credentials)
+        if self._running():
+            return  # the connection loop is at work (a reconnect); the outbox holds messages meanwhile
+        self.session.start()
+        loop = asyncio.get_running_loop()
+        first = self._first = loop.create_future()
+        self._loop_task = self.bus.spawn(self._run(), quiet=True)
+        bound = 2 * self.settings.open_timeout + 1.0
+        try:
+            await asyncio.wait_for(asyncio.shield(first), bound)
+        except TimeoutError:
+            await self._stop_loop()
+            raise ConnectionError(f"no session with {self.settings.url} within {bound:g} s") from None
+        except ConnectionError:
+            await self._stop_loop()
+            raise
+
+    async def disconnect(self) -> None:
+        """Send what is queued, then ``close``; wait (bounded) for the node to close the socket."""
+        self._apply(self.session.disconnect())
+        task = self._loop_task
+        if task is None or task.done():
+            self.status("disconnected", "disconnected on request")
+            return
+        if self.session.phase == CLOSING:
+            done, _ = await asyncio.wait([task], timeout=self.settings.open_timeout)
+            if done:
+                return  # the loop published "disconnected" with the close code
+        await self._stop_loop()
+        self._apply(self.session.disconnect())  # whatever phase the loop left: stopped, outbox answered
+        self.status("disconnected", "disconnected on request")
+
+    def on_message(self, msg: Message) -> None:
+        answer = self.session.submit(msg)
+        if answer is not None:
+            self.deliver(answer.message)
+            return
+        if self.session.phase == LIVE:
+            wake = self._wake
+            if wake is not None:
+                wake.set()
+
+    def _needs_connect(self) -> bool:
+        # The SDK auto-connects a stub that is not live; this one reconnects by itself (its outbox holds
+        # messages meanwhile), so only a stub whose loop is not running needs the SDK's help.
+        return not self._running() and super()._needs_connect()
+
+    # -- the connection loop --------------------------------------------------------------------
+
+    def _running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    async def _run(self) -> None:
+        """Connect, serve the socket until it goes, wait the backoff, again; until stopped or refused."""
+        while True:
+            delay = await self._one_connection()
+            if delay is None:
+                return
+            await asyncio.sleep(delay)
+
+    async def _one_connection(self) -> float | None:
+        settings = self.settings
+        try:
+            ws = await ws_connect(
+                settings.url,
+                compression=None,
+                proxy=None,
+                open_timeout=settings.open_timeout,
+                ping_interval=settings.ping_interval or None,
+                ping_timeout=settings.ping_interval or None,
+                close_timeout=settings.open_timeout,
+                max_size=None,
+                max_queue=(4096, 1024),
+                write_limit=(1 << 20, 256 << 10),
+                user_agent_header=None,
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            return self._apply(self.session.connect_failed(summary(exc)))
+        self._ws = ws
+        wake = self._wake = asyncio.Event()
+        writer = self.bus.spawn(self._write(ws, wake), quiet=True)
+        code: int | None = None
+        reason: str | None = None
+        try:
+            self._apply(self.session.socket_opened())
+            self._open_timer = asyncio.get_running_loop().call_later(settings.open_timeout, self._open_timeout)
+            code, reason = await self._read(ws)
+        finally:
+            self._cancel_open_timer()
+            self._ws = None
+            self._wake = None
+            writer.cancel()
+            if ws.state is not State.CLOSED:
+                ws.transport.abort()  # cancelled (disconnect, shutdown): no socket outlives the loop
+            await asyncio.wait([writer], timeout=1.0)
+        return self._apply(self.session.closed(code, reason))
+
+    async def _read(self, ws: ClientConnection) -> tuple[int | None, str | None]:
+        received = self.session.received
+        apply = self._apply
+        try:
+            while True:
+                data = await ws.recv(decode=False)
+                apply(received(data))
+        except ConnectionClosed as exc:
+            close = exc.rcvd
+            return (close.code, close.reason) if close is not None else (None, None)
+
+    async def _write(self, ws: ClientConnection, wake: asyncio.Event) -> None:
+        """Write every frame the session has, in order; put back what never reached the socket.
+
+        ``send`` writes synchronously while the connection is open and only then may wait (flow control)
+        or fail, so a frame is unsent exactly when the connection was no longer open before the call.
+        """
+        session = self.session
+        while True:
+            await wake.wait()
+            wake.clear()
+            while (item := session.next_frame()) is not None:
+                frame, count = item
+                if ws.state is not State.OPEN:
+                    session.unsent(frame, count)
+                    return
+                try:
+                    await ws.send(frame, text=True)
+                finally:
+                    if count:
+                        session.written(count)
+
+    def _open_timeout(self) -> None:
+        self._open_timer = None
+        self._apply(self.session.open_timed_out())
+
+    def _cancel_open_timer(self) -> None:
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
+
+    def _apply(self, actions: list[Action]) -> float | None:
+        """Carry out the session's actions; returns the retry delay if there is one."""
+        delay = None
+        for action in actions:
+            kind = type(action)
+            if kind is Deliver:
+                deliver = self.deliver
+                for msg in action.messages:  # type: ignore[union-attr]
+                    deliver(msg)
+            elif kind is Wake:
+                if self._wake is not None:
+                    self._wake.set()
+            elif kind is Status:
+                if action.value != self.state or action.value != "in-progress":  # type: ignore[union-attr]
+                    self.status(action.value, action.description)  # type: ignore[union-attr]
+            elif kind is Answer:
+                self.deliver(action.message)  # type: ignore[union-attr]
+            elif kind is Live:
+                self._cancel_open_timer()
+                self._settle_first(None)
+            elif kind is Retry:
+                delay = action.delay  # type: ignore[union-attr]
+            elif kind is CloseSocket:
+                self._close_socket(action.code, action.reason)  # type: ignore[union-attr]
+            elif kind is Failed:
+                self._settle_first(ConnectionError(action.description))  # type: ignore[union-attr]
+        return delay
+
+    def _settle_first(self, error: BaseException | None) -> bool:
+        """Resolve ``connect()``'s wait; True if it was still waiting (so this was the first attempt)."""
+        first = self._first
+        if first is None or first.done():
+            return False
+        if error is None:
+            first.set_result(None)
+        else:
+            first.set_exception(error)
+        return True
+
+    def _close_socket(self, code: int, reason: str) -> None:
+        ws = self._ws
+        if ws is not None:
+            self.bus.spawn(ws.close(code, reason), quiet=True)
+
+    async def _stop_loop(self) -> None:
+        task = self._loop_task
+        self._loop_task = None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=2.0)
