@@ -51,6 +51,8 @@ class RuntimeConfig:
     allow_http_loopback: bool = False
     #: ``process`` (one OS process per stub, the default) or ``in-process`` (trusted code only).
     sandbox: str = "process"
+    #: Modules each pre-started sandbox host imports while idle, so deploying a stub that uses them is fast.
+    sandbox_preload: list[str] = field(default_factory=lambda: ["websockets.asyncio.client"])
     #: Per-stub limits; a descriptor may ask for less, never more.
     memory_mb: int = 1024
     cpu_seconds: int = 3600
@@ -180,6 +182,11 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             return _boolean(value)
         if kind.startswith("Path"):
             return None if value in (None, "") else Path(value).expanduser()
+        if kind.startswith("list"):
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list | tuple):
+                raise TypeError("expected a list of module names")
+            return [str(item).strip() for item in items if str(item).strip()]
         if kind.startswith("dict"):
             if not isinstance(value, Mapping):
                 raise TypeError("expected a table of domain = base URL")

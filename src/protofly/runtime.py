@@ -194,7 +194,8 @@ class Runtime:
             )
         await self._catalogue.__aenter__()
         if self._sandbox is None:
-            self._sandbox = create_sandbox(config.sandbox)
+            options = {"preload": tuple(config.sandbox_preload)} if config.sandbox == "process" else {}
+            self._sandbox = create_sandbox(config.sandbox, limits=self.limits, **options)
         log.info("runtime started", runtime_url=self.runtime_url, sandbox=config.sandbox)
         return self
 
@@ -376,7 +377,7 @@ class Runtime:
         slot.supervised = True
         slot.live_since = time.monotonic()
         self._flush(slot)
-        self._notify("live", slot, total_ms=round(handle.total_ms, 3))
+        self._notify("live", slot, total_ms=round(handle.total_ms, 3), pid=slot.record.info.get("pid"))
         return handle
 
     async def _deploy(self, slot: _Slot, *, refresh: bool) -> StubHandle:

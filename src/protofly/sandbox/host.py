@@ -24,6 +24,7 @@ contents or ``execute`` parameters (credentials travel there).
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import socket
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     confine.set_parent_death_signal(settings.get("parent_pid"))
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    _preload(settings.get("preload") or ())
     code = 1
     try:
         sock = socket.socket(fileno=fd)
@@ -298,6 +300,19 @@ def main(argv: list[str] | None = None) -> None:
             except (OSError, ValueError):
                 pass
         os._exit(code)
+
+
+def _preload(modules: Any) -> None:
+    """Import what stubs commonly need before the host says it is ready, so a deploy does not pay for it.
+
+    A pre-started host does this while idle (DESIGN §5: the template has done the imports); a module that
+    cannot be imported is reported on stderr (the runtime's log) and the stub may still import it itself.
+    """
+    for name in modules:
+        try:
+            importlib.import_module(str(name))
+        except Exception as exc:  # any import failure is only a missed optimisation
+            sys.stderr.write(f"WARNING protofly.sandbox.host: preload of {name!r} failed: {exc!r}\n")
 
 
 async def _serve(settings: dict[str, Any], sock: socket.socket) -> int:
