@@ -46,6 +46,10 @@ app.add_typer(catalogue_cli.app, name="catalogue")
 app.add_typer(catalogue_cli.keys_app, name="keys")
 from protofly.sandbox import cli as sandbox_cli  # noqa: E402, I001
 app.add_typer(sandbox_cli.app, name="sandbox")
+from protofly import cli_runtime  # noqa: E402, I001
+app.add_typer(cli_runtime.runtime_app, name="runtime")
+app.add_typer(cli_runtime.stub_app, name="stub")
+app.command("send")(cli_runtime.send)
 # (end of sub-apps)
 
 

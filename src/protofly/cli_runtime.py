@@ -1,0 +1,569 @@
+"""``protofly runtime serve|info``, ``protofly stub deploy|list|unload|retry`` and ``protofly send``.
+
+``runtime serve`` is the one long-running process: it holds the :class:`~protofly.runtime.Runtime` and serves
+the admin API (:mod:`protofly.admin`) on a unix socket.  The other commands are its clients; they find the
+socket from ``--admin``, ``$PROTOFLY_ADMIN``, ``--state-dir`` or the configuration file, in that order.
+
+Exit codes: 0 success; 1 the operation failed (a deploy that did not go live, a non-2xx response, an unknown
+stub); 2 a usage or configuration error, or no runtime listening at the socket.
+
+Only typer and the standard library are imported at module level: ``protofly --help`` must stay fast, so
+aiohttp, rich and the runtime are imported inside the commands that use them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from protofly.admin import AdminClient
+    from protofly.config import RuntimeConfig
+
+__all__ = ["runtime_app", "send", "stub_app"]
+
+runtime_app = typer.Typer(help="Run a protofly runtime with its admin API, or ask a running one.", no_args_is_help=True)
+stub_app = typer.Typer(help="Deploy, list, unload and retry protocol stubs in a running runtime.", no_args_is_help=True)
+
+#: Exit codes shared by every command here.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+#: The deploy steps in the order the Runtime UA reports them: the spinner shows the one in progress.
+STEPS = ("registry", "catalogue", "sandbox", "connect", "live")
+
+
+@runtime_app.callback()
+def _runtime_group() -> None:
+    """Run a protofly runtime with its admin API, or ask a running one."""
+
+
+@stub_app.callback()
+def _stub_group() -> None:
+    """Deploy, list, unload and retry protocol stubs in a running runtime."""
+
+
+# -- options the client commands share ---------------------------------------------------------------------
+
+AdminOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--admin",
+        help="The runtime's admin socket (default: $PROTOFLY_ADMIN, else <state_dir>/admin.sock).",
+        show_default=False,
+    ),
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Runtime configuration file (TOML); its state_dir locates the socket."),
+]
+StateDirOption = Annotated[
+    Path | None, typer.Option("--state-dir", help="The runtime's state directory (holds admin.sock).")
+]
+
+
+def _fail(text: str, code: int = EXIT_FAILED) -> typer.Exit:
+    typer.echo(f"error: {text}", err=True)
+    return typer.Exit(code)
+
+
+# -- runtime serve ------------------------------------------------------------------------------------------
+
+
+@runtime_app.command("serve")
+def serve(
+    config: ConfigOption = None,
+    domain: Annotated[str | None, typer.Option("--domain", help="The runtime's home domain.")] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="State directory: runtime URL, catalogue cache, admin.sock.")
+    ] = None,
+    catalogue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--catalogue", help="DOMAIN=URL: where DOMAIN's catalogue is served (repeatable).", show_default=False
+        ),
+    ] = None,
+    trust_store: Annotated[
+        Path | None, typer.Option("--trust-store", help="Trust store file pinning publishers' keys.")
+    ] = None,
+    policy: Annotated[
+        str | None, typer.Option("--policy", help="Signature policy: require, warn or off.", show_default=False)
+    ] = None,
+    allow_http_loopback: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-http-loopback/--no-allow-http-loopback",
+            help="Allow plain http:// catalogues on loopback addresses.",
+            show_default=False,
+        ),
+    ] = None,
+    admin: AdminOption = None,
+) -> None:
+    """Run a runtime until SIGINT/SIGTERM, serving its admin API on a unix socket.
+
+    Settings come from the file, then PROTOFLY_* variables, then these options. Prints one line once the
+    admin API listens; on SIGINT/SIGTERM every stub is stopped and the socket removed (exit 0).
+    """
+    catalogues = _catalogue_flags(catalogue or [])
+    overrides = {
+        "domain": domain,
+        "state_dir": state_dir,
+        "trust_store": trust_store,
+        "policy": policy,
+        "allow_http_loopback": allow_http_loopback,
+    }
+    settings = _load_config(config, overrides, catalogues)
+    from protofly.admin import admin_socket
+
+    path = admin_socket(admin=admin, state_dir=settings.state_dir)
+    if path is None:
+        raise _fail(
+            "no place for the admin socket: give --state-dir (the socket is <state_dir>/admin.sock) or --admin SOCKET",
+            EXIT_USAGE,
+        )
+    raise typer.Exit(asyncio.run(_serve(settings, path)))
+
+
+def _catalogue_flags(values: list[str]) -> dict[str, str]:
+    catalogues: dict[str, str] = {}
+    for value in values:
+        domain, sep, url = value.partition("=")
+        if not sep or not domain.strip() or not url.strip():
+            raise typer.BadParameter(f"expected DOMAIN=URL, got {value!r}", param_hint="--catalogue")
+        catalogues[domain.strip().lower()] = url.strip()
+    return catalogues
+
+
+def _load_config(config: Path | None, overrides: dict[str, Any], catalogues: dict[str, str]) -> RuntimeConfig:
+    """File, then environment, then flags; ``--catalogue`` adds to (or replaces entries of) the file's map."""
+    from protofly.config import ConfigError, RuntimeConfig
+
+    try:
+        settings = RuntimeConfig.load(config, **overrides)
+        if catalogues:
+            settings.catalogues = {**settings.catalogues, **catalogues}
+            settings.validate()
+    except ConfigError as exc:
+        raise _fail(f"configuration: {exc}", EXIT_USAGE) from None
+    return settings
+
+
+async def _serve(settings: RuntimeConfig, path: Path) -> int:
+    from protofly.admin import AdminError, AdminServer
+    from protofly.log import get_logger
+    from protofly.runtime import Runtime
+
+    log = get_logger("protofly.cli")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = AdminServer(path, max_request_size=settings.max_message_size)
+    try:
+        await server.claim()
+    except AdminError as exc:
+        typer.echo(f"error: cannot serve the admin API: {exc.text}", err=True)
+        return EXIT_USAGE
+    try:
+        runtime = Runtime(settings)
+        try:
+            await runtime.__aenter__()
+        except Exception as exc:  # whatever stops it starting is reported in one line, not a traceback
+            typer.echo(f"error: cannot start the runtime: {exc}", err=True)
+            with contextlib.suppress(Exception):
+                await runtime.close()
+            return EXIT_FAILED
+        try:
+            await server.start(runtime)
+            typer.echo(f"protofly runtime {runtime.runtime_url} listening on {path}")
+            await stop.wait()
+            log.info("stopping the runtime", runtime_url=runtime.runtime_url)
+        finally:
+            await server.close()
+            await runtime.close()
+    finally:
+        await server.close()
+    log.info("runtime stopped")
+    return 0
+
+
+@runtime_app.command("info")
+def info(admin: AdminOption = None, config: ConfigOption = None, state_dir: StateDirOption = None) -> None:
+    """Print the running runtime's URL, domain, pid and configuration as JSON."""
+
+    async def work(client: AdminClient) -> int:
+        typer.echo(json.dumps(await client.runtime(), indent=2))
+        return 0
+
+    _run_client(admin, config, state_dir, work)
+
+
+# -- the client side ------------------------------------------------------------------------------------------
+
+
+def _find_socket(admin: Path | None, config: Path | None, state_dir: Path | None) -> Path:
+    """The same rule as the server: --admin, $PROTOFLY_ADMIN, --state-dir, then the configuration's state_dir."""
+    from protofly.admin import ENV_ADMIN, admin_socket
+    from protofly.config import ConfigError, RuntimeConfig
+
+    path = admin_socket(admin=admin, state_dir=state_dir)
+    if path is not None:
+        return path
+    try:
+        # Only state_dir matters here; a placeholder domain lets a file that leaves the domain to the
+        # command line (or to the environment) still tell us where the state lives.
+        settings = RuntimeConfig.load(config, domain="localhost")
+    except ConfigError as exc:
+        raise _fail(f"configuration: {exc}", EXIT_USAGE) from None
+    path = admin_socket(state_dir=settings.state_dir)
+    if path is None:
+        raise _fail(
+            f"where is the runtime? give --admin SOCKET, --state-dir DIR or --config FILE (or set {ENV_ADMIN})",
+            EXIT_USAGE,
+        )
+    return path
+
+
+def _run_client(
+    admin: Path | None,
+    config: Path | None,
+    state_dir: Path | None,
+    work: Callable[[AdminClient], Awaitable[int]],
+) -> None:
+    """Connect, run ``work``, and map the admin errors onto one-line messages and exit codes."""
+    path = _find_socket(admin, config, state_dir)
+    from protofly.admin import AdminClient, AdminError, AdminUnavailableError
+
+    async def main() -> int:
+        async with AdminClient(path) as client:
+            return await work(client)
+
+    try:
+        code = asyncio.run(main())
+    except AdminUnavailableError as exc:
+        raise _fail(exc.text, EXIT_USAGE) from None
+    except AdminError as exc:
+        raise _fail(exc.text, EXIT_FAILED) from None
+    raise typer.Exit(code)
+
+
+def _console() -> Console:
+    """A rich console on stdout; written to a pipe or a file it does not wrap at 80 columns (logs, scripts)."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, width=200)
+    return console
+
+
+# -- stub deploy / retry ---------------------------------------------------------------------------------------
+
+
+@stub_app.command("deploy")
+def deploy(
+    reference: Annotated[
+        str, typer.Argument(help="A domain (its default stub) or a catalogue URL.", show_default=False)
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw events as JSON lines.")] = False,
+    admin: AdminOption = None,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Deploy a domain's stub and show the steps live; exit 0 once live, 1 with the reason otherwise."""
+
+    async def work(client: AdminClient) -> int:
+        return await _follow(client.deploy(reference), reference, as_json)
+
+    _run_client(admin, config, state_dir, work)
+
+
+@stub_app.command("retry")
+def retry(
+    domain: Annotated[str, typer.Argument(help="The domain whose stub to deploy again.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw events as JSON lines.")] = False,
+    admin: AdminOption = None,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Forget a stub's crash history and backoff and deploy it again now, fresh from its catalogue."""
+
+    async def work(client: AdminClient) -> int:
+        return await _follow(client.retry(domain), domain, as_json)
+
+    _run_client(admin, config, state_dir, work)
+
+
+async def _follow(events: Any, label: str, as_json: bool) -> int:
+    """Show a deploy stream as it comes; the exit code is the result's."""
+    if as_json:
+        result: dict[str, Any] = {}
+        async for event in events:
+            typer.echo(json.dumps(event))
+            result = event
+        return 0 if result.get("ok") else EXIT_FAILED
+    view = _DeployView(_console(), label)
+    with view.spinner():
+        async for event in events:
+            view.show(event)
+    return view.finish()
+
+
+class _DeployView:
+    """Prints deploy events one line each (with a spinner on a terminal), then the timeline and the outcome."""
+
+    def __init__(self, console: Console, label: str) -> None:
+        self.console = console
+        self.label = label
+        self.events: list[dict[str, Any]] = []
+        self.result: dict[str, Any] | None = None
+        self._status: Any = None
+
+    @contextlib.contextmanager
+    def spinner(self) -> Any:
+        if not self.console.is_terminal:
+            yield
+            return
+        with self.console.status(f"{self.label}: {STEPS[0]}…") as status:
+            self._status = status
+            yield
+        self._status = None
+
+    def show(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "result":
+            self.result = event
+            return
+        if not self.events:
+            self.console.print(f"deploying {self.label}", markup=False, soft_wrap=True)
+        self.events.append(event)
+        line = _event_line(event)
+        if line:
+            self.console.print(line, markup=False, soft_wrap=True)
+        if kind == "step" and self._status is not None and event.get("step") in STEPS:
+            following = STEPS.index(event["step"]) + 1
+            if following < len(STEPS):
+                self._status.update(f"{self.label}: {STEPS[following]}…")
+
+    def finish(self) -> int:
+        result = self.result
+        if result is None:
+            typer.echo(f"error: the runtime ended the stream without an outcome for {self.label}", err=True)
+            return EXIT_FAILED
+        if self.events:
+            self.console.print(_timeline(self.events))
+        elif result.get("history"):
+            self.console.print(_history_table(result["history"]))
+        if not result.get("ok"):
+            hint = f"; 'protofly stub retry {result.get('domain')}' tries again" if result.get("url") else ""
+            typer.echo(
+                f"error: deployment of {result.get('domain')} failed ({result.get('code')}): "
+                f"{result.get('description')}{hint}",
+                err=True,
+            )
+            return EXIT_FAILED
+        already = "" if self.events else "already "
+        layers = ", ".join(_layers(result.get("isolation") or {})) or "none"
+        self.console.print(
+            f"{result['domain']} is {already}{result['status']} at {result['url']} "
+            f"(deploy {result.get('total_ms', 0):.1f} ms; isolation: {layers})",
+            markup=False,
+            soft_wrap=True,
+        )
+        return 0
+
+
+def _event_line(event: dict[str, Any]) -> str | None:
+    kind = event.get("event")
+    if kind == "status":
+        description = f": {event['description']}" if event.get("description") else ""
+        return f"  status    {event.get('value')}{description}"
+    if kind == "step":
+        detail = f"  {event['detail']}" if event.get("detail") else ""
+        return f"  ✓ {event.get('step', '?'):<10}{event.get('ms', 0):>9.1f} ms{detail}"
+    if kind in ("live", "deployment-failed"):
+        return None  # the status lines (and the final outcome) already say it
+    details = {k: v for k, v in event.items() if k not in ("event", "domain", "stub_url", "at")}
+    pairs = " ".join(f"{k}={v}" for k, v in details.items())
+    return f"  ! {kind}  {pairs}".rstrip()
+
+
+def _timeline(events: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
+    table = Table(title="timeline", title_justify="left")
+    table.add_column("t (ms)", justify="right")
+    table.add_column("what")
+    table.add_column("took (ms)", justify="right")
+    table.add_column("detail", overflow="fold")
+    start = min(event.get("at", 0.0) for event in events)
+    for event in events:
+        offset = f"{(event.get('at', start) - start) * 1000:.1f}"
+        kind = event.get("event")
+        if kind == "step":
+            what = f"step {event.get('step')} (seed {event.get('seed')})"
+            table.add_row(offset, what, f"{event.get('ms', 0):.1f}", str(event.get("detail") or ""))
+        elif kind == "status":
+            table.add_row(offset, f"status → {event.get('value')}", "", str(event.get("description") or ""))
+        elif (line := _event_line(event)) is not None:
+            table.add_row(offset, str(kind), "", line.strip())
+    return table
+
+
+def _history_table(history: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
+    table = Table(title="status history", title_justify="left")
+    table.add_column("t (ms)", justify="right")
+    table.add_column("status")
+    table.add_column("description")
+    start = history[0].get("at", 0.0)
+    for event in history:
+        table.add_row(f"{(event.get('at', start) - start) * 1000:.1f}", event.get("value"), event.get("description"))
+    return table
+
+
+def _layers(isolation: dict[str, Any]) -> list[str]:
+    """The isolation layers that are active (a truthy value), as the sandbox reports them."""
+    return [name for name, value in isolation.items() if value and name != "missing"]
+
+
+# -- stub list / unload ---------------------------------------------------------------------------------------
+
+
+@stub_app.command("list")
+def list_stubs(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stubs as a JSON array.")] = False,
+    admin: AdminOption = None,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """List the runtime's stubs: domain, stub URL, status, since, isolation layers, restarts."""
+
+    async def work(client: AdminClient) -> int:
+        stubs = await client.stubs()
+        if as_json:
+            typer.echo(json.dumps(stubs, indent=2))
+        else:
+            _console().print(_stub_table(stubs))
+        return 0
+
+    _run_client(admin, config, state_dir, work)
+
+
+def _stub_table(stubs: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
+    colours = {"live": "green", "failed": "red", "deployment-failed": "red", "disconnected": "yellow"}
+    table = Table()
+    for column in ("domain", "stub URL", "status", "since", "isolation layers", "restarts"):
+        table.add_column(column, justify="right" if column == "restarts" else "left", overflow="fold")
+    now = time.time()
+    for stub in stubs:
+        isolation = stub.get("isolation") or {}
+        layers = ", ".join(_layers(isolation)) or "-"
+        if isolation.get("missing"):
+            layers += f" (missing {len(isolation['missing'])})"
+        status = str(stub.get("status"))
+        table.add_row(
+            Text(str(stub.get("domain"))),
+            Text(str(stub.get("url"))),
+            Text(status, style=colours.get(status, "")),
+            _ago(now - float(stub.get("since") or now)),
+            Text(layers),
+            str(stub.get("restarts", 0)),
+        )
+    if not stubs:
+        table.caption = "no stubs loaded"
+    return table
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+@stub_app.command("unload")
+def unload(
+    domain: Annotated[str, typer.Argument(help="The domain whose stub to unload.", show_default=False)],
+    admin: AdminOption = None,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Disconnect and remove a domain's stub (its process ends; waiting messages get 503)."""
+
+    async def work(client: AdminClient) -> int:
+        stub = await client.unload(domain)
+        typer.echo(f"unloaded {stub['domain']} ({stub['url']})")
+        return 0
+
+    _run_client(admin, config, state_dir, work)
+
+
+# -- send -------------------------------------------------------------------------------------------------------
+
+
+def send(
+    to: Annotated[
+        str, typer.Option("--to", help="Destination address, e.g. hyperty://b.test/alice.", show_default=False)
+    ],
+    type_: Annotated[str, typer.Option("--type", help="Message type.")] = "read",
+    body: Annotated[
+        str | None, typer.Option("--body", help='Message body as a JSON object, e.g. \'{"text": "hi"}\'.')
+    ] = None,
+    sender: Annotated[
+        str | None,
+        typer.Option("--from", help="Sender address (default: <runtimeURL>/cli).", show_default=False),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.001, max=300.0, help="Seconds to wait for the response.")
+    ] = 10.0,
+    admin: AdminOption = None,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Send a reTHINK message through the runtime and print the response; exit 0 for 2xx, 1 otherwise.
+
+    A destination in a domain without a stub deploys that domain's stub first (on demand).
+    """
+    msg: dict[str, Any] = {"type": type_, "to": to}
+    if body is not None:
+        msg["body"] = _json_object(body)
+    if sender is not None:
+        msg["from"] = sender
+
+    async def work(client: AdminClient) -> int:
+        answer = await client.send(msg, timeout=timeout)
+        typer.echo(json.dumps(answer, indent=2))
+        code = (answer.get("body") or {}).get("code")
+        return 0 if str(code).isdigit() and 200 <= int(code) < 300 else EXIT_FAILED
+
+    _run_client(admin, config, state_dir, work)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(
+            f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", param_hint="--body"
+        ) from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"expected a JSON object, got {type(value).__name__}", param_hint="--body")
+    return value
