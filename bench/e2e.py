@@ -1,0 +1,290 @@
+"""End-to-end figures: hyperty A → stub (process sandbox) → message node → stub (process sandbox) → hyperty B.
+
+Topology (the peer's: one node, two stubs): one message node for ``b.test`` in its own process; two runtimes
+of ``b.test`` in this process, each with its home stub (``stubs/msgnode``, signed, served by a catalogue
+server on 127.0.0.1 and deployed in a process sandbox) connected to that node; hyperty A in runtime A,
+hyperty B in runtime B.  Four OS processes on the machine: this one, two stub hosts, the node.
+
+* ``roundtrip_ms_p50/p99``: ``hyperty_a.request`` → hyperty B's handler answers → the response back at A;
+  1,000 sequential round trips after 100 unmeasured;
+* ``oneway_msgs_per_s_100b/_10kb``: hyperty A posts 10,000 ``update`` messages without waiting for
+  answers; time from the first post to the last receipt at hyperty B's handler, which checks order and
+  content of every message; after a warm-up of 3,000 (100 B) or 2,000 (10 kB) messages, checked the same
+  way.  A keeps at most ``WINDOW_BYTES`` (4 MiB) of bodies in flight, as ``bench/msgnode.py`` does: the
+  runtime drops messages to a stub whose channel holds 16 MiB unread (``dropped_to_stub``), so an unpaced
+  burst of 100 MB measures that limit, not the pipeline.  ``*_errors`` counts error
+  responses A got (overflow, routing) and ``*_bad`` messages out of order or altered at B;
+* ``fanout_1000_ms``: runtime B has 1,000 subscribers of one resource (``<object>/changes``; each a local
+  bus listener, each subscribed at the node with its own ``source``); hyperty A's runtime publishes an update
+  to the resource; the time until all 1,000 listeners got it, median of 20 updates sent one at a time;
+  ``fanout_1000_lost``: (20 + 200) x 1,000 deliveries expected minus those seen, the burst included;
+  ``fanout_burst_deliveries_per_s``: 200 updates posted at once, deliveries per second at the listeners.
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from protofly.catalogue import SigningKey, TrustStore, publish  # noqa: E402
+from protofly.catalogue.server import CatalogueServer  # noqa: E402
+from protofly.config import RuntimeConfig  # noqa: E402
+from protofly.message import Message, response_code  # noqa: E402
+from protofly.runtime import Runtime  # noqa: E402
+
+DOMAIN = "b.test"
+STUB_PACKAGE = ROOT / "stubs" / "msgnode"
+ROUNDTRIP_WARMUP = 100
+ROUNDTRIPS = 1_000
+ONEWAY = 10_000
+WINDOW_BYTES = 4 << 20
+FANOUT = 1_000
+FANOUT_UPDATES = 20
+FANOUT_BURST = 200
+TIMEOUT = 60.0
+
+
+class NodeProcess:
+    """The node in its own process (``protofly msg-node serve``), stopped by its pid."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN, "--port", "0",
+            "--ping-interval", "0", stdout=asyncio.subprocess.PIPE,
+        )
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)
+        self.url = line.decode().strip()
+        if not self.url.startswith("ws://"):
+            raise RuntimeError(f"node did not start: {line!r}")
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout=15)
+            except TimeoutError:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                await asyncio.wait_for(self.proc.wait(), timeout=5)
+
+
+async def catalogue(root: Path, node_url: str) -> tuple[CatalogueServer, Path]:
+    """Publish the stub for b.test (signed, configured with the node's URL) and serve it."""
+    key = SigningKey.generate(DOMAIN)
+    trust = TrustStore()
+    trust.add(DOMAIN, key.public_raw)
+    trust_file = root / "trust.json"
+    trust.save(trust_file)
+    package = root / "package"
+    shutil.copytree(STUB_PACKAGE, package)
+    template = json.loads((package / "descriptor.json").read_text())
+    template["configuration"]["url"] = node_url
+    (package / "descriptor.json").write_text(json.dumps(template))
+    publish(package, root / "published", key, DOMAIN)
+    server = CatalogueServer(root / "published", default="default")
+    await server.start()
+    return server, trust_file
+
+
+def config(root: Path, name: str, server: CatalogueServer, trust_file: Path) -> RuntimeConfig:
+    return RuntimeConfig(
+        domain=DOMAIN,
+        state_dir=root / name,
+        catalogues={DOMAIN: server.base_url},
+        trust_store=trust_file,
+        allow_http_loopback=True,
+        deploy_timeout=30.0,
+        request_timeout=30.0,
+    )
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class Receiver:
+    """Hyperty B's handler for one-way runs: checks order and content, notes the last receipt."""
+
+    def __init__(self) -> None:
+        self.expected: list[dict[str, Any]] = []
+        self.count = 0
+        self.bad = 0
+        self.last = 0.0
+        self.done = asyncio.Event()
+        self.progress = asyncio.Event()
+
+    def reset(self, bodies: list[dict[str, Any]]) -> None:
+        self.expected = bodies
+        self.count = 0
+        self.bad = 0
+        self.done = asyncio.Event()
+
+    def __call__(self, msg: Message) -> Any:
+        if msg.type == "execute":
+            return {"seq": msg.body["seq"]}  # the round trip: answered with 200
+        want = self.expected[self.count] if self.count < len(self.expected) else None
+        body = msg.body
+        if want is None or body.get("seq") != want["seq"] or body.get("pad") != want["pad"]:
+            self.bad += 1
+        self.count += 1
+        self.progress.set()
+        if self.count == len(self.expected):
+            self.last = time.perf_counter()
+            self.done.set()
+        return None
+
+
+async def roundtrips(hyperty_a, target: str) -> dict[str, float]:
+    for seq in range(ROUNDTRIP_WARMUP):
+        await hyperty_a.request(target, "execute", {"seq": seq}, timeout=TIMEOUT)
+    samples = []
+    for seq in range(ROUNDTRIPS):
+        started = time.perf_counter()
+        answer = await hyperty_a.request(target, "execute", {"seq": seq}, timeout=TIMEOUT)
+        samples.append((time.perf_counter() - started) * 1000)
+        if response_code(answer) != 200 or answer.body["value"]["seq"] != seq:
+            raise RuntimeError(f"round trip {seq} failed: {answer.body}")
+    return {
+        "roundtrip_ms_p50": round(statistics.median(samples), 3),
+        "roundtrip_ms_p99": round(percentile(samples, 0.99), 3),
+    }
+
+
+async def one_way(hyperty_a, target: str, receiver: Receiver, errors: list, size: int, count: int) -> tuple[float, int]:
+    """Post ``count`` messages of about ``size`` bytes of body; return (msgs/s, bad) once B has them all."""
+    bodies = [{"seq": seq, "pad": "x" * max(size - 20, 0)} for seq in range(count)]
+    receiver.reset(bodies)
+    before = len(errors)
+    window = max(WINDOW_BYTES // max(size, 1), 1)
+    started = time.perf_counter()
+    for sent, body in enumerate(bodies):
+        while sent - receiver.count >= window:
+            receiver.progress.clear()
+            await asyncio.wait_for(receiver.progress.wait(), TIMEOUT)
+        hyperty_a.post(target, "update", body)
+    await asyncio.wait_for(receiver.done.wait(), TIMEOUT)
+    elapsed = receiver.last - started
+    if len(errors) > before:
+        raise RuntimeError(f"{len(errors) - before} error responses, first: {errors[before].body}")
+    return count / elapsed, receiver.bad
+
+
+async def fan_out(rt_a: Runtime, rt_b: Runtime) -> dict[str, float | int]:
+    """1,000 subscribers in runtime B; updates published from runtime A; deliveries counted per update."""
+    node = f"domain://msg-node.{DOMAIN}"
+    allocated = await rt_a.bus.request(
+        Message(type="create", from_=f"{rt_a.runtime_url}/address-allocation", to=f"{node}/address-allocation",
+                body={"scheme": "comm", "value": {"number": 1}}),
+        TIMEOUT,
+    )
+    obj = allocated.body["value"]["allocated"][0]
+    resource = f"{obj}/changes"
+    seen: list[int] = [0] * (FANOUT_UPDATES + FANOUT_BURST)
+    state = {"target": 0, "time": 0.0, "wanted": FANOUT}
+    reached = asyncio.Event()
+
+    def listener(msg: Message) -> None:
+        update = msg.body["update"]
+        seen[update] += 1
+        if update == state["target"] and seen[update] == state["wanted"]:
+            state["time"] = time.perf_counter()
+            reached.set()
+
+    answers = await asyncio.gather(
+        *(
+            rt_b.bus.request(
+                Message(type="subscribe", from_=f"{rt_b.runtime_url}/sm", to=f"{node}/sm",
+                        body={"resources": [resource], "source": f"{rt_b.runtime_url}/subscriber/{i}"}),
+                TIMEOUT,
+            )
+            for i in range(FANOUT)
+        )
+    )
+    if any(response_code(a) != 200 for a in answers):
+        raise RuntimeError("a subscription failed")
+    for _ in range(FANOUT):
+        rt_b.bus.add_listener(resource, listener)
+    publisher = f"{obj}"
+    samples = []
+    for update in range(FANOUT_UPDATES):
+        reached.clear()
+        state["target"] = update
+        started = time.perf_counter()
+        rt_a.bus.post(Message(type="update", from_=publisher, to=resource, body={"update": update}))
+        try:
+            await asyncio.wait_for(reached.wait(), 10)
+        except TimeoutError:
+            continue  # counted as lost below
+        samples.append((state["time"] - started) * 1000)
+    reached.clear()
+    state["target"] = FANOUT_UPDATES + FANOUT_BURST - 1
+    started = time.perf_counter()
+    for update in range(FANOUT_UPDATES, FANOUT_UPDATES + FANOUT_BURST):
+        rt_a.bus.post(Message(type="update", from_=publisher, to=resource, body={"update": update}))
+    burst_ok = True
+    try:
+        await asyncio.wait_for(reached.wait(), TIMEOUT)
+    except TimeoutError:
+        burst_ok = False
+    burst_elapsed = (state["time"] if burst_ok else time.perf_counter()) - started
+    await asyncio.sleep(0.2)  # late deliveries of the burst still count (none expected)
+    expected = FANOUT * (FANOUT_UPDATES + FANOUT_BURST)
+    return {
+        "fanout_1000_ms": round(statistics.median(samples), 3) if samples else -1,
+        "fanout_1000_lost": expected - sum(seen),
+        "fanout_burst_deliveries_per_s": round(FANOUT * FANOUT_BURST / burst_elapsed),
+    }
+
+
+async def main() -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="protofly-bench-e2e-"))
+    node = NodeProcess()
+    server = None
+    try:
+        await node.start()
+        server, trust_file = await catalogue(root, node.url)
+        async with Runtime(config(root, "a", server, trust_file)) as rt_a, \
+                Runtime(config(root, "b", server, trust_file)) as rt_b:
+            receiver = Receiver()
+            errors: list[Message] = []
+            hyperty_b = await rt_b.new_hyperty(receiver)
+            hyperty_a = await rt_a.new_hyperty(lambda msg: errors.append(msg) if response_code(msg) != 200 else None)
+            figures: dict[str, Any] = {}
+            figures.update(await roundtrips(hyperty_a, hyperty_b.url))
+            for key, size, warmup in (("100b", 100, 3_000), ("10kb", 10_000, 2_000)):
+                await one_way(hyperty_a, hyperty_b.url, receiver, errors, size, warmup)
+                rate, bad = await one_way(hyperty_a, hyperty_b.url, receiver, errors, size, ONEWAY)
+                figures[f"oneway_msgs_per_s_{key}"] = round(rate)
+                figures[f"oneway_{key}_bad"] = bad
+            figures.update(await fan_out(rt_a, rt_b))
+            record = rt_a.registry.stub(DOMAIN)
+            figures["stub_isolation"] = "+".join(k for k, v in record.isolation.items() if v and k != "missing")
+            figures["stub_isolation_missing"] = len(record.isolation.get("missing", []))
+            return figures
+    finally:
+        if server is not None:
+            await server.stop()
+        await node.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main())))
