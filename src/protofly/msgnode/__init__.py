@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING, Any
 from protofly.msgnode.core import (
     SESSION_URL,
     Close,
+    Drained,
     EnableBatch,
     MessageNodeCore,
+    Replay,
     Send,
     Session,
     SessionEnded,
+    StateError,
 )
 
 if TYPE_CHECKING:
@@ -25,12 +28,15 @@ if TYPE_CHECKING:
 __all__ = [
     "SESSION_URL",
     "Close",
+    "Drained",
     "EnableBatch",
     "MessageNode",
     "MessageNodeCore",
+    "Replay",
     "Send",
     "Session",
     "SessionEnded",
+    "StateError",
 ]
 
 

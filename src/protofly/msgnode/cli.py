@@ -10,7 +10,14 @@ from typing import Annotated, Any
 import typer
 
 from protofly.address import AddressError, validate_domain
-from protofly.msgnode.core import DEFAULT_MAX_FRAME, DEFAULT_SEND_QUEUE, DEFAULT_SEND_QUEUE_BYTES
+from protofly.msgnode.core import (
+    DEFAULT_BUFFER_BYTES,
+    DEFAULT_BUFFER_MESSAGES,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_SEND_QUEUE,
+    DEFAULT_SEND_QUEUE_BYTES,
+    StateError,
+)
 
 app = typer.Typer(help="The reference reTHINK message node (Vert.x protocol over WebSocket).", no_args_is_help=True)
 
@@ -54,8 +61,32 @@ def serve(
     ping_interval: Annotated[
         float, typer.Option("--ping-interval", help="Seconds between WebSocket pings (0: off).")
     ] = 20.0,
+    state_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-file",
+            help="Load sessions, addresses, subscriptions and buffered messages from this file at start (if it "
+            "exists; it is then renamed <name>.loaded) and write them there at a graceful stop.",
+        ),
+    ] = None,
+    drain_timeout: Annotated[
+        float, typer.Option("--drain-timeout", help="Seconds a stop waits for drain clients to say 'drained'.")
+    ] = 5.0,
+    drain_grace: Annotated[
+        float, typer.Option("--drain-grace", help="Seconds clients without the drain extension get at a stop.")
+    ] = 0.2,
+    buffer_messages: Annotated[
+        int, typer.Option("--buffer-messages", help="Messages kept per detached session for its re-open.")
+    ] = DEFAULT_BUFFER_MESSAGES,
+    buffer_bytes: Annotated[
+        int, typer.Option("--buffer-bytes", help="Bytes kept per detached session for its re-open.")
+    ] = DEFAULT_BUFFER_BYTES,
 ) -> None:
-    """Serve the message node until SIGINT or SIGTERM; prints its ws:// URL on stdout once listening."""
+    """Serve the message node until SIGINT or SIGTERM; prints its ws:// URL on stdout once listening.
+
+    A stop drains first (see docs/msgnode.md); with --state-file a restarted node keeps every session.
+    Exit code 2 when the state file cannot be loaded or saved.
+    """
     try:
         domain = validate_domain(domain)
     except AddressError as exc:
@@ -80,8 +111,17 @@ def serve(
         send_queue=send_queue,
         send_queue_bytes=send_queue_bytes,
         ping_interval=ping_interval or None,
+        state_file=state_file,
+        drain_timeout=drain_timeout,
+        drain_grace=drain_grace,
+        buffer_messages=buffer_messages,
+        buffer_bytes=buffer_bytes,
     )
-    asyncio.run(_serve(node))
+    try:
+        asyncio.run(_serve(node))
+    except StateError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 async def _serve(node: Any) -> None:

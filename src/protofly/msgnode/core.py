@@ -20,10 +20,27 @@ Routing precedence for a message's ``to``:
 
 Point-to-point messages are forwarded as the exact bytes received; a fan-out encodes once and hands the
 same bytes object to every subscriber.
+
+Lossless graceful restart (``docs/msgnode.md``):
+
+* **buffering** -- a message for a *detached* session (socket gone, waiting for ``re-open``) is kept, as
+  the raw frame, in a bounded per-session buffer and handed back (:class:`Replay`) right after the
+  session's next successful ``re-open``; a full buffer is a ``503`` to the sender, an expired (or
+  replaced) session answers each buffered point-to-point request with ``410``;
+* **drain extension** -- a connection that asked ``"drain": true`` at ``open``/``re-open`` is told
+  ``draining`` by :meth:`MessageNodeCore.begin_drain` and answers ``drained`` as its last frame
+  (:class:`Drained` reports it); :meth:`~MessageNodeCore.close_plain` and
+  :meth:`~MessageNodeCore.finish_drain` close the rest, detaching their sessions first so nothing routed
+  to them afterwards is written to a closing socket;
+* **state** -- :meth:`~MessageNodeCore.snapshot` exports sessions, allocations, bindings, subscriptions
+  and buffers as plain JSON-able data; :meth:`~MessageNodeCore.restore` loads it into an empty core, every
+  session detached with a fresh grace period.  The shell does the file I/O.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import heapq
 import hmac
 import itertools
@@ -46,17 +63,24 @@ __all__ = [
     "CLOSE_TOO_BIG",
     "CLOSE_TRY_AGAIN_LATER",
     "CLOSE_UNSUPPORTED_DATA",
+    "DEFAULT_BUFFER_BYTES",
+    "DEFAULT_BUFFER_MESSAGES",
     "DEFAULT_MAX_FRAME",
     "DEFAULT_SEND_QUEUE",
     "DEFAULT_SEND_QUEUE_BYTES",
     "SESSION_URL",
+    "STATE_FORMAT",
+    "STATE_VERSION",
     "Action",
     "Close",
+    "Drained",
     "EnableBatch",
     "MessageNodeCore",
+    "Replay",
     "Send",
     "Session",
     "SessionEnded",
+    "StateError",
 ]
 
 #: The session manager component of every node (Vert.x ``SessionManager``).
@@ -67,6 +91,14 @@ DEFAULT_MAX_FRAME = 1 << 20
 #: Messages and bytes that may wait for one slow connection before the shell disconnects it.
 DEFAULT_SEND_QUEUE = 10_000
 DEFAULT_SEND_QUEUE_BYTES = 8 << 20
+#: Messages and bytes kept for one detached session until its re-open (beyond: ``503`` to the sender).
+DEFAULT_BUFFER_MESSAGES = 10_000
+DEFAULT_BUFFER_BYTES = 8 << 20
+
+#: ``format`` and ``version`` of :meth:`MessageNodeCore.snapshot`; :meth:`~MessageNodeCore.restore`
+#: refuses anything else (a newer version would be misread, an older format does not exist).
+STATE_FORMAT = "protofly-msgnode-state"
+STATE_VERSION = 1
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -78,11 +110,45 @@ CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_SESSION_TAKEN_OVER = 4000
 
 _SESSION_TYPES = frozenset({"open", "re-open", "close"})
+_SHUTDOWN_REASON = "message node shutting down"
+_ENDED = {"expired": "expired", "replaced": "was replaced by a new open", "closed": "was closed"}
 _SCHEME = re.compile(r"[a-z][a-z0-9+.\-]{0,31}\Z")
 #: Schemes a session may not allocate: they name runtimes and node/domain infrastructure.
 _RESERVED_SCHEMES = frozenset({"hyperty-runtime", "runtime", "domain", "global", "mn", "user", "user-guid"})
 _WHITESPACE = b" \t\r\n"
 _CLOSE_REASON_MAX = 120  # RFC 6455 allows 123 bytes of reason; keep a margin
+
+
+# -- state snapshot (the JSON-able form of everything a restart must keep) --------------------------
+
+
+class _BufferedState(msgspec.Struct, omit_defaults=True):
+    """One buffered frame: its text, or (a peer sent bytes that are not UTF-8) their base64."""
+
+    data: str | None = None
+    base64: str | None = None
+    fanout: bool = False
+
+
+class _SessionState(msgspec.Struct, omit_defaults=True, rename={"runtime_url": "runtimeURL"}):
+    runtime_url: str
+    token: str
+    flags: dict[str, bool] = {}
+    addresses: list[str] = []
+    #: allocationKey -> the addresses of that block
+    keys: dict[str, list[str]] = {}
+    #: foreign hyperties bound on the fly, least recently used first
+    bound: list[str] = []
+    #: resource -> the sources subscribed to it
+    subscriptions: dict[str, list[str]] = {}
+    buffer: list[_BufferedState] = []
+
+
+class _State(msgspec.Struct):
+    format: str
+    version: int
+    domain: str
+    sessions: list[_SessionState]
 
 
 # -- actions ---------------------------------------------------------------------------------------
@@ -126,7 +192,31 @@ class SessionEnded:
     addresses: int
 
 
-Action = Send | Close | EnableBatch | SessionEnded
+@dataclass(slots=True)
+class Replay:
+    """Write ``frames`` (a re-opened session's buffered messages, in order) to ``conn`` after its ``200``.
+
+    One action for the whole buffer, so the shell can queue it beyond its usual per-connection limit:
+    these messages were already accepted, and cutting the reader off as a slow consumer would lose them.
+    """
+
+    conn: Hashable
+    frames: list[bytes]
+
+
+@dataclass(slots=True)
+class Drained:
+    """``conn`` said ``drained`` (or went away) during a drain; ``remaining`` drain connections to wait for."""
+
+    conn: Hashable
+    remaining: int
+
+
+Action = Send | Close | EnableBatch | SessionEnded | Replay | Drained
+
+
+class StateError(ValueError):
+    """A state snapshot that cannot be loaded; the text names the offending field."""
 
 
 # -- state -----------------------------------------------------------------------------------------
@@ -151,6 +241,13 @@ class Session:
     #: resource -> the ``source`` values (who, inside the runtime) subscribed to it.
     subscriptions: dict[str, set[str]] = field(default_factory=dict)
     subscription_count: int = 0
+    #: Extensions the last connection negotiated (kept in the state file for operators; a re-open
+    #: negotiates afresh).
+    drain: bool = False
+    batch: bool = False
+    #: Messages routed here while detached: ``(raw frame, came from a fan-out)``, oldest first.
+    buffer: list[tuple[bytes, bool]] = field(default_factory=list)
+    buffer_bytes: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -158,6 +255,8 @@ class _Conn:
     conn: Hashable
     session: Session | None = None
     batch: bool = False
+    #: The drain extension was granted on this connection.
+    drain: bool = False
     #: A Close was issued: frames still arriving before the socket goes are ignored (and counted).
     closing: bool = False
 
@@ -171,7 +270,11 @@ _COUNTERS = (
     "errors_sent",
     "not_found",
     "responses_dropped",
-    "detached_drops",
+    "buffered",
+    "buffer_full",
+    "replayed",
+    "buffer_answered",
+    "buffer_discarded",
     "sessions_opened",
     "sessions_reopened",
     "sessions_closed",
@@ -182,6 +285,10 @@ _COUNTERS = (
     "bound",
     "bound_evicted",
     "ignored_after_close",
+    "drain_notices",
+    "drained",
+    "drain_timeouts",
+    "sessions_restored",
 )
 
 
@@ -191,7 +298,8 @@ class MessageNodeCore:
     Limits (all per session) keep one misbehaving runtime from exhausting the node's memory:
     ``max_addresses`` allocated addresses, ``max_block`` addresses per allocation request,
     ``max_bound`` foreign hyperties bound on the fly (least recently used evicted first) and
-    ``max_subscriptions`` (resource, source) subscription pairs.
+    ``max_subscriptions`` (resource, source) subscription pairs; a detached session keeps at most
+    ``buffer_messages`` messages and ``buffer_bytes`` bytes for its re-open.
     """
 
     def __init__(
@@ -205,6 +313,8 @@ class MessageNodeCore:
         max_block: int = 1_000,
         max_bound: int = 1_000,
         max_subscriptions: int = 10_000,
+        buffer_messages: int = DEFAULT_BUFFER_MESSAGES,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
         self.domain = validate_domain(domain)
@@ -214,6 +324,8 @@ class MessageNodeCore:
         self.max_block = max_block
         self.max_bound = max_bound
         self.max_subscriptions = max_subscriptions
+        self.buffer_messages = buffer_messages
+        self.buffer_bytes = buffer_bytes
         self._auth = None if auth_tokens is None else tuple(t.encode() for t in auth_tokens)
         self._new_id = new_id
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
@@ -234,6 +346,10 @@ class MessageNodeCore:
         self._subscribers: dict[str, dict[Session, None]] = {}
         self._deadlines: list[tuple[float, int, Session]] = []
         self._seq = itertools.count()
+        #: Set by begin_drain; the drain connections that have not said ``drained`` yet.
+        self._draining = False
+        self._awaiting: set[Hashable] = set()
+        self._notice_ids = itertools.count(1)
         self._components: dict[str, Callable[[_Conn, Message, list[Action]], None]] = {
             SESSION_URL: self._session_component,
             self.allocation_url: self._allocation_component,
@@ -274,6 +390,19 @@ class MessageNodeCore:
     @property
     def address_count(self) -> int:
         return len(self._owner)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def drain_pending(self) -> int:
+        """Drain connections that have neither said ``drained`` nor gone away yet."""
+        return len(self._awaiting)
+
+    def plain_connections(self) -> int:
+        """Open connections that did not negotiate the drain extension (closed after the short grace)."""
+        return sum(1 for state in self._conns.values() if not state.drain and not state.closing)
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has work to do (a detached session expiring), or None."""
@@ -357,15 +486,12 @@ class MessageNodeCore:
         """The socket is gone: its session (if any) waits ``session_grace`` seconds for a re-open."""
         state = self._conns.pop(conn, None)
         out: list[Action] = []
+        if conn in self._awaiting:  # everything it sent before going was routed: as good as 'drained'
+            self._awaiting.discard(conn)
+            out.append(Drained(conn, len(self._awaiting)))
         if state is None or state.session is None or state.session.conn is not conn:
             return out
-        session = state.session
-        session.conn = None
-        if self.session_grace <= 0:
-            self._end(session, "expired", out)
-            return out
-        session.deadline = now + self.session_grace
-        heapq.heappush(self._deadlines, (session.deadline, next(self._seq), session))
+        self._detach(state.session, now, out)
         return out
 
     def tick(self, now: float) -> list[Action]:
@@ -377,6 +503,131 @@ class MessageNodeCore:
             if session.deadline == when and session.conn is None and session.url in self._sessions:
                 self._end(session, "expired", out)
         return out
+
+    # -- graceful stop (drain extension) --------------------------------------------------------------
+
+    def begin_drain(self) -> list[Action]:
+        """The node is stopping: tell every drain connection ``draining``; routing goes on as usual.
+
+        A connection that negotiates drain later (an ``open`` arriving during the drain) is told at once.
+        """
+        out: list[Action] = []
+        if self._draining:
+            return out
+        self._draining = True
+        for state in self._conns.values():
+            if state.drain and state.session is not None and not state.closing:
+                self._notify_draining(state, out)
+        return out
+
+    def close_plain(self, now: float) -> list[Action]:
+        """Close (1001) every connection without the drain extension, once its short grace is over."""
+        out: list[Action] = []
+        for state in list(self._conns.values()):
+            if not state.drain and not state.closing:
+                self._shut(state, now, out)
+        return out
+
+    def finish_drain(self, now: float) -> list[Action]:
+        """Close (1001) every connection still open; after this the core's state no longer changes.
+
+        Drain connections that have not said ``drained`` by now (the shell's ``drain_timeout``) are
+        counted in ``drain_timeouts``.  Sessions are detached before their sockets close, so the state
+        snapshot taken next is final: nothing more is routed to (or read from) these connections.
+        """
+        out: list[Action] = []
+        self.counters["drain_timeouts"] += len(self._awaiting)
+        self._awaiting.clear()
+        for state in list(self._conns.values()):
+            if not state.closing:
+                self._shut(state, now, out)
+        return out
+
+    def _notify_draining(self, state: _Conn, out: list[Action]) -> None:
+        session = state.session
+        assert session is not None
+        self._awaiting.add(state.conn)
+        self.counters["drain_notices"] += 1
+        notice = Message(id=next(self._notice_ids), type="update", from_=SESSION_URL, to=session.url,
+                         body={"value": "draining"})
+        out.append(Send(state.conn, encode(notice)))
+
+    def _shut(self, state: _Conn, now: float, out: list[Action]) -> None:
+        session = state.session
+        if session is not None and session.conn is state.conn:
+            state.session = None
+            self._detach(session, now, out)
+        self._close_conn(state, CLOSE_GOING_AWAY, _SHUTDOWN_REASON, out)
+
+    def _drained(self, state: _Conn, msg: Message, out: list[Action]) -> None:
+        """``update`` ``{value: "drained"}`` to ``mn:/session``: the drain client's last frame (no answer)."""
+        value = (msg.body or {}).get("value")
+        if not isinstance(value, str) or value.lower() != "drained":
+            self._error(state, msg, 400, f"body.value: {SESSION_URL} accepts an update only with value "
+                        "'drained' (drain extension)", out)
+            return
+        session = state.session
+        if session is None or not state.drain:
+            self._error(state, msg, 409, "drained: this connection did not negotiate the drain extension "
+                        "(send \"drain\": true in open or re-open)", out)
+            return
+        if not self._draining:
+            self._error(state, msg, 409, "drained: this message node is not draining", out)
+            return
+        if state.conn in self._awaiting:
+            self._awaiting.discard(state.conn)
+            self.counters["drained"] += 1
+            out.append(Drained(state.conn, len(self._awaiting)))
+
+    # -- state snapshot ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a restarted node needs, as plain JSON-able data that shares nothing with the core.
+
+        Sessions are exported whether connected or not: a restored node holds them all detached.
+        """
+        state = _State(STATE_FORMAT, STATE_VERSION, self.domain, [_export(s) for s in self._sessions.values()])
+        return msgspec.to_builtins(state)
+
+    def restore(self, snapshot: Any, now: float) -> int:
+        """Load a :meth:`snapshot` into this (empty) core; every session detached until ``now + session_grace``.
+
+        Raises :class:`StateError` naming the field at fault; nothing is loaded then.  Returns the number of
+        sessions loaded.
+        """
+        if self._sessions or self._conns:
+            raise StateError("restore: this message node already has sessions or connections")
+        try:
+            state = msgspec.convert(snapshot, _State)
+        except msgspec.ValidationError as exc:
+            raise StateError(_state_error_text(exc)) from None
+        if state.format != STATE_FORMAT:
+            raise StateError(f"format: {state.format!r} is not a message node state ({STATE_FORMAT!r})")
+        if state.version != STATE_VERSION:
+            raise StateError(f"version: {state.version} is not supported (this node reads version {STATE_VERSION})")
+        if state.domain != self.domain:
+            raise StateError(f"domain: the state is of msg-node.{state.domain}, this node serves {self.domain}")
+        sessions: dict[str, Session] = {}
+        by_runtime: dict[str, Session] = {}
+        owner: dict[str, Session] = {}
+        for index, saved in enumerate(state.sessions):
+            session = _import(saved, f"sessions[{index}]", owner)
+            if session.url in sessions or session.runtime_url in by_runtime:
+                raise StateError(f"sessions[{index}].runtimeURL: a second session of {session.runtime_url}")
+            sessions[session.url] = session
+            by_runtime[session.runtime_url] = session
+        # all checked: install
+        self._sessions = sessions
+        self._by_runtime = by_runtime
+        self._owner = owner
+        deadline = now + max(self.session_grace, 0.0)  # a zero grace expires them at the first tick
+        for session in sessions.values():
+            for resource in session.subscriptions:
+                self._subscribers.setdefault(resource, {})[session] = None
+            session.deadline = deadline
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), session))
+        self.counters["sessions_restored"] += len(sessions)
+        return len(sessions)
 
     # -- routing -----------------------------------------------------------------------------------
 
@@ -408,15 +659,14 @@ class MessageNodeCore:
         if target is not None:
             conn = target.conn
             if conn is None:
-                self.counters["detached_drops"] += 1
-                self._error(state, msg, 503, f"{to} belongs to a disconnected session (waiting for its re-open)", out)
+                self._hold(state, target, msg, raw, out)
                 return
             self.counters["delivered"] += 1
             out.append(Send(conn, encode(msg) if raw is None else raw))
             return
         subscribers = self._subscribers.get(to)
         if subscribers:
-            self._fan_out(subscribers, encode(msg) if raw is None else raw, out)
+            self._fan_out(state, msg, subscribers, encode(msg) if raw is None else raw, out)
             return
         if to.startswith(self._registry_prefixes):
             self._registry_component(state, msg, out)
@@ -426,17 +676,79 @@ class MessageNodeCore:
             self._not_found(state, msg, f"no route to {to}: not an allocated address, runtime or subscribed "
                             f"resource on msg-node.{self.domain}", out)
 
-    def _fan_out(self, subscribers: dict[Session, None], data: Any, out: list[Action]) -> None:
+    def _fan_out(self, state: _Conn, msg: Message, subscribers: dict[Session, None], data: Any,
+                 out: list[Action]) -> None:
         delivered = 0
+        full: list[Session] = []
         for session in subscribers:
             conn = session.conn
             if conn is None:
-                self.counters["detached_drops"] += 1
+                if self._keep(session, bytes(data), fanout=True):
+                    self.counters["buffered"] += 1
+                else:
+                    full.append(session)
             else:
                 out.append(Send(conn, data))
                 delivered += 1
         self.counters["delivered"] += 1
         self.counters["fanout_deliveries"] += delivered
+        if full:
+            self.counters["buffer_full"] += len(full)
+            self._error(state, msg, 503, f"{msg.to}: {len(full)} subscriber session(s) are detached and their "
+                        f"buffers are full (e.g. {full[0].url}); they miss this message", out)
+
+    # -- buffers of detached sessions ----------------------------------------------------------------
+
+    def _hold(self, state: _Conn, target: Session, msg: Message, raw: Any, out: list[Action]) -> None:
+        """Keep a point-to-point message for a detached session, or tell the sender its buffer is full."""
+        if self._keep(target, encode(msg) if raw is None else bytes(raw), fanout=False):
+            self.counters["buffered"] += 1
+            return
+        self.counters["buffer_full"] += 1
+        self._error(state, msg, 503, f"{msg.to} belongs to a detached session (waiting for its re-open) "
+                    f"whose buffer is full ({len(target.buffer)} messages, {target.buffer_bytes} bytes)", out)
+
+    def _keep(self, session: Session, data: bytes, *, fanout: bool) -> bool:
+        size = len(data)
+        if len(session.buffer) >= self.buffer_messages or session.buffer_bytes + size > self.buffer_bytes:
+            return False
+        session.buffer.append((data, fanout))
+        session.buffer_bytes += size
+        return True
+
+    def _deliver(self, data: bytes, to: str, out: list[Action]) -> None:
+        """Route one node-made response (no sender session): point to point, buffered if detached."""
+        target = self._owner.get(to) or self._runtime_session(to)
+        if target is None:
+            self.counters["responses_dropped"] += 1
+        elif target.conn is not None:
+            self.counters["delivered"] += 1
+            out.append(Send(target.conn, data))
+        elif self._keep(target, data, fanout=False):
+            self.counters["buffered"] += 1
+        else:
+            self.counters["buffer_full"] += 1
+            self.counters["responses_dropped"] += 1
+
+    def _answer_buffer(self, session: Session, reason: str, out: list[Action]) -> None:
+        """A session ends with messages still buffered: ``410`` to each point-to-point request's sender.
+
+        Fan-out copies and responses are discarded without an answer: a publisher is not told when a
+        subscriber leaves either, and a response is never answered (counted in ``buffer_discarded``).
+        """
+        buffered, session.buffer, session.buffer_bytes = session.buffer, [], 0
+        for data, fanout in buffered:
+            try:
+                msg = None if fanout else decode(data, max_size=len(data))
+            except MessageError:
+                msg = None
+            if msg is None or msg.type == "response":
+                self.counters["buffer_discarded"] += 1
+                continue
+            self.counters["buffer_answered"] += 1
+            gone = response(msg, 410, f"{msg.to}: its session {session.url} {reason} before this message "
+                            "could be delivered")
+            self._deliver(encode(gone), msg.from_, out)
 
     def _runtime_session(self, to: str) -> Session | None:
         """The session whose runtime URL is ``to`` or a prefix of it ending at a ``/``."""
@@ -486,10 +798,13 @@ class MessageNodeCore:
             self._reopen(state, msg, out)
         elif kind == "close":
             self._close(state, msg, out)
+        elif kind == "update":
+            self._drained(state, msg, out)
         elif kind == "response":
             self.counters["responses_dropped"] += 1
         else:
-            self._error(state, msg, 405, f"type: {SESSION_URL} accepts open, re-open and close, not '{kind}'", out)
+            self._error(state, msg, 405, f"type: {SESSION_URL} accepts open, re-open, close and update "
+                        f"(drained), not '{kind}'", out)
 
     def _open(self, state: _Conn, msg: Message, out: list[Action]) -> None:
         runtime = msg.from_
@@ -547,16 +862,31 @@ class MessageNodeCore:
         self._granted(state, msg, session, out)
 
     def _granted(self, state: _Conn, msg: Message, session: Session, out: list[Action]) -> None:
-        body = msg.body
-        asked = bool(body) and body.get("batch") is True  # type: ignore[union-attr]
+        """The ``200``, then (in this order) batching, the session's buffered messages, ``draining``."""
+        body = msg.body or {}
+        asked = body.get("batch") is True
         extra: dict[str, Any] = {"runtimeToken": session.token}
-        if asked or state.batch:  # once granted, batching lasts as long as the connection
+        if asked or state.batch:  # once granted, an extension lasts as long as the connection
             extra["batch"] = True
             extra["maxFrame"] = self.max_frame
+        if body.get("drain") is True:
+            state.drain = True
+        if state.drain:
+            extra["drain"] = True
+        session.drain = state.drain
+        session.batch = state.batch or asked
         self._reply(state, response(msg, 200, **extra), out)
         if asked and not state.batch:
             state.batch = True
             out.append(EnableBatch(state.conn, self.max_frame))
+        if session.buffer:
+            frames = [data for data, _ in session.buffer]
+            session.buffer = []
+            session.buffer_bytes = 0
+            self.counters["replayed"] += len(frames)
+            out.append(Replay(state.conn, frames))
+        if self._draining and state.drain and state.conn not in self._awaiting:
+            self._notify_draining(state, out)
 
     def _authenticated(self, state: _Conn, msg: Message, out: list[Action]) -> bool:
         if self._auth is None:
@@ -591,6 +921,15 @@ class MessageNodeCore:
         self._end(session, "closed", out)
         self._close_conn(state, CLOSE_NORMAL, "session closed", out)
 
+    def _detach(self, session: Session, now: float, out: list[Action]) -> None:
+        """The session's socket is gone (or going): it waits ``session_grace`` seconds for a re-open."""
+        session.conn = None
+        if self.session_grace <= 0:
+            self._end(session, "expired", out)
+            return
+        session.deadline = now + self.session_grace
+        heapq.heappush(self._deadlines, (session.deadline, next(self._seq), session))
+
     def _end(self, session: Session, reason: str, out: list[Action]) -> None:
         """Free everything the session holds; its connection (if any) stays open but session-less."""
         del self._sessions[session.url]
@@ -618,6 +957,8 @@ class MessageNodeCore:
         session.deadline = None
         self.counters[f"sessions_{reason}"] += 1
         out.append(SessionEnded(session.url, session.runtime_url, reason, freed))
+        if session.buffer:  # after the tables are freed: no answer can route back into this session
+            self._answer_buffer(session, _ENDED[reason], out)
 
     # -- address allocation --------------------------------------------------------------------------
 
@@ -898,6 +1239,86 @@ class MessageNodeCore:
         )
         self.counters["errors_sent"] += 1
         out.append(Send(state.conn, encode(reply)))
+
+
+def _export(session: Session) -> _SessionState:
+    buffer = []
+    for data, fanout in session.buffer:
+        try:
+            buffer.append(_BufferedState(data=data.decode(), fanout=fanout))
+        except UnicodeDecodeError:  # forwarded verbatim from a peer that sent invalid UTF-8
+            buffer.append(_BufferedState(base64=base64.b64encode(data).decode(), fanout=fanout))
+    return _SessionState(
+        runtime_url=session.runtime_url,
+        token=session.token,
+        flags={"drain": session.drain, "batch": session.batch},
+        addresses=sorted(session.addresses),
+        keys={key: list(block) for key, block in session.keys.items()},
+        bound=list(session.bound),
+        subscriptions={resource: sorted(sources) for resource, sources in session.subscriptions.items()},
+        buffer=buffer,
+    )
+
+
+def _import(saved: _SessionState, where: str, owner: dict[str, Session]) -> Session:
+    """One saved session, checked field by field; its addresses are entered into ``owner``."""
+    try:
+        parse(saved.runtime_url)
+    except AddressError as exc:
+        raise StateError(f"{where}.runtimeURL: {exc}") from None
+    if not saved.token or "/" in saved.token:
+        raise StateError(f"{where}.token: expected a non-empty token without '/', got {saved.token!r}")
+    session = Session(runtime_url=saved.runtime_url, token=saved.token, url=f"{saved.runtime_url}/{saved.token}")
+    session.drain = saved.flags.get("drain", False)
+    session.batch = saved.flags.get("batch", False)
+    for name, addresses in (("addresses", saved.addresses), ("bound", saved.bound)):
+        for address in addresses:
+            try:
+                parse(address)
+            except AddressError as exc:
+                raise StateError(f"{where}.{name}: {exc}") from None
+            if address in owner:
+                raise StateError(f"{where}.{name}: {address} belongs to two sessions (or twice to this one)")
+            owner[address] = session
+    session.addresses = set(saved.addresses)
+    session.bound = dict.fromkeys(saved.bound)
+    for key, block in saved.keys.items():
+        stray = [a for a in block if a not in session.addresses]
+        if not block or stray:
+            raise StateError(f"{where}.keys.{key}: expected a non-empty block of this session's addresses"
+                             + (f", {stray[0]} is not one" if stray else ""))
+        session.keys[key] = list(block)
+    for resource, sources in saved.subscriptions.items():
+        if not sources or not all(sources):
+            raise StateError(f"{where}.subscriptions.{resource}: expected a non-empty list of sources")
+        session.subscriptions[resource] = set(sources)
+        session.subscription_count += len(session.subscriptions[resource])
+    for index, entry in enumerate(saved.buffer):
+        session.buffer.append((_frame(entry, f"{where}.buffer[{index}]"), entry.fanout))
+        session.buffer_bytes += len(session.buffer[-1][0])
+    return session
+
+
+def _frame(entry: _BufferedState, where: str) -> bytes:
+    if (entry.data is None) == (entry.base64 is None):
+        raise StateError(f"{where}: expected exactly one of 'data' and 'base64'")
+    if entry.data is not None:
+        return entry.data.encode()
+    try:
+        return base64.b64decode(entry.base64 or "", validate=True)
+    except binascii.Error as exc:
+        raise StateError(f"{where}.base64: {exc}") from None
+
+
+def _state_error_text(exc: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `str`, got `int` - at `$.sessions[0].token`" as "sessions[0].token: ..."."""
+    text = str(exc)
+    detail, sep, where = text.rpartition(" - at `")
+    if sep:
+        return f"{where.rstrip('`').removeprefix('$').lstrip('.') or 'state'}: {detail}"
+    if text.startswith("Object missing required field `"):
+        return f"{text.split('`')[1]}: missing required field"
+    return f"state: {text}"
 
 
 def _starts_array(data: bytes | bytearray | memoryview) -> bool:

@@ -11,34 +11,47 @@ Everything protocol-shaped lives in the core; this module only moves bytes and t
   compression is never negotiated, so a frame is just a 2/4/10-byte header and the message bytes;
 * flow control: the queue is bounded in messages and bytes; while the socket's buffer is over its high
   water mark nothing more is written, and a consumer whose queue overflows (or that makes no progress for
-  ``drain_timeout`` seconds) is disconnected with close code 1013 so the node's memory stays flat;
-* time: a timer armed at the core's :meth:`~MessageNodeCore.next_deadline` expires detached sessions.
+  ``write_timeout`` seconds) is disconnected with close code 1013 so the node's memory stays flat; a
+  re-opened session's buffered messages (:class:`Replay`) are queued on top of that limit;
+* time: a timer armed at the core's :meth:`~MessageNodeCore.next_deadline` expires detached sessions;
+* graceful stop: the drain handshake (``draining`` ... ``drained``, bounded by ``drain_timeout``; plain
+  clients closed after ``drain_grace``), then every queue flushed, the state written (``state_file``,
+  temp file + rename, in a thread) and every socket closed with 1001.  :meth:`MessageNode.start` loads
+  that file (then renames it ``<name>.loaded``, so a crash never replays a stale state).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import struct
+import tempfile
 from collections.abc import Callable, Collection, Coroutine
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import msgspec
 from aiohttp import WSMsgType, web
 
 from protofly.log import get_logger
 from protofly.msgnode.core import (
-    CLOSE_GOING_AWAY,
     CLOSE_TRY_AGAIN_LATER,
+    DEFAULT_BUFFER_BYTES,
+    DEFAULT_BUFFER_MESSAGES,
     DEFAULT_MAX_FRAME,
     DEFAULT_SEND_QUEUE,
     DEFAULT_SEND_QUEUE_BYTES,
     Action,
     Close,
+    Drained,
     EnableBatch,
     MessageNodeCore,
+    Replay,
     Send,
     SessionEnded,
+    StateError,
 )
 
 __all__ = ["MessageNode"]
@@ -77,6 +90,8 @@ class _Connection:
         "_request",
         "batch_frame",
         "closing",
+        "limit_bytes",
+        "limit_messages",
         "peer",
         "pending",
         "pending_bytes",
@@ -94,6 +109,9 @@ class _Connection:
         #: 0: one message per frame; else the largest JSON-array frame this peer accepts.
         self.batch_frame = 0
         self.closing = False
+        #: The queue's limits: the node's, raised by a replay until the queue has been written out.
+        self.limit_messages = node.send_queue
+        self.limit_bytes = node.send_queue_bytes
         self._flush_handle: asyncio.Handle | None = None
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -113,11 +131,29 @@ class _Connection:
                 self._flush()
             elif self._flush_handle is None:
                 self._flush_handle = self._loop.call_soon(self._flush)
-        node = self._node
-        if len(self.pending) > node.send_queue or self.pending_bytes > node.send_queue_bytes:
+        if len(self.pending) > self.limit_messages or self.pending_bytes > self.limit_bytes:
             self._overflow()
-        elif self.pending_bytes > node.stats["queue_peak_bytes"]:
-            node.stats["queue_peak_bytes"] = self.pending_bytes
+        elif self.pending_bytes > self._node.stats["queue_peak_bytes"]:
+            self._node.stats["queue_peak_bytes"] = self.pending_bytes
+
+    def replay(self, frames: list[bytes]) -> None:
+        """Queue a re-opened session's buffered messages, raising the limits by as much.
+
+        They were accepted while the session was detached; a reader that needs a while to take them in
+        is not a slow consumer.  The limits fall back to the node's once the queue has been written out.
+        """
+        if self.closing:
+            self._node.stats["dropped_closing"] += len(frames)
+            return
+        size = sum(map(len, frames))
+        self.limit_messages += len(frames)
+        self.limit_bytes += size
+        self.pending.extend(frames)
+        self.pending_bytes += size
+        if self._drain_task is None:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush()
 
     def enable_batch(self, max_frame: int) -> None:
         """Write what is queued as plain frames first: the peer learns of batching from the 200 in it."""
@@ -165,6 +201,9 @@ class _Connection:
             del self.pending[:count]
             size = sum(len(d) for d in taken)
         self.pending_bytes -= size
+        if not self.pending and self.limit_messages != self._node.send_queue:  # a replay is written out
+            self.limit_messages = self._node.send_queue
+            self.limit_bytes = self._node.send_queue_bytes
         if transport is None or transport.is_closing():
             return
         parts = self._frames(taken) if self.batch_frame and count > 1 else self._plain_frames(taken)
@@ -215,10 +254,10 @@ class _Connection:
     async def _drain(self) -> None:
         """Wait (bounded) for the socket buffer to fall below its low water mark, then write on."""
         try:
-            await asyncio.wait_for(self._request.writer.drain(), timeout=self._node.drain_timeout)
+            await asyncio.wait_for(self._request.writer.drain(), timeout=self._node.write_timeout)
         except TimeoutError:
             self._drain_task = None
-            self._slow(f"no write progress for {self._node.drain_timeout} s")
+            self._slow(f"no write progress for {self._node.write_timeout} s")
             return
         except ConnectionError:
             self._drain_task = None
@@ -286,6 +325,10 @@ class MessageNode:
     (read it from :attr:`port`); a fixed port can be reused right after :meth:`stop`, which is how tests
     restart a node under connected stubs.  :attr:`counters` merges the core's protocol counters with the
     shell's I/O counters; :meth:`wait_for` waits (bounded) until a condition on them holds.
+
+    :meth:`stop` is graceful: drain clients are told ``draining`` and waited for (``drain_timeout``), plain
+    clients get ``drain_grace``, and with a ``state_file`` the sessions, allocations, subscriptions and
+    buffered messages are written there, for the next node's :meth:`start` to load.
     """
 
     def __init__(
@@ -301,7 +344,12 @@ class MessageNode:
         send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
         ping_interval: float | None = 20.0,
         close_timeout: float = 5.0,
-        drain_timeout: float = 30.0,
+        write_timeout: float = 30.0,
+        drain_timeout: float = 5.0,
+        drain_grace: float = 0.2,
+        state_file: Path | str | None = None,
+        buffer_messages: int = DEFAULT_BUFFER_MESSAGES,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         max_addresses: int = 10_000,
         max_block: int = 1_000,
         max_bound: int = 1_000,
@@ -316,6 +364,8 @@ class MessageNode:
             max_block=max_block,
             max_bound=max_bound,
             max_subscriptions=max_subscriptions,
+            buffer_messages=buffer_messages,
+            buffer_bytes=buffer_bytes,
         )
         self.domain = self.core.domain
         self.host = host
@@ -325,7 +375,10 @@ class MessageNode:
         self.send_queue_bytes = send_queue_bytes
         self.ping_interval = ping_interval or None
         self.close_timeout = close_timeout
+        self.write_timeout = write_timeout
         self.drain_timeout = drain_timeout
+        self.drain_grace = drain_grace
+        self.state_file = None if state_file is None else Path(state_file)
         self.stats: dict[str, int] = dict.fromkeys(
             (
                 "frames_in",
@@ -341,10 +394,13 @@ class MessageNode:
                 "closes_sent",
                 "queue_peak_bytes",
                 "transport_peak_bytes",
+                "refused_draining",
             ),
             0,
         )
         self._runner: web.AppRunner | None = None
+        self._stopping = False
+        self._drained: asyncio.Event | None = None
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -362,9 +418,16 @@ class MessageNode:
         return self._runner is not None
 
     async def start(self) -> None:
+        """Load the state file (if any), then listen.  A state file that cannot be loaded is an error.
+
+        :class:`StateError` names the file and the problem; a ``state_file`` that does not exist yet
+        starts an empty node (its directory must exist: the state is written there at :meth:`stop`).
+        """
         if self._runner is not None:
             raise RuntimeError("message node already started")
+        loaded = await self._load_state()
         self._changed = asyncio.Event()
+        self._stopping = False
         app = web.Application()
         app.router.add_get("/ws", self._handle_ws)
         app.router.add_get("/stats", self._handle_stats)
@@ -378,18 +441,33 @@ class MessageNode:
             raise
         self._runner = runner
         self.port = runner.addresses[0][1]
-        self._log.info("message node listening", url=self.url, auth=self.core.auth_required)
+        if loaded is not None:
+            await self._consume_state()
+        self._arm_timer()
+        self._log.info("message node listening", url=self.url, auth=self.core.auth_required,
+                       sessions_restored=loaded)
 
     async def stop(self) -> None:
-        """Close every connection (1001), stop listening and cancel everything this node started."""
+        """Drain, write the state file (if configured), close every connection (1001), stop listening.
+
+        Everything this node started is cancelled.  A state file that cannot be written raises
+        :class:`StateError` once the node is down (the operator must know the state is lost).
+        """
         runner = self._runner
-        if runner is None:
+        if runner is None or self._stopping:
             return
-        self._runner = None
-        for conn in list(self._connections):
-            conn.close(CLOSE_GOING_AWAY, "message node shutting down")
+        self._stopping = True
+        await self._drain()
+        failure: StateError | None = None
+        if self.state_file is not None:
+            try:
+                await self._save_state()
+            except StateError as exc:
+                failure = exc
+                self._log.error("message node state not saved", error=str(exc))
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.close_timeout + 1)
+        self._runner = None
         await runner.cleanup()
         if self._timer is not None:
             self._timer.cancel()
@@ -399,6 +477,73 @@ class MessageNode:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=1)
         self._log.info("message node stopped", url=self.url)
+        if failure is not None:
+            raise failure
+
+    async def _drain(self) -> None:
+        """The drain handshake: after it the core is frozen and every connection is closing (1001).
+
+        Drain clients are told ``draining`` and routed as usual until each says ``drained`` (its last
+        frame; TCP order means all it sent before is routed) or ``drain_timeout`` passes.  Plain clients
+        are closed after ``drain_grace`` (their sessions detach: what is routed to them from then on is
+        buffered).  New connections are refused meanwhile (HTTP 503).
+        """
+        core = self.core
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._drained = asyncio.Event()
+        self._apply(core.begin_drain())
+        if core.drain_pending:
+            self._log.info("draining", drain_clients=core.drain_pending, plain=core.plain_connections())
+        if core.plain_connections():
+            await asyncio.sleep(self.drain_grace)  # a grace period, not a wait for an event: plain peers send none
+            self._apply(core.close_plain(loop.time()))
+        remaining = self.drain_timeout - (loop.time() - started)
+        if core.drain_pending:
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout=max(remaining, 0.0))
+            except TimeoutError:
+                self._log.warning("drain timeout: closing clients that did not say drained",
+                                  clients=core.drain_pending, timeout=self.drain_timeout)
+        self._apply(core.finish_drain(loop.time()))
+
+    # -- state file ---------------------------------------------------------------------------------
+
+    async def _load_state(self) -> int | None:
+        """Sessions restored from the state file; None when there is no file (or none configured)."""
+        path = self.state_file
+        if path is None:
+            return None
+        snapshot = await asyncio.to_thread(_read_state, path)
+        if snapshot is None:
+            self._log.info("no message node state to load", state_file=str(path))
+            return None
+        try:
+            count = self.core.restore(snapshot, asyncio.get_running_loop().time())
+        except StateError as exc:
+            raise StateError(f"state file {path}: {exc}") from None
+        self._log.info("message node state loaded", state_file=str(path), sessions=count)
+        return count
+
+    async def _consume_state(self) -> None:
+        """Move the loaded file aside: after a crash the next start must not replay a stale state."""
+        path = self.state_file
+        assert path is not None
+        try:
+            await asyncio.to_thread(os.replace, path, path.with_name(path.name + ".loaded"))
+        except OSError as exc:
+            self._log.warning("loaded state file not moved aside", state_file=str(path), error=str(exc))
+
+    async def _save_state(self) -> None:
+        path = self.state_file
+        assert path is not None
+        snapshot = self.core.snapshot()  # taken on the loop, while the core is frozen; written in a thread
+        try:
+            size = await asyncio.to_thread(_write_state, path, snapshot)
+        except OSError as exc:
+            raise StateError(f"state file {path}: cannot write it ({exc})") from None
+        self._log.info("message node state saved", state_file=str(path), sessions=len(snapshot["sessions"]),
+                       bytes=size)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -453,6 +598,10 @@ class MessageNode:
         )
         if not ws.can_prepare(request).ok:
             return web.json_response({"code": 400, "description": "expected a WebSocket upgrade"}, status=400)
+        if self._stopping:
+            self.stats["refused_draining"] += 1
+            return web.json_response({"code": 503, "description": "message node shutting down: retry shortly"},
+                                     status=503)
         await ws.prepare(request)
         conn = _Connection(self, ws, request)
         self._connections.add(conn)
@@ -497,6 +646,11 @@ class MessageNode:
                 action.conn.close(action.code, action.reason)  # type: ignore[union-attr]
             elif kind is EnableBatch:
                 action.conn.enable_batch(action.max_frame)  # type: ignore[union-attr]
+            elif kind is Replay:
+                action.conn.replay(action.frames)  # type: ignore[union-attr]
+            elif kind is Drained:
+                if action.remaining == 0 and self._drained is not None:  # type: ignore[union-attr]
+                    self._drained.set()
             elif kind is SessionEnded:
                 self._log.info("session ended", session=action.url, reason=action.reason,  # type: ignore[union-attr]
                                addresses=action.addresses)  # type: ignore[union-attr]
@@ -528,3 +682,44 @@ class MessageNode:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+# -- state file I/O (run in a thread) -----------------------------------------------------------------------
+
+
+def _read_state(path: Path) -> Any:
+    """The decoded JSON of the state file; None if it does not exist (its directory must)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise StateError(f"state file {path}: its directory does not exist") from None
+        return None
+    except OSError as exc:
+        raise StateError(f"state file {path}: cannot read it ({exc})") from None
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise StateError(f"state file {path}: not valid JSON ({exc}); move it away to start an empty node") from None
+
+
+def _write_state(path: Path, snapshot: dict[str, Any]) -> int:
+    """Write atomically: a temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
+    data = msgspec.json.encode(snapshot)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return len(data)

@@ -39,10 +39,10 @@ async def client() -> AsyncIterator[Callable[..., Any]]:
     """``await client(node_or_url, **connect_options)`` -> a connected :class:`Client`, closed at teardown."""
     clients: list[Client] = []
 
-    async def make(target: MessageNode | str, **options: Any) -> Client:
+    async def make(target: MessageNode | str, *, auto_drain: bool = False, **options: Any) -> Client:
         url = target if isinstance(target, str) else target.url
         ws = await asyncio.wait_for(connect(url, open_timeout=WAIT, **options), timeout=WAIT)
-        made = Client(ws)
+        made = Client(ws, auto_drain=auto_drain)
         clients.append(made)
         return made
 

@@ -21,11 +21,20 @@ SM = f"domain://msg-node.{DOMAIN}/sm"
 WAIT = 5.0
 
 
-class Client:
-    """A stub-like client: a reader task files every message (arrays unpacked) for :meth:`next` to find."""
+def is_draining(msg: dict[str, Any]) -> bool:
+    return msg.get("from") == SESSION and msg.get("type") == "update" and msg.get("body") == {"value": "draining"}
 
-    def __init__(self, ws: ClientConnection) -> None:
+
+class Client:
+    """A stub-like client: a reader task files every message (arrays unpacked) for :meth:`next` to find.
+
+    With ``auto_drain`` it answers the node's ``draining`` with ``drained`` at once (it sends nothing
+    else on its own, so that is its last frame), as a drain-extension stub with an empty outbox would.
+    """
+
+    def __init__(self, ws: ClientConnection, *, auto_drain: bool = False) -> None:
         self.ws = ws
+        self.auto_drain = auto_drain
         self.ids = itertools.count(1)
         self.inbox: list[dict[str, Any]] = []
         self.frames = 0
@@ -45,8 +54,15 @@ class Client:
                     self.inbox.extend(obj)
                 else:
                     self.inbox.append(obj)
+                if self.auto_drain and not isinstance(obj, list) and is_draining(obj):
+                    await self.drained()
                 self._arrived.set()
         self._arrived.set()
+
+    async def drained(self) -> None:
+        """The drain extension's last frame."""
+        await self.send(id=next(self.ids), type="update", from_=self.session_url, to=SESSION,
+                        body={"value": "drained"})
 
     async def next(self, predicate: Callable[[dict[str, Any]], bool] = lambda m: True, timeout: float = WAIT) -> dict:
         """Remove and return the first message matching ``predicate``, waiting at most ``timeout`` seconds."""
@@ -78,6 +94,13 @@ class Client:
         if reply["body"]["code"] == 200:
             self.runtime = runtime
             self.session_url = f"{runtime}/{reply['body']['runtimeToken']}"
+        return reply
+
+    async def reopen(self, session_url: str, **body: Any) -> dict[str, Any]:
+        reply = await self.request(type="re-open", from_=session_url, to=SESSION, **({"body": body} if body else {}))
+        if reply["body"]["code"] == 200:
+            self.session_url = session_url
+            self.runtime = session_url.rsplit("/", 1)[0]
         return reply
 
     async def allocate(self, to: str = ALLOC, **body: Any) -> list[str]:

@@ -612,16 +612,17 @@ def test_other_types_to_sm_are_405(node):
     assert only(node.send(conn, type="read", from_="x:y", to=SM))["body"]["code"] == 405
 
 
-def test_fan_out_skips_detached_subscribers_and_counts_them(node):
+def test_fan_out_writes_to_connected_subscribers_and_buffers_for_detached_ones(node):
     alive, _ = node.session("s1")
-    gone, _ = node.session("s2")
+    gone, url = node.session("s2")
     for conn in (alive, gone):
         node.send(conn, type="subscribe", from_="x:y", to=SM, body={"resources": [RESOURCE]})
     node.core.disconnected(gone, now=0.0)
     publisher, _ = node.session("pub")
     actions = node.send(publisher, type="update", from_="comm://a.test/room", to=RESOURCE, body={})
     assert [a.conn for a in actions] == [alive]
-    assert node.core.counters["detached_drops"] == 1
+    assert node.core.counters["buffered"] == 1
+    assert [fanout for _, fanout in node.core.session(url).buffer] == [True]
 
 
 # -- routing -------------------------------------------------------------------------------------------
@@ -695,14 +696,14 @@ def test_registries_answer_501(node, to):
     assert reply["body"]["code"] == 501 and "registry" in reply["body"]["description"]
 
 
-def test_a_message_to_a_detached_session_is_503(node):
+def test_a_message_to_a_detached_session_is_buffered_not_refused(node):
     a, _ = node.session("a")
-    b, _ = node.session("b")
+    b, url = node.session("b")
     [hb] = node.allocate(b)
     node.core.disconnected(b, now=0.0)
-    reply = only(node.send(a, type="update", from_="x:y", to=hb, body={}))
-    assert reply["body"]["code"] == 503
+    assert node.send(a, type="update", from_="x:y", to=hb, body={}) == []
     assert node.send(a, type="response", from_="x:y", to=hb, body={"code": 200}) == []
+    assert len(node.core.session(url).buffer) == 2
 
 
 # -- inter-domain replies (transition binding) ---------------------------------------------------------
