@@ -20,6 +20,10 @@ hyperty B in runtime B.  Four OS processes on the machine: this one, two stub ho
   ``fanout_1000_lost``: (20 + 200) x 1,000 deliveries expected minus those seen, the burst included;
   ``fanout_burst_deliveries_per_s``: 200 updates posted at once, deliveries per second at the listeners.
 
+``cpu_us_per_msg_100b`` / ``_10kb``: CPU time (``/proc/<pid>/stat``) per message of the measured one-way
+run, split by process: ``runtimes`` (this process: both runtimes, buses, hyperties, sandbox channels),
+``stubs`` (both stub hosts together), ``node``.  That is where the time goes.
+
 Prints one JSON object.
 """
 
@@ -56,6 +60,44 @@ FANOUT = 1_000
 FANOUT_UPDATES = 20
 FANOUT_BURST = 200
 TIMEOUT = 60.0
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | str) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def stub_hosts() -> list[int]:
+    """The stub host processes (inside bwrap's namespaces, seen here by their host pids)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"protofly.sandbox.host" in cmdline and b"bwrap" not in cmdline.split(b"\0", 1)[0]:
+                pids.append(int(entry.name))
+    return pids
+
+
+class CpuMeter:
+    """CPU seconds used by this process, the stub hosts and the node between start() and stop()."""
+
+    def __init__(self, node_pid: int) -> None:
+        self.groups = {"runtimes": ["self"], "stubs": stub_hosts(), "node": [node_pid]}
+        self.before: dict[str, float] = {}
+
+    def _sample(self) -> dict[str, float]:
+        return {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in self.groups.items()}
+
+    def start(self) -> None:
+        self.before = self._sample()
+
+    def per_message(self, count: int) -> dict[str, float]:
+        after = self._sample()
+        return {name: round((after[name] - self.before[name]) / count * 1e6, 1) for name in after}
 
 
 class NodeProcess:
@@ -269,9 +311,12 @@ async def main() -> dict[str, Any]:
             hyperty_a = await rt_a.new_hyperty(lambda msg: errors.append(msg) if response_code(msg) != 200 else None)
             figures: dict[str, Any] = {}
             figures.update(await roundtrips(hyperty_a, hyperty_b.url))
+            meter = CpuMeter(node.proc.pid)
             for key, size, warmup in (("100b", 100, 3_000), ("10kb", 10_000, 2_000)):
                 await one_way(hyperty_a, hyperty_b.url, receiver, errors, size, warmup)
+                meter.start()
                 rate, bad = await one_way(hyperty_a, hyperty_b.url, receiver, errors, size, ONEWAY)
+                figures[f"cpu_us_per_msg_{key}"] = meter.per_message(ONEWAY)
                 figures[f"oneway_msgs_per_s_{key}"] = round(rate)
                 figures[f"oneway_{key}_bad"] = bad
             figures.update(await fan_out(rt_a, rt_b))
