@@ -39,9 +39,16 @@ class World:
         self.nodes: dict[str, MessageNode] = {}
         self._runtimes = 0
 
-    async def start(self, *, stub_config: dict[str, Any] | None = None, **node_options: Any) -> None:
+    async def start(
+        self,
+        *,
+        stub_config: dict[str, Any] | None = None,
+        per_domain: dict[str, dict[str, Any]] | None = None,
+        **node_options: Any,
+    ) -> None:
+        """Nodes (``node_options`` for both, ``per_domain`` for one), keys, published stubs, catalogues."""
         for domain in DOMAINS:
-            await self.start_node(domain, **node_options)
+            await self.start_node(domain, **node_options, **(per_domain or {}).get(domain, {}))
             self.keys[domain] = key = SigningKey.generate(domain)
             self.trust.add(domain, key.public_raw)
             self.publish(domain, stub_config or {})

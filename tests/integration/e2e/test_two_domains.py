@@ -96,3 +96,73 @@ async def test_a_node_that_refuses_the_token_fails_the_deployment(world) -> None
         assert response_code(answer) == 503
         assert "401" in answer.body["description"] and "accessToken" in answer.body["description"]
         assert rt_a.registry.stub("b.test").status == "deployment-failed"
+
+
+async def test_restarting_b_node_while_messages_flow_loses_no_accepted_message(world) -> None:
+    """b.test's node stops gracefully (drain, state file) and comes back on its port under live traffic.
+
+    Both stubs on it (runtime A's stub for b.test, runtime B's home stub) go ``disconnected`` → ``live``
+    by ``re-open``, keeping their addresses; every message hyperty A posted is counted at hyperty B.
+    """
+    state_file = world.root / "b-node-state.json"
+    await world.start(per_domain={"b.test": {"state_file": state_file}})
+    async with world.runtime("a.test") as rt_a, world.runtime("b.test") as rt_b:
+        received: list[int] = []
+        progress = asyncio.Event()
+
+        def on_b(msg: Message) -> dict | None:
+            if msg.type == "execute":
+                return {"pong": msg.body["n"]}
+            received.append(msg.body["n"])
+            progress.set()
+            return None
+
+        async def until_received(count: int, timeout: float) -> None:
+            async with asyncio.timeout(timeout):
+                while len(received) < count:
+                    progress.clear()
+                    await progress.wait()
+
+        hyperty_b = await rt_b.new_hyperty(on_b)
+        errors: list[Message] = []
+        hyperty_a = await rt_a.new_hyperty(errors.append)
+        await rt_a.load_stub("b.test")
+        foreign, home_b = rt_a.registry.stub("b.test"), rt_b.registry.stub("b.test")
+        sent = 0
+        stop_at: int | None = None
+
+        async def send() -> None:
+            nonlocal sent
+            while stop_at is None or sent < stop_at:
+                hyperty_a.post(hyperty_b.url, "update", {"n": sent})
+                sent += 1
+                if sent % 5 == 0:
+                    await asyncio.sleep(0.001)  # pacing: traffic must still flow while the node restarts
+
+        sender = asyncio.create_task(send())
+        await until_received(100, timeout=15)
+        node_b = world.nodes["b.test"]
+        port = node_b.port
+        await node_b.stop()
+        before_restart = sent
+        restarted = await world.start_node("b.test", port=port, state_file=state_file)
+        await rt_a.registry.wait_for_status(foreign, ["live"], timeout=15)
+        await rt_b.registry.wait_for_status(home_b, ["live"], timeout=15)
+        stop_at = sent + 200
+        await asyncio.wait_for(sender, 15)
+        await until_received(sent, timeout=20)
+
+        assert received == list(range(sent))  # not one accepted message lost, none doubled, in order
+        assert errors == []  # and every message was accepted
+        assert before_restart > 100  # messages were posted while the node was down or draining
+        for record in (foreign, home_b):
+            values = connection_values(record)
+            assert values[:3] == ["created", "in-progress", "live"]
+            assert values[-3:] == ["disconnected", "in-progress", "live"]
+            down = [e for e in record.history if e.value == "disconnected"][-1]
+            assert down.description.startswith("1001 (going away)") and "drained" in down.description
+        assert restarted.counters["sessions_reopened"] >= 2
+        assert restarted.core.owner(hyperty_b.url) is not None  # the address survived the restart
+
+        answer = await hyperty_a.request(hyperty_b.url, "execute", {"n": -1}, timeout=10)
+        assert response_code(answer) == 200 and answer.body["value"] == {"pong": -1}  # both ways still work
