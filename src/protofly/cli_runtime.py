@@ -252,6 +252,8 @@ def _run_client(
 
     try:
         code = asyncio.run(main())
+    except KeyboardInterrupt:
+        raise _fail("interrupted (a deployment already started goes on in the runtime)", 130) from None
     except AdminUnavailableError as exc:
         raise _fail(exc.text, EXIT_USAGE) from None
     except AdminError as exc:
