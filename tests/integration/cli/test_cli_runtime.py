@@ -229,3 +229,17 @@ async def test_help_for_every_command():
         result = invoke(list(args))
         assert result.exit_code == 0, result.output
         assert "Usage:" in result.output and all(word in result.output for word in words), (args, result.output)
+
+
+def test_flags_win_over_environment_and_file_and_catalogues_merge(tmp_path, monkeypatch):
+    config = tmp_path / "runtime.toml"
+    config.write_text(
+        'domain = "a.test"\npolicy = "warn"\n[catalogues]\n"b.test" = "http://127.0.0.1:1"\n"c.test" = "http://127.0.0.1:2"\n'
+    )
+    monkeypatch.setenv("PROTOFLY_POLICY", "off")
+    monkeypatch.setenv("PROTOFLY_DEPLOY_TIMEOUT", "3")
+    settings = cli_runtime._load_config(
+        config, {"policy": "require", "domain": None}, cli_runtime._catalogue_flags(["C.test=http://127.0.0.1:3"])
+    )
+    assert settings.domain == "a.test" and settings.policy == "require" and settings.deploy_timeout == 3.0
+    assert settings.catalogues == {"b.test": "http://127.0.0.1:1", "c.test": "http://127.0.0.1:3"}
