@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/protofly --help
+	$(BIN)/protofly demo
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check src tests bench

@@ -31,6 +31,14 @@ def _root(
 
 
 @app.command()
+def demo(as_json: bool = typer.Option(False, "--json", help="Print the events as JSON lines.")) -> None:
+    """Two local domains, two runtimes, a stub deployed on the fly, a message node restart: watch it all."""
+    from protofly.demo.run import main as run_demo
+
+    raise typer.Exit(run_demo(as_json))
+
+
+@app.command()
 def version() -> None:
     """Print protofly's version."""
     from protofly import __version__
@@ -38,18 +46,19 @@ def version() -> None:
     typer.echo(__version__)
 
 
-# --- sub-apps: one line each, in this block -----------------------------------------------------
-from protofly.msgnode import cli as msgnode_cli  # noqa: E402, I001
-app.add_typer(msgnode_cli.app, name="msg-node")
-from protofly.catalogue import cli as catalogue_cli  # noqa: E402, I001
-app.add_typer(catalogue_cli.app, name="catalogue")
-app.add_typer(catalogue_cli.keys_app, name="keys")
-from protofly.sandbox import cli as sandbox_cli  # noqa: E402, I001
-app.add_typer(sandbox_cli.app, name="sandbox")
-from protofly import cli_runtime  # noqa: E402, I001
+# --- sub-apps: each part with commands owns a Typer app in its own package ----------------------
+from protofly import cli_runtime  # noqa: E402
+from protofly.catalogue import cli as catalogue_cli  # noqa: E402
+from protofly.msgnode import cli as msgnode_cli  # noqa: E402
+from protofly.sandbox import cli as sandbox_cli  # noqa: E402
+
 app.add_typer(cli_runtime.runtime_app, name="runtime")
 app.add_typer(cli_runtime.stub_app, name="stub")
 app.command("send")(cli_runtime.send)
+app.add_typer(catalogue_cli.app, name="catalogue")
+app.add_typer(catalogue_cli.keys_app, name="keys")
+app.add_typer(msgnode_cli.app, name="msg-node")
+app.add_typer(sandbox_cli.app, name="sandbox")
 # (end of sub-apps)
 
 

@@ -135,7 +135,8 @@ class _Slot:
     def on_bus_message(self, msg: Message) -> None:
         component = self.component
         if self.forwarding and component is not None:
-            component.post(msg)
+            if not component.post(msg):
+                self.runtime._refuse(msg, 503, f"stub for {self.domain} is not taking messages (its channel is full)")
             return
         if self.task is None and self.failure is not None:
             if not self.runtime._may_retry(self):
@@ -569,7 +570,9 @@ class Runtime:
     def _flush(self, slot: _Slot) -> None:
         component = slot.component
         while slot.queue and component is not None and slot.forwarding:
-            component.post(slot.queue.popleft())
+            msg = slot.queue.popleft()
+            if not component.post(msg):
+                self._refuse(msg, 503, f"stub for {slot.domain} is not taking messages (its channel is full)")
 
     def _drain(self, slot: _Slot, code: int, description: str) -> None:
         while slot.queue:

@@ -131,8 +131,13 @@ class Component(ABC):
     counters: dict[str, int]
 
     @abstractmethod
-    def post(self, msg: Message) -> None:
-        """Runtime → stub.  Never blocks: messages are buffered and sent in batches."""
+    def post(self, msg: Message) -> bool:
+        """Runtime → stub.  Never blocks: messages are buffered and sent in batches.
+
+        Returns False, and counts ``dropped_to_stub``, when the message was not taken (the component is not
+        running, or the stub has left too much of its channel unread): the caller must then answer the
+        sender, so that nothing is dropped silently.
+        """
 
     @abstractmethod
     async def execute(self, method: str, params: list[Any] | None = None, *, timeout: float) -> Message:

@@ -157,6 +157,8 @@ class FrameEncoder:
             raise ValueError(f"max_frame must be at least 2 bytes, got {max_frame}")
         self.max_frame = max_frame
         self._parts: list[bytes] = []
+        #: Bytes queued and not yet flushed: with the transport's buffer, what the stub has not read yet.
+        self.pending_bytes = 0
 
     def __len__(self) -> int:
         return len(self._parts)
@@ -167,6 +169,7 @@ class FrameEncoder:
         if len(data) > self.max_frame:
             raise MessageError(f"size: message of {len(data)} bytes is over the {self.max_frame}-byte frame limit")
         self._parts.append(data)
+        self.pending_bytes += len(data)
 
     def flush(self) -> bytes:
         """All queued messages as frames (empty bytes if nothing is queued)."""
@@ -174,6 +177,7 @@ class FrameEncoder:
         if not parts:
             return b""
         self._parts = []
+        self.pending_bytes = 0
         if len(parts) == 1:
             return _HEADER.pack(len(parts[0])) + parts[0]
         total = sum(len(p) for p in parts) + len(parts) + 1

@@ -56,15 +56,16 @@ class InProcessComponent(Component):
         self._bus = Bus(self._from_stub)
         self._removed = False
 
-    def post(self, msg: Message) -> None:
+    def post(self, msg: Message) -> bool:
         if self._removed or self.instance is None:
             self.counters["dropped_to_stub"] += 1
-            return
+            return False
         if msg.from_ == SANDBOX_EXTERNAL:
             raise MessageError(f"from: {SANDBOX_EXTERNAL} is reserved for the sandbox control protocol")
         copy = self._copy(msg)
         self.counters["messages_to_stub"] += 1
         self._loop.call_soon(self._dispatch, copy)
+        return True
 
     def _dispatch(self, msg: Message) -> None:
         if not self._removed:

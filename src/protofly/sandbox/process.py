@@ -243,23 +243,24 @@ class ProcessComponent(Component):
         """The host ended before it reported its confinement, i.e. before any stub code could run."""
         return self._state == "exited" and self._host_report is None
 
-    def post(self, msg: Message) -> None:
+    def post(self, msg: Message) -> bool:
         if self._state != "running":
             self.counters["dropped_to_stub"] += 1
-            return
+            return False
         if msg.from_ == SANDBOX_EXTERNAL:
             raise MessageError(f"from: {SANDBOX_EXTERNAL} is reserved for the sandbox control protocol")
         transport = self._transport
-        if transport is None or transport.get_write_buffer_size() > _HIGH_WATER:
+        if transport is None or transport.get_write_buffer_size() + self._encoder.pending_bytes > _HIGH_WATER:
             self.counters["dropped_to_stub"] += 1
             if self.counters["dropped_to_stub"] in (1, 10, 100) or self.counters["dropped_to_stub"] % 10_000 == 0:
                 self._log.warning(
-                    "the stub does not read its channel; dropping messages to it",
+                    "the stub does not read its channel; refusing messages to it",
                     count=self.counters["dropped_to_stub"],
                 )
-            return
+            return False
         self._send(msg)
         self.counters["messages_to_stub"] += 1
+        return True
 
     async def execute(self, method: str, params: list[Any] | None = None, *, timeout: float) -> Message:
         if self._state != "running":

@@ -242,3 +242,23 @@ async def test_unload_and_shutdown_leave_no_process(backend, domains, runtime_fa
         pids.append(runtime.registry.stub("b.test").info["pid"])
     assert not any(pid_alive(p) for p in pids)
     assert not children_of(os.getpid()) & set(pids)
+
+
+async def test_a_stub_that_stops_reading_gets_its_senders_answered(domains, runtime_factory, make_inbox) -> None:
+    domains.publish("b.test", {}, stub="blocker")
+    await domains.serve("b.test")
+    async with runtime_factory() as runtime:
+        handle = await runtime.load_stub("b.test")
+        inbox = make_inbox()
+        runtime.bus.add_listener("hyperty://a.test/me", inbox)
+        payload = "x" * 65536
+        for i in range(400):  # 26 MB: more than the channel holds for a stub that does not read
+            runtime.bus.post(
+                Message(
+                    id=i + 1, type="update", from_="hyperty://a.test/me", to="hyperty://b.test/x", body={"pad": payload}
+                )
+            )
+        await inbox.wait_for(1, timeout=5)
+        assert all(response_code(m) == 503 for m in inbox.items)
+        assert "not taking messages" in inbox.items[0].body["description"]
+        assert handle.record.counters["dropped_to_stub"] == len(inbox.items)

@@ -1,0 +1,180 @@
+"""``protofly demo``: protocol stubs deployed on the fly between two local domains, shown step by step.
+
+What happens (every line of output is one event; ``--json`` prints them as JSON lines):
+
+1. domains ``a.test`` and ``b.test`` start on 127.0.0.1, each with a catalogue serving a freshly signed
+   message node stub and a message node;
+2. runtime B creates hyperty *bob*; runtime A creates hyperty *alice* (each runtime deploys its home stub);
+3. alice sends bob a request: runtime A has no stub for ``b.test``, so it deploys one on the fly (the
+   seed's steps, timed), and the request and bob's reply travel through both domains' stubs and nodes;
+4. ``b.test``'s message node restarts: the stubs report ``disconnected``, reconnect, and are ``live``
+   again; alice's next request gets through;
+5. everything started is stopped; no process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from protofly.demo.world import LocalDomains
+from protofly.message import Message, response_code
+from protofly.runtime import Runtime
+
+Emit = Callable[[dict[str, Any]], None]
+
+STEP_TIMEOUT = 10.0
+
+
+async def run_demo(emit: Emit) -> None:
+    """Run the whole story, reporting each event through ``emit``."""
+    started = time.perf_counter()
+
+    def say(event: str, **fields: Any) -> None:
+        emit({"t": round(time.perf_counter() - started, 4), "event": event, **fields})
+
+    async with LocalDomains("a.test", "b.test") as world:
+        for name, domain in world.domains.items():
+            say("domain", domain=name, catalogue=domain.catalogue.base_url, node=domain.node_url)
+        async with Runtime(world.config("a.test")) as a, Runtime(world.config("b.test")) as b:
+            for label, runtime in (("A", a), ("B", b)):
+                _watch(runtime, label, say)
+                say("runtime", runtime=label, runtime_url=runtime.runtime_url)
+
+            def serve(msg: Message) -> dict[str, Any]:
+                say("delivered", at=bob.url, sender=msg.from_, body=msg.body)
+                return {"pong": (msg.body or {}).get("params")}
+
+            bob = await b.new_hyperty(serve)
+            say("hyperty", runtime="B", url=bob.url)
+            alice = await a.new_hyperty()
+            say("hyperty", runtime="A", url=alice.url)
+
+            await _ping(alice, bob.url, 1, say)
+            stub = a.registry.stub("b.test")
+            if stub is not None:
+                say("stub", runtime="A", **stub.summary())
+
+            node = world["b.test"]
+            say("node-stopping", domain="b.test")
+            await node.stop_node()
+            await a.registry.wait_for_status("b.test", ["disconnected", "failed"], STEP_TIMEOUT)
+            await node.start_node()
+            say("node-started", domain="b.test", node=node.node_url)
+            await a.registry.wait_for_status("b.test", ["live"], STEP_TIMEOUT)
+            await b.registry.wait_for_status("b.test", ["live"], STEP_TIMEOUT)
+            await _ping(alice, bob.url, 2, say)
+    say("done", seconds=round(time.perf_counter() - started, 3))
+
+
+async def _ping(alice: Any, to: str, n: int, say: Callable[..., None]) -> None:
+    body = {"method": "ping", "params": [n]}
+    say("request", sender=alice.url, to=to, body=body)
+    sent = time.perf_counter()
+    reply = await alice.request(to, "execute", body, timeout=STEP_TIMEOUT)
+    code = response_code(reply)
+    say("reply", to=alice.url, code=code, body=reply.body, ms=round((time.perf_counter() - sent) * 1000, 3))
+    if code != 200:
+        raise RuntimeError(f"request {n} failed: {reply.body}")
+
+
+def _watch(runtime: Runtime, label: str, say: Callable[..., None]) -> None:
+    """Report the runtime's deploy steps and every stub status it records."""
+
+    def on_event(event: dict[str, Any]) -> None:
+        say(event.pop("event"), runtime=label, **event)
+
+    def on_status(msg: Message) -> None:
+        body = msg.body or {}
+        record = runtime.registry.stub_by_url(str(body.get("resource")))
+        say(
+            "status",
+            runtime=label,
+            stub=record.domain if record else body.get("resource"),
+            value=body.get("value"),
+            description=body.get("description"),
+        )
+
+    runtime.add_observer(on_event)
+    runtime.bus.add_listener(runtime.registry.runtime_status_url, on_status)
+
+
+# -- presentation ------------------------------------------------------------------------------------
+
+
+def json_lines() -> Emit:
+    def emit(event: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(event, default=str) + "\n")
+        sys.stdout.flush()
+
+    return emit
+
+
+def console() -> tuple[Emit, Callable[[], None]]:
+    """A rich rendering: one line per event, and the deploy timeline of b.test's stub in runtime A."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    steps: list[dict[str, Any]] = []
+    colours = {"live": "green", "disconnected": "yellow", "failed": "red", "deployment-failed": "red"}
+
+    def emit(event: dict[str, Any]) -> None:
+        kind, t = event["event"], f"[dim]{event['t']:7.3f}s[/]"
+        if kind == "domain":
+            out.print(f"{t} [bold]{event['domain']}[/]: catalogue {event['catalogue']}, message node {event['node']}")
+        elif kind == "runtime":
+            out.print(f"{t} runtime {event['runtime']} is {event['runtime_url']}")
+        elif kind == "step":
+            if event["runtime"] == "A" and event["domain"] == "b.test":
+                steps.append(event)
+            out.print(
+                f"{t} runtime {event['runtime']} deploying [bold]{event['domain']}[/]: step {event['step']} "
+                f"(seed {event['seed']}) {event['ms']:.2f} ms  [dim]{event.get('detail') or ''}[/]"
+            )
+        elif kind == "status":
+            colour = colours.get(str(event["value"]), "cyan")
+            why = f"  [dim]{event['description']}[/]" if event.get("description") else ""
+            out.print(f"{t} runtime {event['runtime']}: stub {event['stub']} is [{colour}]{event['value']}[/]{why}")
+        elif kind == "hyperty":
+            out.print(f"{t} runtime {event['runtime']} created hyperty {event['url']}")
+        elif kind == "request":
+            out.print(f"{t} [bold]request[/] {event['sender']} → {event['to']}: {event['body']}")
+        elif kind == "delivered":
+            out.print(f"{t} delivered to {event['at']}")
+        elif kind == "reply":
+            out.print(f"{t} [bold]reply[/] {event['code']} in {event['ms']} ms: {event['body'].get('value')}")
+        elif kind == "stub":
+            isolation = "+".join(k for k, v in event["isolation"].items() if v and k != "missing")
+            out.print(f"{t} runtime A's stub for b.test: {event['url']} isolation {isolation}")
+            if steps:
+                table = Table(title="deploy of b.test's stub in runtime A")
+                for column in ("step", "seed steps", "ms", "detail"):
+                    table.add_column(column)
+                for step in steps:
+                    table.add_row(step["step"], step["seed"], f"{step['ms']:.2f}", str(step.get("detail") or ""))
+                table.add_row("total", "1-12", f"{sum(s['ms'] for s in steps):.2f}", "")
+                out.print(table)
+        elif kind in ("node-stopping", "node-started"):
+            out.print(f"{t} [bold magenta]{kind}[/] {event['domain']}")
+        elif kind == "done":
+            out.print(f"{t} [bold green]done[/] in {event['seconds']} s; everything started has stopped")
+        else:
+            details = {k: v for k, v in event.items() if k not in ("event", "t")}
+            out.print(f"{t} {kind} {details}")
+
+    return emit, lambda: None
+
+
+def main(as_json: bool = False) -> int:
+    emit = json_lines() if as_json else console()[0]
+    try:
+        asyncio.run(run_demo(emit))
+    except Exception as exc:
+        emit({"t": 0, "event": "error", "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    return 0

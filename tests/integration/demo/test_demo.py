@@ -1,0 +1,58 @@
+"""``protofly demo --json``, run as a user runs it: the story happens in order and nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PROTOFLY = Path(sys.executable).parent / "protofly"
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def first(events: list[dict], start: int, **match: object) -> int:
+    for index in range(start, len(events)):
+        if all(events[index].get(key) == value for key, value in match.items()):
+            return index
+    raise AssertionError(f"no event {match} after position {start}")
+
+
+def test_demo_json_tells_the_story_in_order() -> None:
+    done = subprocess.run([str(PROTOFLY), "demo", "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert events[-1]["event"] == "done" and events[-1]["seconds"] < 15
+
+    steps = [e["step"] for e in events if e["event"] == "step" and e["runtime"] == "A" and e["domain"] == "b.test"]
+    assert steps == ["registry", "catalogue", "sandbox", "connect", "live"]
+    deploy = first(events, 0, event="step", runtime="A", domain="b.test", step="registry")
+    live = first(events, deploy, event="status", runtime="A", stub="b.test", value="live")
+    request = first(events, 0, event="request")
+    assert request < deploy  # the request is what triggered the deployment
+    delivered = first(events, live, event="delivered")
+    reply = first(events, delivered, event="reply", code=200)
+    stopping = first(events, reply, event="node-stopping", domain="b.test")
+    disconnected = first(events, stopping, event="status", runtime="A", stub="b.test", value="disconnected")
+    live_again = first(events, disconnected, event="status", runtime="A", stub="b.test", value="live")
+    second_reply = first(events, live_again, event="reply", code=200)
+    assert events[second_reply]["body"]["value"] == {"pong": [2]}
+
+    pids = [e["pid"] for e in events if e["event"] == "live" and e.get("pid")]
+    assert len(pids) == 4  # each runtime: its home stub and the other domain's stub
+    assert not [pid for pid in pids if alive(pid)]
+
+
+def test_demo_console_output() -> None:
+    done = subprocess.run([str(PROTOFLY), "demo"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "deploy of b.test's stub in runtime A" in done.stdout
+    assert "node-started b.test" in done.stdout
+    assert "done in" in done.stdout
