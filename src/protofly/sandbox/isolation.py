@@ -145,12 +145,14 @@ def bwrap_command(bwrap: str, namespaces: tuple[str, ...], python: str, args: li
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             command += ["--symlink", os.readlink(top), top]
+    # The private /tmp first: a checkout or virtualenv that lives under /tmp is bound on top of it below.
+    command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for path in read_paths():
         command += ["--ro-bind", path, path]
     for top in ("/bin", "/sbin", "/lib", "/lib64"):
         if os.path.isdir(top) and not os.path.islink(top):
             command += ["--ro-bind", top, top]
-    command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    command += ["--chdir", "/tmp"]
     return [*command, "--", python, "-I", *args]
 
 
