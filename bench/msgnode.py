@@ -6,7 +6,11 @@
 * request/response round trip (A -> B -> A), sequential, p50 and p99;
 * fan-out of an update to 1,000 subscriber sessions (1,000 connections): time for one update to reach all
   of them (paced), then a burst of updates (deliveries/s), and how many deliveries were lost;
-* each with and without the batching extension (``{"batch": true}`` at ``open``; arrays of messages).
+* each with and without the batching extension (``{"batch": true}`` at ``open``; arrays of messages);
+* a graceful restart with a state file (``--state-file``): 200 drain-extension sessions, 50 of them
+  detached with 200 buffered 1 kB messages each, one pair exchanging messages while the node stops:
+  the stop (drain handshake + state write), the state file's size, the new node's start (loading it),
+  every session's re-open, the replay rate of the buffered messages, and how many messages were lost.
 
 ``node_cpu_us_per_msg`` figures divide the node process's CPU time (``/proc/<pid>/stat``) by the messages
 it routed: the node's own cost, whatever the clients cost.  Prints one JSON object.
@@ -15,11 +19,13 @@ it routed: the node's own cost, whatever the clients cost.  Prints one JSON obje
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,14 +50,16 @@ SEQ_PAD = '{"seq":,"pad":""}'  # a body is this plus the digits of seq plus the 
 
 
 class NodeProcess:
-    def __init__(self) -> None:
+    def __init__(self, *options: str, port: int = 0) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
+        self.options = options
+        self.port = port
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN, "--port", "0",
-            "--ping-interval", "0", stdout=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN, "--port", str(self.port),
+            "--ping-interval", "0", *self.options, stdout=asyncio.subprocess.PIPE,
         )
         line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)
         self.url = line.decode().strip()
@@ -283,6 +291,167 @@ async def fan_out(node: NodeProcess, subscribers: int, paced: int, burst: int, b
     }
 
 
+# -- graceful restart with a state file ---------------------------------------------------------------------
+
+
+class DrainPeer:
+    """A session with the drain extension: a reader files what arrives and answers ``draining`` at once."""
+
+    def __init__(self, ws: ClientConnection, runtime: str) -> None:
+        self.ws = ws
+        self.runtime = runtime
+        self.session_url = ""
+        self.address = ""
+        self.inbox: list[dict] = []
+        self.draining = asyncio.Event()
+        self.arrived = asyncio.Event()
+        self.answer_draining = True
+        self.reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, url: str, runtime: str) -> DrainPeer:
+        ws = await connect(url, compression=None, max_size=None, max_queue=None, open_timeout=30)
+        return cls(ws, runtime)
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for data in self.ws:
+                for msg in unpack(data):
+                    if msg.get("from") == SESSION and msg.get("body") == {"value": "draining"}:
+                        self.draining.set()
+                        if self.answer_draining:
+                            await self.drained()
+                    else:
+                        self.inbox.append(msg)
+                self.arrived.set()
+
+    async def drained(self) -> None:
+        await self.ws.send(json.dumps({"id": 0, "type": "update", "from": self.session_url, "to": SESSION,
+                                       "body": {"value": "drained"}}))
+
+    async def expect(self, count: int, timeout: float = 30) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.inbox) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+    async def request(self, msg: dict) -> dict:
+        have = len(self.inbox)
+        await self.ws.send(json.dumps(msg))
+        await self.expect(have + 1)
+        return self.inbox.pop(have)
+
+    async def open(self, kind: str = "open") -> None:
+        sender = self.runtime if kind == "open" else self.session_url
+        reply = await self.request({"id": kind, "type": kind, "from": sender, "to": SESSION, "body": {"drain": True}})
+        assert reply["body"]["code"] == 200 and reply["body"]["drain"] is True, reply
+        self.session_url = f"{self.runtime}/{reply['body']['runtimeToken']}"
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        try:
+            await asyncio.wait_for(self.ws.close(), timeout=5)
+        except TimeoutError:
+            self.ws.transport.abort()
+
+
+async def restart(sessions: int = 200, detached: int = 50, per_session: int = 200, size: int = 1_000) -> dict:
+    with tempfile.TemporaryDirectory() as directory:
+        state_file = Path(directory) / "state.json"
+        started = time.perf_counter()
+        node = NodeProcess("--state-file", str(state_file))
+        await node.start()
+        start_empty = time.perf_counter() - started
+        port = int(node.url.rsplit(":", 1)[1].split("/")[0])
+        peers = []
+        try:
+            for first in range(0, sessions, 50):
+                peers += await asyncio.gather(*(DrainPeer.connect(node.url, f"hyperty-runtime://r{i}.test/rt")
+                                                for i in range(first, min(first + 50, sessions))))
+            await asyncio.gather(*(peer.open() for peer in peers))
+            for peer in peers:
+                reply = await peer.request({"id": 2, "type": "create", "from": peer.runtime, "to": ALLOC,
+                                            "body": {"value": {"number": 1}}})
+                peer.address = reply["body"]["value"]["allocated"][0]
+            gone, live = peers[:detached], peers[detached:]
+            for peer in gone:
+                await peer.close()
+            sender, receiver, flowing = live[0], live[1], live[2]
+            pad = "x" * (size - 40)
+            for n in range(per_session):
+                for peer in gone:
+                    await sender.ws.send(json.dumps({"id": n, "type": "update", "from": sender.address,
+                                                     "to": peer.address, "body": {"n": n, "pad": pad}}))
+            buffered = 0
+            for _ in range(300):
+                buffered = (await node.stats())["buffered"]
+                if buffered >= detached * per_session:
+                    break
+                await asyncio.sleep(0.05)
+
+            flowing.answer_draining = False  # it sends until told, then says 'drained' itself
+            sent = 0
+
+            async def flow() -> None:
+                nonlocal sent
+                while not flowing.draining.is_set():
+                    await flowing.ws.send(json.dumps({"id": sent, "type": "update", "from": flowing.address,
+                                                      "to": receiver.address, "body": {"n": sent}}))
+                    sent += 1
+                    if sent % 50 == 0:
+                        await asyncio.sleep(0)
+                await flowing.drained()
+
+            flowing_task = asyncio.create_task(flow())
+            await asyncio.sleep(0.2)
+            stopping = time.perf_counter()
+            await node.stop()
+            stop_seconds = time.perf_counter() - stopping
+            await asyncio.wait_for(flowing_task, 10)
+            await asyncio.sleep(0.1)
+            got = [m["body"]["n"] for m in receiver.inbox if m.get("to") == receiver.address]
+            drain_lost = sent - len(got) + sum(1 for i, n in enumerate(got) if i != n)
+            state_bytes = state_file.stat().st_size
+            for peer in live:
+                await peer.close()
+
+            started = time.perf_counter()
+            node = NodeProcess("--state-file", str(state_file), port=port)
+            await node.start()
+            start_loaded = time.perf_counter() - started
+            reopened = [DrainPeer(await connect(node.url, compression=None, max_size=None, max_queue=None),
+                                  peer.runtime) for peer in peers]
+            for new, old in zip(reopened, peers, strict=True):
+                new.session_url, new.address = old.session_url, old.address
+            started = time.perf_counter()
+            await asyncio.gather(*(peer.open("re-open") for peer in reopened))
+            reopen_all = time.perf_counter() - started
+            await asyncio.gather(*(peer.expect(per_session) for peer in reopened[:detached]))
+            replay_seconds = time.perf_counter() - started
+            replay_lost = sum(per_session - len(p.inbox) + sum(1 for i, m in enumerate(p.inbox) if m["body"]["n"] != i)
+                              for p in reopened[:detached])
+            await reopened[detached].ws.send(json.dumps({"id": 9, "type": "update", "from": reopened[detached].address,
+                                                         "to": reopened[0].address, "body": {"n": per_session}}))
+            await reopened[0].expect(per_session + 1)  # a restored address routes, live
+            for peer in reopened:
+                await peer.close()
+        finally:
+            await node.stop()
+    return {
+        "restart_sessions": sessions,
+        "restart_buffered_messages": buffered,
+        "restart_stop_ms": round(stop_seconds * 1e3, 1),
+        "restart_state_bytes": state_bytes,
+        "restart_start_empty_ms": round(start_empty * 1e3, 1),
+        "restart_start_with_state_ms": round(start_loaded * 1e3, 1),
+        "restart_reopen_all_ms": round(reopen_all * 1e3, 1),
+        "restart_replay_msgs_per_s": round(detached * per_session / replay_seconds),
+        "restart_drain_messages_in_flight": sent,
+        "restart_drain_lost": drain_lost,
+        "restart_replay_lost": replay_lost,
+    }
+
+
 async def main() -> dict:
     node = NodeProcess()
     await node.start()
@@ -298,6 +467,7 @@ async def main() -> dict:
         results["node_slow_consumers"] = stats["slow_consumers"]
     finally:
         await node.stop()
+    results.update(await restart())
     return results
 
 

@@ -127,7 +127,6 @@ class _BufferedState(msgspec.Struct, omit_defaults=True):
 
     data: str | None = None
     base64: str | None = None
-    fanout: bool = False
 
 
 class _SessionState(msgspec.Struct, omit_defaults=True, rename={"runtime_url": "runtimeURL"}):
@@ -245,8 +244,8 @@ class Session:
     #: negotiates afresh).
     drain: bool = False
     batch: bool = False
-    #: Messages routed here while detached: ``(raw frame, came from a fan-out)``, oldest first.
-    buffer: list[tuple[bytes, bool]] = field(default_factory=list)
+    #: Messages routed here while detached (the raw frames), oldest first.
+    buffer: list[bytes] = field(default_factory=list)
     buffer_bytes: int = 0
 
 
@@ -683,7 +682,7 @@ class MessageNodeCore:
         for session in subscribers:
             conn = session.conn
             if conn is None:
-                if self._keep(session, bytes(data), fanout=True):
+                if self._keep(session, bytes(data)):
                     self.counters["buffered"] += 1
                 else:
                     full.append(session)
@@ -701,18 +700,18 @@ class MessageNodeCore:
 
     def _hold(self, state: _Conn, target: Session, msg: Message, raw: Any, out: list[Action]) -> None:
         """Keep a point-to-point message for a detached session, or tell the sender its buffer is full."""
-        if self._keep(target, encode(msg) if raw is None else bytes(raw), fanout=False):
+        if self._keep(target, encode(msg) if raw is None else bytes(raw)):
             self.counters["buffered"] += 1
             return
         self.counters["buffer_full"] += 1
         self._error(state, msg, 503, f"{msg.to} belongs to a detached session (waiting for its re-open) "
                     f"whose buffer is full ({len(target.buffer)} messages, {target.buffer_bytes} bytes)", out)
 
-    def _keep(self, session: Session, data: bytes, *, fanout: bool) -> bool:
+    def _keep(self, session: Session, data: bytes) -> bool:
         size = len(data)
         if len(session.buffer) >= self.buffer_messages or session.buffer_bytes + size > self.buffer_bytes:
             return False
-        session.buffer.append((data, fanout))
+        session.buffer.append(data)
         session.buffer_bytes += size
         return True
 
@@ -724,22 +723,22 @@ class MessageNodeCore:
         elif target.conn is not None:
             self.counters["delivered"] += 1
             out.append(Send(target.conn, data))
-        elif self._keep(target, data, fanout=False):
+        elif self._keep(target, data):
             self.counters["buffered"] += 1
         else:
             self.counters["buffer_full"] += 1
             self.counters["responses_dropped"] += 1
 
     def _answer_buffer(self, session: Session, reason: str, out: list[Action]) -> None:
-        """A session ends with messages still buffered: ``410`` to each point-to-point request's sender.
+        """A session ends with messages still buffered: ``410`` to the sender of each, never silence.
 
-        Fan-out copies and responses are discarded without an answer: a publisher is not told when a
-        subscriber leaves either, and a response is never answered (counted in ``buffer_discarded``).
+        Fan-out copies are answered too (the publisher learns which subscriber missed its update);
+        responses are discarded, as a response is never answered (counted in ``buffer_discarded``).
         """
         buffered, session.buffer, session.buffer_bytes = session.buffer, [], 0
-        for data, fanout in buffered:
+        for data in buffered:
             try:
-                msg = None if fanout else decode(data, max_size=len(data))
+                msg: Message | None = decode(data, max_size=len(data))
             except MessageError:
                 msg = None
             if msg is None or msg.type == "response":
@@ -880,7 +879,7 @@ class MessageNodeCore:
             state.batch = True
             out.append(EnableBatch(state.conn, self.max_frame))
         if session.buffer:
-            frames = [data for data, _ in session.buffer]
+            frames = session.buffer
             session.buffer = []
             session.buffer_bytes = 0
             self.counters["replayed"] += len(frames)
@@ -1243,11 +1242,11 @@ class MessageNodeCore:
 
 def _export(session: Session) -> _SessionState:
     buffer = []
-    for data, fanout in session.buffer:
+    for data in session.buffer:
         try:
-            buffer.append(_BufferedState(data=data.decode(), fanout=fanout))
+            buffer.append(_BufferedState(data=data.decode()))
         except UnicodeDecodeError:  # forwarded verbatim from a peer that sent invalid UTF-8
-            buffer.append(_BufferedState(base64=base64.b64encode(data).decode(), fanout=fanout))
+            buffer.append(_BufferedState(base64=base64.b64encode(data).decode()))
     return _SessionState(
         runtime_url=session.runtime_url,
         token=session.token,
@@ -1294,8 +1293,8 @@ def _import(saved: _SessionState, where: str, owner: dict[str, Session]) -> Sess
         session.subscriptions[resource] = set(sources)
         session.subscription_count += len(session.subscriptions[resource])
     for index, entry in enumerate(saved.buffer):
-        session.buffer.append((_frame(entry, f"{where}.buffer[{index}]"), entry.fanout))
-        session.buffer_bytes += len(session.buffer[-1][0])
+        session.buffer.append(_frame(entry, f"{where}.buffer[{index}]"))
+        session.buffer_bytes += len(session.buffer[-1])
     return session
 
 

@@ -498,13 +498,16 @@ class MessageNode:
         if core.plain_connections():
             await asyncio.sleep(self.drain_grace)  # a grace period, not a wait for an event: plain peers send none
             self._apply(core.close_plain(loop.time()))
-        remaining = self.drain_timeout - (loop.time() - started)
-        if core.drain_pending:
-            try:
-                await asyncio.wait_for(self._drained.wait(), timeout=max(remaining, 0.0))
-            except TimeoutError:
+        deadline = started + self.drain_timeout
+        while core.drain_pending:  # re-checked: a drain client may still open a session meanwhile
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 self._log.warning("drain timeout: closing clients that did not say drained",
                                   clients=core.drain_pending, timeout=self.drain_timeout)
+                break
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout=remaining)
         self._apply(core.finish_drain(loop.time()))
 
     # -- state file ---------------------------------------------------------------------------------

@@ -622,7 +622,7 @@ def test_fan_out_writes_to_connected_subscribers_and_buffers_for_detached_ones(n
     actions = node.send(publisher, type="update", from_="comm://a.test/room", to=RESOURCE, body={})
     assert [a.conn for a in actions] == [alive]
     assert node.core.counters["buffered"] == 1
-    assert [fanout for _, fanout in node.core.session(url).buffer] == [True]
+    assert [json.loads(data)["to"] for data in node.core.session(url).buffer] == [RESOURCE]
 
 
 # -- routing -------------------------------------------------------------------------------------------

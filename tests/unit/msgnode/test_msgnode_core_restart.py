@@ -181,7 +181,7 @@ def test_point_to_point_frames_are_buffered_as_received():
     node.core.disconnected(b, now=0.0)
     data = b'{"id":"x","type":"UPDATE","from":"hyperty-runtime://a.test/rt","to":["%s"],"body":{"k":[1]}}' % hb.encode()
     node.core.received(a, data)
-    assert node.core.session(b_url).buffer == [(data, False)]
+    assert node.core.session(b_url).buffer == [data]
 
 
 @pytest.mark.parametrize(("limits", "size"), [({"buffer_messages": 2}, 10), ({"buffer_bytes": 450}, 100)])
@@ -220,25 +220,26 @@ def test_a_fan_out_that_finds_full_subscriber_buffers_is_one_503_to_the_publishe
     assert "2 subscriber session(s)" in reply["body"]["description"]
 
 
-def test_an_expiring_session_answers_its_buffered_requests_with_410():
+def test_an_expiring_session_answers_each_buffered_message_but_responses_with_410():
     node = Node(session_grace=5.0)
     a, _ = node.session("a")
     b, b_url = node.session("b")
     [ha] = node.allocate(a)
     [hb] = node.allocate(b)
+    [room] = node.allocate(a, scheme="comm")
     node.send(b, type="subscribe", from_="x:y", to=SM, body={"resources": [RESOURCE]})
     node.core.disconnected(b, now=0.0)
     node.send(a, id=1, type="read", from_=ha, to=hb)
-    node.send(a, id=2, type="response", from_=ha, to=hb, body={"code": 200})  # not answered
-    node.send(a, id=3, type="update", from_="comm://a.test/room", to=RESOURCE, body={})  # fan-out: not answered
+    node.send(a, id=2, type="response", from_=ha, to=hb, body={"code": 200})  # a response is never answered
+    node.send(a, id=3, type="update", from_=room, to=RESOURCE, body={})  # the publisher learns who missed it
     node.send(a, id=4, type="update", from_="hyperty-runtime://a.test/rt", to=hb)
     actions = node.core.tick(5.0)
     assert [(x.reason, x.url) for x in actions if isinstance(x, SessionEnded)] == [("expired", b_url)]
     replies = sent(actions, a)
     assert [(r["id"], r["from"], r["to"], r["body"]["code"]) for r in replies] == [
-        (1, hb, ha, 410), (4, hb, "hyperty-runtime://a.test/rt", 410)]
-    assert "expired before this message could be delivered" in replies[0]["body"]["description"]
-    assert node.core.counters["buffer_answered"] == 2 and node.core.counters["buffer_discarded"] == 2
+        (1, hb, ha, 410), (3, RESOURCE, room, 410), (4, hb, "hyperty-runtime://a.test/rt", 410)]
+    assert f"its session {b_url} expired before this message could be delivered" in replies[1]["body"]["description"]
+    assert node.core.counters["buffer_answered"] == 3 and node.core.counters["buffer_discarded"] == 1
 
 
 def test_a_410_for_a_detached_sender_waits_in_its_buffer():
@@ -342,7 +343,7 @@ def test_frames_that_are_not_utf8_survive_the_snapshot_as_base64():
     assert "base64" in saved["buffer"][0]
     fresh = Node()
     fresh.core.restore(snapshot, now=0.0)
-    assert fresh.core.session(b_url).buffer == [(data, False)]
+    assert fresh.core.session(b_url).buffer == [data]
 
 
 def _session(**fields) -> dict:
@@ -370,7 +371,7 @@ def _state(*sessions: dict, **fields) -> dict:
          "sessions[1].bound: hyperty://b.test/1 belongs to two sessions"),
         (_state(_session(addresses=["hyperty://b.test/1"], keys={"k": ["hyperty://b.test/2"]})), "sessions[0].keys.k"),
         (_state(_session(subscriptions={RESOURCE: []})), "sessions[0].subscriptions"),
-        (_state(_session(buffer=[{"fanout": True}])), "sessions[0].buffer[0]: expected exactly one"),
+        (_state(_session(buffer=[{}])), "sessions[0].buffer[0]: expected exactly one"),
         (_state(_session(buffer=[{"base64": "***"}])), "sessions[0].buffer[0].base64"),
         (_state(_session(buffer=[{"data": 1}])), "sessions[0].buffer[0].data"),
     ],

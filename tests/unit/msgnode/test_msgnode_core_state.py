@@ -206,7 +206,7 @@ class NodeMachine(RuleBasedStateMachine):
                 assert sources and session in core._subscribers[resource]
             for key, block in session.keys.items():
                 assert block and set(block) <= session.addresses, key
-            assert session.buffer_bytes == sum(len(data) for data, _ in session.buffer)
+            assert session.buffer_bytes == sum(map(len, session.buffer))
             assert len(session.buffer) <= core.buffer_messages and session.buffer_bytes <= core.buffer_bytes
             if session.conn is not None:
                 assert session.conn in self.live
