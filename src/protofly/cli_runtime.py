@@ -109,6 +109,14 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    resolver_only: Annotated[
+        bool | None,
+        typer.Option(
+            "--resolver-only/--no-resolver-only",
+            help="Contact only the catalogues given with --catalogue (no DNS look-ups of catalogue.<domain>).",
+            show_default=False,
+        ),
+    ] = None,
     admin: AdminOption = None,
 ) -> None:
     """Run a runtime until SIGINT/SIGTERM, serving its admin API on a unix socket.
@@ -123,6 +131,7 @@ def serve(
         "trust_store": trust_store,
         "policy": policy,
         "allow_http_loopback": allow_http_loopback,
+        "resolver_only": resolver_only,
     }
     settings = _load_config(config, overrides, catalogues)
     from protofly.admin import admin_socket

@@ -49,6 +49,9 @@ class RuntimeConfig:
     policy: str = "require"
     #: Allow plain ``http://`` catalogues, on loopback addresses only (tests, the demo).
     allow_http_loopback: bool = False
+    #: Contact no catalogue but those in ``catalogues`` (no DNS look-up of ``catalogue.<domain>``):
+    #: for closed networks, tests and the demo.
+    resolver_only: bool = False
     #: ``process`` (one OS process per stub, the default) or ``in-process`` (trusted code only).
     sandbox: str = "process"
     #: Modules each pre-started sandbox host imports while idle, so deploying a stub that uses them is fast.

@@ -191,6 +191,7 @@ class Runtime:
                 trust=trust,
                 policy=config.policy,
                 allow_http_loopback=config.allow_http_loopback,
+                resolver_only=config.resolver_only,
                 fetch_timeout=config.deploy_timeout,
             )
         await self._catalogue.__aenter__()

@@ -132,6 +132,7 @@ class LocalDomains:
             "catalogues": {name: d.catalogue.base_url for name, d in self.domains.items()},
             "trust_store": self.trust_file,
             "allow_http_loopback": True,
+            "resolver_only": True,
         }
         settings.update(overrides)
         return RuntimeConfig(**settings)

@@ -151,6 +151,7 @@ async def start_runtime(
         "--trust-store",
         str(world.trust_file),
         "--allow-http-loopback",
+        "--resolver-only",
         *world.catalogue_flags(),
         *options,
     ]

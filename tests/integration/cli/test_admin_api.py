@@ -27,6 +27,7 @@ async def serving(world, tmp_path: Path, **overrides) -> AsyncIterator[tuple[Run
         "catalogues": {d: s.base_url for d, s in world.servers.items()},
         "trust_store": world.trust_file,
         "allow_http_loopback": True,
+        "resolver_only": True,
         "sandbox": "in-process",  # the stream and the errors are under test here, not the isolation
         "deploy_timeout": 10.0,
         **overrides,

@@ -88,6 +88,7 @@ class World:
             "catalogues": {d: server.base_url for d, server in self.catalogues.items()},
             "trust_store": trust_file,
             "allow_http_loopback": True,
+            "resolver_only": True,
             "deploy_timeout": 10.0,
             "request_timeout": 10.0,
             "backoff_base": 0.01,

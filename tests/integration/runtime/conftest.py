@@ -101,6 +101,7 @@ class Domains:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.trust = TrustStore()
         self.servers: dict[str, CatalogueServer] = {}
         self.keys: dict[str, SigningKey] = {}
@@ -161,6 +162,7 @@ def runtime_factory(tmp_path: Path, domains: Domains) -> Callable[..., contextli
             "catalogues": domains.resolver(),
             "trust_store": domains.trust_file(),
             "allow_http_loopback": True,
+            "resolver_only": True,
             "deploy_timeout": 10.0,
             "backoff_base": 0.01,
             "backoff_cap": 0.05,

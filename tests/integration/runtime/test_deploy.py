@@ -262,3 +262,13 @@ async def test_a_stub_that_stops_reading_gets_its_senders_answered(domains, runt
         assert all(response_code(m) == 503 for m in inbox.items)
         assert "not taking messages" in inbox.items[0].body["description"]
         assert handle.record.counters["dropped_to_stub"] == len(inbox.items)
+
+
+async def test_resolver_only_never_looks_beyond_the_configured_catalogues(domains, runtime_factory) -> None:
+    async with runtime_factory() as runtime:  # resolver_only=True: z.test has no catalogue in the map
+        answer = await runtime.bus.request(ask("hyperty://z.test/x"), timeout=15)
+        assert response_code(answer) == 503
+        assert answer.body["description"].startswith("E_FETCH")
+        assert "not in the resolver map (resolver_only)" in answer.body["description"]
+        assert "DNS" not in answer.body["description"]
+        assert runtime.registry.stub("z.test").status == "deployment-failed"
