@@ -198,6 +198,7 @@ class Runtime:
         if self._sandbox is None:
             options = {"preload": tuple(config.sandbox_preload)} if config.sandbox == "process" else {}
             self._sandbox = create_sandbox(config.sandbox, limits=self.limits, **options)
+        await self._sandbox.start()  # probe isolation and pre-start a host now, not on the first deploy
         log.info("runtime started", runtime_url=self.runtime_url, sandbox=config.sandbox)
         return self
 

@@ -176,6 +176,9 @@ class Sandbox(ABC):
     async def close(self) -> None:
         """Remove every component this sandbox still runs (idempotent)."""
 
+    async def start(self) -> None:  # noqa: B027 - optional hook, a no-op for sandboxes with nothing to prepare
+        """Prepare ahead of the first deploy (probe the isolation layers, pre-start hosts); optional."""
+
     async def __aenter__(self) -> Sandbox:
         return self
 

@@ -765,7 +765,8 @@ class ProcessSandbox(Sandbox):
         self._refill()
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait until the spare hosts are started (benchmarks and tests that measure warm deploys)."""
+        """Start the sandbox if needed and wait until its spare hosts are started."""
+        await self.start()
         if self._spares:
             await asyncio.wait(list(self._spares), timeout=timeout)
 
