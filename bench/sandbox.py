@@ -186,6 +186,19 @@ def idle_memory(pid: int) -> dict[str, float]:
     }
 
 
+async def preloaded_memory() -> float:
+    """Idle memory of a stub whose host preloaded ``websockets`` (the runtime's default ``sandbox_preload``)."""
+    sandbox = ProcessSandbox(prestart=0, preload=("websockets.asyncio.client",))
+    try:
+        collector = Collector()
+        component = await deploy(sandbox, 1, collector)
+        await asyncio.wait_for(collector.created.wait(), 30)
+        await asyncio.sleep(0.5)  # let it go idle before measuring memory
+        return idle_memory(component.pid)["idle_stub_rss_mb"]
+    finally:
+        await sandbox.close()
+
+
 async def main() -> dict[str, object]:
     warm = await start_times(prestart=1, count=WARM_STARTS)
     cold = await start_times(prestart=0, count=COLD_STARTS)
@@ -200,6 +213,7 @@ async def main() -> dict[str, object]:
         "channel_roundtrips_per_s": round(pipelined),
         "channel_roundtrips_sequential_per_s": round(sequential),
         **memory,
+        "idle_stub_rss_mb_websockets_preloaded": await preloaded_memory(),
     }
 
 
