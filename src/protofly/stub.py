@@ -323,7 +323,12 @@ class ProtoStub:
         if self._status_count == before:
             self.status("disconnected")
 
-    def _needs_connect(self) -> bool:
+    def needs_connect(self) -> bool:
+        """Whether a message arriving now should make the SDK connect first (reTHINK's auto-connect).
+
+        True while the stub is not live and nobody asked it to disconnect.  Override it in a stub that
+        reconnects by itself and buffers meanwhile, so that the SDK does not start a second connection.
+        """
         return self.state != "live" and not self._disconnected_on_request
 
     def _receive(self, msg: Message) -> None:
@@ -333,7 +338,7 @@ class ProtoStub:
         if self._backlog is not None:
             self._backlog.append(msg)
             return
-        if self._needs_connect():
+        if self.needs_connect():
             self._backlog = deque((msg,))
             self.bus.spawn(self._drain(None))
             return
@@ -350,7 +355,7 @@ class ProtoStub:
             if pending is not None:
                 await self._guarded(pending)
             while backlog:
-                if not tried_connect and self._needs_connect():
+                if not tried_connect and self.needs_connect():
                     tried_connect = True
                     await self._auto_connect()
                 msg = backlog.popleft()

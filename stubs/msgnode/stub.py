@@ -745,10 +745,10 @@ class MsgNodeStub(ProtoStub):
             if wake is not None:
                 wake.set()
 
-    def _needs_connect(self) -> bool:
+    def needs_connect(self) -> bool:
         # The SDK auto-connects a stub that is not live; this one reconnects by itself (its outbox holds
         # messages meanwhile), so only a stub whose loop is not running needs the SDK's help.
-        return not self._running() and super()._needs_connect()
+        return not self._running() and super().needs_connect()
 
     # -- the connection loop --------------------------------------------------------------------
 
