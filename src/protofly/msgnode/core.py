@@ -961,15 +961,21 @@ class MessageNodeCore:
 
     # -- address allocation --------------------------------------------------------------------------
 
+    def _component_session(self, state: _Conn, msg: Message, out: list[Action]) -> Session | None:
+        """The sender's session for a node component, or None once the message is counted or answered."""
+        if msg.type == "response":
+            self.counters["responses_dropped"] += 1
+            return None
+        if state.session is None:
+            self._error(state, msg, 403, f"no session on this connection: send 'open' to {SESSION_URL} first", out)
+        return state.session
+
     def _allocation_component(self, state: _Conn, msg: Message, out: list[Action]) -> None:
         kind = msg.type
-        if kind == "response":
-            self.counters["responses_dropped"] += 1
-            return
-        session = state.session
+        session = self._component_session(state, msg, out)
         if session is None:
-            self._error(state, msg, 403, f"no session on this connection: send 'open' to {SESSION_URL} first", out)
-        elif kind == "create":
+            return
+        if kind == "create":
             self._allocate(state, session, msg, out)
         elif kind == "delete":
             self._deallocate(state, session, msg, out)
@@ -1093,12 +1099,8 @@ class MessageNodeCore:
 
     def _subscription_component(self, state: _Conn, msg: Message, out: list[Action]) -> None:
         kind = msg.type
-        if kind == "response":
-            self.counters["responses_dropped"] += 1
-            return
-        session = state.session
+        session = self._component_session(state, msg, out)
         if session is None:
-            self._error(state, msg, 403, f"no session on this connection: send 'open' to {SESSION_URL} first", out)
             return
         if kind not in ("subscribe", "unsubscribe"):
             self._error(state, msg, 405, f"type: {msg.to} accepts subscribe and unsubscribe, not '{kind}'", out)
