@@ -26,28 +26,36 @@ def best_rate(count: int, run) -> float:
     return max(rates)
 
 
-def local_deliveries() -> float:
-    bus = MessageBus()
-    seen = [0]
-
-    def listener(m: Message) -> None:
-        seen[0] += 1
-
-    bus.add_listener("hyperty://a.test/dst", listener)
-    msgs = [
-        Message(id=i, type="update", from_="hyperty://a.test/src", to="hyperty://a.test/dst", body={"n": i})
-        for i in range(1000)
-    ]
+def delivery_rate(bus: MessageBus, msgs: list[Message], seen: list[int]) -> float:
+    """Post ``msgs`` N times over; ``seen`` is the listener's counter, checked so no delivery is skipped."""
     post = bus.post
 
     def run() -> None:
-        for _ in range(N // 1000):
+        for _ in range(N // len(msgs)):
             for m in msgs:
                 post(m)
 
     rate = best_rate(N, run)
     assert seen[0] == N * ROUNDS
     return rate
+
+
+def counting(seen: list[int]):
+    def listener(m: Message) -> None:
+        seen[0] += 1
+
+    return listener
+
+
+def local_deliveries() -> float:
+    bus = MessageBus()
+    seen = [0]
+    bus.add_listener("hyperty://a.test/dst", counting(seen))
+    msgs = [
+        Message(id=i, type="update", from_="hyperty://a.test/src", to="hyperty://a.test/dst", body={"n": i})
+        for i in range(1000)
+    ]
+    return delivery_rate(bus, msgs, seen)
 
 
 async def resolved_deliveries() -> float:
@@ -56,21 +64,12 @@ async def resolved_deliveries() -> float:
     bus.set_resolver(registry.resolve)
     record = registry.register_stub("b.test")
     seen = [0]
-    bus.add_listener(record.url, lambda m: seen.__setitem__(0, seen[0] + 1))
+    bus.add_listener(record.url, counting(seen))
     msgs = [
         Message(id=i, type="update", from_="hyperty://a.test/src", to=f"hyperty://b.test/{i % 50}", body={})
         for i in range(1000)
     ]
-    post = bus.post
-
-    def run() -> None:
-        for _ in range(N // 1000):
-            for m in msgs:
-                post(m)
-
-    rate = best_rate(N, run)
-    assert seen[0] == N * ROUNDS
-    return rate
+    return delivery_rate(bus, msgs, seen)
 
 
 async def request_roundtrips(concurrency: int, total: int) -> float:
