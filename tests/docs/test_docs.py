@@ -64,3 +64,13 @@ def test_block_runs(tmp_path: Path, doc: str, index: int, language: str, code: s
             pass
         process.wait(timeout=10)
     assert process.returncode == 0, f"{doc} block {index} failed:\n{output}"
+
+
+def test_complete_programs_are_marked_runnable() -> None:
+    """A Python block that runs itself (``asyncio.run(...)``) is meant to run, so it must be fenced as such."""
+    unmarked = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for match in re.finditer(r"^```python\s*\n(.*?)^```", path.read_text(encoding="utf-8"), re.M | re.S):
+            if "asyncio.run(" in match.group(1):
+                unmarked.append(path.name)
+    assert unmarked == []
