@@ -176,6 +176,14 @@ class Runtime:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Runtime:
+        try:
+            await self._start_parts()
+        except BaseException:
+            await self.close()  # whatever did start is stopped again: no half-started runtime
+            raise
+        return self
+
+    async def _start_parts(self) -> None:
         config = self.config
         self._registry = await RuntimeRegistry.open(self.bus, domain=config.domain, state_dir=config.state_dir)
         self.bus.set_resolver(self._registry.resolve)
@@ -200,7 +208,6 @@ class Runtime:
             self._sandbox = create_sandbox(config.sandbox, limits=self.limits, **options)
         await self._sandbox.start()  # probe isolation and pre-start a host now, not on the first deploy
         log.info("runtime started", runtime_url=self.runtime_url, sandbox=config.sandbox)
-        return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -272,3 +272,23 @@ async def test_resolver_only_never_looks_beyond_the_configured_catalogues(domain
         assert "not in the resolver map (resolver_only)" in answer.body["description"]
         assert "DNS" not in answer.body["description"]
         assert runtime.registry.stub("z.test").status == "deployment-failed"
+
+
+async def test_a_runtime_that_cannot_start_says_why_and_leaves_nothing_running(tmp_path: Path) -> None:
+    from protofly import Runtime, RuntimeConfig
+    from protofly.catalogue import KeyFileError
+    from protofly.identity import IdentityError
+
+    bad_trust = RuntimeConfig(domain="a.test", trust_store=tmp_path / "missing-trust.json")
+    with pytest.raises(KeyFileError, match="missing-trust.json"):
+        async with Runtime(bad_trust):
+            pass
+    (tmp_path / "creds.json").write_text("{not json")
+    bad_credentials = RuntimeConfig(domain="a.test", credentials_file=tmp_path / "creds.json")
+    runtime = Runtime(bad_credentials)
+    with pytest.raises(IdentityError, match="creds.json"):
+        await runtime.__aenter__()
+    from protofly.bus import BusClosedError
+
+    with pytest.raises(BusClosedError):
+        runtime.bus.post(ask("hyperty://b.test/x"))
