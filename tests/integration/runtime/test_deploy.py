@@ -292,3 +292,18 @@ async def test_a_runtime_that_cannot_start_says_why_and_leaves_nothing_running(t
 
     with pytest.raises(BusClosedError):
         runtime.bus.post(ask("hyperty://b.test/x"))
+
+
+async def test_bad_references_and_a_missing_home_node_are_clear_errors(runtime_factory) -> None:
+    from protofly.address import AddressError
+    from protofly.hyperty import HypertyError
+
+    async with runtime_factory(deploy_timeout=3) as runtime:
+        for garbage in ("not a domain", "https://b.test/somewhere/else", ""):
+            with pytest.raises(AddressError):
+                await runtime.load_stub(garbage)
+        with pytest.raises(StubDeploymentError) as caught:
+            await runtime.unload_stub("never-loaded.test")
+        assert caught.value.code == 404
+        with pytest.raises(HypertyError, match="allocation .* failed: 503 E_FETCH"):
+            await runtime.new_hyperty()  # a.test has no catalogue here, so no home stub can be deployed
