@@ -49,6 +49,7 @@ from protofly.catalogue.server import CatalogueServer  # noqa: E402
 from protofly.config import RuntimeConfig  # noqa: E402
 from protofly.message import Message, response_code  # noqa: E402
 from protofly.runtime import Runtime  # noqa: E402
+from protofly.sandbox import active_layers  # noqa: E402
 
 DOMAIN = "b.test"
 STUB_PACKAGE = ROOT / "stubs" / "msgnode"
@@ -337,7 +338,7 @@ async def main() -> dict[str, Any]:
                 figures[f"oneway_{key}_bad"] = bad
             figures.update(await fan_out(rt_a, rt_b))
             record = rt_a.registry.stub(DOMAIN)
-            figures["stub_isolation"] = "+".join(k for k, v in record.isolation.items() if v and k != "missing")
+            figures["stub_isolation"] = "+".join(active_layers(record.isolation))
             figures["stub_isolation_missing"] = len(record.isolation.get("missing", []))
             return figures
     finally:

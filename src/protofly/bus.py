@@ -253,7 +253,7 @@ class MessageBus:
             id=msg.id,
             exc_info=exc,
         )
-        self._reply_error(msg, 500, f"listener at {listener.address} failed ({type(exc).__name__})")
+        self.reply_error(msg, 500, f"listener at {listener.address} failed ({type(exc).__name__})")
 
     def _intercept(self, msg: Message) -> Message | None:
         for interceptor in self._interceptors:
@@ -261,12 +261,12 @@ class MessageBus:
                 msg = interceptor(msg)
             except Rejected as verdict:
                 self.stats.rejected += 1
-                self._reply_error(msg, verdict.code, verdict.description)
+                self.reply_error(msg, verdict.code, verdict.description)
                 return None
             except Exception as exc:
                 self.stats.rejected += 1
                 log.error("interceptor raised", interceptor=repr(interceptor), exc_info=exc)
-                self._reply_error(msg, 500, f"interceptor failed ({type(exc).__name__})")
+                self.reply_error(msg, 500, f"interceptor failed ({type(exc).__name__})")
                 return None
         return msg
 
@@ -330,11 +330,11 @@ class MessageBus:
             async with asyncio.timeout(self.resolve_timeout):
                 target = await pending
         except TimeoutError:
-            self._reply_error(msg, 504, f"no route to {msg.to} within {self.resolve_timeout:g} s")
+            self.reply_error(msg, 504, f"no route to {msg.to} within {self.resolve_timeout:g} s")
             return
         except Exception as exc:
             log.warning("resolver failed", to=msg.to, error=str(exc))
-            self._reply_error(msg, 503, f"no route to {msg.to}: {exc}")
+            self.reply_error(msg, 503, f"no route to {msg.to}: {exc}")
             return
         if not self._closed:
             self._deliver_resolved(msg, target)
@@ -343,17 +343,21 @@ class MessageBus:
         listeners = self._routes.get(target) if target is not None else None
         if listeners is None:
             self.stats.unroutable += 1
-            self._reply_error(msg, 404, f"no route to {msg.to}")
+            self.reply_error(msg, 404, f"no route to {msg.to}")
             return
         body = msg.body
         if body is not None and body.get("via") == target:
             # The message came out of this very stub: sending it back in would start a loop.
             self.stats.loops += 1
-            self._reply_error(msg, 508, f"loop: message to {msg.to} came from {target}")
+            self.reply_error(msg, 508, f"loop: message to {msg.to} came from {target}")
             return
         self._deliver(listeners, msg)
 
-    def _reply_error(self, msg: Message, code: int, description: str) -> None:
+    def reply_error(self, msg: Message, code: int, description: str) -> None:
+        """Answer ``msg``'s sender with an error response; a response (or anything after close) is only counted.
+
+        The one place where "never silence" and "never answer a response" meet, for the bus and its users.
+        """
         self.stats.by_code[code] = self.stats.by_code.get(code, 0) + 1
         if msg.type == "response" or self._closed:
             self.stats.dropped_responses += 1

@@ -386,7 +386,9 @@ class _DeployView:
             )
             return EXIT_FAILED
         already = "" if self.events else "already "
-        layers = ", ".join(_layers(result.get("isolation") or {})) or "none"
+        from protofly.sandbox import active_layers
+
+        layers = ", ".join(active_layers(result.get("isolation") or {})) or "none"
         self.console.print(
             f"{result['domain']} is {already}{result['status']} at {result['url']} "
             f"(deploy {result.get('total_ms', 0):.1f} ms; isolation: {layers})",
@@ -446,11 +448,6 @@ def _history_table(history: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _layers(isolation: dict[str, Any]) -> list[str]:
-    """The isolation layers that are active (a truthy value), as the sandbox reports them."""
-    return [name for name, value in isolation.items() if value and name != "missing"]
-
-
 # -- stub list / unload ---------------------------------------------------------------------------------------
 
 
@@ -478,6 +475,8 @@ def _stub_table(stubs: list[dict[str, Any]]) -> Table:
     from rich.table import Table
     from rich.text import Text
 
+    from protofly.sandbox import active_layers
+
     colours = {"live": "green", "failed": "red", "deployment-failed": "red", "disconnected": "yellow"}
     table = Table()
     for column in ("domain", "stub URL", "status", "since", "isolation layers", "restarts"):
@@ -485,7 +484,7 @@ def _stub_table(stubs: list[dict[str, Any]]) -> Table:
     now = time.time()
     for stub in stubs:
         isolation = stub.get("isolation") or {}
-        layers = ", ".join(_layers(isolation)) or "-"
+        layers = ", ".join(active_layers(isolation)) or "-"
         if isolation.get("missing"):
             layers += f" (missing {len(isolation['missing'])})"
         status = str(stub.get("status"))

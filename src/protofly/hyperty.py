@@ -86,7 +86,7 @@ class Hyperty:
         handler = self._handler
         if handler is None:
             if msg.type != "response":
-                self.runtime.bus.post(response(msg, 501, f"hyperty {self.url} has no handler"))
+                self.runtime.bus.reply_error(msg, 501, f"hyperty {self.url} has no handler")
             return None
         result = handler(msg)
         if inspect.isawaitable(result):

@@ -46,9 +46,18 @@ from protofly.config import RuntimeConfig
 from protofly.hyperty import Hyperty, allocate_hyperty
 from protofly.identity import IdentityModule
 from protofly.log import get_logger
-from protofly.message import Message, error_description, response, response_code
+from protofly.message import Message, error_description, response_code
 from protofly.registry import RegistryError, RuntimeRegistry, StatusTimeoutError, StubRecord
-from protofly.sandbox import Boundary, Component, DeployError, Limits, Sandbox, SandboxError, create_sandbox
+from protofly.sandbox import (
+    Boundary,
+    Component,
+    DeployError,
+    Limits,
+    Sandbox,
+    SandboxError,
+    active_layers,
+    create_sandbox,
+)
 
 __all__ = ["Runtime", "Step", "StubDeploymentError", "StubHandle"]
 
@@ -136,15 +145,15 @@ class _Slot:
         component = self.component
         if self.forwarding and component is not None:
             if not component.post(msg):
-                self.runtime._refuse(msg, 503, f"stub for {self.domain} is not taking messages (its channel is full)")
+                self.runtime.bus.reply_error(msg, 503, _channel_full(self.domain))
             return
         if self.task is None and self.failure is not None:
             if not self.runtime._may_retry(self):
-                self.runtime._refuse(msg, self.failure.code, self.failure.description)
+                self.runtime.bus.reply_error(msg, self.failure.code, self.failure.description)
                 return
             self.runtime._start(self)
         if len(self.queue) >= self.runtime.config.queue_limit:
-            self.runtime._refuse(msg, 503, f"stub for {self.domain} is not live and its queue is full")
+            self.runtime.bus.reply_error(msg, 503, f"stub for {self.domain} is not live and its queue is full")
             return
         self.queue.append(msg)
 
@@ -423,7 +432,7 @@ class Runtime:
                 slot.domain, 501, f"stub language {descriptor.language!r} cannot run in a Python sandbox"
             )
         component = await self._instantiate(slot, verified, deadline)
-        mark = step("sandbox", "5, 7, 9", mark, _layers(component.isolation))
+        mark = step("sandbox", "5, 7, 9", mark, "+".join(active_layers(component.isolation)))
         self.registry.report(record, "deployed")
         await self._connect(slot, component, deadline)
         mark = step("connect", "10", mark)
@@ -581,18 +590,11 @@ class Runtime:
         while slot.queue and component is not None and slot.forwarding:
             msg = slot.queue.popleft()
             if not component.post(msg):
-                self._refuse(msg, 503, f"stub for {slot.domain} is not taking messages (its channel is full)")
+                self.bus.reply_error(msg, 503, _channel_full(slot.domain))
 
     def _drain(self, slot: _Slot, code: int, description: str) -> None:
         while slot.queue:
-            self._refuse(slot.queue.popleft(), code, description)
-
-    def _refuse(self, msg: Message, code: int, description: str) -> None:
-        if msg.type == "response":
-            log.warning("response for a stub that is not live dropped", to=msg.to, reason=description)
-            return
-        with contextlib.suppress(BusClosedError):
-            self.bus.post(response(msg, code, description))
+            self.bus.reply_error(slot.queue.popleft(), code, description)
 
     async def _unload(self, slot: _Slot, reason: str) -> None:
         task, slot.task = slot.task, None
@@ -624,13 +626,12 @@ class Runtime:
                 log.error("runtime observer raised", exc_info=exc)
 
 
+def _channel_full(domain: str) -> str:
+    return f"stub for {domain} is not taking messages (its channel is full)"
+
+
 def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.0)
-
-
-def _layers(isolation: dict[str, Any]) -> str:
-    active = [name for name, value in isolation.items() if value and name != "missing"]
-    return "+".join(active)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

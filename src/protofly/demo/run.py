@@ -24,6 +24,7 @@ from typing import Any
 from protofly.demo.world import LocalDomains
 from protofly.message import Message, response_code
 from protofly.runtime import Runtime
+from protofly.sandbox import active_layers
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -149,7 +150,7 @@ def console() -> tuple[Emit, Callable[[], None]]:
         elif kind == "reply":
             out.print(f"{t} [bold]reply[/] {event['code']} in {event['ms']} ms: {event['body'].get('value')}")
         elif kind == "stub":
-            isolation = "+".join(k for k, v in event["isolation"].items() if v and k != "missing")
+            isolation = "+".join(active_layers(event["isolation"]))
             out.print(f"{t} runtime A's stub for b.test: {event['url']} isolation {isolation}")
             if steps:
                 table = Table(title="deploy of b.test's stub in runtime A")

@@ -38,6 +38,7 @@ __all__ = [
     "ProcessSandbox",
     "Sandbox",
     "SandboxError",
+    "active_layers",
     "create_sandbox",
 ]
 
@@ -106,6 +107,11 @@ class Boundary:
     runtime_domain: str  # a.test
     stub_domain: str  # the domain the stub serves, e.g. b.test
     is_local: Callable[[str], bool] | None = None
+
+
+def active_layers(isolation: Mapping[str, Any]) -> list[str]:
+    """The names of the layers a :attr:`Component.isolation` record says are active (a truthy value)."""
+    return [name for name, value in isolation.items() if value and name != "missing"]
 
 
 class SandboxError(Exception):
