@@ -46,32 +46,6 @@ async def run(*args: str, env: dict[str, str] | None = None, timeout: float = 30
     return proc.returncode, out.decode(), err.decode()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def descendants(root: int) -> set[int]:
-    """Every live process below ``root`` (stub processes, bwrap, their children)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":
-            parents[int(stat.parent.name)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 @dataclass
 class World:
     """Catalogue servers in the test process and the trust store a runtime uses."""

@@ -9,11 +9,13 @@ import socket
 
 import pytest
 import typer
+from tests.processes import alive as pid_alive
+from tests.processes import descendants
 from typer.testing import CliRunner
 
 from protofly import cli_runtime
 
-from .conftest import clean_env, descendants, json_lines, pid_alive, run, start_runtime
+from .conftest import clean_env, json_lines, run, start_runtime
 
 STEPS = ("registry", "catalogue", "sandbox", "connect", "live")
 

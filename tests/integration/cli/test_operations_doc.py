@@ -18,9 +18,11 @@ import signal
 import textwrap
 import tomllib
 
+from tests.processes import alive as pid_alive
+
 from protofly.config import RuntimeConfig
 
-from .conftest import PROTOFLY, ROOT, clean_env, pid_alive
+from .conftest import PROTOFLY, ROOT, clean_env
 
 DOC = ROOT / "docs" / "operations.md"
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.M | re.S)

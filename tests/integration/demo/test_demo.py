@@ -7,15 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.processes import alive
+
 PROTOFLY = Path(sys.executable).parent / "protofly"
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
 
 
 def first(events: list[dict], start: int, **match: object) -> int:

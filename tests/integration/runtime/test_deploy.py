@@ -9,31 +9,12 @@ import os
 from pathlib import Path
 
 import pytest
+from tests.processes import alive, descendants
 
 from protofly.message import Message, response_code
 from protofly.runtime import StubDeploymentError
 
 SECRET = "tok-5f2c9e1d-do-not-log"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def children_of(parent: int) -> set[int]:
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == parent and fields[0] != "Z":
-            found.add(int(stat.parent.name))
-    return found
 
 
 def ask(to: str, n: int = 0, sender: str = "hyperty://a.test/me") -> Message:
@@ -172,7 +153,7 @@ async def test_crash_after_live_restarts_and_delivers_queued(backend, domains, r
         assert handle.record.status == "live"
         assert handle.record.restarts == 1
         assert handle.record.info["pid"] != first_pid
-        assert not pid_alive(first_pid)
+        assert not alive(first_pid)
 
 
 async def test_crash_loop_gives_up_then_retry_now_recovers(backend, domains, runtime_factory) -> None:
@@ -228,9 +209,9 @@ async def test_unload_and_shutdown_leave_no_process(backend, domains, runtime_fa
         b = await runtime.load_stub("b.test")
         c = await runtime.load_stub("c.test")
         pids = [b.record.info["pid"], c.record.info["pid"]]
-        assert all(pid_alive(p) for p in pids)
+        assert all(alive(p) for p in pids)
         record = await runtime.unload_stub("b.test")
-        assert not pid_alive(pids[0])
+        assert not alive(pids[0])
         assert runtime.registry.stub("b.test") is None
         assert not runtime.bus.has_listener(record.url)
         with pytest.raises(StubDeploymentError):
@@ -240,8 +221,8 @@ async def test_unload_and_shutdown_leave_no_process(backend, domains, runtime_fa
         new_url = runtime.registry.stub("b.test").url
         assert new_url != record.url
         pids.append(runtime.registry.stub("b.test").info["pid"])
-    assert not any(pid_alive(p) for p in pids)
-    assert not children_of(os.getpid()) & set(pids)
+    assert not any(alive(p) for p in pids)
+    assert not descendants(os.getpid()) & set(pids)
 
 
 async def test_a_stub_that_stops_reading_gets_its_senders_answered(domains, runtime_factory, make_inbox) -> None:
