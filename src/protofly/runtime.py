@@ -417,9 +417,7 @@ class Runtime:
                 self.catalogue.fetch_stub(slot.reference, refresh=refresh), _left(deadline)
             )
         except CatalogueError as exc:
-            cause = exc.code
-            code = 503
-            raise StubDeploymentError(slot.domain, code, f"{exc.code}: {exc.message}", cause=cause) from None
+            raise StubDeploymentError(slot.domain, 503, f"{exc.code}: {exc.message}", cause=exc.code) from None
         except TimeoutError:
             raise StubDeploymentError(slot.domain, 504, "catalogue did not answer within the deploy timeout") from None
         descriptor = verified.descriptor
