@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_SIZE",
     "TYPES",
     "Message",
+    "WireMessage",
     "MessageError",
     "as_dict",
     "decode",
@@ -62,18 +63,20 @@ class MessageError(ValueError):
 
 
 class Message(msgspec.Struct, kw_only=True, omit_defaults=True, rename={"from_": "from"}):
-    """A reTHINK message ``{id, type, from, to, body}``.
+    """A reTHINK message ``{id, type, from, to, body}``, as the runtime uses it: ``to`` is one address.
 
-    ``from`` is a Python keyword, hence ``from_``; on the wire it is ``from``.  After construction
-    ``type`` is lower case and ``to`` is a single address, whatever form the input used.
+    ``from`` is a Python keyword, hence ``from_``; on the wire it is ``from``.  After construction ``type``
+    is lower case.  The variants reTHINK peers put on the wire (``to`` as a one-element list, the Phase-1
+    top-level ``resource`` instead of ``to``) are accepted by :func:`decode` through :class:`WireMessage`,
+    so code holding a ``Message`` never has to check the form of ``to`` again.
     """
 
     id: int | str | None = None
     type: str
     from_: str
-    to: str | list[str] | None = None
+    to: str
     body: dict[str, Any] | None = None
-    #: Phase-1 messages (the seed's own status example) put the destination here instead of in ``to``.
+    #: Kept when a Phase-1 message (the seed's own status example) named its destination here.
     resource: str | None = None
 
     def __post_init__(self) -> None:
@@ -85,22 +88,42 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True, rename={"from_":
             self.type = kind
         if not self.from_:
             raise MessageError("from: must be a non-empty address")
-        to = self.to
-        if type(to) is not str:
-            if to is None:
-                if not self.resource:
-                    raise MessageError("to: missing (and no top-level resource to route to)")
-                self.to = self.resource
-            elif len(to) == 1 and isinstance(to[0], str) and to[0]:
-                self.to = to[0]
-            else:
-                raise MessageError(f"to: expected one address, got a list of {len(to)}")
-        elif not to:
+        if not self.to:
             raise MessageError("to: must be a non-empty address")
+
+
+class WireMessage(msgspec.Struct, kw_only=True, omit_defaults=True, rename={"from_": "from"}):
+    """The tolerant wire form: ``to`` may be a one-element list or missing when ``resource`` names it.
+
+    Decoding tries :class:`Message` first (every message protofly itself writes fits it, so the hot path
+    pays for one decode) and falls back to this form only when that fails.
+    """
+
+    id: int | str | None = None
+    type: str
+    from_: str
+    to: str | list[str] | None = None
+    body: dict[str, Any] | None = None
+    resource: str | None = None
+
+    def to_message(self) -> Message:
+        """The domain message: ``to`` reduced to one address, or :class:`MessageError` naming the field."""
+        to = self.to
+        if to is None:
+            if not self.resource:
+                raise MessageError("to: missing (and no top-level resource to route to)")
+            to = self.resource
+        elif isinstance(to, list):
+            if len(to) != 1 or not isinstance(to[0], str) or not to[0]:
+                raise MessageError(f"to: expected one address, got a list of {len(to)}")
+            to = to[0]
+        return Message(id=self.id, type=self.type, from_=self.from_, to=to, body=self.body, resource=self.resource)
 
 
 _decoder = msgspec.json.Decoder(Message)
 _batch_decoder = msgspec.json.Decoder(list[Message])
+_wire_decoder = msgspec.json.Decoder(WireMessage)
+_wire_batch_decoder = msgspec.json.Decoder(list[WireMessage])
 _encoder = msgspec.json.Encoder()
 
 
@@ -110,10 +133,14 @@ def decode(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAUL
         raise MessageError(f"size: message of {len(data)} bytes is over the {max_size}-byte limit")
     try:
         return _decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        raise MessageError(_validation_text(exc)) from None
+    except msgspec.ValidationError:
+        pass  # perhaps one of reTHINK's variants: the tolerant form says so, or names the field
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise MessageError(f"json: not a valid JSON message ({exc})") from None
+    try:
+        return _wire_decoder.decode(data).to_message()
+    except msgspec.ValidationError as exc:
+        raise MessageError(_validation_text(exc)) from None
 
 
 def decode_batch(
@@ -124,16 +151,20 @@ def decode_batch(
         raise MessageError(f"size: batch of {len(data)} bytes is over the {max_size}-byte limit")
     try:
         return _batch_decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        raise MessageError(_validation_text(exc)) from None
+    except msgspec.ValidationError:
+        pass
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise MessageError(f"json: not a valid JSON message batch ({exc})") from None
+    try:
+        return [wire.to_message() for wire in _wire_batch_decoder.decode(data)]
+    except msgspec.ValidationError as exc:
+        raise MessageError(_validation_text(exc)) from None
 
 
 def from_dict(obj: Any) -> Message:
     """Validate an already-parsed JSON object (for callers that hold Python data, not bytes)."""
     try:
-        return msgspec.convert(obj, Message)
+        return msgspec.convert(obj, WireMessage).to_message()
     except msgspec.ValidationError as exc:
         raise MessageError(_validation_text(exc)) from None
 
@@ -145,7 +176,8 @@ def encode(msg: Message | list[Message]) -> bytes:
 
 def as_dict(msg: Message) -> dict[str, Any]:
     """The wire form as a plain dict (``from`` key, defaults omitted)."""
-    return msgspec.to_builtins(msg)
+    wire: dict[str, Any] = msgspec.to_builtins(msg)
+    return wire
 
 
 def response(
@@ -168,7 +200,7 @@ def response(
         body["value"] = value
     if extra:
         body.update(extra)
-    return Message(id=request.id, type="response", from_=request.to, to=request.from_, body=body)  # type: ignore[arg-type]
+    return Message(id=request.id, type="response", from_=request.to, to=request.from_, body=body)
 
 
 def response_code(msg: Message) -> int | None:
