@@ -37,6 +37,7 @@ from aiohttp import web
 
 from protofly import address, message
 from protofly.bus import BusClosedError
+from protofly.events import RuntimeEvent, as_json
 from protofly.log import get_logger
 from protofly.registry import StubRecord
 
@@ -67,6 +68,8 @@ DEPLOY_GRACE = 10.0
 CLI_COMPONENT = "cli"
 #: Longest NDJSON line the client accepts (a deploy result with a long history is a few KiB).
 MAX_EVENT_LINE = 4 << 20
+#: Progress lines held for one deploy stream while its client reads slowly.
+STREAM_BACKLOG = 1000
 
 
 class AdminError(Exception):
@@ -216,7 +219,7 @@ class AdminServer:
         if self._sock is None:
             await self.claim()
         self._runtime = runtime
-        runtime.add_local_address(self.cli_url)  # no stub may send in the CLI's name
+        runtime.registry.add_local(self.cli_url)  # no stub may send in the CLI's name
         app = web.Application(client_max_size=self.max_request_size, middlewares=[_json_errors])
         app.router.add_get("/runtime", self._get_runtime)
         app.router.add_get("/stubs", self._get_stubs)
@@ -249,7 +252,7 @@ class AdminServer:
             inode, self._inode = self._inode, None
             await asyncio.to_thread(_remove_if_ours, self.path, inode)
         if self._runtime is not None:
-            self._runtime.remove_local_address(self.cli_url)
+            self._runtime.registry.remove_local(self.cli_url)
 
     async def __aenter__(self) -> AdminServer:
         return self
@@ -343,29 +346,16 @@ class AdminServer:
     ) -> web.StreamResponse:
         """Run ``operation`` and stream its domain's deploy events as NDJSON, ending with the result."""
         runtime = self._runtime
-        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=STREAM_BACKLOG)
 
-        def on_event(event: dict[str, Any]) -> None:
-            if event.get("domain") == domain:
-                events.put_nowait({**event, "at": time.time()})
+        def on_event(event: RuntimeEvent) -> None:
+            if event.domain != domain or events.full():
+                return  # a client that does not read loses progress lines, never the result line
+            line = as_json(event)
+            line.setdefault("at", time.time())
+            events.put_nowait(line)
 
-        def on_status(msg: message.Message) -> None:
-            body = msg.body or {}
-            record = runtime.registry.stub_by_url(str(body.get("resource")))
-            if record is not None and record.domain == domain:
-                events.put_nowait(
-                    {
-                        "event": "status",
-                        "domain": domain,
-                        "stub_url": record.url,
-                        "value": body.get("value"),
-                        "description": message.error_description(body),
-                        "at": time.time(),
-                    }
-                )
-
-        remove_observer = runtime.add_observer(on_event)
-        listener = runtime.bus.add_listener(runtime.registry.runtime_status_url, on_status)
+        unsubscribe = runtime.events.subscribe(on_event)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         task: asyncio.Task[Any] | None = None
         try:
@@ -373,7 +363,7 @@ class AdminServer:
             task = asyncio.get_running_loop().create_task(operation())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            task.add_done_callback(lambda _: events.put_nowait(None))
+            task.add_done_callback(lambda _: _put_end(events))
             limit = runtime.config.deploy_timeout + DEPLOY_GRACE
             try:
                 async with asyncio.timeout(limit):
@@ -388,8 +378,7 @@ class AdminServer:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log.info("admin client went away during a deployment; it goes on", domain=domain)
         finally:
-            remove_observer()
-            listener.remove()
+            unsubscribe()
             if task is not None and not task.done():
                 task.cancel()  # only our wait: the deployment itself is shared and shielded in the runtime
         return response
@@ -467,6 +456,13 @@ def _result(domain: str, task: asyncio.Task[Any], runtime: Any) -> dict[str, Any
         result["history"] = stub_view(record)["history"]
         result["url"] = record.url
     return result
+
+
+def _put_end(events: asyncio.Queue[dict[str, Any] | None]) -> None:
+    """Mark the end of a deploy stream; room is made for it, so the result line always follows."""
+    if events.full():
+        events.get_nowait()
+    events.put_nowait(None)
 
 
 async def _write_line(response: web.StreamResponse, event: dict[str, Any]) -> None:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from protofly import address
+from protofly.bus import Listener, MessageBus
+from protofly.config import RuntimeConfig
 from protofly.log import get_logger
 from protofly.message import Message, error_description, response, response_code
-
-if TYPE_CHECKING:
-    from protofly.bus import Listener
-    from protofly.runtime import Runtime
+from protofly.registry import RuntimeRegistry
 
 __all__ = ["Hyperty", "HypertyError", "allocate_hyperty"]
 
@@ -35,12 +34,21 @@ class HypertyError(Exception):
 class Hyperty:
     """One allocated hyperty address, with request/post helpers and an incoming-message handler."""
 
-    def __init__(self, runtime: Runtime, url: str, handler: Handler | None = None) -> None:
-        self.runtime = runtime
+    def __init__(
+        self,
+        bus: MessageBus,
+        registry: RuntimeRegistry,
+        config: RuntimeConfig,
+        url: str,
+        handler: Handler | None = None,
+    ) -> None:
+        self.bus = bus
+        self.registry = registry
+        self.config = config
         self.url = url
         self._handler = handler
-        self._listener: Listener | None = runtime.bus.add_listener(url, self._receive)
-        runtime.add_local_address(url)
+        self._listener: Listener | None = bus.add_listener(url, self._receive)
+        registry.add_local(url)
 
     def on_message(self, handler: Handler | None) -> None:
         """Replace the handler of incoming messages (None: incoming requests get ``501``)."""
@@ -51,13 +59,13 @@ class Hyperty:
     ) -> Message:
         """Send a request from this hyperty and wait for the response (``408`` when none comes in time)."""
         self._check_open()
-        return await self.runtime.bus.request(Message(type=type, from_=self.url, to=to, body=body), timeout)
+        return await self.bus.request(Message(type=type, from_=self.url, to=to, body=body), timeout)
 
     def post(self, to: str, type: str = "update", body: dict[str, Any] | None = None) -> Message:
         """Send a message without waiting for an answer; returns it (with the id the bus gave it)."""
         self._check_open()
-        msg = Message(id=self.runtime.bus.allocate_id(self.url), type=type, from_=self.url, to=to, body=body)
-        self.runtime.bus.post(msg)
+        msg = Message(id=self.bus.allocate_id(self.url), type=type, from_=self.url, to=to, body=body)
+        self.bus.post(msg)
         return msg
 
     async def close(self) -> None:
@@ -66,15 +74,15 @@ class Hyperty:
             return
         self._listener.remove()
         self._listener = None
-        self.runtime.remove_local_address(self.url)
-        node = f"domain://msg-node.{self.runtime.config.domain}/address-allocation"
+        self.registry.remove_local(self.url)
+        node = f"domain://msg-node.{self.config.domain}/address-allocation"
         release = Message(
             type="delete",
-            from_=f"{self.runtime.runtime_url}/address-allocation",
+            from_=f"{self.registry.runtime_url}/address-allocation",
             to=node,
             body={"childrenResources": [self.url]},
         )
-        answer = await self.runtime.bus.request(release, self.runtime.config.request_timeout)
+        answer = await self.bus.request(release, self.config.request_timeout)
         if response_code(answer) != 200:
             log.warning("address release failed", hyperty=self.url, reason=error_description(answer.body))
 
@@ -86,7 +94,7 @@ class Hyperty:
         handler = self._handler
         if handler is None:
             if msg.type != "response":
-                self.runtime.bus.reply_error(msg, 501, f"hyperty {self.url} has no handler")
+                self.bus.reply_error(msg, 501, f"hyperty {self.url} has no handler")
             return None
         result = handler(msg)
         if inspect.isawaitable(result):
@@ -101,19 +109,21 @@ class Hyperty:
         if value is None or msg.type == "response":
             return
         answer = value if isinstance(value, Message) else response(msg, 200, value=value)
-        self.runtime.bus.post(answer)
+        self.bus.post(answer)
 
 
-async def allocate_hyperty(runtime: Runtime, handler: Handler | None = None) -> Hyperty:
+async def allocate_hyperty(
+    bus: MessageBus, registry: RuntimeRegistry, config: RuntimeConfig, handler: Handler | None = None
+) -> Hyperty:
     """Ask the home domain's message node for a hyperty address (deploying the home stub if needed)."""
-    domain = runtime.config.domain
+    domain = config.domain
     request = Message(
         type="create",
-        from_=f"{runtime.runtime_url}/address-allocation",
+        from_=f"{registry.runtime_url}/address-allocation",
         to=f"domain://msg-node.{domain}/address-allocation",
         body={"scheme": "hyperty", "value": {"number": 1}},
     )
-    answer = await runtime.bus.request(request, runtime.config.deploy_timeout + runtime.config.request_timeout)
+    answer = await bus.request(request, config.deploy_timeout + config.request_timeout)
     code = response_code(answer)
     if code != 200:
         raise HypertyError(
@@ -126,4 +136,4 @@ async def allocate_hyperty(runtime: Runtime, handler: Handler | None = None) -> 
         raise HypertyError(f"message node answered the allocation with no usable address ({exc!r})") from None
     if parsed.scheme != "hyperty" or address.serving_domain(url) != domain:
         raise HypertyError(f"message node allocated {url!r}, not a hyperty address of {domain}")
-    return Hyperty(runtime, url, handler)
+    return Hyperty(bus, registry, config, url, handler)

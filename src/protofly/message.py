@@ -19,8 +19,8 @@ __all__ = [
     "DEFAULT_MAX_SIZE",
     "TYPES",
     "Message",
-    "WireMessage",
     "MessageError",
+    "WireMessage",
     "as_dict",
     "decode",
     "decode_batch",
@@ -143,9 +143,7 @@ def decode(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAUL
         raise MessageError(_validation_text(exc)) from None
 
 
-def decode_batch(
-    data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE
-) -> list[Message]:
+def decode_batch(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE) -> list[Message]:
     """Parse a JSON array of messages in one call (the batched framing of channels that allow it)."""
     if len(data) > max_size:
         raise MessageError(f"size: batch of {len(data)} bytes is over the {max_size}-byte limit")

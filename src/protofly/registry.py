@@ -8,8 +8,10 @@ The registry owns three things the rest of the runtime asks about:
 * one record per stub, keyed by the domain it serves, fed by the stub's own status messages on
   ``<stubURL>/status`` and re-published to ``<runtimeURL>/status``.
 
-It plugs into the bus as the resolver: a message for an address nobody listens to goes to the stub of
-the domain that serves that address, and, when there is none yet, to the deployer hook (the Runtime UA).
+It is also the one routing table: :meth:`RuntimeRegistry.route` is a pure function of the tables that says
+where a message with no local listener goes (a local component, the stub of a domain, a domain that has no
+stub yet, or nowhere).  The Runtime UA asks it from the bus's resolver and acts on the answer (deploying a
+stub when a domain has none); the registry never calls back into the UA.
 """
 
 from __future__ import annotations
@@ -17,30 +19,35 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from protofly import address, status
 from protofly.bus import Listener, MessageBus
+from protofly.events import EventStream, StatusChanged
 from protofly.log import get_logger
 from protofly.message import Message, error_description
 
 __all__ = [
-    "Deployer",
+    "Local",
+    "NeedsStub",
     "RegistryError",
+    "Route",
     "RuntimeRegistry",
     "StatusEvent",
     "StatusTimeoutError",
     "StubRecord",
+    "ToStub",
+    "Unroutable",
 ]
 
 log = get_logger("protofly.registry")
 
-#: The Runtime UA's hook: start (or join) the deployment of a domain's stub and return its URL.
-Deployer = Callable[[str], "str | Awaitable[str | None] | None"]
+#: Return paths kept for requests that arrived through a stub (oldest forgotten first).
+MAX_RETURN_PATHS = 10_000
 
 STATE_FILE = "runtime.sqlite"
 #: Stub numbers are reserved in blocks so that allocating one costs no disk write, yet none is reused.
@@ -66,6 +73,36 @@ class StatusEvent:
     source: str
     applied: bool
     reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """The address is inside this runtime (a component that may or may not listen)."""
+
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToStub:
+    """Deliver to the stub at ``url`` (the stub of ``domain``, or the one a request came through)."""
+
+    domain: str
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsStub:
+    """``domain`` serves the address and has no stub yet: the Runtime UA may deploy one."""
+
+    domain: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unroutable:
+    reason: str
+
+
+Route = Local | ToStub | NeedsStub | Unroutable
 
 
 @dataclass(eq=False)
@@ -168,8 +205,11 @@ class RuntimeRegistry:
         domain: str,
         runtime_url: str,
         store: _StateStore | None = None,
+        events: EventStream | None = None,
     ) -> None:
         self.bus = bus
+        #: Status changes as typed events (the runtime's one stream when it passes its own).
+        self.events = events if events is not None else EventStream()
         self.domain = address.validate_domain(domain)
         self.runtime_url = runtime_url
         self.runtime_status_url = address.status_url(runtime_url)
@@ -179,15 +219,18 @@ class RuntimeRegistry:
         self._blocks: dict[str, deque[list[int]]] = {}  # kind -> reserved [next, end) ranges
         self._memory_counter: dict[str, int] = {}  # without a state directory
         self._topping_up: dict[str, asyncio.Task[None]] = {}
-        self._deployer: Deployer | None = None
+        self._local: set[str] = set()
+        self._return_paths: OrderedDict[tuple[str, int | str | None], str] = OrderedDict()
 
     @classmethod
-    async def open(cls, bus: MessageBus, *, domain: str, state_dir: Path | None = None) -> RuntimeRegistry:
+    async def open(
+        cls, bus: MessageBus, *, domain: str, state_dir: Path | None = None, events: EventStream | None = None
+    ) -> RuntimeRegistry:
         """Load (or create, once) the runtime URL from ``state_dir``; without one the runtime is ephemeral."""
         domain = address.validate_domain(domain)
         proposed = address.runtime_url(domain, address.new_runtime_id())
         if state_dir is None:
-            registry = cls(bus, domain=domain, runtime_url=proposed)
+            registry = cls(bus, domain=domain, runtime_url=proposed, events=events)
             await registry.reserve("protostub")
             return registry
         store = _StateStore(Path(state_dir) / STATE_FILE)
@@ -196,7 +239,7 @@ class RuntimeRegistry:
             stored = await asyncio.to_thread(store.set_default, f"runtime_url:{domain}", proposed)
         except (OSError, sqlite3.Error) as exc:
             raise RegistryError(f"cannot use state directory {state_dir}: {exc}") from exc
-        registry = cls(bus, domain=domain, runtime_url=stored, store=store)
+        registry = cls(bus, domain=domain, runtime_url=stored, store=store, events=events)
         await registry.reserve("protostub")
         return registry
 
@@ -210,7 +253,9 @@ class RuntimeRegistry:
         if number is None:
             await self._add_block(kind)
             number = self._take(kind)
-        return self._component_url(kind, number)  # type: ignore[arg-type]
+        if number is None:
+            raise RegistryError(f"no {kind} numbers could be reserved")
+        return self._component_url(kind, number)
 
     def allocate_url_nowait(self, kind: str) -> str:
         """Like :meth:`allocate_url`, from numbers reserved ahead, so the routing path never waits on disk.
@@ -275,6 +320,19 @@ class RuntimeRegistry:
     def is_local(self, url: str) -> bool:
         """True for addresses inside this runtime's own URL space."""
         return address.is_within(url, self.runtime_url)
+
+    # -- local components ----------------------------------------------------------------------------
+
+    def add_local(self, url: str) -> None:
+        """Declare ``url`` one of this runtime's components (a hyperty, the CLI): no stub may send in its name."""
+        self._local.add(url)
+
+    def remove_local(self, url: str) -> None:
+        self._local.discard(url)
+
+    def is_local_component(self, url: str) -> bool:
+        """True for a declared local component or any address in the runtime's own URL space."""
+        return url in self._local or address.is_within(url, self.runtime_url)
 
     # -- the stub table ----------------------------------------------------------------------------
 
@@ -344,6 +402,7 @@ class RuntimeRegistry:
             record.history.append(event)
             record.since = event.at
             self._publish(record, event)
+            self.events.emit(StatusChanged(record.domain, record.url, event.value, event.description, event.at))
             self._wake(record)
         elif transition.old != transition.new:
             record.anomalies.append(event)
@@ -357,7 +416,7 @@ class RuntimeRegistry:
         return transition
 
     def _on_status(self, msg: Message) -> None:
-        record = self._by_url.get(msg.to.removesuffix("/status"))  # type: ignore[union-attr]
+        record = self._by_url.get(msg.to.removesuffix("/status"))
         if record is None:
             return
         body = msg.body or {}
@@ -368,7 +427,7 @@ class RuntimeRegistry:
             record.anomalies.append(event)
             log.warning("status from foreign sender ignored", stub_url=record.url, sender=msg.from_)
             return
-        self.report(record, body.get("value"), error_description(body), source="stub")  # type: ignore[arg-type]
+        self.report(record, str(body.get("value")), error_description(body), source="stub")
 
     def _publish(self, record: StubRecord, event: StatusEvent) -> None:
         body: dict[str, Any] = {"value": event.value, "resource": record.url}
@@ -416,26 +475,37 @@ class RuntimeRegistry:
 
     # -- routing ---------------------------------------------------------------------------------
 
-    def set_deployer(self, deployer: Deployer | None) -> None:
-        """Install the Runtime UA's hook, called for a domain that has no stub yet."""
-        self._deployer = deployer
+    def remember_return(self, request: Message, stub_url: str) -> None:
+        """A request arrived through the stub at ``stub_url``: its response goes back the same way."""
+        paths = self._return_paths
+        paths[(request.from_, request.id)] = stub_url
+        if len(paths) > MAX_RETURN_PATHS:
+            paths.popitem(last=False)
 
-    def resolve(self, msg: Message) -> str | Awaitable[str | None] | None:
-        """Where a message with no local listener goes: the stub URL of the domain serving ``to``."""
-        to: str = msg.to  # type: ignore[assignment]
-        if address.is_within(to, self.runtime_url):
-            return None
+    def route(self, msg: Message) -> Route:
+        """Where a message with no local listener goes; pure, apart from using up a response's return path."""
+        to = msg.to
+        if msg.type == "response":
+            via = self._return_paths.pop((to, msg.id), None)
+            record = self._by_url.get(via) if via is not None else None
+            if record is not None:
+                return ToStub(record.domain, record.url)
+        if to in self._local or address.is_within(to, self.runtime_url):
+            return Local(to)
         try:
             domain = address.serving_domain(to)
-        except address.AddressError:
-            return None
+        except address.AddressError as exc:
+            return Unroutable(str(exc))
         if domain is None:
             if address.parse(to).scheme != "global":
-                return None
+                return Unroutable(f"no domain serves {to}")
             domain = self.domain  # global services are reached through the home domain's node
         record = self._stubs.get(domain)
         if record is not None:
-            return record.url
-        if self._deployer is not None:
-            return self._deployer(domain)
-        return None
+            return ToStub(domain, record.url)
+        return NeedsStub(domain)
+
+    def resolve(self, msg: Message) -> str | None:
+        """The bus's resolver for a registry used alone: the stub URL when :meth:`route` names one."""
+        route = self.route(msg)
+        return route.url if isinstance(route, ToStub) else None

@@ -1,161 +1,99 @@
-"""The Runtime UA: deploys protocol stubs on demand (the seed, steps 1-12) and keeps them running.
-
-:class:`Runtime` is also the composition root: it wires the bus, the registry, the identity module, the
-catalogue client and the sandbox, and is the one object an application holds.
+"""The Runtime UA and the composition root: :class:`Runtime` wires the parts and is what an application holds.
 
 How the seed's steps map to the code (``docs/architecture.md`` has the full table):
 
-1-2   a trigger (:meth:`Runtime.load_stub`, or a message to an address of a domain without a stub, via the
-      registry's resolver) finds no stub in the registry; the registry records one as ``deploying`` and
-      allocates its URL right away, so that the messages of that first attempt can wait in order;
-3-4   the catalogue client derives the descriptor URL from the domain, downloads descriptor and code, and
-      verifies them (digest, signature, rollback) before anything runs;
-5, 7  the sandbox starts an isolated process and instantiates the stub in it (``activate``);
-6, 8  the registry's status listener and the bus listener for the stub URL exist from the start: the
-      bus listener is the stub's *port*, which queues messages until the stub is live;
-9-10  the stub is initialised with the descriptor's configuration plus ``runtimeURL`` and connected with
-      the Identity Module's credentials for its domain;
-11-12 the stub publishes its status; the deployment is over when it says ``live``, and the port then
-      forwards the queued messages in order.
+1-2   a trigger (:meth:`Runtime.load_stub`, or a message to an address of a domain without a stub: the
+      registry's routing function answers "needs a stub") finds no stub in the registry; the registry
+      records one as ``deploying`` and allocates its URL right away, so that the first messages can wait
+      in order in the stub's port (:mod:`protofly.port`);
+3-12  the deploy pipeline (:mod:`protofly.deploy`): catalogue fetch and verification, sandbox, connect with
+      the Identity Module's credentials, and the stub's own ``live``.
 
-Single-flight: everything for one domain goes through one :class:`_Slot`, whose deployment task every
-explicit and implicit trigger shares.  After a crash the slot restarts the stub with capped, jittered
-exponential backoff; more than ``crash_budget`` crashes in ``crash_window`` seconds leave it ``failed``
-until :meth:`Runtime.retry_now`.
+What to do with each domain's stub — deploy, queue, forward, answer, restart, give up — is decided by its
+:class:`~protofly.supervision.StubLifecycle`, a machine without I/O; this module performs its actions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
 
 from protofly import address
 from protofly.bus import BusClosedError, MessageBus
-from protofly.catalogue import CatalogueClient, CatalogueError
-from protofly.catalogue.errors import E_CHANGED, E_DIGEST, E_ROLLBACK, E_SIGNATURE, E_UNSIGNED, E_UNTRUSTED
+from protofly.catalogue import CatalogueClient
 from protofly.catalogue.keys import TrustStore
 from protofly.config import RuntimeConfig
-from protofly.hyperty import Hyperty, allocate_hyperty
+from protofly.deploy import DeployPipeline, Step, StubDeploymentError, StubHandle, Target
+from protofly.events import (
+    CrashLoop,
+    DeployFailed,
+    EventStream,
+    RestartScheduled,
+    StubCrashed,
+    StubLive,
+    StubUnloaded,
+)
+from protofly.hyperty import Handler, Hyperty, allocate_hyperty
 from protofly.identity import IdentityModule
 from protofly.log import get_logger
-from protofly.message import Message, error_description, response_code
-from protofly.registry import RegistryError, RuntimeRegistry, StatusTimeoutError, StubRecord
-from protofly.sandbox import (
-    Boundary,
-    Component,
-    DeployError,
-    Limits,
-    Sandbox,
-    SandboxError,
-    active_layers,
-    create_sandbox,
+from protofly.message import Message
+from protofly.port import StubPort
+from protofly.registry import Local, NeedsStub, RegistryError, RuntimeRegistry, StubRecord, ToStub
+from protofly.sandbox import Component, Limits, Sandbox, create_sandbox
+from protofly.supervision import (
+    Action,
+    AnswerQueued,
+    CancelDeploy,
+    Crashed,
+    Deployed,
+    DeployStarted,
+    Enqueue,
+    Failure,
+    FlushQueue,
+    Forward,
+    GaveUp,
+    Incoming,
+    Phase,
+    Policy,
+    Refuse,
+    Reject,
+    RetryNow,
+    StartDeploy,
+    StubLifecycle,
+    Trigger,
+    Unload,
 )
+from protofly.supervision import DeployFailed as DeployFailedEvent
+from protofly.supervision import RestartScheduled as RestartAction
+from protofly.tasks import TaskSet
 
 __all__ = ["Runtime", "Step", "StubDeploymentError", "StubHandle"]
 
 log = get_logger("protofly.runtime")
 
-#: Catalogue failures that another attempt cannot fix: the bytes or the keys are wrong, not the network.
-VERIFICATION_FAILURES = frozenset({E_DIGEST, E_SIGNATURE, E_UNTRUSTED, E_UNSIGNED, E_ROLLBACK, E_CHANGED})
 
-
-class StubDeploymentError(Exception):
-    """A stub could not be deployed (or was given up on); ``code`` is the HTTP-style code senders get."""
-
-    def __init__(self, domain: str, code: int, description: str, *, cause: str | None = None) -> None:
-        super().__init__(f"stub for {domain}: {description}")
-        self.domain = domain
-        self.code = code
-        self.description = description
-        self.cause = cause
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One step of a deployment, with the seed steps it implements and how long it took."""
-
-    name: str
-    seed: str
-    ms: float
-    detail: str | None = None
-
-
-@dataclass
-class StubHandle:
-    """What :meth:`Runtime.load_stub` returns: the stub's identity, live state and deploy timeline."""
-
-    domain: str
-    url: str
-    record: StubRecord
-    steps: list[Step] = field(default_factory=list)
-    version: str | None = None
-    signer: str | None = None
-    catalogue_url: str | None = None
-    from_cache: bool = False
-
-    @property
-    def status(self) -> str | None:
-        return self.record.status
-
-    @property
-    def isolation(self) -> dict[str, Any]:
-        return self.record.isolation
-
-    @property
-    def history(self) -> list[Any]:
-        return self.record.history
-
-    @property
-    def total_ms(self) -> float:
-        return sum(step.ms for step in self.steps)
-
-
-class _Slot:
-    """Everything about one domain's stub: its record, its process, its port queue, its supervision."""
+class _Stub:
+    """One domain's stub as the shell sees it: its machine, record, port, component and deployment task."""
 
     def __init__(self, runtime: Runtime, domain: str, name: str, reference: str, record: StubRecord) -> None:
-        self.runtime = runtime
         self.domain = domain
         self.name = name
         self.reference = reference
         self.record = record
+        self.machine = StubLifecycle(domain, runtime.policy, clock=runtime.clock, uniform=runtime.uniform)
+        self.port = StubPort(runtime.bus, domain, runtime.config.queue_limit)
         self.component: Component | None = None
-        self.forwarding = False
-        self.queue: deque[Message] = deque()
         self.task: asyncio.Task[StubHandle] | None = None
-        self.failure: StubDeploymentError | None = None
-        self.retry_at = 0.0
-        self.crashes: deque[float] = deque()
-        self.attempt = 0
-        self.live_since: float | None = None
-        self.supervised = False  # went live once: from then on failures are restarted automatically
         self.handle: StubHandle | None = None
-        self.listener = runtime.bus.add_listener(record.url, self.on_bus_message)
+        self.listener = runtime.bus.add_listener(record.url, lambda msg: runtime._incoming(self, msg))
 
-    # The stub's port: the bus listener at the stub URL.
-    def on_bus_message(self, msg: Message) -> None:
-        component = self.component
-        if self.forwarding and component is not None:
-            if not component.post(msg):
-                self.runtime.bus.reply_error(msg, 503, _channel_full(self.domain))
-            return
-        if self.task is None and self.failure is not None:
-            if not self.runtime._may_retry(self):
-                self.runtime.bus.reply_error(msg, self.failure.code, self.failure.description)
-                return
-            self.runtime._start(self)
-        if len(self.queue) >= self.runtime.config.queue_limit:
-            self.runtime.bus.reply_error(msg, 503, f"stub for {self.domain} is not live and its queue is full")
-            return
-        self.queue.append(msg)
+    @property
+    def live(self) -> bool:
+        return self.machine.phase is Phase.LIVE and self.component is not None
 
 
 class Runtime:
@@ -168,18 +106,30 @@ class Runtime:
         sandbox: Sandbox | None = None,
         catalogue: CatalogueClient | None = None,
         identity: IdentityModule | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        uniform: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self.config = config
         self.bus = MessageBus(request_timeout=config.request_timeout)
+        #: Every deploy step, status change, restart and unload, as typed events (:mod:`protofly.events`).
+        self.events = EventStream()
         self.limits = Limits(memory_mb=config.memory_mb, cpu_seconds=config.cpu_seconds, open_files=config.open_files)
+        self.policy = Policy(
+            backoff_base=config.backoff_base,
+            backoff_cap=config.backoff_cap,
+            crash_budget=config.crash_budget,
+            crash_window=config.crash_window,
+            stable_after=config.stable_after,
+        )
+        self.clock = clock
+        self.uniform = uniform
         self._sandbox = sandbox
         self._catalogue = catalogue
         self._identity = identity
-        self._slots: dict[str, _Slot] = {}
-        self._local: set[str] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._observers: list[Callable[[dict[str, Any]], None]] = []
+        self._stubs: dict[str, _Stub] = {}
+        self._tasks = TaskSet("runtime")
         self._registry: RuntimeRegistry | None = None
+        self._pipeline: DeployPipeline | None = None
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -194,9 +144,10 @@ class Runtime:
 
     async def _start_parts(self) -> None:
         config = self.config
-        self._registry = await RuntimeRegistry.open(self.bus, domain=config.domain, state_dir=config.state_dir)
-        self.bus.set_resolver(self._registry.resolve)
-        self._registry.set_deployer(self._deploy_on_demand)
+        self._registry = await RuntimeRegistry.open(
+            self.bus, domain=config.domain, state_dir=config.state_dir, events=self.events
+        )
+        self.bus.set_resolver(self._resolve)
         if self._identity is None:
             self._identity = IdentityModule.load(config.credentials_file)
         if self._catalogue is None:
@@ -216,6 +167,15 @@ class Runtime:
             options = {"preload": tuple(config.sandbox_preload)} if config.sandbox == "process" else {}
             self._sandbox = create_sandbox(config.sandbox, limits=self.limits, **options)
         await self._sandbox.start()  # probe isolation and pre-start a host now, not on the first deploy
+        self._pipeline = DeployPipeline(
+            config=config,
+            registry=self._registry,
+            catalogue=self._catalogue,
+            sandbox=self._sandbox,
+            identity=self._identity,
+            limits=self.limits,
+            events=self.events,
+        )
         log.info("runtime started", runtime_url=self.runtime_url, sandbox=config.sandbox)
 
     async def __aexit__(
@@ -228,12 +188,9 @@ class Runtime:
         if self._closing:
             return
         self._closing = True
-        await asyncio.gather(*(self._unload(slot, "runtime closed") for slot in list(self._slots.values())))
-        self._slots.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5.0)
+        await asyncio.gather(*(self._unload(stub, "runtime closed") for stub in list(self._stubs.values())))
+        self._stubs.clear()
+        await self._tasks.close()
         if self._sandbox is not None:
             await self._sandbox.close()
         if self._catalogue is not None:
@@ -275,27 +232,20 @@ class Runtime:
     def stubs(self) -> list[StubRecord]:
         return self.registry.stubs()
 
-    def add_observer(self, observer: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
-        """Be told of deploy steps and supervision decisions (the demo's timeline); returns a remover."""
-        self._observers.append(observer)
-        return lambda: self._observers.remove(observer) if observer in self._observers else None
-
-    def add_local_address(self, url: str) -> None:
-        """Declare ``url`` one of this runtime's local components: no stub may send in its name."""
-        self._local.add(url)
-
-    def remove_local_address(self, url: str) -> None:
-        self._local.discard(url)
+    def phase(self, domain: str) -> Phase | None:
+        """The supervision phase of ``domain``'s stub (None: no stub is loaded for it)."""
+        stub = self._stubs.get(domain)
+        return None if stub is None else stub.machine.phase
 
     # -- the API: hyperties, load, unload, retry -------------------------------------------------
 
-    async def new_hyperty(self, handler: Callable[[Message], Any] | None = None) -> Hyperty:
+    async def new_hyperty(self, handler: Handler | None = None) -> Hyperty:
         """A new ``hyperty://<domain>/<id>`` allocated by the home domain's message node.
 
         The home stub is deployed on demand by the allocation request itself (the seed's "deployment of a
         Hyperty" trigger).  ``handler`` gets incoming messages; a non-None return value answers with 200.
         """
-        return await allocate_hyperty(self, handler)
+        return await allocate_hyperty(self.bus, self.registry, self.config, handler)
 
     async def load_stub(self, reference: str) -> StubHandle:
         """Deploy the stub of a domain (or named by a catalogue URL) and wait until it is ``live``.
@@ -304,335 +254,186 @@ class Runtime:
         shares one deployment).  Raises :class:`StubDeploymentError` with the reason when it fails.
         """
         domain, name = address.split_stub_reference(reference)
-        slot = self._slots.get(domain)
-        if slot is None:
-            slot = self._new_slot(domain, name, reference)
-            self._start(slot)
-        elif slot.name != name:
+        stub = self._stubs.get(domain)
+        if stub is None:
+            stub = self._new_stub(domain, name, reference)
+        elif stub.name != name:
             raise StubDeploymentError(
-                domain, 409, f"stub {slot.name!r} already serves {domain}; unload it before loading {name!r}"
+                domain, 409, f"stub {stub.name!r} already serves {domain}; unload it before loading {name!r}"
             )
-        if slot.forwarding and slot.handle is not None:
-            return slot.handle
-        if slot.task is None:
-            if slot.failure is not None and not self._may_retry(slot):
-                raise slot.failure
-            self._start(slot)
-        return await asyncio.shield(slot.task)  # type: ignore[arg-type]
+        if stub.live and stub.handle is not None:
+            return stub.handle
+        self._perform(stub, stub.machine.handle(Trigger()))
+        return await self._outcome(stub)
 
     async def unload_stub(self, domain: str) -> StubRecord:
         """Disconnect and remove the stub of ``domain``; waiting messages get ``503``."""
-        slot = self._slots.pop(address.validate_domain(domain), None)
-        if slot is None:
+        stub = self._stubs.pop(address.validate_domain(domain), None)
+        if stub is None:
             raise StubDeploymentError(domain, 404, f"no stub is loaded for {domain}")
-        await self._unload(slot, "stub unloaded")
-        return slot.record
+        await self._unload(stub, "stub unloaded")
+        return stub.record
 
     async def retry_now(self, domain: str) -> StubHandle:
         """Forget crash history and backoff and deploy ``domain``'s stub again now (fresh from the catalogue)."""
-        slot = self._slots.get(address.validate_domain(domain))
-        if slot is None:
+        stub = self._stubs.get(address.validate_domain(domain))
+        if stub is None:
             return await self.load_stub(domain)
-        if slot.forwarding and slot.handle is not None:
-            return slot.handle
-        if slot.task is not None and not slot.task.done():
-            slot.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StubDeploymentError):
-                await slot.task
-        slot.crashes.clear()
-        slot.attempt = 0
-        slot.failure = None
-        self._start(slot, refresh=True)
-        return await asyncio.shield(slot.task)  # type: ignore[arg-type]
+        if stub.live and stub.handle is not None:
+            return stub.handle
+        await self._cancel_deploy(stub)
+        self._perform(stub, stub.machine.handle(RetryNow()))
+        return await self._outcome(stub)
 
-    # -- deployment ------------------------------------------------------------------------------
+    async def _outcome(self, stub: _Stub) -> StubHandle:
+        if stub.task is None:
+            failure = stub.machine.failure or Failure(503, f"stub for {stub.domain} is not being deployed")
+            raise StubDeploymentError(stub.domain, failure.code, failure.description, cause=failure.cause)
+        return await asyncio.shield(stub.task)
 
-    def _deploy_on_demand(self, domain: str) -> str | None:
-        """The registry's deployer hook (step 1 by "an attempt to communicate"): synchronous on purpose."""
-        if self._closing:
-            return None
-        try:
-            slot = self._new_slot(domain, "default", domain)
-        except (RegistryError, address.AddressError) as exc:
-            log.warning("cannot deploy on demand", domain=domain, error=str(exc))
-            return None
-        self._start(slot)
-        return slot.record.url
+    # -- routing -------------------------------------------------------------------------------------
 
-    def _new_slot(self, domain: str, name: str, reference: str) -> _Slot:
-        record = self.registry.register_stub(domain, name=name, descriptor_url=reference)
-        slot = _Slot(self, domain, name, reference, record)
-        self._slots[domain] = slot
-        return slot
+    def _resolve(self, msg: Message) -> str | None:
+        """The bus's resolver: the registry's route, with a deployment started for a domain without stub."""
+        route = self.registry.route(msg)
+        if isinstance(route, ToStub):
+            return route.url
+        if isinstance(route, NeedsStub) and not self._closing:
+            try:
+                stub = self._new_stub(route.domain, "default", route.domain)
+            except (RegistryError, address.AddressError) as exc:
+                log.warning("cannot deploy on demand", domain=route.domain, error=str(exc))
+                return None
+            return stub.record.url
+        if isinstance(route, Local):
+            return None  # a local address with no listener: the bus answers 404
+        return None
 
-    def _start(self, slot: _Slot, *, refresh: bool = False, delay: float = 0.0) -> None:
-        task = asyncio.get_running_loop().create_task(self._deployment(slot, refresh=refresh, delay=delay))
-        slot.task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_retrieve)
-
-    async def _deployment(self, slot: _Slot, *, refresh: bool, delay: float) -> StubHandle:
-        if delay:
-            self._notify("restart-scheduled", slot, delay_s=round(delay, 3))
-            await asyncio.sleep(delay)
-        record = slot.record
-        if record.deployment != "deploying":
-            self.registry.report(record, "deploying")
-        slot.failure = None
-        try:
-            handle = await self._deploy(slot, refresh=refresh)
-        except StubDeploymentError as failure:
-            await self._fail(slot, failure)
-            raise
-        except asyncio.CancelledError:
-            await self._discard_component(slot)
-            raise
-        finally:
-            if slot.task is asyncio.current_task():
-                slot.task = None
-        slot.handle = handle
-        slot.forwarding = True
-        slot.supervised = True
-        slot.live_since = time.monotonic()
-        self._flush(slot)
-        self._notify("live", slot, total_ms=round(handle.total_ms, 3), pid=slot.record.info.get("pid"))
-        return handle
-
-    async def _deploy(self, slot: _Slot, *, refresh: bool) -> StubHandle:
-        record = slot.record
-        handle = StubHandle(domain=slot.domain, url=record.url, record=record)
-        started = time.perf_counter()
-        deadline = time.monotonic() + self.config.deploy_timeout
-
-        def step(name: str, seed: str, since: float, detail: str | None = None) -> float:
-            now = time.perf_counter()
-            handle.steps.append(Step(name, seed, (now - since) * 1000, detail))
-            self._notify("step", slot, step=name, seed=seed, ms=round((now - since) * 1000, 3), detail=detail)
-            return now
-
-        mark = step("registry", "1-2, 6, 8", started, record.url)
-        try:
-            verified = await asyncio.wait_for(
-                self.catalogue.fetch_stub(slot.reference, refresh=refresh), _left(deadline)
-            )
-        except CatalogueError as exc:
-            raise StubDeploymentError(slot.domain, 503, f"{exc.code}: {exc.message}", cause=exc.code) from None
-        except TimeoutError:
-            raise StubDeploymentError(slot.domain, 504, "catalogue did not answer within the deploy timeout") from None
-        descriptor = verified.descriptor
-        handle.version, handle.signer, handle.catalogue_url = verified.version, verified.signer, verified.url
-        handle.from_cache = verified.from_cache
-        origin = "cache" if verified.from_cache else verified.url
-        mark = step("catalogue", "3-4", mark, f"{descriptor.object_name} {verified.version} from {origin}")
-        if not descriptor.is_python:
-            raise StubDeploymentError(
-                slot.domain, 501, f"stub language {descriptor.language!r} cannot run in a Python sandbox"
-            )
-        component = await self._instantiate(slot, verified, deadline)
-        mark = step("sandbox", "5, 7, 9", mark, "+".join(active_layers(component.isolation)))
-        self.registry.report(record, "deployed")
-        await self._connect(slot, component, deadline)
-        mark = step("connect", "10", mark)
-        try:
-            await self.registry.wait_for_status(record, ("live", "failed"), _left(deadline))
-        except StatusTimeoutError:
-            raise StubDeploymentError(
-                slot.domain,
-                504,
-                f"stub did not go live within {self.config.deploy_timeout:g} s (status {record.status})",
-            ) from None
-        if record.connection != "live":
-            reason = record.last_description() or "no reason given"
-            raise StubDeploymentError(slot.domain, 503, f"stub failed to connect: {reason}")
-        step("live", "11-12", mark)
-        return handle
-
-    async def _instantiate(self, slot: _Slot, verified: Any, deadline: float) -> Component:
-        descriptor = verified.descriptor
-        config = dict(descriptor.configuration)
-        config["runtimeURL"] = self.runtime_url
-        requested = descriptor.sandbox_limits.as_wire() if descriptor.sandbox_limits is not None else None
-        boundary = Boundary(
-            runtime_url=self.runtime_url,
-            runtime_domain=self.config.domain,
-            stub_domain=slot.domain,
-            is_local=self._local.__contains__,
-        )
-        holder: list[Component] = []
-        try:
-            component = await asyncio.wait_for(
-                self.sandbox.deploy(
-                    url=slot.record.url,
-                    source=verified.source,
-                    config=config,
-                    classname=descriptor.source_classname,
-                    limits=self.limits.narrowed(requested),
-                    boundary=boundary,
-                    on_message=self._from_stub,
-                    on_exit=lambda reason: self._on_exit(slot, holder, reason),
-                ),
-                _left(deadline),
-            )
-        except DeployError as exc:
-            raise StubDeploymentError(slot.domain, 503, f"stub failed to start: {exc.summary}") from None
-        except (TimeoutError, SandboxError, ValueError) as exc:
-            raise StubDeploymentError(slot.domain, 503, f"sandbox failed: {exc or type(exc).__name__}") from None
-        holder.append(component)
-        slot.component = component
-        slot.record.isolation = component.isolation
-        slot.record.counters = component.counters
-        slot.record.info["pid"] = component.pid
-        return component
-
-    async def _connect(self, slot: _Slot, component: Component, deadline: float) -> None:
-        credentials = self.identity.credentials_for(slot.domain)
-        try:
-            answer = await component.execute("connect", [credentials], timeout=_left(deadline))
-        except TimeoutError:
-            raise StubDeploymentError(
-                slot.domain,
-                504,
-                f"stub did not go live within {self.config.deploy_timeout:g} s (its connect did not return)",
-            ) from None
-        except SandboxError as exc:
-            reason = slot.record.last_description() or str(exc)
-            raise StubDeploymentError(slot.domain, 503, f"stub stopped while connecting: {reason}") from None
-        code = response_code(answer)
-        if code is None or code >= 300:
-            reason = error_description(answer.body) or f"code {code}"
-            raise StubDeploymentError(slot.domain, 503, f"stub's connect failed: {reason}")
-
-    async def _fail(self, slot: _Slot, failure: StubDeploymentError) -> None:
-        """Record a failed deployment, answer everybody waiting, and decide when a retry is allowed."""
-        await self._discard_component(slot)
-        slot.failure = failure
-        if failure.cause in VERIFICATION_FAILURES:
-            slot.retry_at = math.inf  # the same bytes will fail the same way: only retry_now() tries again
-        else:
-            slot.retry_at = time.monotonic() + self._backoff(slot)
-        self.registry.report(slot.record, "deployment-failed", failure.description)
-        log.warning("stub deployment failed", domain=slot.domain, stub_url=slot.record.url, reason=failure.description)
-        self._notify("deployment-failed", slot, code=failure.code, description=failure.description)
-        self._drain(slot, failure.code, failure.description)
-        if slot.supervised and failure.cause not in VERIFICATION_FAILURES and not self._closing:
-            self._after_crash(slot, failure.description)  # a restart that failed counts as another crash
-
-    async def _discard_component(self, slot: _Slot) -> None:
-        component, slot.component = slot.component, None
-        slot.forwarding = False
-        if component is not None:
-            with contextlib.suppress(Exception):
-                await component.remove(grace=0.2)
-
-    def _may_retry(self, slot: _Slot) -> bool:
-        return not self._closing and time.monotonic() >= slot.retry_at
-
-    def _backoff(self, slot: _Slot) -> float:
-        """Full jitter: uniform in [0, min(cap, base * 2**attempt)]; the attempt count then grows."""
-        ceiling = min(self.config.backoff_cap, self.config.backoff_base * (2**slot.attempt))
-        slot.attempt = min(slot.attempt + 1, 32)
-        return random.uniform(0, ceiling)
-
-    # -- crashes -----------------------------------------------------------------------------------
-
-    def _on_exit(self, slot: _Slot, holder: list[Component], reason: str) -> None:
-        """The stub's process ended (the sandbox already published ``failed`` with ``reason``)."""
-        if not holder or slot.component is not holder[0] or self._closing:
+    def _incoming(self, stub: _Stub, msg: Message) -> None:
+        """A message at the stub's port: the machine says forward, hold or refuse."""
+        component = stub.component
+        if component is not None and stub.machine.phase is Phase.LIVE:
+            stub.port.forward(component, msg)  # the hot path, without building an action list
             return
-        slot.component = None
-        slot.forwarding = False
-        log.warning("stub crashed", domain=slot.domain, stub_url=slot.record.url, reason=reason)
-        if slot.task is not None:
-            return  # a deployment in flight sees the failed status and fails by itself
-        self._after_crash(slot, reason)
+        self._perform(stub, stub.machine.handle(Incoming()), msg)
 
-    def _after_crash(self, slot: _Slot, reason: str) -> None:
-        """Restart with backoff, or give up when the crash budget is spent."""
-        now = time.monotonic()
-        if slot.live_since is not None and now - slot.live_since >= self.config.stable_after:
-            slot.attempt = 0  # it had been fine for a while: start the backoff from its base again
-        slot.live_since = None
-        slot.crashes.append(now)
-        while slot.crashes and now - slot.crashes[0] > self.config.crash_window:
-            slot.crashes.popleft()
-        if len(slot.crashes) >= self.config.crash_budget:
-            description = (
-                f"stub crashed {len(slot.crashes)} times in {self.config.crash_window:g} s (last: {reason}); "
-                "it stays failed until retry_now()"
-            )
-            slot.failure = StubDeploymentError(slot.domain, 503, description, cause="crash-loop")
-            slot.retry_at = math.inf
-            log.error(
-                "stub crash loop: giving up", domain=slot.domain, stub_url=slot.record.url, crashes=len(slot.crashes)
-            )
-            self._notify("crash-loop", slot, reason=reason, crashes=len(slot.crashes))
-            self._drain(slot, 503, description)
-            return
-        delay = self._backoff(slot)
-        slot.record.restarts += 1
-        self._notify("crashed", slot, reason=reason, restart_in_s=round(delay, 3))
-        self._start(slot, delay=delay)
-
-    # -- traffic ---------------------------------------------------------------------------------
-
-    def _from_stub(self, msg: Message) -> None:
+    def _from_stub(self, stub: _Stub, msg: Message) -> None:
         """Everything the stub sends (already checked at the sandbox boundary) goes onto the bus."""
+        if msg.type != "response":
+            self.registry.remember_return(msg, stub.record.url)  # its answer goes back the same way
         try:
             self.bus.post(msg)
         except BusClosedError:
             pass
 
-    def _flush(self, slot: _Slot) -> None:
-        component = slot.component
-        while slot.queue and component is not None and slot.forwarding:
-            msg = slot.queue.popleft()
-            if not component.post(msg):
-                self.bus.reply_error(msg, 503, _channel_full(slot.domain))
+    # -- performing the machine's actions ----------------------------------------------------------
 
-    def _drain(self, slot: _Slot, code: int, description: str) -> None:
-        while slot.queue:
-            self.bus.reply_error(slot.queue.popleft(), code, description)
+    def _perform(self, stub: _Stub, actions: list[Action], msg: Message | None = None) -> None:
+        for action in actions:
+            match action:
+                case Forward() if msg is not None and stub.component is not None:
+                    stub.port.forward(stub.component, msg)
+                case Enqueue() if msg is not None:
+                    stub.port.hold(msg)
+                case Reject(code, description) if msg is not None:
+                    stub.port.reject(msg, code, description)
+                case StartDeploy(delay, refresh):
+                    stub.task = TaskSet.shared(self._tasks.spawn(self._deployment(stub, delay, refresh)))
+                case FlushQueue():
+                    component = stub.component
+                    if component is not None:
+                        stub.port.flush(component, lambda: stub.live)
+                case AnswerQueued(code, description):
+                    stub.port.answer_all(code, description)
+                case RestartAction(reason, delay):
+                    stub.record.restarts = stub.machine.restarts
+                    self.events.emit(StubCrashed(stub.domain, stub.record.url, reason, round(delay, 3)))
+                case GaveUp(reason, crashes):
+                    log.error("stub crash loop: giving up", domain=stub.domain, stub_url=stub.record.url)
+                    self.events.emit(CrashLoop(stub.domain, stub.record.url, reason, crashes))
+                case Refuse() | CancelDeploy():
+                    pass  # load_stub raises the failure; cancellation is awaited by the caller
 
-    async def _unload(self, slot: _Slot, reason: str) -> None:
-        task, slot.task = slot.task, None
+    async def _deployment(self, stub: _Stub, delay: float, refresh: bool) -> StubHandle:
+        if delay:
+            self.events.emit(RestartScheduled(stub.domain, stub.record.url, round(delay, 3)))
+            await asyncio.sleep(delay)
+            self._perform(stub, stub.machine.handle(DeployStarted()))
+        if stub.record.deployment != "deploying":
+            self.registry.report(stub.record, "deploying")
+        target = Target(
+            stub.domain,
+            stub.reference,
+            stub.record,
+            on_message=lambda msg: self._from_stub(stub, msg),
+            on_exit=lambda component, reason: self._on_exit(stub, component, reason),
+        )
+        pipeline = self._pipeline
+        assert pipeline is not None, "deployments start only after the runtime started"
+        try:
+            handle = await pipeline.run(target, refresh=refresh, adopt=lambda c: setattr(stub, "component", c))
+        except StubDeploymentError as error:
+            await self._discard_component(stub)
+            self._deploy_failed(stub, error)
+            raise
+        except asyncio.CancelledError:
+            await self._discard_component(stub)
+            raise
+        finally:
+            if stub.task is asyncio.current_task():
+                stub.task = None
+        stub.handle = handle
+        self._perform(stub, stub.machine.handle(Deployed()))
+        pid = stub.record.info.get("pid")
+        self.events.emit(StubLive(stub.domain, stub.record.url, round(handle.total_ms, 3), pid))
+        return handle
+
+    def _deploy_failed(self, stub: _Stub, error: StubDeploymentError) -> None:
+        self.registry.report(stub.record, "deployment-failed", error.description)
+        log.warning("stub deployment failed", domain=stub.domain, stub_url=stub.record.url, reason=error.description)
+        self.events.emit(DeployFailed(stub.domain, stub.record.url, error.code, error.description))
+        failure = Failure(error.code, error.description, error.cause)
+        self._perform(stub, stub.machine.handle(DeployFailedEvent(failure)))
+
+    def _on_exit(self, stub: _Stub, component: Component, reason: str) -> None:
+        """The stub's process ended (the sandbox already published ``failed`` with ``reason``)."""
+        if stub.component is not component or self._closing:
+            return
+        stub.component = None
+        log.warning("stub crashed", domain=stub.domain, stub_url=stub.record.url, reason=reason)
+        self._perform(stub, stub.machine.handle(Crashed(reason)))  # in a deployment it fails by itself
+
+    # -- stub table ------------------------------------------------------------------------------
+
+    def _new_stub(self, domain: str, name: str, reference: str) -> _Stub:
+        record = self.registry.register_stub(domain, name=name, descriptor_url=reference)
+        stub = _Stub(self, domain, name, reference, record)
+        self._stubs[domain] = stub
+        return stub
+
+    async def _cancel_deploy(self, stub: _Stub) -> None:
+        task, stub.task = stub.task, None
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, StubDeploymentError):
                 await task
-        component, slot.component = slot.component, None
-        slot.forwarding = False
+
+    async def _discard_component(self, stub: _Stub) -> None:
+        component, stub.component = stub.component, None
+        if component is not None:
+            with contextlib.suppress(Exception):
+                await component.remove(grace=0.2)
+
+    async def _unload(self, stub: _Stub, reason: str) -> None:
+        await self._cancel_deploy(stub)
+        component, stub.component = stub.component, None
         if component is not None:
             try:
                 await component.remove(grace=self.config.remove_grace)
             except Exception as exc:
-                log.error("removing stub failed", stub_url=slot.record.url, error=str(exc))
-        slot.listener.remove()
-        self._drain(slot, 503, f"stub for {slot.domain}: {reason}")
+                log.error("removing stub failed", stub_url=stub.record.url, error=str(exc))
+        stub.listener.remove()
+        self._perform(stub, stub.machine.handle(Unload(reason)))
         with contextlib.suppress(RegistryError):
-            self.registry.unregister_stub(slot.domain)
-        self._notify("unloaded", slot, reason=reason)
-
-    def _notify(self, event: str, slot: _Slot, **details: Any) -> None:
-        if not self._observers:
-            return
-        payload = {"event": event, "domain": slot.domain, "stub_url": slot.record.url, **details}
-        for observer in list(self._observers):
-            try:
-                observer(payload)
-            except Exception as exc:
-                log.error("runtime observer raised", exc_info=exc)
-
-
-def _channel_full(domain: str) -> str:
-    return f"stub for {domain} is not taking messages (its channel is full)"
-
-
-def _left(deadline: float) -> float:
-    return max(deadline - time.monotonic(), 0.0)
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a shared deployment's exception as seen: its callers get it; nobody else needs the warning."""
-    if not task.cancelled():
-        task.exception()
+            self.registry.unregister_stub(stub.domain)
+        self.events.emit(StubUnloaded(stub.domain, stub.record.url, reason))

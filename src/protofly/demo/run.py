@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from protofly.demo.world import LocalDomains
+from protofly.events import RuntimeEvent, StatusChanged, as_json
 from protofly.message import Message, response_code
 from protofly.runtime import Runtime
 from protofly.sandbox import active_layers
@@ -84,24 +85,17 @@ async def _ping(alice: Any, to: str, n: int, say: Callable[..., None]) -> None:
 
 
 def _watch(runtime: Runtime, label: str, say: Callable[..., None]) -> None:
-    """Report the runtime's deploy steps and every stub status it records."""
+    """Report the runtime's deploy steps, supervision decisions and every stub status it records."""
 
-    def on_event(event: dict[str, Any]) -> None:
-        say(event.pop("event"), runtime=label, **event)
+    def on_event(event: RuntimeEvent) -> None:
+        match event:
+            case StatusChanged(domain=domain, value=value, description=description):
+                say("status", runtime=label, stub=domain, value=value, description=description)
+            case _:
+                fields = as_json(event)
+                say(fields.pop("event"), runtime=label, **fields)
 
-    def on_status(msg: Message) -> None:
-        body = msg.body or {}
-        record = runtime.registry.stub_by_url(str(body.get("resource")))
-        say(
-            "status",
-            runtime=label,
-            stub=record.domain if record else body.get("resource"),
-            value=body.get("value"),
-            description=body.get("description"),
-        )
-
-    runtime.add_observer(on_event)
-    runtime.bus.add_listener(runtime.registry.runtime_status_url, on_status)
+    runtime.events.subscribe(on_event)
 
 
 # -- presentation ------------------------------------------------------------------------------------

@@ -547,8 +547,9 @@ class MessageNodeCore:
         assert session is not None
         self._awaiting.add(state.conn)
         self.counters["drain_notices"] += 1
-        notice = Message(id=next(self._notice_ids), type="update", from_=SESSION_URL, to=session.url,
-                         body={"value": "draining"})
+        notice = Message(
+            id=next(self._notice_ids), type="update", from_=SESSION_URL, to=session.url, body={"value": "draining"}
+        )
         out.append(Send(state.conn, encode(notice)))
 
     def _shut(self, state: _Conn, now: float, out: list[Action]) -> None:
@@ -562,13 +563,24 @@ class MessageNodeCore:
         """``update`` ``{value: "drained"}`` to ``mn:/session``: the drain client's last frame (no answer)."""
         value = (msg.body or {}).get("value")
         if not isinstance(value, str) or value.lower() != "drained":
-            self._error(state, msg, 400, f"body.value: {SESSION_URL} accepts an update only with value "
-                        "'drained' (drain extension)", out)
+            self._error(
+                state,
+                msg,
+                400,
+                f"body.value: {SESSION_URL} accepts an update only with value 'drained' (drain extension)",
+                out,
+            )
             return
         session = state.session
         if session is None or not state.drain:
-            self._error(state, msg, 409, "drained: this connection did not negotiate the drain extension "
-                        "(send \"drain\": true in open or re-open)", out)
+            self._error(
+                state,
+                msg,
+                409,
+                "drained: this connection did not negotiate the drain extension "
+                '(send "drain": true in open or re-open)',
+                out,
+            )
             return
         if not self._draining:
             self._error(state, msg, 409, "drained: this message node is not draining", out)
@@ -672,11 +684,16 @@ class MessageNodeCore:
         elif to.startswith(self._node_prefix):
             self._not_found(state, msg, f"{to} is not a component of this message node", out)
         else:
-            self._not_found(state, msg, f"no route to {to}: not an allocated address, runtime or subscribed "
-                            f"resource on msg-node.{self.domain}", out)
+            self._not_found(
+                state,
+                msg,
+                f"no route to {to}: not an allocated address, runtime or subscribed resource on msg-node.{self.domain}",
+                out,
+            )
 
-    def _fan_out(self, state: _Conn, msg: Message, subscribers: dict[Session, None], data: Any,
-                 out: list[Action]) -> None:
+    def _fan_out(
+        self, state: _Conn, msg: Message, subscribers: dict[Session, None], data: Any, out: list[Action]
+    ) -> None:
         delivered = 0
         full: list[Session] = []
         for session in subscribers:
@@ -693,8 +710,14 @@ class MessageNodeCore:
         self.counters["fanout_deliveries"] += delivered
         if full:
             self.counters["buffer_full"] += len(full)
-            self._error(state, msg, 503, f"{msg.to}: {len(full)} subscriber session(s) are detached and their "
-                        f"buffers are full (e.g. {full[0].url}); they miss this message", out)
+            self._error(
+                state,
+                msg,
+                503,
+                f"{msg.to}: {len(full)} subscriber session(s) are detached and their "
+                f"buffers are full (e.g. {full[0].url}); they miss this message",
+                out,
+            )
 
     # -- buffers of detached sessions ----------------------------------------------------------------
 
@@ -704,8 +727,14 @@ class MessageNodeCore:
             self.counters["buffered"] += 1
             return
         self.counters["buffer_full"] += 1
-        self._error(state, msg, 503, f"{msg.to} belongs to a detached session (waiting for its re-open) "
-                    f"whose buffer is full ({len(target.buffer)} messages, {target.buffer_bytes} bytes)", out)
+        self._error(
+            state,
+            msg,
+            503,
+            f"{msg.to} belongs to a detached session (waiting for its re-open) "
+            f"whose buffer is full ({len(target.buffer)} messages, {target.buffer_bytes} bytes)",
+            out,
+        )
 
     def _keep(self, session: Session, data: bytes) -> bool:
         size = len(data)
@@ -745,8 +774,9 @@ class MessageNodeCore:
                 self.counters["buffer_discarded"] += 1
                 continue
             self.counters["buffer_answered"] += 1
-            gone = response(msg, 410, f"{msg.to}: its session {session.url} {reason} before this message "
-                            "could be delivered")
+            gone = response(
+                msg, 410, f"{msg.to}: its session {session.url} {reason} before this message could be delivered"
+            )
             self._deliver(encode(gone), msg.from_, out)
 
     def _runtime_session(self, to: str) -> Session | None:
@@ -802,8 +832,13 @@ class MessageNodeCore:
         elif kind == "response":
             self.counters["responses_dropped"] += 1
         else:
-            self._error(state, msg, 405, f"type: {SESSION_URL} accepts open, re-open, close and update "
-                        f"(drained), not '{kind}'", out)
+            self._error(
+                state,
+                msg,
+                405,
+                f"type: {SESSION_URL} accepts open, re-open, close and update (drained), not '{kind}'",
+                out,
+            )
 
     def _open(self, state: _Conn, msg: Message, out: list[Action]) -> None:
         runtime = msg.from_
@@ -817,16 +852,27 @@ class MessageNodeCore:
         current = state.session
         if current is not None:
             if current.runtime_url != runtime:
-                self._error(state, msg, 409, f"this connection already carries the session of "
-                            f"{current.runtime_url}: close it first", out)
+                self._error(
+                    state,
+                    msg,
+                    409,
+                    f"this connection already carries the session of {current.runtime_url}: close it first",
+                    out,
+                )
                 return
             self._granted(state, msg, current, out)  # a repeated open is answered, not doubled
             return
         old = self._by_runtime.get(runtime)
         if old is not None:
             if old.conn is not None:
-                self._error(state, msg, 409, f"{runtime} already has a connected session: re-open it with "
-                            "its runtimeToken, or retry once that connection is gone", out)
+                self._error(
+                    state,
+                    msg,
+                    409,
+                    f"{runtime} already has a connected session: re-open it with "
+                    "its runtimeToken, or retry once that connection is gone",
+                    out,
+                )
                 return
             self._end(old, "replaced", out)
         token = self._new_id()
@@ -840,13 +886,24 @@ class MessageNodeCore:
     def _reopen(self, state: _Conn, msg: Message, out: list[Action]) -> None:
         session = self._sessions.get(msg.from_)
         if session is None:
-            self._error(state, msg, 404, f"re-open: unknown session {msg.from_} (closed, expired or the node "
-                        "restarted): send 'open' for a new session", out)
+            self._error(
+                state,
+                msg,
+                404,
+                f"re-open: unknown session {msg.from_} (closed, expired or the node "
+                "restarted): send 'open' for a new session",
+                out,
+            )
             return
         current = state.session
         if current is not None and current is not session:
-            self._error(state, msg, 409, f"this connection already carries the session of "
-                        f"{current.runtime_url}: close it first", out)
+            self._error(
+                state,
+                msg,
+                409,
+                f"this connection already carries the session of {current.runtime_url}: close it first",
+                out,
+            )
             return
         previous = session.conn
         if previous is not None and previous is not state.conn:
@@ -913,8 +970,9 @@ class MessageNodeCore:
             return
         sender = msg.from_
         if not (sender == session.runtime_url or sender.startswith(session.runtime_url + "/")):
-            self._error(state, msg, 403, f"close: {sender} is not within this session's runtime "
-                        f"{session.runtime_url}", out)
+            self._error(
+                state, msg, 403, f"close: {sender} is not within this session's runtime {session.runtime_url}", out
+            )
             return
         self._reply(state, response(msg, 200), out)
         self._end(session, "closed", out)
@@ -989,8 +1047,14 @@ class MessageNodeCore:
             self._error(state, msg, 400, str(exc), out)
             return
         if len(session.addresses) + number > self.max_addresses:
-            self._error(state, msg, 403, f"number: this session holds {len(session.addresses)} addresses and may "
-                        f"hold at most {self.max_addresses}", out)
+            self._error(
+                state,
+                msg,
+                403,
+                f"number: this session holds {len(session.addresses)} addresses and may "
+                f"hold at most {self.max_addresses}",
+                out,
+            )
             return
         prefix = f"{scheme}://{self.domain}/"
         allocated = [prefix + self._new_id() for _ in range(number)]
@@ -1043,8 +1107,13 @@ class MessageNodeCore:
         resource = body.get("resource")
         children = body.get("childrenResources")
         if resource is None and children is None:
-            self._error(state, msg, 400, "body.resource (an allocationKey or address) or body.childrenResources "
-                        "is required to deallocate", out)
+            self._error(
+                state,
+                msg,
+                400,
+                "body.resource (an allocationKey or address) or body.childrenResources is required to deallocate",
+                out,
+            )
             return
         freeing: list[str] = []
         keys: list[str] = []
@@ -1058,8 +1127,13 @@ class MessageNodeCore:
             elif resource in session.addresses:
                 freeing.append(resource)
             else:
-                self._error(state, msg, 404, f"body.resource: {resource} is neither an allocationKey nor an "
-                            "address of this session", out)
+                self._error(
+                    state,
+                    msg,
+                    404,
+                    f"body.resource: {resource} is neither an allocationKey nor an address of this session",
+                    out,
+                )
                 return
         if children is not None:
             if not isinstance(children, list) or not all(isinstance(c, str) for c in children):
@@ -1067,8 +1141,14 @@ class MessageNodeCore:
                 return
             unknown = [c for c in children if c not in session.addresses]
             if unknown:
-                self._error(state, msg, 404, f"body.childrenResources: {unknown[0]} is not an address of this "
-                            f"session ({len(unknown)} unknown, nothing freed)", out)
+                self._error(
+                    state,
+                    msg,
+                    404,
+                    f"body.childrenResources: {unknown[0]} is not an address of this "
+                    f"session ({len(unknown)} unknown, nothing freed)",
+                    out,
+                )
                 return
             freeing.extend(children)
         freed = self._free(session, freeing, keys)
@@ -1113,8 +1193,13 @@ class MessageNodeCore:
         if kind == "subscribe":
             added = self._subscribe(session, resources, source or msg.from_)
             if added is None:
-                self._error(state, msg, 403, f"body.resources: this session may hold at most "
-                            f"{self.max_subscriptions} subscriptions", out)
+                self._error(
+                    state,
+                    msg,
+                    403,
+                    f"body.resources: this session may hold at most {self.max_subscriptions} subscriptions",
+                    out,
+                )
                 return
         else:
             self._unsubscribe(session, resources, source)
@@ -1143,8 +1228,9 @@ class MessageNodeCore:
                     raise MessageError(f"body.{key}: {exc}") from None
                 resources.append(item)
         if not seen_key:
-            raise MessageError(f"body.resources: missing (the list of resources to {msg.type}; "
-                               f"'body.{msg.type}' is accepted too)")
+            raise MessageError(
+                f"body.resources: missing (the list of resources to {msg.type}; 'body.{msg.type}' is accepted too)"
+            )
         source = body.get("source")
         if source is not None and (not isinstance(source, str) or not source):
             raise MessageError("body.source: expected a non-empty address")
@@ -1286,8 +1372,10 @@ def _import(saved: _SessionState, where: str, owner: dict[str, Session]) -> Sess
     for key, block in saved.keys.items():
         stray = [a for a in block if a not in session.addresses]
         if not block or stray:
-            raise StateError(f"{where}.keys.{key}: expected a non-empty block of this session's addresses"
-                             + (f", {stray[0]} is not one" if stray else ""))
+            raise StateError(
+                f"{where}.keys.{key}: expected a non-empty block of this session's addresses"
+                + (f", {stray[0]} is not one" if stray else "")
+            )
         session.keys[key] = list(block)
     for resource, sources in saved.subscriptions.items():
         if not sources or not all(sources):

@@ -39,8 +39,12 @@ def test_demo_json_tells_the_story_in_order() -> None:
     second_reply = first(events, live_again, event="reply", code=200)
     assert events[second_reply]["body"]["value"] == {"pong": [2]}
 
+    lives = [(e["runtime"], e["domain"]) for e in events if e["event"] == "live"]
+    # A: its home stub and b.test's; B: only its home stub -- bob's reply went back through the stub that
+    # brought alice's request, so B never deployed a.test's stub
+    assert sorted(lives) == [("A", "a.test"), ("A", "b.test"), ("B", "b.test")]
     pids = [e["pid"] for e in events if e["event"] == "live" and e.get("pid")]
-    assert len(pids) == 4  # each runtime: its home stub and the other domain's stub
+    assert len(pids) == 3
     assert not [pid for pid in pids if alive(pid)]
 
 

@@ -61,7 +61,8 @@ async def test_everything_a_drain_client_sent_before_drained_is_routed(start_nod
 
 
 async def test_plain_clients_are_closed_after_the_short_grace_and_their_messages_buffered(
-        start_node, client, session, tmp_path):
+    start_node, client, session, tmp_path
+):
     node = await start_node(state_file=tmp_path / "state.json", drain_grace=0.05)
     plain = await session(node, "plain")
     [plain_address] = await plain.allocate()
@@ -95,7 +96,8 @@ async def test_a_drain_client_that_never_says_drained_is_closed_after_the_drain_
 
 
 async def test_a_restarted_node_with_the_state_file_keeps_sessions_addresses_subscriptions(
-        start_node, client, tmp_path):
+    start_node, client, tmp_path
+):
     state_file = tmp_path / "state.json"
     first = await start_node(state_file=state_file)
     a = await drain_session(client, first, "a")
@@ -181,8 +183,10 @@ async def test_a_full_buffer_is_a_503_naming_the_detached_session(start_node, se
         (b"{not json", "not valid JSON"),
         (b"", "not valid JSON"),
         (b'{"format": "protofly-msgnode-state", "version": 1, "domain": "other.test", "sessions": []}', "domain"),
-        (b'{"format": "protofly-msgnode-state", "version": 1, "domain": "b.test", "sessions": [{"token": "x"}]}',
-         "sessions[0]"),
+        (
+            b'{"format": "protofly-msgnode-state", "version": 1, "domain": "b.test", "sessions": [{"token": "x"}]}',
+            "sessions[0]",
+        ),
     ],
 )
 async def test_a_corrupt_state_file_is_a_clear_error_at_start(tmp_path, content, words):
@@ -229,8 +233,16 @@ async def test_a_state_file_that_cannot_be_written_is_reported_at_stop(start_nod
 
 async def _serve(*args: str) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "protofly.cli",
+        "msg-node",
+        "serve",
+        "--domain",
+        DOMAIN,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     line = await asyncio.wait_for(proc.stdout.readline(), timeout=15)
     return proc, line.decode().strip()
@@ -271,8 +283,19 @@ async def test_cli_refuses_a_corrupt_state_file(tmp_path):
     state_file = tmp_path / "state.json"
     state_file.write_text("garbage")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN, "--port", "0",
-        "--state-file", str(state_file), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "protofly.cli",
+        "msg-node",
+        "serve",
+        "--domain",
+        DOMAIN,
+        "--port",
+        "0",
+        "--state-file",
+        str(state_file),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout=15)

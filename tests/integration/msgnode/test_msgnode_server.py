@@ -102,8 +102,11 @@ def _masked_text_frame(payload: bytes) -> bytes:
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     assert len(payload) < 65536
-    header = struct.pack("!BBH", 0x81, 0x80 | 126, len(payload)) if len(payload) >= 126 else bytes(
-        (0x81, 0x80 | len(payload)))
+    header = (
+        struct.pack("!BBH", 0x81, 0x80 | 126, len(payload))
+        if len(payload) >= 126
+        else bytes((0x81, 0x80 | len(payload)))
+    )
     return header + mask + masked
 
 
@@ -141,8 +144,9 @@ async def test_token_authentication_on_open(start_node, client):
 @pytest.mark.parametrize("to", [HYPERTY_ALLOC, ALLOC])
 async def test_single_and_block_hyperty_allocation(node, session, to):
     a = await session(node, "a")
-    reply = await a.request(id=1, type="create", from_="hyperty-runtime://a.test/rt/registry", to=to,
-                            body={"value": {"number": 1}})
+    reply = await a.request(
+        id=1, type="create", from_="hyperty-runtime://a.test/rt/registry", to=to, body={"value": {"number": 1}}
+    )
     assert reply["from"] == to and reply["to"] == "hyperty-runtime://a.test/rt/registry"
     assert reply["body"]["code"] == 200 and len(reply["body"]["value"]["allocated"]) == 1
     block = await a.allocate(to, value={"number": 5})
@@ -163,8 +167,9 @@ async def test_allocation_key_then_delete_by_key(node, session):
     a = await session(node, "a")
     b = await session(node, "b")
     block = await a.allocate(value={"number": 3, "allocationKey": "my-block"})
-    reply = await a.request(type="delete", from_="hyperty-runtime://a.test/rt/registry", to=ALLOC,
-                            body={"resource": "my-block"})
+    reply = await a.request(
+        type="delete", from_="hyperty-runtime://a.test/rt/registry", to=ALLOC, body={"resource": "my-block"}
+    )
     assert reply["body"]["code"] == 200
     for address in block:
         reply = await b.request(type="update", from_="hyperty-runtime://b.test/rt", to=address, body={})
@@ -175,8 +180,9 @@ async def test_delete_by_children_resources(node, session):
     a = await session(node, "a")
     b = await session(node, "b")
     kept, freed = await a.allocate(value={"number": 2})
-    reply = await a.request(type="delete", from_="hyperty-runtime://a.test/rt/registry", to=ALLOC,
-                            body={"childrenResources": [freed]})
+    reply = await a.request(
+        type="delete", from_="hyperty-runtime://a.test/rt/registry", to=ALLOC, body={"childrenResources": [freed]}
+    )
     assert reply["body"]["code"] == 200
     reply = await b.request(type="update", from_="hyperty-runtime://b.test/rt", to=freed, body={})
     assert reply["body"]["code"] == 404
@@ -190,8 +196,9 @@ async def test_delete_by_children_resources(node, session):
 RESOURCE = "comm://a.test/room/changes"
 
 
-@pytest.mark.parametrize(("key", "source"), [("resources", None), ("subscribe", None),
-                                             ("resources", "hyperty://s.test/watcher")])
+@pytest.mark.parametrize(
+    ("key", "source"), [("resources", None), ("subscribe", None), ("resources", "hyperty://s.test/watcher")]
+)
 async def test_update_reaches_every_subscriber_until_unsubscribed(node, session, key, source):
     publisher = await session(node, "pub")
     subscribers = [await session(node, f"s{i}") for i in range(3)]
@@ -203,17 +210,21 @@ async def test_update_reaches_every_subscriber_until_unsubscribed(node, session,
     for sub in subscribers:
         got = await sub.next(lambda m: m.get("to") == RESOURCE)
         assert got["body"] == {"value": {"n": 1}}
-    unsubscribe = {"resources" if key == "resources" else "unsubscribe": [RESOURCE],
-                   **({"source": source} if source else {})}
-    reply = await subscribers[0].request(type="unsubscribe", from_="hyperty-runtime://s0.test/rt/sm", to=SM,
-                                         body=unsubscribe)
+    unsubscribe = {
+        "resources" if key == "resources" else "unsubscribe": [RESOURCE],
+        **({"source": source} if source else {}),
+    }
+    reply = await subscribers[0].request(
+        type="unsubscribe", from_="hyperty-runtime://s0.test/rt/sm", to=SM, body=unsubscribe
+    )
     assert reply["body"]["code"] == 200
     await publisher.send(id=2, type="update", from_="comm://a.test/room", to=RESOURCE, body={"value": {"n": 2}})
     for sub in subscribers[1:]:
         assert (await sub.next(lambda m: m.get("to") == RESOURCE))["body"]["value"] == {"n": 2}
     # ordering on one connection: a marker sent after the update arrives after it, and nothing came before it
-    await publisher.send(id=3, type="update", from_="hyperty-runtime://pub.test/rt", to=subscribers[0].runtime,
-                         body={"marker": True})
+    await publisher.send(
+        id=3, type="update", from_="hyperty-runtime://pub.test/rt", to=subscribers[0].runtime, body={"marker": True}
+    )
     await subscribers[0].next(lambda m: m.get("body") == {"marker": True})
     assert not [m for m in subscribers[0].inbox if m.get("to") == RESOURCE]
 
@@ -222,8 +233,9 @@ async def test_fan_out_to_1000_subscribers_loses_nothing(start_node, session):
     node = await start_node(session_grace=30.0)
     subscribers = await asyncio.gather(*(session(node, f"s{i}") for i in range(1000)))
     for sub, i in zip(subscribers, range(1000), strict=True):
-        await sub.send(id=1, type="subscribe", from_=f"hyperty-runtime://s{i}.test/rt/sm", to=SM,
-                       body={"resources": [RESOURCE]})
+        await sub.send(
+            id=1, type="subscribe", from_=f"hyperty-runtime://s{i}.test/rt/sm", to=SM, body={"resources": [RESOURCE]}
+        )
     await asyncio.gather(*(sub.next(lambda m: m.get("from") == SM) for sub in subscribers))
     publisher = await session(node, "pub")
     for n in range(5):
@@ -265,8 +277,7 @@ async def test_a_foreign_hyperty_is_bound_on_the_fly_so_its_reply_routes_back(no
 async def test_messages_to_a_runtime_url_and_below_reach_its_session(node, session):
     a = await session(node, "a")
     b = await session(node, "b")
-    await b.send(id=1, type="update", from_="hyperty-runtime://b.test/rt", to="hyperty-runtime://a.test/rt/sm",
-                 body={})
+    await b.send(id=1, type="update", from_="hyperty-runtime://b.test/rt", to="hyperty-runtime://a.test/rt/sm", body={})
     assert (await a.next(lambda m: m.get("to") == "hyperty-runtime://a.test/rt/sm"))["id"] == 1
 
 
@@ -286,8 +297,17 @@ async def test_missing_fields_are_400_naming_the_field(node, session):
     await a.ws.send(json.dumps({"id": 5, "type": "update", "from": "hyperty-runtime://a.test/rt"}))
     reply = await a.next(lambda m: m.get("id") == 5)
     assert reply["body"]["code"] == 400 and reply["body"]["description"].startswith("to")
-    await a.ws.send(json.dumps({"id": 6, "type": "create", "from": "hyperty-runtime://a.test/rt", "to": ALLOC,
-                                "body": {"value": {"number": "two"}}}))
+    await a.ws.send(
+        json.dumps(
+            {
+                "id": 6,
+                "type": "create",
+                "from": "hyperty-runtime://a.test/rt",
+                "to": ALLOC,
+                "body": {"value": {"number": "two"}},
+            }
+        )
+    )
     reply = await a.next(lambda m: m.get("id") == 6)
     assert reply["body"]["code"] == 400 and "number" in reply["body"]["description"]
 
@@ -398,16 +418,36 @@ async def test_cli_serve_prints_the_url_and_serves(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("# accepted\nt0ken\n")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN, "--port", "0",
-        "--auth-tokens-file", str(tokens), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "protofly.cli",
+        "msg-node",
+        "serve",
+        "--domain",
+        DOMAIN,
+        "--port",
+        "0",
+        "--auth-tokens-file",
+        str(tokens),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), timeout=15)
         url = line.decode().strip()
         assert url.startswith("ws://127.0.0.1:") and url.endswith("/ws")
         async with connect(url, open_timeout=WAIT) as ws:
-            await ws.send(json.dumps({"id": 1, "type": "open", "from": "hyperty-runtime://a.test/rt", "to": SESSION,
-                                      "body": {"accessToken": "t0ken"}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "id": 1,
+                        "type": "open",
+                        "from": "hyperty-runtime://a.test/rt",
+                        "to": SESSION,
+                        "body": {"accessToken": "t0ken"},
+                    }
+                )
+            )
             reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
             assert reply["body"]["code"] == 200
     finally:

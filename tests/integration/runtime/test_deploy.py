@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from tests.processes import alive, descendants
 
+from protofly.events import CrashLoop
 from protofly.message import Message, response_code
 from protofly.runtime import StubDeploymentError
 
@@ -161,7 +162,7 @@ async def test_crash_loop_gives_up_then_retry_now_recovers(backend, domains, run
     await domains.serve("b.test")
     async with runtime_factory(crash_budget=3, crash_window=60) as runtime:
         gave_up = asyncio.Event()
-        runtime.add_observer(lambda event: gave_up.set() if event["event"] == "crash-loop" else None)
+        runtime.events.subscribe(lambda event: gave_up.set() if isinstance(event, CrashLoop) else None)
         await runtime.load_stub("b.test")
         backend.crash_on_hello = True
         backend.crash_all()

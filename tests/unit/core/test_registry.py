@@ -10,7 +10,15 @@ import pytest
 
 from protofly.bus import MessageBus
 from protofly.message import Message, decode, response_code
-from protofly.registry import RegistryError, RuntimeRegistry, StatusTimeoutError
+from protofly.registry import (
+    Local,
+    NeedsStub,
+    RegistryError,
+    RuntimeRegistry,
+    StatusTimeoutError,
+    ToStub,
+    Unroutable,
+)
 
 
 async def open_registry(state_dir: Path | None = None, domain: str = "a.test") -> tuple[MessageBus, RuntimeRegistry]:
@@ -201,22 +209,32 @@ async def test_resolve_global_goes_home_and_local_space_is_404() -> None:
     assert response_code(session) == 404
 
 
-async def test_resolve_asks_the_deployer_for_unknown_domains(make_inbox) -> None:
+async def test_route_names_the_stub_a_domain_without_one_and_the_unroutable() -> None:
     bus, registry = await open_registry()
-    asked: list[str] = []
-    inbox = make_inbox()
+    record = registry.register_stub("b.test")
+    to_b = Message(type="create", from_="hyperty://a.test/me", to="hyperty://b.test/1")
+    assert registry.route(to_b) == ToStub("b.test", record.url)
+    assert registry.route(Message(type="create", from_="hyperty://a.test/me", to="hyperty://c.test/1")) == (
+        NeedsStub("c.test")
+    )
+    inside = f"{registry.runtime_url}/cli"
+    assert registry.route(Message(type="read", from_="x:me", to=inside)) == Local(inside)
+    registry.add_local("hyperty://a.test/me")
+    assert registry.route(Message(type="read", from_="x:y", to="hyperty://a.test/me")) == Local("hyperty://a.test/me")
+    assert isinstance(registry.route(Message(type="read", from_="x:y", to="nonsense")), Unroutable)
+    await bus.close()
 
-    async def deployer(domain: str) -> str:
-        asked.append(domain)
-        record = registry.register_stub(domain)
-        bus.add_listener(record.url, inbox.append)
-        return record.url
 
-    registry.set_deployer(deployer)
-    bus.post(Message(type="create", from_="hyperty://a.test/me", to="hyperty://c.test/1"))
-    await inbox.wait_for(1, timeout=1)
-    assert asked == ["c.test"]
-    assert inbox[0].to == "hyperty://c.test/1"
+async def test_a_response_goes_back_through_the_stub_its_request_came_through() -> None:
+    bus, registry = await open_registry()
+    home = registry.register_stub("a.test")
+    foreign = registry.register_stub("c.test")
+    request = Message(id=7, type="execute", from_="hyperty://c.test/carol", to="hyperty://a.test/me")
+    registry.remember_return(request, home.url)
+    answer = Message(id=7, type="response", from_="hyperty://a.test/me", to="hyperty://c.test/carol")
+    assert registry.route(answer) == ToStub("a.test", home.url)
+    # the return path is used once; a second response with that id goes by the domain's own stub
+    assert registry.route(answer) == ToStub("c.test", foreign.url)
     await bus.close()
 
 

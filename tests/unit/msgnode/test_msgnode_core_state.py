@@ -34,8 +34,16 @@ class NodeMachine(RuleBasedStateMachine):
         self.ids = 0
 
     def new_core(self) -> MessageNodeCore:
-        return MessageNodeCore(D, session_grace=5.0, max_bound=2, max_subscriptions=4, max_addresses=6,
-                               buffer_messages=3, buffer_bytes=400, new_id=lambda: f"id{next(self.counter)}")
+        return MessageNodeCore(
+            D,
+            session_grace=5.0,
+            max_bound=2,
+            max_subscriptions=4,
+            max_addresses=6,
+            buffer_messages=3,
+            buffer_bytes=400,
+            new_id=lambda: f"id{next(self.counter)}",
+        )
 
     def apply(self, conn: Conn, **fields) -> list:
         self.ids += 1
@@ -88,19 +96,25 @@ class NodeMachine(RuleBasedStateMachine):
     def allocate(self, data, number, key) -> None:
         conn = data.draw(st.sampled_from(self.alive()))
         value = {"number": number} | ({"allocationKey": key} if key else {})
-        self.apply(conn, type="create", from_="x:y", to=f"domain://msg-node.{D}/address-allocation",
-                   body={"value": value})
+        self.apply(
+            conn, type="create", from_="x:y", to=f"domain://msg-node.{D}/address-allocation", body={"value": value}
+        )
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), key=st.sampled_from(["k1", "k2"]))
     def delete_key(self, data, key) -> None:
         conn = data.draw(st.sampled_from(self.alive()))
-        self.apply(conn, type="delete", from_="x:y", to=f"domain://msg-node.{D}/address-allocation",
-                   body={"resource": key})
+        self.apply(
+            conn, type="delete", from_="x:y", to=f"domain://msg-node.{D}/address-allocation", body={"resource": key}
+        )
 
     @precondition(lambda self: self.live)
-    @rule(data=st.data(), kind=st.sampled_from(["subscribe", "unsubscribe"]),
-          resource=st.sampled_from(RESOURCES), source=st.sampled_from(SOURCES))
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(["subscribe", "unsubscribe"]),
+        resource=st.sampled_from(RESOURCES),
+        source=st.sampled_from(SOURCES),
+    )
     def subscription(self, data, kind, resource, source) -> None:
         conn = data.draw(st.sampled_from(self.alive()))
         body = {"resources": [resource]} | ({"source": source} if source else {})
@@ -113,8 +127,11 @@ class NodeMachine(RuleBasedStateMachine):
         self.apply(conn, type="update", from_=sender, to=to, body={})
 
     @precondition(lambda self: self.with_session())
-    @rule(data=st.data(), kind=st.sampled_from(["update", "read", "response"]),
-          to=st.sampled_from([*RESOURCES, *RUNTIMES]))
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(["update", "read", "response"]),
+        to=st.sampled_from([*RESOURCES, *RUNTIMES]),
+    )
     def message_from_a_session(self, data, kind, to) -> None:
         """From a runtime that holds a session: to sessions that may be detached (buffered) or subscribed."""
         conn = data.draw(st.sampled_from(self.with_session()))
