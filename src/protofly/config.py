@@ -1,4 +1,8 @@
-"""Runtime configuration: one dataclass with documented defaults, loadable from TOML and the environment.
+"""Runtime configuration: one typed struct with documented defaults, loadable from TOML and the environment.
+
+:class:`RuntimeConfig` is a ``msgspec.Struct`` whose annotations carry the constraints (``Meta(ge=1)``,
+literal choices), so that loading a file, the environment or keyword arguments validates while decoding,
+and building one in code checks the same annotations: the constraints live in one place.
 
 A TOML file may group settings in tables (``[sandbox]``, ``[restart]``, ...) for readability; the table
 names are only grouping, every key is a field of :class:`RuntimeConfig`.  The catalogue resolver map is
@@ -11,14 +15,14 @@ reported with its name and where it came from.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 from protofly import address
 
@@ -28,13 +32,16 @@ ENV_PREFIX = "PROTOFLY_"
 POLICIES = ("require", "warn", "off")
 SANDBOXES = ("process", "in-process")
 
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NotNegative = Annotated[float, msgspec.Meta(ge=0)]
+
 
 class ConfigError(ValueError):
     """A configuration value that is missing, of the wrong type or out of range; the text names it."""
 
 
-@dataclass
-class RuntimeConfig:
+class RuntimeConfig(msgspec.Struct, kw_only=True):
     """Everything a :class:`protofly.Runtime` needs; only ``domain`` has no default."""
 
     #: The runtime's home domain: its runtime URL is ``hyperty-runtime://<domain>/<id>``.
@@ -42,80 +49,74 @@ class RuntimeConfig:
     #: Where the runtime URL, stub counters and the catalogue cache live; None = nothing persisted.
     state_dir: Path | None = None
     #: Resolver map: domain → base URL of its catalogue (both layouts are looked up under it).
-    catalogues: dict[str, str] = field(default_factory=dict)
+    catalogues: dict[str, str] = {}
     #: Trust store file pinning publishers' public keys per domain.
     trust_store: Path | None = None
     #: Signature policy: ``require`` (default), ``warn`` (accept unsigned reTHINK stubs loudly) or ``off``.
-    policy: str = "require"
+    policy: Literal["require", "warn", "off"] = "require"
     #: Allow plain ``http://`` catalogues, on loopback addresses only (tests, the demo).
     allow_http_loopback: bool = False
     #: Contact no catalogue but those in ``catalogues`` (no DNS look-up of ``catalogue.<domain>``):
     #: for closed networks, tests and the demo.
     resolver_only: bool = False
     #: ``process`` (one OS process per stub, the default) or ``in-process`` (trusted code only).
-    sandbox: str = "process"
+    sandbox: Literal["process", "in-process"] = "process"
     #: Modules each pre-started sandbox host imports while idle, so deploying a stub that uses them is fast.
-    sandbox_preload: list[str] = field(default_factory=lambda: ["websockets.asyncio.client"])
+    sandbox_preload: list[str] = msgspec.field(default_factory=lambda: ["websockets.asyncio.client"])
     #: Per-stub limits; a descriptor may ask for less, never more.
-    memory_mb: int = 1024
-    cpu_seconds: int = 3600
-    open_files: int = 256
+    memory_mb: AtLeastOne = 1024
+    cpu_seconds: AtLeastOne = 3600
+    open_files: AtLeastOne = 256
     #: Seconds from trigger until the stub must be ``live``.
-    deploy_timeout: float = 15.0
+    deploy_timeout: Positive = 15.0
     #: Default wait for a response on the bus.
-    request_timeout: float = 10.0
+    request_timeout: Positive = 10.0
     #: Messages held per domain while its stub deploys or restarts.
-    queue_limit: int = 1000
+    queue_limit: AtLeastOne = 1000
     #: Restart backoff after a crash: full jitter in [0, min(cap, base * 2**n)] seconds.
-    backoff_base: float = 0.25
-    backoff_cap: float = 30.0
+    backoff_base: NotNegative = 0.25
+    backoff_cap: Positive = 30.0
     #: More than ``crash_budget`` crashes within ``crash_window`` seconds: the stub stays failed.
-    crash_budget: int = 5
-    crash_window: float = 300.0
+    crash_budget: AtLeastOne = 5
+    crash_window: Positive = 300.0
     #: Live this long after a restart and the crash backoff starts again from its base.
-    stable_after: float = 60.0
+    stable_after: NotNegative = 60.0
     #: Seconds a stub gets to disconnect before its process is terminated.
-    remove_grace: float = 2.0
+    remove_grace: Positive = 2.0
     #: Credentials per domain (JSON or TOML); see protofly.identity.
     credentials_file: Path | None = None
     #: Largest message accepted from a stub or a socket.
-    max_message_size: int = 1 << 20
+    max_message_size: AtLeastOne = 1 << 20
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
+        """Check the annotations' constraints (also for a struct built in code) and the cross-field rules."""
+        for name, problem in _constraint_violations(self):
+            raise ConfigError(f"{name}: {problem}")
         try:
             self.domain = address.validate_domain(self.domain)
         except address.AddressError as exc:
             raise ConfigError(f"domain: {exc}") from None
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy: must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if self.sandbox not in SANDBOXES:
-            raise ConfigError(f"sandbox: must be one of {', '.join(SANDBOXES)}, got {self.sandbox!r}")
-        for name in ("memory_mb", "cpu_seconds", "open_files", "queue_limit", "crash_budget", "max_message_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("deploy_timeout", "request_timeout", "backoff_cap", "crash_window", "remove_grace"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.backoff_base < 0 or self.stable_after < 0:
-            raise ConfigError("backoff_base and stable_after must not be negative")
+        if self.backoff_cap < self.backoff_base:
+            raise ConfigError(f"backoff_cap: must not be below backoff_base ({self.backoff_base:g})")
+        normalized = {}
         for domain, base in self.catalogues.items():
             try:
-                address.validate_domain(domain)
+                normalized[address.validate_domain(domain)] = base
             except address.AddressError as exc:
                 raise ConfigError(f"catalogues: {exc}") from None
             if not isinstance(base, str) or not base.startswith(("http://", "https://")):
                 raise ConfigError(f"catalogues: base URL for {domain} must start with http:// or https://")
+        self.catalogues = normalized
 
     # -- loading ---------------------------------------------------------------------------------
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, origin: str = "configuration") -> RuntimeConfig:
         """Build from plain data (a parsed TOML file); tables are flattened, unknown keys are errors."""
-        flat = _flatten(data, origin)
-        return cls(**{name: _coerce(name, value, origin) for name, value in flat.items()})
+        return _convert(_flatten(data, origin), origin)
 
     @classmethod
     def load(
@@ -142,14 +143,55 @@ class RuntimeConfig:
         data.update({k: v for k, v in overrides.items() if v is not None})
         if "domain" not in data:
             raise ConfigError("domain: missing (set it in the file, with PROTOFLY_DOMAIN, or on the command line)")
-        return cls(**{name: _coerce(name, value, "configuration") for name, value in data.items()})
+        return _convert(data, "configuration")
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        """JSON-friendly (paths as strings), for ``runtime info``."""
+        plain: dict[str, Any] = msgspec.to_builtins(self, enc_hook=str)
+        return {name: plain.get(name) for name in _field_names()}
 
 
-def _field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(RuntimeConfig)]
+def _field_names() -> tuple[str, ...]:
+    return RuntimeConfig.__struct_fields__
+
+
+def _constraint_violations(config: RuntimeConfig) -> list[tuple[str, str]]:
+    """The annotated bounds a struct built in code breaks (decoding checks them by itself)."""
+    found = []
+    info = msgspec.inspect.type_info(RuntimeConfig)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for field in info.fields:
+        kind = field.type
+        value = getattr(config, field.name)
+        if isinstance(kind, msgspec.inspect.LiteralType):
+            if value not in kind.values:
+                found.append((field.name, _not_a_choice(field.name, value)))
+            continue
+        if not isinstance(kind, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            found.append((field.name, f"expected a number, got {value!r}"))
+        elif kind.ge is not None and value < kind.ge:
+            found.append((field.name, f"must be at least {kind.ge}, got {value}"))
+        elif kind.gt is not None and value <= kind.gt:
+            found.append((field.name, f"must be positive, got {value}"))
+    return found
+
+
+def _convert(data: Mapping[str, Any], origin: str) -> RuntimeConfig:
+    """Decode plain data (TOML, environment strings) into the struct, validating as it goes."""
+    cleaned = {name: _prepare(name, value) for name, value in data.items()}
+    try:
+        return msgspec.convert(cleaned, RuntimeConfig, strict=False, dec_hook=_decode_path)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        detail, sep, where = text.rpartition(" - at `$.")
+        if sep:
+            name = where.rstrip("`").split(".")[0].split("[")[0]
+            if name in _CHOICES:
+                detail = _not_a_choice(name, cleaned.get(name))
+            raise ConfigError(f"{origin}: {name}: {detail}") from None
+        raise ConfigError(f"{origin}: {text}") from None
 
 
 def _flatten(data: Mapping[str, Any], origin: str) -> dict[str, Any]:
@@ -174,37 +216,31 @@ def _parse_env(name: str, raw: str) -> Any:
     return raw
 
 
-def _coerce(name: str, value: Any, origin: str) -> Any:
-    kind = {f.name: f.type for f in dataclasses.fields(RuntimeConfig)}[name]
-    try:
-        if kind in ("int",):
-            return int(value)
-        if kind in ("float",):
-            return float(value)
-        if kind in ("bool",):
-            return _boolean(value)
-        if kind.startswith("Path"):
-            return None if value in (None, "") else Path(value).expanduser()
-        if kind.startswith("list"):
-            items = value.split(",") if isinstance(value, str) else value
-            if not isinstance(items, list | tuple):
-                raise TypeError("expected a list of module names")
-            return [str(item).strip() for item in items if str(item).strip()]
-        if kind.startswith("dict"):
-            if not isinstance(value, Mapping):
-                raise TypeError("expected a table of domain = base URL")
-            return {str(k).lower(): v for k, v in value.items()}
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{origin}: {name}: {exc}") from None
+_CHOICES = {"policy": POLICIES, "sandbox": SANDBOXES}
 
 
-def _boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
+def _not_a_choice(name: str, value: Any) -> str:
+    return f"must be one of {', '.join(_CHOICES[name])}, got {value!r}"
+
+
+def _prepare(name: str, value: Any) -> Any:
+    """Environment-string forms msgspec does not read by itself: comma lists, empty paths, yes/no."""
+    if name == "sandbox_preload" and isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if name in ("state_dir", "trust_store", "credentials_file") and value == "":
+        return None
+    if isinstance(value, str) and value.strip().lower() in _WORDS and name in _BOOLEANS:
+        return _WORDS[value.strip().lower()]
+    if name == "catalogues" and isinstance(value, Mapping):
+        return {str(domain).lower(): base for domain, base in value.items()}
+    return value
+
+
+_WORDS = {"yes": True, "on": True, "no": False, "off": False}
+_BOOLEANS = ("allow_http_loopback", "resolver_only")
+
+
+def _decode_path(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, str | Path):
+        return Path(value).expanduser()
+    raise NotImplementedError(f"cannot read {kind.__name__} from {type(value).__name__}")

@@ -9,7 +9,6 @@ server gets port 0 instead of 8080, and its real address replaces ``http://127.0
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import signal
 import textwrap
 import tomllib
 
+import msgspec
 from tests.processes import alive as pid_alive
 
 from protofly.config import RuntimeConfig
@@ -60,10 +60,10 @@ def test_the_reference_file_is_exactly_the_defaults_and_names_every_setting():
     (reference,) = [body for lang, info, body in blocks() if lang == "toml" and not info]
     config = RuntimeConfig.from_mapping(tomllib.loads(reference))
     assert config == RuntimeConfig(domain="a.test")
-    for setting in dataclasses.fields(RuntimeConfig):
+    for setting in msgspec.structs.fields(RuntimeConfig):
         assert re.search(rf"^#? ?{setting.name}\b|^\[{setting.name}\]", reference, re.M), setting.name
         assert f"| `{setting.name}` |" in doc and f"`PROTOFLY_{setting.name.upper()}`" in doc, setting.name
-        if setting.default is not dataclasses.MISSING and setting.default is not None:
+        if setting.default is not msgspec.NODEFAULT and setting.default is not None:
             default = json.dumps(setting.default).strip('"')
             row = next(line for line in doc.splitlines() if line.startswith(f"| `{setting.name}` |"))
             assert f"`{default}`" in row, (setting.name, row)

@@ -87,3 +87,28 @@ def test_bad_values_are_named(tmp_path: Path, text: str, env: dict[str, str], me
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read configuration file"):
         RuntimeConfig.load(tmp_path / "absent.toml", environ={})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"policy": "maybe"}, "policy: must be one of"),
+        ({"sandbox": "vm"}, "sandbox: must be one of"),
+        ({"memory_mb": 0}, "memory_mb: must be at least 1"),
+        ({"request_timeout": 0.0}, "request_timeout: must be positive"),
+        ({"backoff_base": -1.0}, "backoff_base: must be at least 0"),
+        ({"backoff_base": 5.0, "backoff_cap": 1.0}, "backoff_cap: must not be below backoff_base"),
+        ({"catalogues": {"b.test": "ftp://x"}}, "catalogues"),
+    ],
+)
+def test_a_config_built_in_code_is_checked_against_the_same_annotations(settings, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RuntimeConfig(domain="a.test", **settings)
+
+
+def test_decoding_checks_the_annotated_constraints_and_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="queue_limit"):
+        RuntimeConfig.from_mapping({"domain": "a.test", "queue_limit": -3})
+    config = RuntimeConfig.from_mapping({"domain": "a.test", "sandbox_preload": [], "state_dir": "/tmp/x"})
+    assert config.sandbox_preload == [] and config.state_dir == Path("/tmp/x")
+    assert config.as_dict()["state_dir"] == "/tmp/x"
