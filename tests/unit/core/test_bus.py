@@ -323,6 +323,39 @@ async def test_undeliverable_responses_are_counted_not_answered() -> None:
     assert bus.stats.by_code.get(404) == 1
 
 
+async def test_error_for_a_request_after_close_is_counted_as_such_not_as_a_dropped_response(caplog) -> None:
+    bus = MessageBus()
+    entered = asyncio.Event()
+
+    async def handler(m: Message) -> None:
+        try:
+            entered.set()
+            await asyncio.Event().wait()
+        finally:
+            raise RuntimeError("cleanup failed")  # turns close()'s cancellation into a listener failure
+
+    bus.add_listener("x:svc", handler)
+    bus.post(msg("x:svc", ident=4))
+    await asyncio.wait_for(entered.wait(), 1)
+    with caplog.at_level(logging.INFO, logger="protofly.bus"):
+        await bus.close()
+        bus.reply_error(msg("x:svc", ident=5), 503, "shutting down")  # what the runtime may do late
+    assert bus.stats.handler_errors == 1
+    assert bus.stats.dropped_after_close == 2
+    assert bus.stats.dropped_responses == 0
+    events = [r.getMessage() for r in caplog.records if r.name == "protofly.bus"]
+    assert "undeliverable response dropped" not in events
+    closed = [r for r in caplog.records if r.getMessage() == "bus closed: error response not sent"]
+    assert [(r.type, r.id, r.code) for r in closed] == [("create", 4, 500), ("create", 5, 503)]
+
+
+async def test_undeliverable_response_on_a_closed_bus_is_still_a_dropped_response() -> None:
+    bus = MessageBus()
+    await bus.close()
+    bus.reply_error(Message(id=1, type="response", from_="x:a", to="x:b", body={"code": 200}), 500, "late")
+    assert (bus.stats.dropped_responses, bus.stats.dropped_after_close) == (1, 0)
+
+
 async def test_publish_without_listener_is_quiet() -> None:
     bus = MessageBus()
     assert bus.publish(msg("x:status", kind="update")) == 0
