@@ -105,14 +105,26 @@ async def test_timeout_gives_synthetic_408() -> None:
     assert bus.pending_requests == 0
 
 
-async def test_timer_cancelled_when_response_arrives() -> None:
+async def test_timer_cancelled_when_response_arrives(make_inbox) -> None:
     bus = MessageBus()
     bus.add_listener("x:svc", echo_to(bus))
-    answer = await bus.request(msg("x:svc"), timeout=0.05)
-    assert response_code(answer) == 200
-    # Wait past the original deadline: a timer left running would count a timeout.
-    await asyncio.sleep(0.1)
-    assert bus.stats.timeouts == 0
+    held = make_inbox()
+    bus.add_listener("x:silent", held.append)
+    answered = await bus.request(msg("x:svc", ident=7), timeout=0.05)
+    assert response_code(answered) == 200
+    # The same sender reuses id 7 for a long request.  Had the answered request's timer stayed armed, its
+    # deadline would time this one out 10 s early.
+    reused = asyncio.create_task(bus.request(msg("x:silent", ident=7), timeout=10))
+    await held.wait_for(1, timeout=1)
+    # A request from another sender, started later with the same timeout: its 408 comes after the first
+    # request's deadline has passed, so once it is in, any leftover timer has fired.
+    later = await bus.request(msg("x:silent", sender="hyperty://b.test/1", ident=7), timeout=0.05)
+    assert response_code(later) == 408
+    assert bus.stats.timeouts == 1
+    assert not reused.done()
+    assert bus.pending_requests == 1
+    bus.post(response(held[0], 200, value="late but in time"))
+    assert (await reused).body["value"] == "late but in time"
     assert bus.pending_requests == 0
 
 
