@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tests.processes import alive, descendants
 
-from protofly.events import CrashLoop
+from protofly.events import CrashLoop, DeployStep, StubLive
 from protofly.message import Message, response_code
 from protofly.runtime import StubDeploymentError
 
@@ -27,8 +27,8 @@ async def test_explicit_load_goes_live_with_a_timeline(backend, domains, runtime
     domains.publish("b.test", {"host": "127.0.0.1", "port": backend.port})
     await domains.serve("b.test")
     async with runtime_factory() as runtime:
-        observed: list[dict] = []
-        runtime.add_observer(observed.append)
+        observed: list = []
+        runtime.events.subscribe(observed.append)
         started = time.perf_counter()
         handle = await runtime.load_stub("b.test")
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -49,10 +49,10 @@ async def test_explicit_load_goes_live_with_a_timeline(backend, domains, runtime
         assert 0 < handle.total_ms <= elapsed_ms
         assert handle.steps[1].detail.startswith("default ") and "1.0.0" in handle.steps[1].detail
         # Observers saw the same timeline, then 'live' with the same total.
-        steps_seen = [(e["step"], e["ms"]) for e in observed if e["event"] == "step"]
-        assert steps_seen == [(s.name, round(s.ms, 3)) for s in handle.steps]
-        [live] = [e for e in observed if e["event"] == "live"]
-        assert live["total_ms"] == round(handle.total_ms, 3) and live["stub_url"] == handle.url
+        steps_seen = [(e.step, e.seed, e.ms) for e in observed if isinstance(e, DeployStep)]
+        assert steps_seen == [(s.name, s.seed, round(s.ms, 3)) for s in handle.steps]
+        [live] = [e for e in observed if isinstance(e, StubLive)]
+        assert live.total_ms == round(handle.total_ms, 3) and live.stub_url == handle.url
         assert handle.version == "1.0.0" and handle.signer
         assert handle.isolation.get("process") is True
         values = [e.value for e in handle.record.history]
