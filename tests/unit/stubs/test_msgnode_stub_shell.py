@@ -274,8 +274,9 @@ async def test_drain_sends_drained_last_and_nothing_is_lost(node, make_stub) -> 
     # A marker from the node, delivered after those requests were accepted: the stub has had its turn to
     # write them.  Then the node closes, and once its side of the connection has ended, every frame the stub
     # sent on it is in frames[0]: 'drained' must still be the last.
-    await node.send({"id": 99, "type": "create", "from": "hyperty://b.test/y", "to": "hyperty://a.test/x",
-                     "body": {"marker": True}})
+    await node.send(
+        {"id": 99, "type": "create", "from": "hyperty://b.test/y", "to": "hyperty://a.test/x", "body": {"marker": True}}
+    )
     await runtime.wait(lambda: any(m.id == 99 for m in runtime.deliveries()))
     await node.conns[0].close(1001, "message node restarting")
     await node.wait(lambda: node.ended >= 1)
