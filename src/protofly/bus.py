@@ -166,7 +166,7 @@ class MessageBus:
             msg = passed
         if msg.type == "response" and self._pending and self._settle(msg):
             return
-        listeners = self._routes.get(msg.to)  # type: ignore[arg-type]
+        listeners = self._routes.get(msg.to)
         if listeners is not None:
             self._deliver(listeners, msg)
         else:
@@ -177,7 +177,7 @@ class MessageBus:
 
         Status re-publication uses this: a ``404`` for an event with no subscriber would only be noise.
         """
-        listeners = self._routes.get(msg.to)  # type: ignore[arg-type]
+        listeners = self._routes.get(msg.to)
         if listeners is None:
             return 0
         self._deliver(listeners, msg)
