@@ -91,6 +91,8 @@ class BusStats:
     handler_errors: int = 0
     timeouts: int = 0
     dropped_responses: int = 0
+    #: error responses not sent because the bus was already closed
+    dropped_after_close: int = 0
     loops: int = 0
     by_code: dict[int, int] = field(default_factory=dict)
 
@@ -164,7 +166,7 @@ class MessageBus:
             msg = passed
         if msg.type == "response" and self._pending and self._settle(msg):
             return
-        listeners = self._routes.get(msg.to)  # type: ignore[arg-type]
+        listeners = self._routes.get(msg.to)
         if listeners is not None:
             self._deliver(listeners, msg)
         else:
@@ -175,7 +177,7 @@ class MessageBus:
 
         Status re-publication uses this: a ``404`` for an event with no subscriber would only be noise.
         """
-        listeners = self._routes.get(msg.to)  # type: ignore[arg-type]
+        listeners = self._routes.get(msg.to)
         if listeners is None:
             return 0
         self._deliver(listeners, msg)
@@ -354,14 +356,26 @@ class MessageBus:
         self._deliver(listeners, msg)
 
     def reply_error(self, msg: Message, code: int, description: str) -> None:
-        """Answer ``msg``'s sender with an error response; a response (or anything after close) is only counted.
+        """Answer ``msg``'s sender with an error response; a response, or anything once closed, is only counted.
 
         The one place where "never silence" and "never answer a response" meet, for the bus and its users.
         """
         self.stats.by_code[code] = self.stats.by_code.get(code, 0) + 1
-        if msg.type == "response" or self._closed:
+        if msg.type == "response":
             self.stats.dropped_responses += 1
             log.warning("undeliverable response dropped", to=msg.to, sender=msg.from_, code=code, reason=description)
+            return
+        if self._closed:
+            self.stats.dropped_after_close += 1
+            log.info(
+                "bus closed: error response not sent",
+                type=msg.type,
+                id=msg.id,
+                to=msg.to,
+                sender=msg.from_,
+                code=code,
+                reason=description,
+            )
             return
         self.post(response(msg, code, description))
 

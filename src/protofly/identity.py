@@ -47,7 +47,8 @@ class Secret:
         return isinstance(other, Secret) and other._value == self._value
 
     def __hash__(self) -> int:
-        return hash(("secret", id(self)))
+        # Consistent with ``__eq__``: equal values hash alike; an unhashable value (a dict) raises TypeError.
+        return hash((Secret, self._value))
 
 
 class IdentityModule:

@@ -753,6 +753,17 @@ class ProcessSandbox(Sandbox):
         """The components deployed and not yet removed or exited."""
         return [c for c in self._components if c.state in ("deploying", "running")]
 
+    @property
+    def spare_pids(self) -> list[int]:
+        """Process ids of the prestarted hosts ready for the next deploy (one still starting is not listed)."""
+        pids = []
+        for task in self._spares:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                pid = task.result().pid
+                if pid is not None:
+                    pids.append(pid)
+        return pids
+
     async def start(self) -> None:
         """Probe the isolation layers (once) and start the spare hosts; deploy() calls it if needed."""
         if self._closed:

@@ -6,12 +6,13 @@ import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
 from tests.processes import alive, descendants
 
-from protofly.events import CrashLoop
+from protofly.events import CrashLoop, DeployStep, StubLive
 from protofly.message import Message, response_code
 from protofly.runtime import StubDeploymentError
 
@@ -26,11 +27,32 @@ async def test_explicit_load_goes_live_with_a_timeline(backend, domains, runtime
     domains.publish("b.test", {"host": "127.0.0.1", "port": backend.port})
     await domains.serve("b.test")
     async with runtime_factory() as runtime:
+        observed: list = []
+        runtime.events.subscribe(observed.append)
+        started = time.perf_counter()
         handle = await runtime.load_stub("b.test")
+        elapsed_ms = (time.perf_counter() - started) * 1000
         assert handle.status == "live"
         assert handle.url.startswith(runtime.runtime_url + "/protostub/")
-        assert [s.name for s in handle.steps] == ["registry", "catalogue", "sandbox", "connect", "live"]
-        assert all(s.ms >= 0 for s in handle.steps)
+        # The seed's steps, in the seed's order, each with the seed step numbers it implements.
+        assert [(s.name, s.seed) for s in handle.steps] == [
+            ("registry", "1-2, 6, 8"),
+            ("catalogue", "3-4"),
+            ("sandbox", "5, 7, 9"),
+            ("connect", "10"),
+            ("live", "11-12"),
+        ]
+        # Each step took time, and the steps are back to back inside the call: their sum is the total, and
+        # the total fits in the time load_stub took.
+        assert all(s.ms > 0 for s in handle.steps)
+        assert handle.total_ms == pytest.approx(sum(s.ms for s in handle.steps))
+        assert 0 < handle.total_ms <= elapsed_ms
+        assert handle.steps[1].detail.startswith("default ") and "1.0.0" in handle.steps[1].detail
+        # Observers saw the same timeline, then 'live' with the same total.
+        steps_seen = [(e.step, e.seed, e.ms) for e in observed if isinstance(e, DeployStep)]
+        assert steps_seen == [(s.name, s.seed, round(s.ms, 3)) for s in handle.steps]
+        [live] = [e for e in observed if isinstance(e, StubLive)]
+        assert live.total_ms == round(handle.total_ms, 3) and live.stub_url == handle.url
         assert handle.version == "1.0.0" and handle.signer
         assert handle.isolation.get("process") is True
         values = [e.value for e in handle.record.history]

@@ -338,12 +338,15 @@ async def test_a_prestarted_host_is_used_for_the_next_deploy():
     try:
         await box.start()
         await box.wait_ready()
-        spare_pid = box._spares[0].result().pid
+        [spare_pid] = box.spare_pids
         inbox = Inbox()
         component = await deploy(box, "echo.py", inbox, classname="EchoStub")
         assert component.pid == spare_pid
+        assert spare_pid not in box.spare_pids  # a spare serves one deploy only
         await inbox.status("created")
-        assert len(box._spares) == 1  # a replacement is starting
+        await box.wait_ready()
+        [replacement] = box.spare_pids  # a new spare was started in its place
+        assert replacement != spare_pid
     finally:
         await box.close()
 
@@ -353,11 +356,11 @@ async def test_a_spare_that_died_is_replaced_by_a_fresh_host():
     try:
         await box.start()
         await box.wait_ready()
-        spare = box._spares[0].result()
-        os.kill(spare.pid, signal.SIGKILL)
+        [spare_pid] = box.spare_pids
+        os.kill(spare_pid, signal.SIGKILL)
         inbox = Inbox()
         component = await deploy(box, "echo.py", inbox, classname="EchoStub")
-        assert component.pid != spare.pid
+        assert component.pid != spare_pid
         await inbox.status("created")
         assert inbox.exits == []
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -51,16 +52,21 @@ def test_put_get_survives_reopen(tmp_path):
     cache.close()
 
 
+def stored_sources(path) -> int:
+    """The source blobs in the cache file, as another process (an operator's sqlite3) sees them."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0]
+
+
 def test_sources_are_stored_once_and_collected(tmp_path):
     cache = StubCache(tmp_path / CACHE_FILE)
     cache.put(entry("default"))
     cache.put(entry("echo"))
-    count = cache._db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0]
-    assert count == 1
+    assert stored_sources(cache.path) == 1
     cache.put(entry("echo", source=b"y = 2\n"))
-    assert cache._db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] == 2
+    assert stored_sources(cache.path) == 2
     assert cache.forget("b.test", "echo") == 1
-    assert cache._db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] == 1
+    assert stored_sources(cache.path) == 1
     assert cache.forget("b.test") == 1
     assert cache.entries() == []
     cache.close()
@@ -69,8 +75,8 @@ def test_sources_are_stored_once_and_collected(tmp_path):
 def test_damaged_blob_is_a_miss(tmp_path):
     cache = StubCache(tmp_path / CACHE_FILE)
     cache.put(entry())
-    with cache._db:
-        cache._db.execute("UPDATE blobs SET data = ?", (b"tampered",))
+    with contextlib.closing(sqlite3.connect(cache.path)) as db, db:  # the file damaged behind the cache's back
+        db.execute("UPDATE blobs SET data = ?", (b"tampered",))
     assert cache.get("b.test", "default") is None
     assert cache.entries() == []
     cache.close()

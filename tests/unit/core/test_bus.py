@@ -105,14 +105,26 @@ async def test_timeout_gives_synthetic_408() -> None:
     assert bus.pending_requests == 0
 
 
-async def test_timer_cancelled_when_response_arrives() -> None:
+async def test_timer_cancelled_when_response_arrives(make_inbox) -> None:
     bus = MessageBus()
     bus.add_listener("x:svc", echo_to(bus))
-    answer = await bus.request(msg("x:svc"), timeout=0.05)
-    assert response_code(answer) == 200
-    # Wait past the original deadline: a timer left running would count a timeout.
-    await asyncio.sleep(0.1)
-    assert bus.stats.timeouts == 0
+    held = make_inbox()
+    bus.add_listener("x:silent", held.append)
+    answered = await bus.request(msg("x:svc", ident=7), timeout=0.05)
+    assert response_code(answered) == 200
+    # The same sender reuses id 7 for a long request.  Had the answered request's timer stayed armed, its
+    # deadline would time this one out 10 s early.
+    reused = asyncio.create_task(bus.request(msg("x:silent", ident=7), timeout=10))
+    await held.wait_for(1, timeout=1)
+    # A request from another sender, started later with the same timeout: its 408 comes after the first
+    # request's deadline has passed, so once it is in, any leftover timer has fired.
+    later = await bus.request(msg("x:silent", sender="hyperty://b.test/1", ident=7), timeout=0.05)
+    assert response_code(later) == 408
+    assert bus.stats.timeouts == 1
+    assert not reused.done()
+    assert bus.pending_requests == 1
+    bus.post(response(held[0], 200, value="late but in time"))
+    assert (await reused).body["value"] == "late but in time"
     assert bus.pending_requests == 0
 
 
@@ -321,6 +333,39 @@ async def test_undeliverable_responses_are_counted_not_answered() -> None:
     bus.post(Message(id=1, type="response", from_="x:a", to="x:nobody", body={"code": 200}))
     assert bus.stats.dropped_responses == 1
     assert bus.stats.by_code.get(404) == 1
+
+
+async def test_error_for_a_request_after_close_is_counted_as_such_not_as_a_dropped_response(caplog) -> None:
+    bus = MessageBus()
+    entered = asyncio.Event()
+
+    async def handler(m: Message) -> None:
+        try:
+            entered.set()
+            await asyncio.Event().wait()
+        finally:
+            raise RuntimeError("cleanup failed")  # turns close()'s cancellation into a listener failure
+
+    bus.add_listener("x:svc", handler)
+    bus.post(msg("x:svc", ident=4))
+    await asyncio.wait_for(entered.wait(), 1)
+    with caplog.at_level(logging.INFO, logger="protofly.bus"):
+        await bus.close()
+        bus.reply_error(msg("x:svc", ident=5), 503, "shutting down")  # what the runtime may do late
+    assert bus.stats.handler_errors == 1
+    assert bus.stats.dropped_after_close == 2
+    assert bus.stats.dropped_responses == 0
+    events = [r.getMessage() for r in caplog.records if r.name == "protofly.bus"]
+    assert "undeliverable response dropped" not in events
+    closed = [r for r in caplog.records if r.getMessage() == "bus closed: error response not sent"]
+    assert [(r.type, r.id, r.code) for r in closed] == [("create", 4, 500), ("create", 5, 503)]
+
+
+async def test_undeliverable_response_on_a_closed_bus_is_still_a_dropped_response() -> None:
+    bus = MessageBus()
+    await bus.close()
+    bus.reply_error(Message(id=1, type="response", from_="x:a", to="x:b", body={"code": 200}), 500, "late")
+    assert (bus.stats.dropped_responses, bus.stats.dropped_after_close) == (1, 0)
 
 
 async def test_publish_without_listener_is_quiet() -> None:

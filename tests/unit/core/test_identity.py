@@ -63,3 +63,20 @@ def test_missing_file_and_bad_env(tmp_path: Path) -> None:
         IdentityModule.load(tmp_path / "none.json", environ={})
     with pytest.raises(IdentityError, match="not valid JSON"):
         IdentityModule.load(environ={"PROTOFLY_CREDENTIALS": "{" + SECRET})
+
+
+def test_equal_secrets_hash_equal() -> None:
+    # Two wrappers of the same value are equal, so the eq/hash contract says they must hash alike:
+    # a set or dict key must treat them as one.
+    first, second = Secret(SECRET), Secret(SECRET)
+    assert first == second
+    assert hash(first) == hash(second)
+    assert len({first, second}) == 1
+    assert {first: "a"}[second] == "a"
+    assert Secret(SECRET) != Secret("another value")
+
+
+def test_secret_is_as_hashable_as_its_value() -> None:
+    # Credentials are dicts: equality compares their contents, which may change, so they cannot be keys.
+    with pytest.raises(TypeError):
+        hash(Secret({"token": SECRET}))

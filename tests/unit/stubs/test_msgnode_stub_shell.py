@@ -37,6 +37,7 @@ class FakeNode:
         self.required_token: str | None = None
         self.changed = asyncio.Event()
         self.port = 0
+        self.ended = 0  # connections whose every received frame is in ``frames``
         self._server: Any = None
 
     @property
@@ -79,6 +80,8 @@ class FakeNode:
                     self.changed.set()
                     if msg["to"] == "mn:/session" and not self.silent:
                         await self._session(ws, msg)
+        self.ended += 1
+        self.changed.set()
 
     async def _session(self, ws: ServerConnection, msg: dict[str, Any]) -> None:
         body = msg.get("body") or {}
@@ -268,12 +271,20 @@ async def test_drain_sends_drained_last_and_nothing_is_lost(node, make_stub) -> 
     await node.wait(lambda: any(m["body"].get("value") == "drained" for m in node.frames[0] if m.get("body")))
     for n in range(1, 20):
         runtime.bus.dispatch(request(n))
-    await asyncio.sleep(0.05)  # give a wrong stub the chance to send after 'drained' (checked below)
-    assert node.frames[0][-1]["body"] == {"value": "drained"} and node.frames[0][-1]["from"] == session_url
+    # A marker from the node, delivered after those requests were accepted: the stub has had its turn to
+    # write them.  Then the node closes, and once its side of the connection has ended, every frame the stub
+    # sent on it is in frames[0]: 'drained' must still be the last.
+    await node.send(
+        {"id": 99, "type": "create", "from": "hyperty://b.test/y", "to": "hyperty://a.test/x", "body": {"marker": True}}
+    )
+    await runtime.wait(lambda: any(m.id == 99 for m in runtime.deliveries()))
     await node.conns[0].close(1001, "message node restarting")
+    await node.wait(lambda: node.ended >= 1)
+    assert node.frames[0][-1]["body"] == {"value": "drained"} and node.frames[0][-1]["from"] == session_url
     await runtime.wait(lambda: runtime.values().count("live") == 2, timeout=10)
     await node.wait(lambda: len(node.data()) == 20)
     assert [m["body"]["n"] for m in node.data()] == list(range(20))
+    assert [m["body"]["n"] for m in node.frames[0] if m["to"] != "mn:/session"] == [0]
     assert any("drained the session" in (d or "") for v, d in runtime.statuses() if v == "disconnected")
     assert stub.session.counters["drains"] == 1
 
