@@ -452,7 +452,6 @@ class Runtime:
         descriptor = verified.descriptor
         config = dict(descriptor.configuration)
         config["runtimeURL"] = self.runtime_url
-        requested = descriptor.sandbox_limits.as_wire() if descriptor.sandbox_limits is not None else None
         boundary = Boundary(
             runtime_url=self.runtime_url,
             runtime_domain=self.config.domain,
@@ -467,7 +466,7 @@ class Runtime:
                     source=verified.source,
                     config=config,
                     classname=descriptor.source_classname,
-                    limits=self.limits.narrowed(requested),
+                    limits=self.limits.narrowed(descriptor.sandbox_limits),
                     boundary=boundary,
                     on_message=self._from_stub,
                     on_exit=lambda reason: self._on_exit(slot, holder, reason),

@@ -35,6 +35,7 @@ import msgspec
 
 from protofly.message import Message, MessageError, encode, response
 from protofly.sandbox import confine, loader
+from protofly.sandbox.limits import Limits
 from protofly.sandbox.channel import (
     DEFAULT_MAX_FRAME,
     SANDBOX_EXTERNAL,
@@ -180,12 +181,18 @@ class Host(asyncio.Protocol):
             self._respond(msg, 500, f"this sandbox already runs {self.url}")
             return
         problem = _create_problem(body)
+        limits: Limits | None = None
+        if problem is None and body.get("sandbox"):
+            try:
+                limits = Limits.from_dict(body["sandbox"])
+            except ValueError as exc:
+                problem = f"create: body.sandbox: {exc}"
         if problem:
             self._respond(msg, 400, problem)
             return
         self.creating = True
         self.url = body["url"]
-        report = confine.apply(body.get("sandbox"), self.settings)
+        report = confine.apply(limits, self.settings)
         self.send(
             control("update", {"value": "isolation", "report": report}, sender=SANDBOX_INTERNAL, to=SANDBOX_EXTERNAL)
         )
