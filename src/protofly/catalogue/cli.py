@@ -89,12 +89,12 @@ def _check(file: Path, data: bytes, trust: Path | None, domain: str | None, poli
         return _model_summary(obj)
     if isinstance(obj, dict) and "objectName" not in obj and "sourceCode" in obj:
         package = parse_source_package(obj, url=str(file))
-        source, warning = package.decode()
+        package_source, warning = package.decode()
         return {
             "kind": "source package",
             "sourceCodeClassname": package.classname,
             "encoding": package.encoding,
-            "sourceBytes": len(source),
+            "sourceBytes": len(package_source),
             "warning": warning,
         }
     descriptor = parse_descriptor(obj, url=str(file))

@@ -46,6 +46,7 @@ __all__ = [
     "create_sandbox",
 ]
 
+
 @dataclass(frozen=True)
 class Boundary:
     """What a stub may claim as ``from``: the runtime's own address space is not the stub's to use.

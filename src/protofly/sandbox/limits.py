@@ -163,7 +163,14 @@ class Limits:
         extra = sorted(set(value) - set(names))
         if extra:
             raise ValueError(f"limits.{extra[0]}: unknown limit")
-        return cls(**{name: value.get(name) for name in names})
+
+        def need(name: str) -> int:
+            item = value.get(name)
+            if type(item) is not int or item < 1:
+                raise ValueError(f"limits.{name}: must be a positive integer, got {item!r}")
+            return item
+
+        return cls(memory_mb=need("memory_mb"), cpu_seconds=need("cpu_seconds"), open_files=need("open_files"))
 
 
 #: Defaults for a runtime that configures nothing: 512 MiB of address space, one hour of CPU, 256 files.

@@ -338,12 +338,13 @@ async def test_a_prestarted_host_is_used_for_the_next_deploy():
     try:
         await box.start()
         await box.wait_ready()
-        spare_pid = box._spares[0].result().pid
+        [spare] = box.hosts
         inbox = Inbox()
         component = await deploy(box, "echo.py", inbox, classname="EchoStub")
-        assert component.pid == spare_pid
+        assert component.pid == spare.pid
         await inbox.status("created")
-        assert len(box._spares) == 1  # a replacement is starting
+        await box.wait_ready()  # a replacement was started
+        assert len(box.hosts) == 2 and component in box.hosts
     finally:
         await box.close()
 
@@ -353,7 +354,7 @@ async def test_a_spare_that_died_is_replaced_by_a_fresh_host():
     try:
         await box.start()
         await box.wait_ready()
-        spare = box._spares[0].result()
+        [spare] = box.hosts
         os.kill(spare.pid, signal.SIGKILL)
         inbox = Inbox()
         component = await deploy(box, "echo.py", inbox, classname="EchoStub")

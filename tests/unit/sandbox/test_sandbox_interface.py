@@ -8,7 +8,7 @@ import pytest
 
 from protofly.sandbox import DEFAULT_LIMITS, Boundary, DeployError, LimitError, Limits, SandboxLimits, create_sandbox
 from protofly.sandbox.guard import Guard, failed_status, forgery
-from protofly.sandbox.process import describe_exit
+from protofly.sandbox.proctree import describe_exit
 
 RUNTIME = "hyperty-runtime://a.test/r1"
 STUB = f"{RUNTIME}/protostub/1"
@@ -29,9 +29,10 @@ def test_narrowed_takes_the_minimum_per_field_and_ignores_raises():
     assert limits.narrowed(SandboxLimits()) is limits
 
 
-@pytest.mark.parametrize("spelling", [("memoryMB", "openFiles"), ("memoryMb", "openFiles"), ("memory_mb", "open_files")])
-def test_a_request_decodes_from_every_documented_spelling(spelling):
-    memory, files = spelling
+@pytest.mark.parametrize(
+    ("memory", "files"), [("memoryMB", "openFiles"), ("memoryMb", "openFiles"), ("memory_mb", "open_files")]
+)
+def test_a_request_decodes_from_every_documented_spelling(memory, files):
     request = SandboxLimits.from_wire({memory: 100, files: 8})
     assert request == SandboxLimits(memory_mb=100, open_files=8)
     assert Limits(memory_mb=512, cpu_seconds=60, open_files=64).narrowed(request) == Limits(100, 60, 8)
