@@ -173,6 +173,8 @@ class Host(asyncio.Protocol):
             self._respond(msg, 400, f"unknown control message type {msg.type!r}")
 
     def _spawn(self, coro: Any) -> None:
+        # A hand-written owned set rather than protofly.tasks.TaskSet: TaskSet logs through structlog,
+        # whose import would double the start time of every sandbox host.
         task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
