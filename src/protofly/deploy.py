@@ -161,7 +161,6 @@ class DeployPipeline:
         descriptor = verified.descriptor
         config = dict(descriptor.configuration)
         config["runtimeURL"] = self.registry.runtime_url
-        requested = descriptor.sandbox_limits.as_wire() if descriptor.sandbox_limits is not None else None
         boundary = Boundary(
             runtime_url=self.registry.runtime_url,
             runtime_domain=self.config.domain,
@@ -176,7 +175,7 @@ class DeployPipeline:
                     source=verified.source,
                     config=config,
                     classname=descriptor.source_classname,
-                    limits=self.limits.narrowed(requested),
+                    limits=self.limits.narrowed(descriptor.sandbox_limits),
                     boundary=boundary,
                     on_message=target.on_message,
                     on_exit=lambda reason: target.on_exit(holder[0], reason) if holder else None,

@@ -26,7 +26,7 @@ from protofly.catalogue.errors import (
     CatalogueError,
     DescriptorError,
 )
-from protofly.catalogue.fetch import VerifiedStub
+from protofly.catalogue.fetch import FetchTimings, VerifiedStub
 from protofly.catalogue.keys import KeyFileError, SigningKey, TrustStore, generate_keypair, key_id
 from protofly.catalogue.model import (
     ProtocolStubDescriptor,
@@ -73,6 +73,7 @@ __all__ = [
     "CatalogueError",
     "ClientStats",
     "DescriptorError",
+    "FetchTimings",
     "KeyFileError",
     "ProtocolStubDescriptor",
     "PublishError",

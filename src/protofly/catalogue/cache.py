@@ -115,7 +115,22 @@ class StubCache:
             ).fetchone()
         if row is None:
             return None
-        entry = CacheEntry(*row[:12], source=bytes(row[12]))
+        domain, name, url, etag, fresh_until, version, sha256, digest, signer, signer_domain, descriptor, at, data = row
+        entry = CacheEntry(
+            domain=domain,
+            name=name,
+            url=url,
+            etag=etag,
+            fresh_until=fresh_until,
+            version=version,
+            sha256=sha256,
+            descriptor_digest=digest,
+            signer=signer,
+            signer_domain=signer_domain,
+            descriptor=descriptor,
+            fetched_at=at,
+            source=bytes(data),
+        )
         if sha256_hex(entry.source) != entry.sha256:
             _log.warning("cached source damaged; dropped", domain=domain, stub=name, sha256=entry.sha256)
             self.forget(domain, name)

@@ -23,6 +23,7 @@ from protofly.catalogue.model import (
 )
 from protofly.catalogue.publish import PublishError, publish
 from protofly.catalogue.verify import POLICIES, check_policy, verify_stub
+from protofly.tasks import TaskSet
 
 __all__ = ["app", "keys_app"]
 
@@ -89,12 +90,12 @@ def _check(file: Path, data: bytes, trust: Path | None, domain: str | None, poli
         return _model_summary(obj)
     if isinstance(obj, dict) and "objectName" not in obj and "sourceCode" in obj:
         package = parse_source_package(obj, url=str(file))
-        source, warning = package.decode()
+        package_source, warning = package.decode()
         return {
             "kind": "source package",
             "sourceCodeClassname": package.classname,
             "encoding": package.encoding,
-            "sourceBytes": len(source),
+            "sourceBytes": len(package_source),
             "warning": warning,
         }
     descriptor = parse_descriptor(obj, url=str(file))
@@ -175,14 +176,12 @@ async def _serve(directory: Path, host: str, port: int, default: str | None, max
     from protofly.catalogue.server import CatalogueServer
 
     stop = asyncio.Event()
-    reloads: set[asyncio.Task[list[str]]] = set()
+    reloads = TaskSet("catalogue reloads")
     loop = asyncio.get_running_loop()
     async with CatalogueServer(directory, host, port, default=default, max_age=max_age) as server:
 
         def reload() -> None:
-            task = loop.create_task(server.reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
+            reloads.spawn(server.reload(), name="catalogue reload")
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -191,9 +190,7 @@ async def _serve(directory: Path, host: str, port: int, default: str | None, max
             typer.echo(f"warning: {problem}", err=True)
         typer.echo(f"catalogue serving {server.base_url} ({len(server.names)} stubs: {', '.join(server.names)})")
         await stop.wait()
-        for task in reloads:
-            task.cancel()
-        await asyncio.gather(*reloads, return_exceptions=True)
+        await reloads.close()
 
 
 # -- publish --------------------------------------------------------------------------------------------

@@ -10,16 +10,17 @@ counters and timings for the deploy timeline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import re
 import ssl
 import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Hashable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -27,7 +28,17 @@ import aiohttp
 from protofly import address
 from protofly.catalogue.cache import CACHE_FILE, StubCache
 from protofly.catalogue.errors import E_FETCH, E_INSECURE, E_SCHEMA, E_TOO_LARGE, CatalogueError
-from protofly.catalogue.fetch import CachedStub, Done, Fail, Get, Response, StubFetch, VerifiedStub, plan
+from protofly.catalogue.fetch import (
+    CachedStub,
+    Done,
+    Fail,
+    FetchTimings,
+    Get,
+    Response,
+    StubFetch,
+    VerifiedStub,
+    plan,
+)
 from protofly.catalogue.keys import TrustStore
 from protofly.catalogue.model import DEFAULT_MAX_DESCRIPTOR_SIZE, parse_descriptor
 from protofly.catalogue.verify import check_policy
@@ -40,6 +51,8 @@ _MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)")
 _CHUNK = 64 * 1024
 
 _log = get_logger(__name__)
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(slots=True)
@@ -54,6 +67,39 @@ class ClientStats:
     offline_hits: int = 0
     stored: int = 0
     failures: Counter[str] = field(default_factory=Counter)
+
+
+class _Held:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class _KeyedLocks(Generic[K]):
+    """One lock per key, kept only while a task holds or waits for it.
+
+    Fetches of one stub are serialised (the second reuses what the first stored), but the keys are
+    whatever references callers name, so a lock kept forever per key would grow without bound.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[K, _Held] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: K) -> AsyncIterator[None]:
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = _Held()
+        held.users += 1
+        try:
+            async with held.lock:
+                yield
+        finally:
+            held.users -= 1
+            if held.users == 0:
+                del self._held[key]
 
 
 class CatalogueClient:
@@ -104,7 +150,7 @@ class CatalogueClient:
         self._cache: StubCache | None = None
         self._mirror: dict[tuple[str, str], CachedStub] = {}
         self._known: set[tuple[str, str]] = set()
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks: _KeyedLocks[tuple[str, str]] = _KeyedLocks()
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -139,12 +185,10 @@ class CatalogueClient:
         """
         domain, name = self._split(reference)
         direct = reference if "://" in reference else None
-        key = (domain, name)
-        lock = self._locks.setdefault(key, asyncio.Lock())
         self.stats.fetches += 1
         started = time.perf_counter()
         try:
-            async with lock, asyncio.timeout(self.fetch_timeout):
+            async with self._locks.hold((domain, name)), asyncio.timeout(self.fetch_timeout):
                 stub = await self._fetch(domain, name, direct, refresh)
         except CatalogueError as exc:
             self.stats.failures[exc.code] += 1
@@ -155,8 +199,7 @@ class CatalogueClient:
             raise CatalogueError(
                 E_FETCH, f"fetching stub {name!r} of {domain} took over {self.fetch_timeout} s"
             ) from None
-        stub.timings["total"] = (time.perf_counter() - started) * 1000
-        return stub
+        return replace(stub, timings=replace(stub.timings, total=(time.perf_counter() - started) * 1000))
 
     async def forget(self, reference: str) -> int:
         """Drop a cached stub (the explicit way to accept a rollback or changed bytes)."""
@@ -198,7 +241,7 @@ class CatalogueClient:
         return self._cache
 
     async def _fetch(self, domain: str, name: str, direct: str | None, refresh: bool) -> VerifiedStub:
-        timings = {"download": 0.0, "verify": 0.0, "cache": 0.0}
+        timings = {"download": 0.0, "verify": 0.0, "cache": 0.0}  # ms, summed over the candidates tried
         mark = time.perf_counter()
         cached = await self._load_cached(domain, name)
         timings["cache"] += (time.perf_counter() - mark) * 1000
@@ -239,8 +282,7 @@ class CatalogueClient:
         self._count(stub)
         for warning in stub.warnings:
             _log.warning(warning, domain=domain, stub=name, url=stub.url)
-        stub.timings.update(timings)
-        return stub
+        return replace(stub, timings=FetchTimings(**timings))
 
     def _count(self, stub: VerifiedStub) -> None:
         if stub.offline:
@@ -395,6 +437,6 @@ def describe(stub: VerifiedStub) -> dict[str, Any]:
         "revalidated": stub.revalidated,
         "offline": stub.offline,
         "warnings": list(stub.warnings),
-        "timings": {k: round(v, 3) for k, v in stub.timings.items()},
+        "timings": {k: round(v, 3) for k, v in stub.timings.as_dict().items()},
         "sourceBytes": len(stub.source),
     }

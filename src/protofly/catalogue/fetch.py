@@ -55,6 +55,7 @@ __all__ = [
     "Candidate",
     "Done",
     "Fail",
+    "FetchTimings",
     "Get",
     "Response",
     "StubFetch",
@@ -66,6 +67,23 @@ __all__ = [
 
 #: Errors after which the next candidate URL (and finally the cache) is tried.
 _MOVE_ON = frozenset({E_FETCH, E_TOO_LARGE, E_INSECURE})
+
+
+@dataclass(frozen=True, slots=True)
+class FetchTimings:
+    """Where fetching a stub spent its time, in milliseconds (for the deploy timeline).
+
+    A value of its own, set when the client has finished, so the :class:`VerifiedStub` carrying it
+    stays immutable; zero when the stub did not come through a fetch (e.g. read from the cache alone).
+    """
+
+    download: float = 0.0
+    verify: float = 0.0
+    cache: float = 0.0
+    total: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"download": self.download, "verify": self.verify, "cache": self.cache, "total": self.total}
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +102,7 @@ class VerifiedStub:
     revalidated: bool = False
     offline: bool = False
     warnings: tuple[str, ...] = ()
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: FetchTimings = FetchTimings()
 
     @property
     def version(self) -> str:

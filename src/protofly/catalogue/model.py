@@ -20,11 +20,11 @@ from typing import Any
 import msgspec
 
 from protofly.catalogue.errors import E_TOO_LARGE, CatalogueError, DescriptorError
+from protofly.sandbox.limits import LimitError, SandboxLimits
 
 __all__ = [
     "DEFAULT_MAX_DESCRIPTOR_SIZE",
     "KNOWN_FIELDS",
-    "SANDBOX_FIELDS",
     "ProtocolStubDescriptor",
     "SandboxLimits",
     "SourcePackage",
@@ -65,11 +65,6 @@ KNOWN_FIELDS = frozenset(
     }
 )
 
-#: ``sandbox`` keys (wire name → attribute).  A typo here must not silently lift a limit, so unknown
-#: keys are an error rather than kept.
-SANDBOX_FIELDS = {"memoryMB": "memory_mb", "cpuSeconds": "cpu_seconds", "openFiles": "open_files"}
-_SANDBOX_MAX = {"memoryMB": 1 << 20, "cpuSeconds": 1 << 31, "openFiles": 1 << 20}
-
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")
 _CLASSNAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.\-]{0,127}\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
@@ -80,19 +75,6 @@ _VERSION_PART = re.compile(r"\d+|[^\d.\-+_]+")
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class SandboxLimits:
-    """Limits a stub asks for; each may only be *lower* than the runtime's own (the sandbox enforces)."""
-
-    memory_mb: int | None = None
-    cpu_seconds: int | None = None
-    open_files: int | None = None
-
-    def as_wire(self) -> dict[str, int]:
-        out = {wire: getattr(self, attr) for wire, attr in SANDBOX_FIELDS.items()}
-        return {k: v for k, v in out.items() if v is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,22 +362,15 @@ def _publisher(value: Any) -> str | None:
 
 
 def _sandbox(value: Any) -> SandboxLimits | None:
+    """The ``sandbox`` field, decoded into the very model the sandbox narrows its limits with."""
     if value is None or value == [] or value == {}:
         return None
     if not isinstance(value, dict):
         raise DescriptorError("sandbox", f"expected an object, got {_type(value)}")
-    limits: dict[str, int] = {}
-    for key, item in value.items():
-        name = f"sandbox.{key}"
-        if key not in SANDBOX_FIELDS:
-            known = ", ".join(SANDBOX_FIELDS)
-            raise DescriptorError(name, f"unknown limit (known: {known})")
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise DescriptorError(name, f"expected a positive integer, got {_type(item)}")
-        if not 0 < item <= _SANDBOX_MAX[key]:
-            raise DescriptorError(name, f"{item} is out of range 1..{_SANDBOX_MAX[key]}")
-        limits[SANDBOX_FIELDS[key]] = item
-    return SandboxLimits(**limits)
+    try:
+        return SandboxLimits.from_wire(value)
+    except LimitError as exc:
+        raise DescriptorError(exc.field, exc.problem) from None
 
 
 def _package(value: Any, where: str) -> SourcePackage | None:

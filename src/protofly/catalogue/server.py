@@ -194,7 +194,15 @@ class CatalogueServer:
         await self.reload()
         app = web.Application(client_max_size=1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, **self._limits)
+        limits = self._limits
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            max_line_size=limits["max_line_size"],
+            max_field_size=limits["max_field_size"],
+            max_headers=limits["max_headers"],
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, backlog=1024, ssl_context=self.ssl_context)
         await site.start()
@@ -307,7 +315,11 @@ def _build_routes(loaded: Loaded, default: str | None, max_age: int) -> dict[str
         full = _entry(msgspec.json.encode(catalogue), _JSON, cache_control)
         static = _entry(stub.static_body, _JSON, cache_control)
         fields = {key: _entry(*_field_body(value), cache_control) for key, value in catalogue.items()}
-        source = _entry(stub.source, _SOURCE_TYPES[stub.source_suffix], cache_control) if stub.source_suffix else None
+        source = (
+            _entry(stub.source, _SOURCE_TYPES[stub.source_suffix], cache_control)
+            if stub.source is not None and stub.source_suffix
+            else None
+        )
         for alias in aliases[name]:
             for kind in _TYPES:
                 prefix = f"/{WELL_KNOWN}/{kind}/{alias}"

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from protofly.sandbox.limits import DEFAULT_LIMITS, LimitError, Limits, SandboxLimits
 
 if TYPE_CHECKING:
     from protofly.message import Message
@@ -34,64 +36,15 @@ __all__ = [
     "Component",
     "DeployError",
     "InProcessSandbox",
+    "LimitError",
     "Limits",
     "ProcessSandbox",
     "Sandbox",
     "SandboxError",
+    "SandboxLimits",
     "active_layers",
     "create_sandbox",
 ]
-
-_LIMIT_ALIASES = {"memoryMb": "memory_mb", "cpuSeconds": "cpu_seconds", "openFiles": "open_files"}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource limits of one stub process.
-
-    ``cpu_seconds`` is RLIMIT_CPU: *cumulative* CPU time over the process's life, not a rate.  A long-lived
-    stub that keeps using CPU eventually reaches it, is stopped with SIGXCPU and reported ``failed``
-    ("CPU limit exceeded (SIGXCPU)"); the Runtime UA then restarts it like any crash, with a fresh budget.
-    Pick the default so that this happens only to runaway stubs (an hour of CPU by default).
-    """
-
-    memory_mb: int  # RLIMIT_AS (address space, so it also counts mapped but untouched memory)
-    cpu_seconds: int  # RLIMIT_CPU
-    open_files: int  # RLIMIT_NOFILE
-
-    def __post_init__(self) -> None:
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"limits.{field.name}: must be a positive integer, got {value!r}")
-
-    def narrowed(self, requested: Mapping[str, int] | None) -> Limits:
-        """These limits lowered by ``requested`` (a descriptor's ``sandbox`` field): ``min`` per field.
-
-        A request above the current value is ignored (a stub may ask for less, never more); unknown keys
-        are ignored (the field may carry other hints); a known key with a value that is not a positive
-        integer raises ``ValueError`` naming it.  camelCase spellings (``memoryMb``) are accepted.
-        """
-        if not requested:
-            return self
-        if not isinstance(requested, Mapping):
-            raise ValueError(f"sandbox limits must be an object, got {type(requested).__name__}")
-        changes: dict[str, int] = {}
-        for key, value in requested.items():
-            name = _LIMIT_ALIASES.get(key, key)
-            if name not in ("memory_mb", "cpu_seconds", "open_files"):
-                continue
-            if type(value) is not int or value < 1:
-                raise ValueError(f"sandbox.{key}: must be a positive integer, got {value!r}")
-            changes[name] = min(getattr(self, name), value, changes.get(name, value))
-        return replace(self, **changes) if changes else self
-
-    def as_dict(self) -> dict[str, int]:
-        return {"memory_mb": self.memory_mb, "cpu_seconds": self.cpu_seconds, "open_files": self.open_files}
-
-
-#: Defaults for a runtime that configures nothing: 512 MiB of address space, one hour of CPU, 256 files.
-DEFAULT_LIMITS = Limits(memory_mb=512, cpu_seconds=3600, open_files=256)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,10 @@ import resource
 import struct
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from protofly.sandbox.limits import Limits
 
 __all__ = ["apply", "set_parent_death_signal"]
 
@@ -70,11 +73,11 @@ def set_parent_death_signal(expected_parent: int | None) -> None:
         os._exit(1)
 
 
-def apply(limits: Mapping[str, int] | None, settings: Mapping[str, Any]) -> dict[str, Any]:
+def apply(limits: Limits | None, settings: Mapping[str, Any]) -> dict[str, Any]:
     """Apply every layer; return the report of what is active and what is missing (never raises)."""
     report: dict[str, Any] = {}
     missing: list[str] = []
-    if limits:
+    if limits is not None:
         _layer(report, missing, "rlimits", lambda: _rlimits(limits))
     else:
         missing.append("rlimits: none requested")
@@ -106,19 +109,18 @@ def _layer(report: dict[str, Any], missing: list[str], name: str, action: Any) -
 # -- rlimits -------------------------------------------------------------------------------------------
 
 
-def _rlimits(limits: Mapping[str, int]) -> dict[str, int]:
-    memory = int(limits["memory_mb"]) << 20
+def _rlimits(limits: Limits) -> dict[str, int]:
+    memory = limits.memory_mb << 20
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     # RLIMIT_CPU counts from the process start; charge the stub only for what it uses from now on.  The
     # hard limit is one second later, so the soft limit's SIGXCPU (reported as such) comes first.
     usage = resource.getrusage(resource.RUSAGE_SELF)
     used = int(usage.ru_utime + usage.ru_stime) + 1
-    cpu = used + int(limits["cpu_seconds"])
+    cpu = used + limits.cpu_seconds
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    files = int(limits["open_files"])
-    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return {"memory_mb": int(limits["memory_mb"]), "cpu_seconds": int(limits["cpu_seconds"]), "open_files": files}
+    return limits.as_dict()
 
 
 # -- privileges ----------------------------------------------------------------------------------------

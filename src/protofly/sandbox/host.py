@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import io
 import logging
 import os
 import socket
@@ -44,6 +45,7 @@ from protofly.sandbox.channel import (
     FrameError,
     control,
 )
+from protofly.sandbox.limits import Limits
 from protofly.stub import Bus, MethodNotFound, summary
 
 __all__ = ["EXIT_BAD_SETTINGS", "EXIT_MEMORY", "Host", "main"]
@@ -86,19 +88,20 @@ class Host(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         body = {"value": "ready", "pid": os.getpid(), "python": sys.version.split()[0]}
         self.send(control("update", body, sender=SANDBOX_INTERNAL, to=SANDBOX_EXTERNAL))
 
     def data_received(self, data: bytes) -> None:
         try:
             for event in self.decoder.feed(data):
-                if type(event) is FrameError:
+                if isinstance(event, FrameError):
                     _log.warning("dropped a frame from the runtime: %s (%d bytes)", event.kind, event.size)
-                elif event.from_ == SANDBOX_EXTERNAL:  # type: ignore[union-attr]
-                    self._control(event)  # type: ignore[arg-type]
+                elif event.from_ == SANDBOX_EXTERNAL:
+                    self._control(event)
                 else:
-                    self._to_stub(event)  # type: ignore[arg-type]
+                    self._to_stub(event)
         except MemoryError:
             self.fatal("memory limit (MemoryError)", EXIT_MEMORY)
 
@@ -170,6 +173,8 @@ class Host(asyncio.Protocol):
             self._respond(msg, 400, f"unknown control message type {msg.type!r}")
 
     def _spawn(self, coro: Any) -> None:
+        # A hand-written owned set rather than protofly.tasks.TaskSet: TaskSet logs through structlog,
+        # whose import would double the start time of every sandbox host.
         task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -180,12 +185,18 @@ class Host(asyncio.Protocol):
             self._respond(msg, 500, f"this sandbox already runs {self.url}")
             return
         problem = _create_problem(body)
+        limits: Limits | None = None
+        if problem is None and body.get("sandbox"):
+            try:
+                limits = Limits.from_dict(body["sandbox"])
+            except ValueError as exc:
+                problem = f"create: body.sandbox: {exc}"
         if problem:
             self._respond(msg, 400, problem)
             return
         self.creating = True
         self.url = body["url"]
-        report = confine.apply(body.get("sandbox"), self.settings)
+        report = confine.apply(limits, self.settings)
         self.send(
             control("update", {"value": "isolation", "report": report}, sender=SANDBOX_INTERNAL, to=SANDBOX_EXTERNAL)
         )
@@ -277,14 +288,15 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point; never returns (exits with ``os._exit`` so that stub threads cannot hold it up)."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        settings = msgspec.json.decode(args[0]) if args else None
-        fd = int(settings["fd"])  # type: ignore[index]
-    except (msgspec.DecodeError, KeyError, TypeError, ValueError, IndexError):
+        settings = msgspec.json.decode(args[0], type=dict[str, Any])
+        fd = int(settings["fd"])
+    except (msgspec.DecodeError, msgspec.ValidationError, KeyError, TypeError, ValueError, IndexError):
         sys.stderr.write("usage: python -I -m protofly.sandbox.host '{\"fd\": N, ...}'\n")
         sys.stderr.flush()
         os._exit(EXIT_BAD_SETTINGS)
     confine.set_parent_death_signal(settings.get("parent_pid"))
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    if isinstance(sys.stdout, io.TextIOWrapper):  # it is, unless something replaced it
+        sys.stdout.reconfigure(line_buffering=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     _preload(settings.get("preload") or ())
     code = 1

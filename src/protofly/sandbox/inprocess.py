@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import linecache
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from protofly.message import Message, MessageError, decode, encode, response
 from protofly.sandbox import Boundary, Component, DeployError, Limits, Sandbox, SandboxError
 from protofly.sandbox.channel import DEFAULT_MAX_FRAME, SANDBOX_EXTERNAL
 from protofly.sandbox.guard import Guard, new_counters
-from protofly.sandbox.loader import LoadError, execute, load
+from protofly.sandbox.loader import STUB_FILENAME, LoadError, execute, load
 from protofly.stub import Bus, MethodNotFound, summary
 
 __all__ = ["InProcessComponent", "InProcessSandbox"]
@@ -51,6 +52,8 @@ class InProcessComponent(Component):
         self._sandbox = sandbox
         self._guard = guard
         self._module_name = module_name
+        #: The stub's own file name (and linecache key): tracebacks show its lines, not another stub's.
+        self.filename = f"{module_name}/{STUB_FILENAME}"
         self._max_frame = sandbox.max_frame
         self._loop = asyncio.get_running_loop()
         self._bus = Bus(self._from_stub)
@@ -163,19 +166,27 @@ class InProcessSandbox(Sandbox):
         self._components.add(component)
         try:
             component.instance = await asyncio.wait_for(
-                load(source, url=url, config=config, classname=classname, bus=component._bus, module_name=module_name),
+                load(
+                    source,
+                    url=url,
+                    config=config,
+                    classname=classname,
+                    bus=component._bus,
+                    module_name=module_name,
+                    filename=component.filename,
+                ),
                 self.deploy_timeout,
             )
         except LoadError as exc:
-            self._components.discard(component)
+            self._forget(component)
             raise DeployError(exc.summary) from None
         except TimeoutError:
-            self._components.discard(component)
+            self._forget(component)
             raise DeployError(
                 f"TimeoutError: the stub did not finish deploying within {self.deploy_timeout} s"
             ) from None
         except MemoryError:
-            self._components.discard(component)
+            self._forget(component)
             raise DeployError("MemoryError: the stub ran out of memory while deploying") from None
         requested = limits if limits is not None else self.limits
         if requested is not None:
@@ -183,7 +194,9 @@ class InProcessSandbox(Sandbox):
         return component
 
     def _forget(self, component: InProcessComponent) -> None:
+        """A removed or failed component: drop it, and its source lines, so nothing grows per deploy."""
         self._components.discard(component)
+        linecache.cache.pop(component.filename, None)
 
     async def close(self) -> None:
         self._closed = True

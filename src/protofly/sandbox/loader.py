@@ -45,18 +45,24 @@ async def load(
     classname: str | None,
     bus: Bus,
     module_name: str = "stub",
+    filename: str = STUB_FILENAME,
 ) -> object:
-    """Execute ``source`` as module ``module_name`` and return the stub instance (see the module doc)."""
+    """Execute ``source`` as module ``module_name`` and return the stub instance (see the module doc).
+
+    ``filename`` is the name its code runs under and its key in :mod:`linecache`, so it must be unique
+    among the stubs of one process: the in-process sandbox gives each stub its own
+    (``<module>/stub.py``, whose ``SyntaxError`` texts still say ``stub.py``) and forgets it on removal.
+    """
     text = _text(source)
     module = types.ModuleType(module_name)
-    module.__file__ = STUB_FILENAME
+    module.__file__ = filename
     # Registered so that dataclasses, pickle and typing can find the module of the stub's classes, and
     # in linecache so that tracebacks show the stub's lines.
     sys.modules[module_name] = module
     lines = text.splitlines(keepends=True)
-    linecache.cache[STUB_FILENAME] = (len(text), None, lines, STUB_FILENAME)
+    linecache.cache[filename] = (len(text), None, lines, filename)
     try:
-        code = compile(text, STUB_FILENAME, "exec", dont_inherit=True)
+        code = compile(text, filename, "exec", dont_inherit=True)
         exec(code, module.__dict__)
         instance = _instantiate(module, url, bus, dict(config), classname)
         if inspect.isawaitable(instance):

@@ -35,7 +35,7 @@ async def run(*args: str, timeout: float = 30) -> tuple[int, str, str]:
     [
         ('{"objectName": "x", "language": "python", "configuration": 5}', "configuration: expected an object"),
         ('{"language": "python"}', "objectName: missing"),
-        ('{"objectName": "x", "language": "python", "sandbox": {"memoryMb": 1}}', "sandbox.memoryMb: unknown limit"),
+        ('{"objectName": "x", "language": "python", "sandbox": {"memoryGB": 1}}', "sandbox.memoryGB: unknown limit"),
         ("[1, 2", "not valid JSON"),
     ],
 )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import json
 import logging
 import shutil
@@ -52,7 +54,9 @@ async def test_catalogue_layout_happy_path(catalogue_dir, start_server, open_cli
     assert stub.descriptor.object_name == "echo" and stub.descriptor.version == "1.0.0"
     assert stub.descriptor.source_classname == "EchoStub"
     assert stub.descriptor.sandbox_limits.memory_mb == 128
-    assert set(stub.timings) >= {"download", "verify", "cache", "total"}
+    timings = stub.timings.as_dict()
+    assert set(timings) == {"download", "verify", "cache", "total"}
+    assert timings["total"] >= timings["download"] > 0
     assert server.requests == {DEFAULT_PATH: 1}  # descriptor and source in one response
 
 
@@ -367,3 +371,31 @@ async def test_bad_reference(open_client):
     client = await open_client({})
     error = await fails(client.fetch_stub("not a domain"), E_SCHEMA)
     assert "not a domain" in str(error)
+
+
+def _live_locks() -> int:
+    gc.collect()
+    return sum(1 for thing in gc.get_objects() if isinstance(thing, asyncio.Lock))
+
+
+async def test_per_stub_serialisation_keeps_nothing_per_reference(catalogue_dir, start_server, open_client):
+    server = await start_server(catalogue_dir)
+    client = await open_client({"b.test": server.base_url})
+    await client.fetch_stub("b.test")
+    before = _live_locks()
+    for n in range(200):
+        await fails(client.fetch_stub(f"https://b.test/.well-known/protocolstub/missing-{n}"), E_FETCH)
+    await asyncio.gather(*(client.fetch_stub("b.test") for _ in range(20)))
+    assert _live_locks() - before < 10
+
+
+async def test_a_fetched_stub_and_its_timings_are_immutable(catalogue_dir, start_server, open_client):
+    server = await start_server(catalogue_dir)
+    client = await open_client({"b.test": server.base_url})
+    stub = await client.fetch_stub("b.test")
+    with pytest.raises(TypeError):
+        stub.timings["total"] = 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stub.timings.total = 0.0  # type: ignore[misc]
+    again = await client.fetch_stub("b.test")
+    assert again.timings.total > 0 and stub.timings.total > 0

@@ -13,7 +13,8 @@ import pytest
 
 from protofly.message import Message
 from protofly.sandbox import Boundary, Limits
-from protofly.sandbox.process import ProcessComponent, ProcessSandbox
+from protofly.sandbox.process import ProcessSandbox
+from protofly.sandbox.process_component import ProcessComponent
 
 STUBS = Path(__file__).resolve().parents[2] / "stubs_src"
 RUNTIME = "hyperty-runtime://a.test/r1"

@@ -58,7 +58,8 @@ async def main(count: int, use_bwrap: bool) -> None:
         for component in components[1:]:
             component.post(Message(type="create", from_="hyperty://a.test/h", to="hyperty://b.test/spin"))
         await sandbox.wait_ready()
-        hosts = [c.pid for c in components] + sandbox.spare_pids
+        hosts = [host.pid for host in sandbox.hosts]
+        assert {c.pid for c in components} < set(hosts)  # the deployed ones and the spare
         pids = [pid for host in hosts for pid in tree(host)]
         print(json.dumps({"pids": pids}), flush=True)
         await asyncio.Event().wait()

@@ -338,15 +338,13 @@ async def test_a_prestarted_host_is_used_for_the_next_deploy():
     try:
         await box.start()
         await box.wait_ready()
-        [spare_pid] = box.spare_pids
+        [spare] = box.hosts
         inbox = Inbox()
         component = await deploy(box, "echo.py", inbox, classname="EchoStub")
-        assert component.pid == spare_pid
-        assert spare_pid not in box.spare_pids  # a spare serves one deploy only
+        assert component.pid == spare.pid
         await inbox.status("created")
-        await box.wait_ready()
-        [replacement] = box.spare_pids  # a new spare was started in its place
-        assert replacement != spare_pid
+        await box.wait_ready()  # a replacement was started
+        assert len(box.hosts) == 2 and component in box.hosts
     finally:
         await box.close()
 
@@ -356,11 +354,11 @@ async def test_a_spare_that_died_is_replaced_by_a_fresh_host():
     try:
         await box.start()
         await box.wait_ready()
-        [spare_pid] = box.spare_pids
-        os.kill(spare_pid, signal.SIGKILL)
+        [spare] = box.hosts
+        os.kill(spare.pid, signal.SIGKILL)
         inbox = Inbox()
         component = await deploy(box, "echo.py", inbox, classname="EchoStub")
-        assert component.pid != spare_pid
+        assert component.pid != spare.pid
         await inbox.status("created")
         assert inbox.exits == []
     finally:

@@ -105,6 +105,13 @@ def test_sandbox_limits_parsed():
     assert parse_descriptor(descriptor(sandbox={"memoryMB": 64})).sandbox_limits == SandboxLimits(memory_mb=64)
 
 
+@pytest.mark.parametrize("key", ["memoryMB", "memoryMb", "memory_mb"])
+def test_sandbox_memory_limit_in_every_documented_spelling(key):
+    d = parse_descriptor(descriptor(sandbox={key: 128}))
+    assert d.sandbox_limits == SandboxLimits(memory_mb=128)
+    assert d.summary()["sandbox"] == {"memoryMB": 128}
+
+
 @pytest.mark.parametrize(
     ("fields", "field", "words"),
     [
@@ -129,7 +136,7 @@ def test_sandbox_limits_parsed():
         ({"sourcePackage": {"sha256": "abc"}}, "sourcePackage.sha256", "64 hex"),
         ({"sourcePackage": {"encoding": 5}}, "sourcePackage.encoding", "expected a string"),
         ({"sandbox": 5}, "sandbox", "expected an object"),
-        ({"sandbox": {"memoryMb": 5}}, "sandbox.memoryMb", "unknown limit"),
+        ({"sandbox": {"memoryGB": 5}}, "sandbox.memoryGB", "unknown limit"),
         ({"sandbox": {"memoryMB": 0}}, "sandbox.memoryMB", "out of range"),
         ({"sandbox": {"cpuSeconds": True}}, "sandbox.cpuSeconds", "positive integer"),
         ({"sandbox": {"openFiles": "8"}}, "sandbox.openFiles", "positive integer"),

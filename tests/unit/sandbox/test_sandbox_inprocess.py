@@ -122,3 +122,40 @@ async def test_an_oversized_message_is_refused_at_post():
         component = await deploy(sandbox, "echo.py", Inbox(), "EchoStub")
         with pytest.raises(MessageError, match="size"):
             component.post(request(1, {"pad": "x" * 500}))
+
+
+def _traceback_stub(name: str) -> bytes:
+    """A stub whose ``where`` returns the traceback of an exception raised on a line naming ``name``."""
+    return (
+        "import traceback\n"
+        "from protofly.stub import ProtoStub\n"
+        "\n"
+        "class Where(ProtoStub):\n"
+        "    def where(self):\n"
+        "        try:\n"
+        f"            raise ValueError('x')  # raised in stub {name}\n"
+        "        except ValueError:\n"
+        "            return traceback.format_exc()\n"
+    ).encode()
+
+
+async def test_each_stubs_traceback_shows_its_own_source_lines():
+    async with InProcessSandbox() as sandbox:
+        components = {}
+        for name in ("A", "B"):
+            components[name] = await sandbox.deploy(
+                url=f"{RUNTIME}/protostub/{name}",
+                source=_traceback_stub(name),
+                config={},
+                classname="Where",
+                limits=None,
+                boundary=BOUNDARY,
+                on_message=Inbox(),
+                on_exit=lambda reason: None,
+            )
+        for name, component in components.items():
+            answer = await component.execute("where", [], timeout=5)
+            trace = answer.body["value"]
+            assert f"# raised in stub {name}\n" in trace, trace
+            other = "B" if name == "A" else "A"
+            assert f"stub {other}" not in trace

@@ -6,9 +6,9 @@ import signal
 
 import pytest
 
-from protofly.sandbox import DEFAULT_LIMITS, Boundary, DeployError, Limits, create_sandbox
+from protofly.sandbox import DEFAULT_LIMITS, Boundary, DeployError, LimitError, Limits, SandboxLimits, create_sandbox
 from protofly.sandbox.guard import Guard, failed_status, forgery
-from protofly.sandbox.process import describe_exit
+from protofly.sandbox.proctree import describe_exit
 
 RUNTIME = "hyperty-runtime://a.test/r1"
 STUB = f"{RUNTIME}/protostub/1"
@@ -23,26 +23,54 @@ def boundary(stub_domain: str = "b.test", is_local=None) -> Boundary:
 
 def test_narrowed_takes_the_minimum_per_field_and_ignores_raises():
     limits = Limits(memory_mb=512, cpu_seconds=60, open_files=64)
-    assert limits.narrowed({"memory_mb": 128, "cpu_seconds": 600}) == Limits(128, 60, 64)
-    assert limits.narrowed({"open_files": 10_000}) == limits
+    assert limits.narrowed(SandboxLimits(memory_mb=128, cpu_seconds=600)) == Limits(128, 60, 64)
+    assert limits.narrowed(SandboxLimits(open_files=10_000)) == limits
     assert limits.narrowed(None) is limits
-    assert limits.narrowed({}) is limits
+    assert limits.narrowed(SandboxLimits()) is limits
 
 
-def test_narrowed_accepts_camel_case_and_ignores_unknown_hints():
-    limits = Limits(memory_mb=512, cpu_seconds=60, open_files=64)
-    assert limits.narrowed({"memoryMb": 100, "openFiles": 8, "egress": ["msg-node.b.test:443"]}) == Limits(100, 60, 8)
+@pytest.mark.parametrize(
+    ("memory", "files"), [("memoryMB", "openFiles"), ("memoryMb", "openFiles"), ("memory_mb", "open_files")]
+)
+def test_a_request_decodes_from_every_documented_spelling(memory, files):
+    request = SandboxLimits.from_wire({memory: 100, files: 8})
+    assert request == SandboxLimits(memory_mb=100, open_files=8)
+    assert Limits(memory_mb=512, cpu_seconds=60, open_files=64).narrowed(request) == Limits(100, 60, 8)
 
 
-@pytest.mark.parametrize("value", [0, -5, "128", 1.5, True, None])
-def test_narrowed_names_a_bad_value(value):
-    with pytest.raises(ValueError, match="sandbox.memory_mb: must be a positive integer"):
-        DEFAULT_LIMITS.narrowed({"memory_mb": value})
+def test_two_spellings_of_one_limit_give_the_lower():
+    assert SandboxLimits.from_wire({"memoryMB": 100, "memory_mb": 90}) == SandboxLimits(memory_mb=90)
 
 
-def test_narrowed_refuses_something_that_is_not_a_mapping():
-    with pytest.raises(ValueError, match="must be an object"):
-        DEFAULT_LIMITS.narrowed([("memory_mb", 1)])  # type: ignore[arg-type]
+@pytest.mark.parametrize("value", [0, -5, "128", 1.5, True, None, 1 << 30])
+def test_a_bad_request_names_the_key_as_written(value):
+    with pytest.raises(LimitError, match=r"^sandbox\.memoryMB: ") as caught:
+        SandboxLimits.from_wire({"memoryMB": value})
+    assert caught.value.field == "sandbox.memoryMB"
+    if value is not None:  # None is "no request" when built directly
+        with pytest.raises(ValueError, match=r"^sandbox\.memory_mb: "):
+            SandboxLimits(memory_mb=value)
+
+
+def test_an_unknown_limit_is_refused_not_ignored():
+    with pytest.raises(LimitError, match="sandbox.egress: unknown limit"):
+        SandboxLimits.from_wire({"memoryMB": 100, "egress": ["msg-node.b.test:443"]})
+
+
+def test_a_request_must_be_an_object():
+    with pytest.raises(LimitError, match="^sandbox: expected an object"):
+        SandboxLimits.from_wire([("memory_mb", 1)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="SandboxLimits"):
+        DEFAULT_LIMITS.narrowed({"memory_mb": 1})  # type: ignore[arg-type]
+
+
+def test_limits_travel_to_the_host_and_back():
+    limits = Limits(memory_mb=128, cpu_seconds=60, open_files=64)
+    assert Limits.from_dict(limits.as_dict()) == limits
+    with pytest.raises(ValueError, match="limits.open_files"):
+        Limits.from_dict({"memory_mb": 128, "cpu_seconds": 60})
+    with pytest.raises(ValueError, match="limits.swap_mb: unknown"):
+        Limits.from_dict({**limits.as_dict(), "swap_mb": 1})
 
 
 def test_limits_must_be_positive_integers():
