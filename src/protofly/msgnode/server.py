@@ -444,8 +444,7 @@ class MessageNode:
         if loaded is not None:
             await self._consume_state()
         self._arm_timer()
-        self._log.info("message node listening", url=self.url, auth=self.core.auth_required,
-                       sessions_restored=loaded)
+        self._log.info("message node listening", url=self.url, auth=self.core.auth_required, sessions_restored=loaded)
 
     async def stop(self) -> None:
         """Drain, write the state file (if configured), close every connection (1001), stop listening.
@@ -502,8 +501,11 @@ class MessageNode:
         while core.drain_pending:  # re-checked: a drain client may still open a session meanwhile
             remaining = deadline - loop.time()
             if remaining <= 0:
-                self._log.warning("drain timeout: closing clients that did not say drained",
-                                  clients=core.drain_pending, timeout=self.drain_timeout)
+                self._log.warning(
+                    "drain timeout: closing clients that did not say drained",
+                    clients=core.drain_pending,
+                    timeout=self.drain_timeout,
+                )
                 break
             self._drained.clear()
             with contextlib.suppress(TimeoutError):
@@ -545,8 +547,7 @@ class MessageNode:
             size = await asyncio.to_thread(_write_state, path, snapshot)
         except OSError as exc:
             raise StateError(f"state file {path}: cannot write it ({exc})") from None
-        self._log.info("message node state saved", state_file=str(path), sessions=len(snapshot["sessions"]),
-                       bytes=size)
+        self._log.info("message node state saved", state_file=str(path), sessions=len(snapshot["sessions"]), bytes=size)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -603,8 +604,9 @@ class MessageNode:
             return web.json_response({"code": 400, "description": "expected a WebSocket upgrade"}, status=400)
         if self._stopping:
             self.stats["refused_draining"] += 1
-            return web.json_response({"code": 503, "description": "message node shutting down: retry shortly"},
-                                     status=503)
+            return web.json_response(
+                {"code": 503, "description": "message node shutting down: retry shortly"}, status=503
+            )
         await ws.prepare(request)
         conn = _Connection(self, ws, request)
         self._connections.add(conn)
@@ -655,8 +657,12 @@ class MessageNode:
                 if action.remaining == 0 and self._drained is not None:  # type: ignore[union-attr]
                     self._drained.set()
             elif kind is SessionEnded:
-                self._log.info("session ended", session=action.url, reason=action.reason,  # type: ignore[union-attr]
-                               addresses=action.addresses)  # type: ignore[union-attr]
+                self._log.info(
+                    "session ended",
+                    session=action.url,
+                    reason=action.reason,  # type: ignore[union-attr]
+                    addresses=action.addresses,
+                )  # type: ignore[union-attr]
                 self._signal()
 
     def _arm_timer(self) -> None:

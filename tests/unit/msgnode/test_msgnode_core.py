@@ -8,19 +8,8 @@ import json
 import pytest
 
 from protofly.message import Message
-from protofly.msgnode.core import (
-    CLOSE_INVALID_PAYLOAD,
-    CLOSE_NORMAL,
-    CLOSE_SESSION_TAKEN_OVER,
-    CLOSE_TOO_BIG,
-    CLOSE_UNSUPPORTED_DATA,
-    SESSION_URL,
-    Close,
-    EnableBatch,
-    MessageNodeCore,
-    Send,
-    SessionEnded,
-)
+from protofly.msgnode.actions import CLOSE_SESSION_TAKEN_OVER, Close, CloseCode, EnableBatch, Send, SessionEnded
+from protofly.msgnode.core import SESSION_URL, MessageNodeCore
 
 D = "b.test"
 ALLOC = f"domain://msg-node.{D}/address-allocation"
@@ -103,8 +92,13 @@ def test_open_answers_200_with_a_token_and_the_request_id_unchanged(node):
     conn = node.connect("a")
     actions = node.core.received(conn, frame(id=7, type="open", from_="hyperty-runtime://a.test/rt", to=SESSION_URL))
     reply = only(actions, conn)
-    assert reply == {"id": 7, "type": "response", "from": SESSION_URL, "to": "hyperty-runtime://a.test/rt",
-                     "body": {"code": 200, "runtimeToken": "id1"}}
+    assert reply == {
+        "id": 7,
+        "type": "response",
+        "from": SESSION_URL,
+        "to": "hyperty-runtime://a.test/rt",
+        "body": {"code": 200, "runtimeToken": "id1"},
+    }
     session = node.core.session("hyperty-runtime://a.test/rt/id1")
     assert session is not None and session.conn is conn
     assert node.core.session_of(conn) is session
@@ -210,12 +204,17 @@ def test_reopen_on_a_connection_carrying_another_session_is_409(node):
 def test_close_frees_everything_and_closes_the_socket(node):
     conn, url = node.session("a")
     addresses = node.allocate(conn, value={"number": 3})
-    node.send(conn, type="subscribe", from_="hyperty-runtime://a.test/rt/sm", to=SM,
-              body={"resources": ["comm://x.test/room/changes"]})
+    node.send(
+        conn,
+        type="subscribe",
+        from_="hyperty-runtime://a.test/rt/sm",
+        to=SM,
+        body={"resources": ["comm://x.test/room/changes"]},
+    )
     actions = node.send(conn, id=9, type="close", from_=url, to=SESSION_URL)
     assert only(actions, conn)["body"] == {"code": 200}
     assert [(e.reason, e.addresses) for e in actions if isinstance(e, SessionEnded)] == [("closed", 3)]
-    assert [(c.conn, c.code) for c in actions if isinstance(c, Close)] == [(conn, CLOSE_NORMAL)]
+    assert [(c.conn, c.code) for c in actions if isinstance(c, Close)] == [(conn, CloseCode.NORMAL_CLOSURE)]
     assert all(node.core.owner(a) is None for a in addresses)
     assert node.core.subscribers("comm://x.test/room/changes") == []
     assert node.core.session_count == 0
@@ -284,8 +283,9 @@ def test_messages_before_open_are_refused_with_403_and_responses_dropped(node):
     assert reply["body"]["code"] == 403 and "open" in reply["body"]["description"]
     reply = only(node.send(conn, type="update", from_="hyperty://a.test/x", to="hyperty://b.test/y", body={}))
     assert reply["body"]["code"] == 403
-    assert node.send(conn, type="response", from_="hyperty://a.test/x", to="hyperty://b.test/y",
-                     body={"code": 200}) == []
+    assert (
+        node.send(conn, type="response", from_="hyperty://a.test/x", to="hyperty://b.test/y", body={"code": 200}) == []
+    )
     assert node.core.counters["responses_dropped"] == 1
 
 
@@ -345,10 +345,11 @@ def test_a_batch_connection_may_send_arrays_each_element_routed_or_answered_alon
     [mine] = node.allocate(conn)
     peer, _ = node.session("p")
     [theirs] = node.allocate(peer)
-    batch = (b' [{"id":1,"type":"update","from":"%s","to":"%s","body":{"n":1}},'
-             b'{"id":2,"type":"bogus","from":"%s","to":"%s"},'
-             b'{"id":3,"type":"update","from":"%s","to":"%s","body":{"n":3}}]'
-             % ((mine.encode(), theirs.encode()) * 3))
+    batch = (
+        b' [{"id":1,"type":"update","from":"%s","to":"%s","body":{"n":1}},'
+        b'{"id":2,"type":"bogus","from":"%s","to":"%s"},'
+        b'{"id":3,"type":"update","from":"%s","to":"%s","body":{"n":3}}]' % ((mine.encode(), theirs.encode()) * 3)
+    )
     actions = node.core.received(conn, batch)
     assert [m["body"]["n"] for m in sent(actions, peer)] == [1, 3]
     [error] = sent(actions, conn)
@@ -356,20 +357,22 @@ def test_a_batch_connection_may_send_arrays_each_element_routed_or_answered_alon
     # forwarded elements are the exact bytes of the array element, not a re-encoding
     forwarded = [bytes(a.data) for a in actions if a.conn is peer]
     assert forwarded[0] == b'{"id":1,"type":"update","from":"%s","to":"%s","body":{"n":1}}' % (
-        mine.encode(), theirs.encode())
+        mine.encode(),
+        theirs.encode(),
+    )
 
 
 def test_an_array_from_a_connection_without_batch_closes_it_1007(node):
     conn, _ = node.session("a")
     actions = node.core.received(conn, b'[{"type":"update","from":"a:b","to":"c:d"}]')
-    assert [(type(a), a.code) for a in actions] == [(Close, CLOSE_INVALID_PAYLOAD)]
+    assert [(type(a), a.code) for a in actions] == [(Close, CloseCode.INVALID_DATA)]
 
 
 def test_a_broken_array_from_a_batch_connection_closes_it_1007(node):
     conn = node.connect("a")
     node.open(conn, "hyperty-runtime://a.test/rt", batch=True)
     actions = node.core.received(conn, b"[{},")
-    assert [(type(a), a.code) for a in actions] == [(Close, CLOSE_INVALID_PAYLOAD)]
+    assert [(type(a), a.code) for a in actions] == [(Close, CloseCode.INVALID_DATA)]
 
 
 # -- address allocation --------------------------------------------------------------------------------
@@ -377,10 +380,16 @@ def test_a_broken_array_from_a_batch_connection_closes_it_1007(node):
 
 def test_single_allocation_defaults_to_one_hyperty_address(node):
     conn, _ = node.session("a")
-    reply = only(node.send(conn, id=1, type="create", from_="hyperty-runtime://a.test/rt/registry", to=ALLOC,
-                           body={"value": {}}))
-    assert reply == {"id": 1, "type": "response", "from": ALLOC, "to": "hyperty-runtime://a.test/rt/registry",
-                     "body": {"code": 200, "value": {"allocated": ["hyperty://b.test/id2"]}}}
+    reply = only(
+        node.send(conn, id=1, type="create", from_="hyperty-runtime://a.test/rt/registry", to=ALLOC, body={"value": {}})
+    )
+    assert reply == {
+        "id": 1,
+        "type": "response",
+        "from": ALLOC,
+        "to": "hyperty-runtime://a.test/rt/registry",
+        "body": {"code": 200, "value": {"allocated": ["hyperty://b.test/id2"]}},
+    }
     assert node.core.owner("hyperty://b.test/id2") is node.core.session_of(conn)
 
 
@@ -463,8 +472,9 @@ def test_the_per_session_address_limit_is_enforced():
 
 def test_allocation_key_then_delete_by_key(node):
     conn, _ = node.session("a")
-    reply = only(node.send(conn, type="create", from_="x:y", to=ALLOC,
-                           body={"value": {"number": 3, "allocationKey": "block-1"}}))
+    reply = only(
+        node.send(conn, type="create", from_="x:y", to=ALLOC, body={"value": {"number": 3, "allocationKey": "block-1"}})
+    )
     block = reply["body"]["value"]["allocated"]
     assert reply["body"]["value"]["allocationKey"] == "block-1"
     [other] = node.allocate(conn)
@@ -480,8 +490,9 @@ def test_allocation_key_then_delete_by_key(node):
 def test_delete_by_children_resources(node):
     conn, _ = node.session("a")
     addresses = node.allocate(conn, HYPERTY_ALLOC, value={"number": 3, "allocationKey": "k"})
-    reply = only(node.send(conn, type="delete", from_="x:y", to=HYPERTY_ALLOC,
-                           body={"childrenResources": addresses[:2]}))
+    reply = only(
+        node.send(conn, type="delete", from_="x:y", to=HYPERTY_ALLOC, body={"childrenResources": addresses[:2]})
+    )
     assert reply["body"]["code"] == 200
     assert [node.core.owner(a) is None for a in addresses] == [True, True, False]
     # the key now covers only what is left of its block
@@ -533,10 +544,23 @@ def test_subscribe_with_either_list_key_and_updates_reach_every_subscriber(node,
     subscribers = []
     for name in ("s1", "s2", "s3"):
         conn, _ = node.session(name)
-        reply = only(node.send(conn, id=1, type="subscribe", from_=f"hyperty-runtime://{name}.test/rt/sm", to=SM,
-                               body={key: [RESOURCE]}))
-        assert reply == {"id": 1, "type": "response", "from": SM, "to": f"hyperty-runtime://{name}.test/rt/sm",
-                         "body": {"code": 200}}
+        reply = only(
+            node.send(
+                conn,
+                id=1,
+                type="subscribe",
+                from_=f"hyperty-runtime://{name}.test/rt/sm",
+                to=SM,
+                body={key: [RESOURCE]},
+            )
+        )
+        assert reply == {
+            "id": 1,
+            "type": "response",
+            "from": SM,
+            "to": f"hyperty-runtime://{name}.test/rt/sm",
+            "body": {"code": 200},
+        }
         subscribers.append(conn)
     actions = node.send(publisher, type="update", from_="comm://a.test/room", to=RESOURCE, body={"value": 1})
     assert [a.conn for a in actions] == subscribers
@@ -553,15 +577,30 @@ def test_a_single_string_is_accepted_as_a_list(node):
 def test_subscriptions_with_source_count_per_source_and_deliver_once_per_session(node):
     conn, _ = node.session("s")
     for source in ("hyperty://s.test/h1", "hyperty://s.test/h2"):
-        node.send(conn, type="subscribe", from_="hyperty-runtime://s.test/rt/sm", to=SM,
-                  body={"resources": [RESOURCE], "source": source})
+        node.send(
+            conn,
+            type="subscribe",
+            from_="hyperty-runtime://s.test/rt/sm",
+            to=SM,
+            body={"resources": [RESOURCE], "source": source},
+        )
     publisher, _ = node.session("pub")
     assert len(node.send(publisher, type="update", from_="comm://a.test/room", to=RESOURCE, body={})) == 1
-    node.send(conn, type="unsubscribe", from_="hyperty-runtime://s.test/rt/sm", to=SM,
-              body={"resources": [RESOURCE], "source": "hyperty://s.test/h1"})
+    node.send(
+        conn,
+        type="unsubscribe",
+        from_="hyperty-runtime://s.test/rt/sm",
+        to=SM,
+        body={"resources": [RESOURCE], "source": "hyperty://s.test/h1"},
+    )
     assert len(node.send(publisher, type="update", from_="comm://a.test/room", to=RESOURCE, body={})) == 1
-    node.send(conn, type="unsubscribe", from_="hyperty-runtime://s.test/rt/sm", to=SM,
-              body={"unsubscribe": [RESOURCE], "source": "hyperty://s.test/h2"})
+    node.send(
+        conn,
+        type="unsubscribe",
+        from_="hyperty-runtime://s.test/rt/sm",
+        to=SM,
+        body={"unsubscribe": [RESOURCE], "source": "hyperty://s.test/h2"},
+    )
     reply = only(node.send(publisher, type="update", from_="comm://a.test/room", to=RESOURCE, body={}))
     assert reply["body"]["code"] == 404
 
@@ -570,8 +609,11 @@ def test_unsubscribe_without_source_stops_delivery_to_the_session(node):
     conn, _ = node.session("s")
     node.send(conn, type="subscribe", from_="hyperty://s.test/h1", to=SM, body={"resources": [RESOURCE]})
     node.send(conn, type="subscribe", from_="hyperty://s.test/h2", to=SM, body={"resources": [RESOURCE]})
-    reply = only(node.send(conn, type="unsubscribe", from_="hyperty-runtime://s.test/rt/sm", to=SM,
-                           body={"resources": [RESOURCE]}))
+    reply = only(
+        node.send(
+            conn, type="unsubscribe", from_="hyperty-runtime://s.test/rt/sm", to=SM, body={"resources": [RESOURCE]}
+        )
+    )
     assert reply["body"]["code"] == 200
     assert node.core.subscribers(RESOURCE) == []
     assert node.core.session_of(conn).subscription_count == 0
@@ -587,8 +629,13 @@ def test_subscription_matching_is_exact(node):
 
 @pytest.mark.parametrize(
     ("body", "field"),
-    [({}, "body.resources"), ({"resources": 5}, "body.resources"), ({"subscribe": [5]}, "body.subscribe"),
-     ({"resources": ["no scheme"]}, "body.resources"), ({"resources": [RESOURCE], "source": 3}, "body.source")],
+    [
+        ({}, "body.resources"),
+        ({"resources": 5}, "body.resources"),
+        ({"subscribe": [5]}, "body.subscribe"),
+        ({"resources": ["no scheme"]}, "body.resources"),
+        ({"resources": [RESOURCE], "source": 3}, "body.source"),
+    ],
 )
 def test_malformed_subscriptions_are_400_naming_the_field(node, body, field):
     conn, _ = node.session("s")
@@ -660,8 +707,12 @@ def test_already_decoded_messages_are_encoded_once(node):
 def test_runtime_urls_and_paths_below_them_route_to_their_session(node):
     a, url = node.session("a", "hyperty-runtime://a.test/rt")
     b, _ = node.session("b")
-    for to in ("hyperty-runtime://a.test/rt", "hyperty-runtime://a.test/rt/sm", url,
-               "hyperty-runtime://a.test/rt/registry/x"):
+    for to in (
+        "hyperty-runtime://a.test/rt",
+        "hyperty-runtime://a.test/rt/sm",
+        url,
+        "hyperty-runtime://a.test/rt/registry/x",
+    ):
         actions = node.send(b, type="update", from_="hyperty-runtime://b.test/rt", to=to, body={})
         assert [x.conn for x in actions] == [a], to
     reply = only(node.send(b, type="update", from_="hyperty-runtime://b.test/rt", to="hyperty-runtime://a.test/rtX"))
@@ -688,8 +739,16 @@ def test_a_response_to_an_unknown_destination_is_dropped_and_counted(node):
     assert node.core.counters["responses_dropped"] == 1
 
 
-@pytest.mark.parametrize("to", [f"domain://registry.{D}", f"domain://registry.{D}/", f"domain://registry.{D}/x",
-                                "global://registry", "global://registry/"])
+@pytest.mark.parametrize(
+    "to",
+    [
+        f"domain://registry.{D}",
+        f"domain://registry.{D}/",
+        f"domain://registry.{D}/x",
+        "global://registry",
+        "global://registry/",
+    ],
+)
 def test_registries_answer_501(node, to):
     a, _ = node.session("a")
     reply = only(node.send(a, type="read", from_="hyperty-runtime://a.test/rt/registry", to=to))
@@ -775,7 +834,7 @@ def test_bound_addresses_are_freed_with_their_session():
 def test_invalid_json_closes_1007(node):
     conn, _ = node.session("a")
     [action] = node.core.received(conn, b"{not json")
-    assert isinstance(action, Close) and action.code == CLOSE_INVALID_PAYLOAD
+    assert isinstance(action, Close) and action.code == CloseCode.INVALID_DATA
     assert "json" in action.reason
     assert node.core.counters["invalid"] == 1
 
@@ -783,15 +842,17 @@ def test_invalid_json_closes_1007(node):
 def test_a_message_without_from_closes_1007(node):
     conn, _ = node.session("a")
     [action] = node.core.received(conn, b'{"id":1,"type":"update","to":"hyperty://b.test/x"}')
-    assert isinstance(action, Close) and action.code == CLOSE_INVALID_PAYLOAD and "from" in action.reason
+    assert isinstance(action, Close) and action.code == CloseCode.INVALID_DATA and "from" in action.reason
 
 
 @pytest.mark.parametrize(
     ("data", "field"),
-    [(b'{"id":5,"type":"update","from":"hyperty://a.test/x"}', "to"),
-     (b'{"id":"5","type":"frobnicate","from":"hyperty://a.test/x","to":"hyperty://b.test/y"}', "type"),
-     (b'{"id":5,"from":"hyperty://a.test/x","to":"hyperty://b.test/y"}', "type"),
-     (b'{"id":5,"type":"update","from":"hyperty://a.test/x","to":"hyperty://b.test/y","body":[1]}', "body")],
+    [
+        (b'{"id":5,"type":"update","from":"hyperty://a.test/x"}', "to"),
+        (b'{"id":"5","type":"frobnicate","from":"hyperty://a.test/x","to":"hyperty://b.test/y"}', "type"),
+        (b'{"id":5,"from":"hyperty://a.test/x","to":"hyperty://b.test/y"}', "type"),
+        (b'{"id":5,"type":"update","from":"hyperty://a.test/x","to":"hyperty://b.test/y","body":[1]}', "body"),
+    ],
 )
 def test_an_invalid_message_with_a_sender_gets_400_naming_the_field(node, data, field):
     conn, _ = node.session("a")
@@ -811,13 +872,13 @@ def test_a_frame_over_the_limit_closes_1009():
     node = Node(max_frame=100)
     conn = node.connect("a")
     [action] = node.core.received(conn, b"{" + b" " * 200 + b"}")
-    assert isinstance(action, Close) and action.code == CLOSE_TOO_BIG
+    assert isinstance(action, Close) and action.code == CloseCode.MESSAGE_TOO_BIG
 
 
 def test_binary_frames_close_1003(node):
     conn, _ = node.session("a")
     [action] = node.core.received_binary(conn)
-    assert action.code == CLOSE_UNSUPPORTED_DATA
+    assert action.code == CloseCode.UNSUPPORTED_DATA
 
 
 def test_text_frames_given_as_str_work(node):

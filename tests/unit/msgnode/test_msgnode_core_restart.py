@@ -8,18 +8,9 @@ import json
 import pytest
 from tests.unit.msgnode.test_msgnode_core import ALLOC, SM, Conn, D, Node, only, sent
 
-from protofly.msgnode.core import (
-    CLOSE_GOING_AWAY,
-    SESSION_URL,
-    STATE_FORMAT,
-    Close,
-    Drained,
-    EnableBatch,
-    Replay,
-    Send,
-    SessionEnded,
-    StateError,
-)
+from protofly.msgnode.actions import Close, CloseCode, Drained, EnableBatch, Replay, Send, SessionEnded
+from protofly.msgnode.core import SESSION_URL
+from protofly.msgnode.snapshot import STATE_FORMAT, StateError
 
 RESOURCE = "comm://a.test/room/changes"
 
@@ -64,7 +55,8 @@ def test_begin_drain_tells_only_drain_sessions_and_routing_goes_on(node):
     [hb] = node.allocate(b)
     actions = node.core.begin_drain()
     assert [(x.conn, json.loads(x.data)) for x in actions] == [
-        (a, {"id": 1, "type": "update", "from": SESSION_URL, "to": a_url, "body": {"value": "draining"}})]
+        (a, {"id": 1, "type": "update", "from": SESSION_URL, "to": a_url, "body": {"value": "draining"}})
+    ]
     assert node.core.drain_pending == 1 and node.core.plain_connections() == 1
     assert node.core.begin_drain() == []  # once
     # the drain client still sends (what it had in flight) and it is routed
@@ -101,16 +93,25 @@ def test_misplaced_drained_messages_are_refused(node, drain, draining, body, cod
     token = node.open(conn, "hyperty-runtime://a.test/rt", **({"drain": True} if drain else {}))["body"]["runtimeToken"]
     if draining:
         node.core.begin_drain()
-    reply = only(node.send(conn, type="update", from_=f"hyperty-runtime://a.test/rt/{token}", to=SESSION_URL,
-                           **({"body": body} if body is not None else {})), conn)
+    reply = only(
+        node.send(
+            conn,
+            type="update",
+            from_=f"hyperty-runtime://a.test/rt/{token}",
+            to=SESSION_URL,
+            **({"body": body} if body is not None else {}),
+        ),
+        conn,
+    )
     assert reply["body"]["code"] == code and words in reply["body"]["description"]
 
 
 def test_a_drain_client_opening_during_the_drain_is_told_at_once(node):
     node.core.begin_drain()
     conn = node.connect("late")
-    actions = node.send(conn, id=5, type="open", from_="hyperty-runtime://late.test/rt", to=SESSION_URL,
-                        body={"drain": True})
+    actions = node.send(
+        conn, id=5, type="open", from_="hyperty-runtime://late.test/rt", to=SESSION_URL, body={"drain": True}
+    )
     first, second = sent(actions, conn)
     assert first["id"] == 5 and first["body"]["code"] == 200
     assert second["body"] == {"value": "draining"} and node.core.drain_pending == 1
@@ -124,7 +125,9 @@ def test_close_plain_closes_plain_connections_and_detaches_their_sessions_first(
     node.core.begin_drain()
     actions = node.core.close_plain(now=10.0)
     assert sorted((x.conn.name, x.code) for x in actions if isinstance(x, Close)) == [
-        ("b", CLOSE_GOING_AWAY), ("idle", CLOSE_GOING_AWAY)]
+        ("b", CloseCode.GOING_AWAY),
+        ("idle", CloseCode.GOING_AWAY),
+    ]
     assert node.core.session(b_url).conn is None and node.core.next_deadline() == 10.0 + node.core.session_grace
     # from now on, messages for b wait in its buffer rather than going to a closing socket
     assert node.send(a, type="update", from_="hyperty-runtime://a.test/rt", to=hb, body={"n": 1}) == []
@@ -140,9 +143,9 @@ def test_finish_drain_closes_everyone_and_counts_drain_timeouts(node):
     node.core.begin_drain()
     node.send(a, **drained(a_url))
     actions = node.core.finish_drain(now=3.0)
-    assert sorted((x.conn.name, x.code) for x in actions) == [("a", CLOSE_GOING_AWAY), ("c", CLOSE_GOING_AWAY)]
+    assert sorted((x.conn.name, x.code) for x in actions) == [("a", CloseCode.GOING_AWAY), ("c", CloseCode.GOING_AWAY)]
     assert node.core.counters["drain_timeouts"] == 1
-    assert all(s.conn is None for s in node.core._sessions.values())
+    assert all(s.conn is None for s in node.core.sessions)
     assert node.send(c, type="update", from_="hyperty-runtime://c.test/rt", to=a_url) == []
     assert node.core.counters["ignored_after_close"] == 1
 
@@ -157,8 +160,15 @@ def test_buffered_messages_are_replayed_in_order_right_after_the_reopen_200():
     [hb] = node.allocate(b)
     node.send(b, type="subscribe", from_="hyperty-runtime://b.test/rt/sm", to=SM, body={"resources": [RESOURCE]})
     node.core.disconnected(b, now=0.0)
-    frames = [node.core.received(a, json.dumps({"id": n, "type": "update", "from": "hyperty-runtime://a.test/rt",
-                                                "to": hb, "body": {"n": n}}).encode()) for n in range(3)]
+    frames = [
+        node.core.received(
+            a,
+            json.dumps(
+                {"id": n, "type": "update", "from": "hyperty-runtime://a.test/rt", "to": hb, "body": {"n": n}}
+            ).encode(),
+        )
+        for n in range(3)
+    ]
     assert frames == [[], [], []]
     node.send(a, id=3, type="update", from_="comm://a.test/room", to=RESOURCE, body={"n": 3})  # fan-out
     node.send(a, id=4, type="update", from_="hyperty-runtime://a.test/rt", to=b_url, body={"n": 4})  # runtime URL
@@ -237,7 +247,10 @@ def test_an_expiring_session_answers_each_buffered_message_but_responses_with_41
     assert [(x.reason, x.url) for x in actions if isinstance(x, SessionEnded)] == [("expired", b_url)]
     replies = sent(actions, a)
     assert [(r["id"], r["from"], r["to"], r["body"]["code"]) for r in replies] == [
-        (1, hb, ha, 410), (3, RESOURCE, room, 410), (4, hb, "hyperty-runtime://a.test/rt", 410)]
+        (1, hb, ha, 410),
+        (3, RESOURCE, room, 410),
+        (4, hb, "hyperty-runtime://a.test/rt", 410),
+    ]
     assert f"its session {b_url} expired before this message could be delivered" in replies[1]["body"]["description"]
     assert node.core.counters["buffer_answered"] == 3 and node.core.counters["buffer_discarded"] == 1
 
@@ -316,8 +329,9 @@ def test_a_restored_node_routes_addresses_subscriptions_and_replays_buffers_afte
     actions = fresh.send(a, type="re-open", from_=names["a"], to=SESSION_URL, body={"drain": True})
     assert [m["body"]["n"] for m in replayed(actions)] == [2, 3, 4, 5]
     # and the reply from a to the foreign hyperty routes back through b
-    back = fresh.send(a, id=6, type="response", from_=names["single"], to="hyperty://f.test/foreign",
-                      body={"code": 200})
+    back = fresh.send(
+        a, id=6, type="response", from_=names["single"], to="hyperty://f.test/foreign", body={"code": 200}
+    )
     assert [x.conn for x in back] == [b]
 
 
@@ -366,9 +380,13 @@ def _state(*sessions: dict, **fields) -> dict:
         (_state(_session(token="")), "sessions[0].token"),
         (_state(_session(runtimeURL="not an address")), "sessions[0].runtimeURL"),
         (_state(_session(), _session(token="t2")), "sessions[1].runtimeURL: a second session"),
-        (_state(_session(addresses=["hyperty://b.test/1"]),
-                _session(runtimeURL="hyperty-runtime://c.test/rt", bound=["hyperty://b.test/1"])),
-         "sessions[1].bound: hyperty://b.test/1 belongs to two sessions"),
+        (
+            _state(
+                _session(addresses=["hyperty://b.test/1"]),
+                _session(runtimeURL="hyperty-runtime://c.test/rt", bound=["hyperty://b.test/1"]),
+            ),
+            "sessions[1].bound: hyperty://b.test/1 belongs to two sessions",
+        ),
         (_state(_session(addresses=["hyperty://b.test/1"], keys={"k": ["hyperty://b.test/2"]})), "sessions[0].keys.k"),
         (_state(_session(subscriptions={RESOURCE: []})), "sessions[0].subscriptions"),
         (_state(_session(buffer=[{}])), "sessions[0].buffer[0]: expected exactly one"),

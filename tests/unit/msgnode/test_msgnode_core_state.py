@@ -9,7 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from protofly.msgnode.core import SESSION_URL, Close, MessageNodeCore, Replay, Send, SessionEnded
+from protofly.msgnode.actions import Close, Replay, Send, SessionEnded
+from protofly.msgnode.core import SESSION_URL, MessageNodeCore
 
 D = "b.test"
 RUNTIMES = [f"hyperty-runtime://r{i}.test/rt" for i in range(5)]
@@ -34,8 +35,16 @@ class NodeMachine(RuleBasedStateMachine):
         self.ids = 0
 
     def new_core(self) -> MessageNodeCore:
-        return MessageNodeCore(D, session_grace=5.0, max_bound=2, max_subscriptions=4, max_addresses=6,
-                               buffer_messages=3, buffer_bytes=400, new_id=lambda: f"id{next(self.counter)}")
+        return MessageNodeCore(
+            D,
+            session_grace=5.0,
+            max_bound=2,
+            max_subscriptions=4,
+            max_addresses=6,
+            buffer_messages=3,
+            buffer_bytes=400,
+            new_id=lambda: f"id{next(self.counter)}",
+        )
 
     def apply(self, conn: Conn, **fields) -> list:
         self.ids += 1
@@ -88,19 +97,25 @@ class NodeMachine(RuleBasedStateMachine):
     def allocate(self, data, number, key) -> None:
         conn = data.draw(st.sampled_from(self.alive()))
         value = {"number": number} | ({"allocationKey": key} if key else {})
-        self.apply(conn, type="create", from_="x:y", to=f"domain://msg-node.{D}/address-allocation",
-                   body={"value": value})
+        self.apply(
+            conn, type="create", from_="x:y", to=f"domain://msg-node.{D}/address-allocation", body={"value": value}
+        )
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), key=st.sampled_from(["k1", "k2"]))
     def delete_key(self, data, key) -> None:
         conn = data.draw(st.sampled_from(self.alive()))
-        self.apply(conn, type="delete", from_="x:y", to=f"domain://msg-node.{D}/address-allocation",
-                   body={"resource": key})
+        self.apply(
+            conn, type="delete", from_="x:y", to=f"domain://msg-node.{D}/address-allocation", body={"resource": key}
+        )
 
     @precondition(lambda self: self.live)
-    @rule(data=st.data(), kind=st.sampled_from(["subscribe", "unsubscribe"]),
-          resource=st.sampled_from(RESOURCES), source=st.sampled_from(SOURCES))
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(["subscribe", "unsubscribe"]),
+        resource=st.sampled_from(RESOURCES),
+        source=st.sampled_from(SOURCES),
+    )
     def subscription(self, data, kind, resource, source) -> None:
         conn = data.draw(st.sampled_from(self.alive()))
         body = {"resources": [resource]} | ({"source": source} if source else {})
@@ -113,8 +128,11 @@ class NodeMachine(RuleBasedStateMachine):
         self.apply(conn, type="update", from_=sender, to=to, body={})
 
     @precondition(lambda self: self.with_session())
-    @rule(data=st.data(), kind=st.sampled_from(["update", "read", "response"]),
-          to=st.sampled_from([*RESOURCES, *RUNTIMES]))
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(["update", "read", "response"]),
+        to=st.sampled_from([*RESOURCES, *RUNTIMES]),
+    )
     def message_from_a_session(self, data, kind, to) -> None:
         """From a runtime that holds a session: to sessions that may be detached (buffered) or subscribed."""
         conn = data.draw(st.sampled_from(self.with_session()))
@@ -175,7 +193,7 @@ class NodeMachine(RuleBasedStateMachine):
         self.live = set()
 
     def detached(self) -> list[str]:
-        return sorted(s.url for s in self.core._sessions.values() if s.conn is None)
+        return sorted(s.url for s in self.core.sessions if s.conn is None)
 
     def with_session(self) -> list[Conn]:
         return [c for c in self.alive() if self.core.session_of(c) is not None]
@@ -191,19 +209,19 @@ class NodeMachine(RuleBasedStateMachine):
     @invariant()
     def tables_agree(self) -> None:
         core = self.core
-        sessions = set(core._sessions.values())
-        for address, session in core._owner.items():
+        sessions = set(core.sessions)
+        for address, session in core.addresses.items():
             assert session in sessions
             assert address in session.addresses or address in session.bound
         for session in sessions:
-            assert all(core._owner.get(a) is session for a in session.addresses)
-            assert all(core._owner.get(a) is session for a in session.bound)
+            assert all(core.addresses.owner(a) is session for a in session.addresses)
+            assert all(core.addresses.owner(a) is session for a in session.bound)
             assert len(session.bound) <= core.max_bound
             assert len(session.addresses) <= core.max_addresses
             assert session.subscription_count == sum(len(s) for s in session.subscriptions.values())
             assert session.subscription_count <= core.max_subscriptions
             for resource, sources in session.subscriptions.items():
-                assert sources and session in core._subscribers[resource]
+                assert sources and session in (core.subscriptions.subscribers(resource) or {})
             for key, block in session.keys.items():
                 assert block and set(block) <= session.addresses, key
             assert session.buffer_bytes == sum(map(len, session.buffer))
@@ -215,11 +233,11 @@ class NodeMachine(RuleBasedStateMachine):
                 assert not session.buffer  # replayed at the re-open, filled only while detached
             else:
                 assert session.deadline is not None
-            assert core._by_runtime[session.runtime_url] is session
-        for resource, subscribers in core._subscribers.items():
+            assert core.sessions.of_runtime(session.runtime_url) is session
+        for resource, subscribers in core.subscriptions.items():
             assert subscribers
             assert all(s in sessions and resource in s.subscriptions for s in subscribers)
-        assert set(core._by_runtime.values()) == sessions
+        assert {core.sessions.of_runtime(s.runtime_url) for s in sessions} == sessions
 
 
 NodeMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
