@@ -254,7 +254,7 @@ def decode_frame(data: bytes | bytearray | memoryview | str, *, max_size: int = 
         try:
             return [FrameItem(decode(data, max_size=max_size), data, None)]
         except MessageError as exc:
-            return [FrameItem(exc, data, None)]
+            return [FrameItem(_detached(exc), data, None)]
     try:
         parts = _raw_items.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
@@ -264,5 +264,11 @@ def decode_frame(data: bytes | bytearray | memoryview | str, *, max_size: int = 
         try:
             items.append(FrameItem(decode(part, max_size=max_size), part, index))
         except MessageError as exc:
-            items.append(FrameItem(exc, part, index))
+            items.append(FrameItem(_detached(exc), part, index))
     return items
+
+
+def _detached(exc: MessageError) -> MessageError:
+    """The same error without its traceback: a returned error must not keep the caller's frames (and the
+    buffer they hold, which a reader may need to resize) alive through a reference cycle."""
+    return MessageError(*exc.args)

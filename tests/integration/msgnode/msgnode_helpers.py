@@ -61,8 +61,7 @@ class Client:
 
     async def drained(self) -> None:
         """The drain extension's last frame."""
-        await self.send(id=next(self.ids), type="update", from_=self.session_url, to=SESSION,
-                        body={"value": "drained"})
+        await self.send(id=next(self.ids), type="update", from_=self.session_url, to=SESSION, body={"value": "drained"})
 
     async def next(self, predicate: Callable[[dict[str, Any]], bool] = lambda m: True, timeout: float = WAIT) -> dict:
         """Remove and return the first message matching ``predicate``, waiting at most ``timeout`` seconds."""

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from tests.integration.msgnode.msgnode_helpers import DOMAIN, SESSION, SM, WAIT, Client, is_draining
+from tests.polling import wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -61,7 +62,8 @@ async def test_everything_a_drain_client_sent_before_drained_is_routed(start_nod
 
 
 async def test_plain_clients_are_closed_after_the_short_grace_and_their_messages_buffered(
-        start_node, client, session, tmp_path):
+    start_node, client, session, tmp_path
+):
     node = await start_node(state_file=tmp_path / "state.json", drain_grace=0.05)
     plain = await session(node, "plain")
     [plain_address] = await plain.allocate()
@@ -95,7 +97,8 @@ async def test_a_drain_client_that_never_says_drained_is_closed_after_the_drain_
 
 
 async def test_a_restarted_node_with_the_state_file_keeps_sessions_addresses_subscriptions(
-        start_node, client, tmp_path):
+    start_node, client, tmp_path
+):
     state_file = tmp_path / "state.json"
     first = await start_node(state_file=state_file)
     a = await drain_session(client, first, "a")
@@ -118,7 +121,7 @@ async def test_a_restarted_node_with_the_state_file_keeps_sessions_addresses_sub
     for n in range(10):
         await a2.send(id=n, type="update", from_=ha, to=hb, body={"n": n})
     await a2.send(id=10, type="update", from_=ha, to=RESOURCE, body={"n": 10})
-    await second.wait_for(lambda: second.counters["buffered"] == 11)
+    await wait_until(lambda: second.counters["buffered"] == 11)
     b2 = await client(second)
     await b2.send(id="reopen", type="re-open", from_=b.session_url, to=SESSION)
     first_frame = await b2.next()
@@ -139,19 +142,19 @@ async def test_a_replay_bigger_than_the_send_queue_is_not_a_slow_consumer(start_
     [hb] = await target.allocate()
     url = target.session_url
     await target.ws.close()
-    await node.wait_for(lambda: node.core.session(url).conn is None)
+    await wait_until(lambda: node.core.session(url).conn is None)
     pad = "x" * 20_000
     for n in range(400):
         await sender.send(id=n, type="update", from_=sender.runtime, to=hb, body={"n": n, "pad": pad})
-    await node.wait_for(lambda: node.counters["buffered"] == 400)
+    await wait_until(lambda: node.counters["buffered"] == 400)
     again = await client(node, max_queue=4)
     again._reader.cancel()  # read nothing for now: the replay stays queued in the node
     await asyncio.gather(again._reader, return_exceptions=True)
     await again.ws.send(json.dumps({"id": "r", "type": "re-open", "from": url, "to": SESSION}))
-    await node.wait_for(lambda: node.counters["replayed"] == 400)
+    await wait_until(lambda: node.counters["replayed"] == 400)
     routed = node.counters["delivered"]
     await sender.send(id=400, type="update", from_=sender.runtime, to=hb, body={"n": 400})  # on top of the replay
-    await node.wait_for(lambda: node.counters["delivered"] == routed + 1)
+    await wait_until(lambda: node.counters["delivered"] == routed + 1)
     assert node.counters["slow_consumers"] == 0
     frames = [json.loads(await asyncio.wait_for(again.ws.recv(), WAIT)) for _ in range(402)]
     assert frames[0]["id"] == "r" and frames[0]["body"]["code"] == 200
@@ -165,7 +168,7 @@ async def test_a_full_buffer_is_a_503_naming_the_detached_session(start_node, se
     [hb] = await target.allocate()
     url = target.session_url
     await target.ws.close()
-    await node.wait_for(lambda: node.core.session(url).conn is None)
+    await wait_until(lambda: node.core.session(url).conn is None)
     for n in range(2):
         await sender.send(id=n, type="update", from_=sender.runtime, to=hb, body={"n": n})
     reply = await sender.request(type="update", from_=sender.runtime, to=hb, body={"n": 2})
@@ -181,8 +184,10 @@ async def test_a_full_buffer_is_a_503_naming_the_detached_session(start_node, se
         (b"{not json", "not valid JSON"),
         (b"", "not valid JSON"),
         (b'{"format": "protofly-msgnode-state", "version": 1, "domain": "other.test", "sessions": []}', "domain"),
-        (b'{"format": "protofly-msgnode-state", "version": 1, "domain": "b.test", "sessions": [{"token": "x"}]}',
-         "sessions[0]"),
+        (
+            b'{"format": "protofly-msgnode-state", "version": 1, "domain": "b.test", "sessions": [{"token": "x"}]}',
+            "sessions[0]",
+        ),
     ],
 )
 async def test_a_corrupt_state_file_is_a_clear_error_at_start(tmp_path, content, words):
@@ -229,8 +234,16 @@ async def test_a_state_file_that_cannot_be_written_is_reported_at_stop(start_nod
 
 async def _serve(*args: str) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "protofly.cli",
+        "msg-node",
+        "serve",
+        "--domain",
+        DOMAIN,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     line = await asyncio.wait_for(proc.stdout.readline(), timeout=15)
     return proc, line.decode().strip()
@@ -271,8 +284,19 @@ async def test_cli_refuses_a_corrupt_state_file(tmp_path):
     state_file = tmp_path / "state.json"
     state_file.write_text("garbage")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN, "--port", "0",
-        "--state-file", str(state_file), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "protofly.cli",
+        "msg-node",
+        "serve",
+        "--domain",
+        DOMAIN,
+        "--port",
+        "0",
+        "--state-file",
+        str(state_file),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout=15)

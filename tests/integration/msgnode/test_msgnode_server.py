@@ -12,6 +12,7 @@ import sys
 import aiohttp
 import pytest
 from tests.integration.msgnode.msgnode_helpers import ALLOC, DOMAIN, HYPERTY_ALLOC, OBJECT_ALLOC, SESSION, SM, WAIT
+from tests.polling import wait_until
 from websockets.asyncio.client import connect
 
 from protofly.msgnode import MessageNode
@@ -33,7 +34,7 @@ async def test_reopen_after_a_socket_drop_keeps_the_addresses(node, client, sess
     a = await session(node, "a")
     [address] = await a.allocate()
     await a.ws.close()  # the socket goes away without a 'close' message
-    await node.wait_for(lambda: node.core.session(a.session_url).conn is None)  # the node saw the drop
+    await wait_until(lambda: node.core.session(a.session_url).conn is None)  # the node saw the drop
     again = await client(node)
     reply = await again.request(type="re-open", from_=a.session_url, to=SESSION)
     assert reply["body"]["code"] == 200
@@ -66,7 +67,7 @@ async def test_a_dropped_session_expires_after_the_grace_period_and_frees_its_ad
     a = await session(node, "a")
     [address] = await a.allocate()
     await a.ws.close()
-    await node.wait_for(lambda: node.counters["sessions_expired"] == 1, timeout=WAIT)
+    await wait_until(lambda: node.counters["sessions_expired"] == 1, timeout=WAIT)
     assert node.core.owner(address) is None
     b = await session(node, "b")
     reply = await b.request(type="update", from_="hyperty-runtime://b.test/rt", to=address, body={})
@@ -90,9 +91,9 @@ async def test_a_dead_peer_is_detected_by_ping(start_node):
         payload = json.dumps({"id": 1, "type": "open", "from": "hyperty-runtime://dead.test/rt", "to": SESSION})
         writer.write(_masked_text_frame(payload.encode()))
         await writer.drain()
-        await node.wait_for(lambda: node.counters["sessions"] == 1)
+        await wait_until(lambda: node.counters["sessions"] == 1)
         # never read again, never pong: the node's heartbeat gives up on us
-        await node.wait_for(lambda: node.counters["open_connections"] == 0, timeout=WAIT)
+        await wait_until(lambda: node.counters["open_connections"] == 0, timeout=WAIT)
         assert node.counters["sessions"] == 1  # detached, waiting for a re-open, not gone
     finally:
         writer.close()
@@ -102,8 +103,11 @@ def _masked_text_frame(payload: bytes) -> bytes:
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     assert len(payload) < 65536
-    header = struct.pack("!BBH", 0x81, 0x80 | 126, len(payload)) if len(payload) >= 126 else bytes(
-        (0x81, 0x80 | len(payload)))
+    header = (
+        struct.pack("!BBH", 0x81, 0x80 | 126, len(payload))
+        if len(payload) >= 126
+        else bytes((0x81, 0x80 | len(payload)))
+    )
     return header + mask + masked
 
 
@@ -141,8 +145,9 @@ async def test_token_authentication_on_open(start_node, client):
 @pytest.mark.parametrize("to", [HYPERTY_ALLOC, ALLOC])
 async def test_single_and_block_hyperty_allocation(node, session, to):
     a = await session(node, "a")
-    reply = await a.request(id=1, type="create", from_="hyperty-runtime://a.test/rt/registry", to=to,
-                            body={"value": {"number": 1}})
+    reply = await a.request(
+        id=1, type="create", from_="hyperty-runtime://a.test/rt/registry", to=to, body={"value": {"number": 1}}
+    )
     assert reply["from"] == to and reply["to"] == "hyperty-runtime://a.test/rt/registry"
     assert reply["body"]["code"] == 200 and len(reply["body"]["value"]["allocated"]) == 1
     block = await a.allocate(to, value={"number": 5})
@@ -163,8 +168,9 @@ async def test_allocation_key_then_delete_by_key(node, session):
     a = await session(node, "a")
     b = await session(node, "b")
     block = await a.allocate(value={"number": 3, "allocationKey": "my-block"})
-    reply = await a.request(type="delete", from_="hyperty-runtime://a.test/rt/registry", to=ALLOC,
-                            body={"resource": "my-block"})
+    reply = await a.request(
+        type="delete", from_="hyperty-runtime://a.test/rt/registry", to=ALLOC, body={"resource": "my-block"}
+    )
     assert reply["body"]["code"] == 200
     for address in block:
         reply = await b.request(type="update", from_="hyperty-runtime://b.test/rt", to=address, body={})
@@ -175,8 +181,9 @@ async def test_delete_by_children_resources(node, session):
     a = await session(node, "a")
     b = await session(node, "b")
     kept, freed = await a.allocate(value={"number": 2})
-    reply = await a.request(type="delete", from_="hyperty-runtime://a.test/rt/registry", to=ALLOC,
-                            body={"childrenResources": [freed]})
+    reply = await a.request(
+        type="delete", from_="hyperty-runtime://a.test/rt/registry", to=ALLOC, body={"childrenResources": [freed]}
+    )
     assert reply["body"]["code"] == 200
     reply = await b.request(type="update", from_="hyperty-runtime://b.test/rt", to=freed, body={})
     assert reply["body"]["code"] == 404
@@ -190,8 +197,9 @@ async def test_delete_by_children_resources(node, session):
 RESOURCE = "comm://a.test/room/changes"
 
 
-@pytest.mark.parametrize(("key", "source"), [("resources", None), ("subscribe", None),
-                                             ("resources", "hyperty://s.test/watcher")])
+@pytest.mark.parametrize(
+    ("key", "source"), [("resources", None), ("subscribe", None), ("resources", "hyperty://s.test/watcher")]
+)
 async def test_update_reaches_every_subscriber_until_unsubscribed(node, session, key, source):
     publisher = await session(node, "pub")
     subscribers = [await session(node, f"s{i}") for i in range(3)]
@@ -203,17 +211,21 @@ async def test_update_reaches_every_subscriber_until_unsubscribed(node, session,
     for sub in subscribers:
         got = await sub.next(lambda m: m.get("to") == RESOURCE)
         assert got["body"] == {"value": {"n": 1}}
-    unsubscribe = {"resources" if key == "resources" else "unsubscribe": [RESOURCE],
-                   **({"source": source} if source else {})}
-    reply = await subscribers[0].request(type="unsubscribe", from_="hyperty-runtime://s0.test/rt/sm", to=SM,
-                                         body=unsubscribe)
+    unsubscribe = {
+        "resources" if key == "resources" else "unsubscribe": [RESOURCE],
+        **({"source": source} if source else {}),
+    }
+    reply = await subscribers[0].request(
+        type="unsubscribe", from_="hyperty-runtime://s0.test/rt/sm", to=SM, body=unsubscribe
+    )
     assert reply["body"]["code"] == 200
     await publisher.send(id=2, type="update", from_="comm://a.test/room", to=RESOURCE, body={"value": {"n": 2}})
     for sub in subscribers[1:]:
         assert (await sub.next(lambda m: m.get("to") == RESOURCE))["body"]["value"] == {"n": 2}
     # ordering on one connection: a marker sent after the update arrives after it, and nothing came before it
-    await publisher.send(id=3, type="update", from_="hyperty-runtime://pub.test/rt", to=subscribers[0].runtime,
-                         body={"marker": True})
+    await publisher.send(
+        id=3, type="update", from_="hyperty-runtime://pub.test/rt", to=subscribers[0].runtime, body={"marker": True}
+    )
     await subscribers[0].next(lambda m: m.get("body") == {"marker": True})
     assert not [m for m in subscribers[0].inbox if m.get("to") == RESOURCE]
 
@@ -222,8 +234,9 @@ async def test_fan_out_to_1000_subscribers_loses_nothing(start_node, session):
     node = await start_node(session_grace=30.0)
     subscribers = await asyncio.gather(*(session(node, f"s{i}") for i in range(1000)))
     for sub, i in zip(subscribers, range(1000), strict=True):
-        await sub.send(id=1, type="subscribe", from_=f"hyperty-runtime://s{i}.test/rt/sm", to=SM,
-                       body={"resources": [RESOURCE]})
+        await sub.send(
+            id=1, type="subscribe", from_=f"hyperty-runtime://s{i}.test/rt/sm", to=SM, body={"resources": [RESOURCE]}
+        )
     await asyncio.gather(*(sub.next(lambda m: m.get("from") == SM) for sub in subscribers))
     publisher = await session(node, "pub")
     for n in range(5):
@@ -265,8 +278,7 @@ async def test_a_foreign_hyperty_is_bound_on_the_fly_so_its_reply_routes_back(no
 async def test_messages_to_a_runtime_url_and_below_reach_its_session(node, session):
     a = await session(node, "a")
     b = await session(node, "b")
-    await b.send(id=1, type="update", from_="hyperty-runtime://b.test/rt", to="hyperty-runtime://a.test/rt/sm",
-                 body={})
+    await b.send(id=1, type="update", from_="hyperty-runtime://b.test/rt", to="hyperty-runtime://a.test/rt/sm", body={})
     assert (await a.next(lambda m: m.get("to") == "hyperty-runtime://a.test/rt/sm"))["id"] == 1
 
 
@@ -286,8 +298,17 @@ async def test_missing_fields_are_400_naming_the_field(node, session):
     await a.ws.send(json.dumps({"id": 5, "type": "update", "from": "hyperty-runtime://a.test/rt"}))
     reply = await a.next(lambda m: m.get("id") == 5)
     assert reply["body"]["code"] == 400 and reply["body"]["description"].startswith("to")
-    await a.ws.send(json.dumps({"id": 6, "type": "create", "from": "hyperty-runtime://a.test/rt", "to": ALLOC,
-                                "body": {"value": {"number": "two"}}}))
+    await a.ws.send(
+        json.dumps(
+            {
+                "id": 6,
+                "type": "create",
+                "from": "hyperty-runtime://a.test/rt",
+                "to": ALLOC,
+                "body": {"value": {"number": "two"}},
+            }
+        )
+    )
     reply = await a.next(lambda m: m.get("id") == 6)
     assert reply["body"]["code"] == 400 and "number" in reply["body"]["description"]
 
@@ -330,14 +351,14 @@ async def test_a_slow_consumer_is_disconnected_and_memory_stays_bounded(start_no
             break
         if n % 50 == 0:
             await asyncio.sleep(0)  # let the node run
-    await node.wait_for(lambda: node.counters["slow_consumers"] == 1, timeout=WAIT)
+    await wait_until(lambda: node.counters["slow_consumers"] == 1, timeout=WAIT)
     counters = node.counters
     assert counters["queue_peak_bytes"] <= limit
     assert counters["transport_peak_bytes"] <= 512 << 10
-    await node.wait_for(lambda: node.counters["open_connections"] == 1, timeout=WAIT)  # only the sender is left
+    await wait_until(lambda: node.counters["open_connections"] == 1, timeout=WAIT)  # only the sender is left
     # the target's session is detached now: what is sent to it waits for its re-open, within bounds
     await sender.send(id="late", type="update", from_="hyperty-runtime://fast.test/rt", to=target, body={})
-    await node.wait_for(lambda: node.counters["buffered"] >= 1, timeout=WAIT)
+    await wait_until(lambda: node.counters["buffered"] >= 1, timeout=WAIT)
     assert node.core.owner(target).conn is None
 
 
@@ -398,16 +419,36 @@ async def test_cli_serve_prints_the_url_and_serves(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("# accepted\nt0ken\n")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN, "--port", "0",
-        "--auth-tokens-file", str(tokens), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "protofly.cli",
+        "msg-node",
+        "serve",
+        "--domain",
+        DOMAIN,
+        "--port",
+        "0",
+        "--auth-tokens-file",
+        str(tokens),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), timeout=15)
         url = line.decode().strip()
         assert url.startswith("ws://127.0.0.1:") and url.endswith("/ws")
         async with connect(url, open_timeout=WAIT) as ws:
-            await ws.send(json.dumps({"id": 1, "type": "open", "from": "hyperty-runtime://a.test/rt", "to": SESSION,
-                                      "body": {"accessToken": "t0ken"}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "id": 1,
+                        "type": "open",
+                        "from": "hyperty-runtime://a.test/rt",
+                        "to": SESSION,
+                        "body": {"accessToken": "t0ken"},
+                    }
+                )
+            )
             reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
             assert reply["body"]["code"] == 200
     finally:
