@@ -17,7 +17,7 @@ SECRET = "s3cret-access-token"
 
 def settings(mn, **extra):
     config = {"url": "ws://127.0.0.1:9/ws", "runtimeURL": RUNTIME, **extra}
-    return mn.Settings(config)
+    return mn.Settings.load(config)
 
 
 def session(mn, rng=lambda low, high: high, **extra):
@@ -43,8 +43,13 @@ def frame_messages(frame: bytes) -> list[dict]:
 def answer(to_frame: bytes, code: int = 200, **body) -> bytes:
     request = json.loads(to_frame)
     return json.dumps(
-        {"id": request["id"], "type": "response", "from": "mn:/session", "to": request["from"],
-         "body": {"code": code, **body}}
+        {
+            "id": request["id"],
+            "type": "response",
+            "from": "mn:/session",
+            "to": request["from"],
+            "body": {"code": code, **body},
+        }
     ).encode()
 
 
@@ -89,7 +94,7 @@ def test_settings_defaults_and_overrides(mn) -> None:
 def test_bad_settings_name_the_key(mn, config, words) -> None:
     full = {"url": "ws://127.0.0.1:9/ws", "runtimeURL": RUNTIME, **config}
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        mn.Settings(full)
+        mn.Settings.load(full)
 
 
 # -- handshake -----------------------------------------------------------------------------------------
@@ -124,7 +129,7 @@ def test_plain_node_without_extensions_gets_one_message_per_frame(mn) -> None:
 def test_answer_matches_an_id_re_encoded_as_string(mn) -> None:
     s = session(mn)
     s.socket_opened()
-    (open_frame, _), = frames(s)
+    ((open_frame, _),) = frames(s)
     reply = json.loads(answer(open_frame, runtimeToken=TOKEN))
     reply["id"] = str(reply["id"])
     assert kinds(s.received(json.dumps(reply).encode())) == ["Status", "Live"]
@@ -133,7 +138,7 @@ def test_answer_matches_an_id_re_encoded_as_string(mn) -> None:
 def test_open_200_without_token_closes_the_socket(mn) -> None:
     s = session(mn)
     s.socket_opened()
-    (open_frame, _), = frames(s)
+    ((open_frame, _),) = frames(s)
     actions = s.received(answer(open_frame))
     assert kinds(actions) == ["CloseSocket"]
     closed = s.closed(1002, None)
@@ -150,7 +155,7 @@ def test_messages_accepted_before_live_are_sent_in_order_with_via(mn) -> None:
     assert frames(s) == []  # nothing flows before the session exists
     _, actions = go_live(mn, s)
     assert kinds(actions) == ["Status", "Live", "Wake"]
-    (frame, count), = frames(s)
+    ((frame, count),) = frames(s)
     assert count == 5
     sent = frame_messages(frame)
     assert [m["body"]["n"] for m in sent] == [0, 1, 2, 3, 4]
@@ -180,7 +185,7 @@ def test_outbox_overflow_is_answered_503_and_loses_nothing_accepted(mn) -> None:
     reply = Message(id=9, type="response", from_="hyperty://a.test/x", to="hyperty://b.test/y", body={"code": 200})
     assert s.submit(reply) is None and s.counters["refused"] == 2  # a response cannot be answered: counted
     go_live(mn, s)
-    (frame, _), = frames(s)
+    ((frame, _),) = frames(s)
     assert [m["body"]["n"] for m in frame_messages(frame)] == [0, 1, 2]
 
 
@@ -209,7 +214,7 @@ def test_unsent_frames_go_back_to_the_front_in_order(mn) -> None:
     s.submit(msg(4))
     s.unsent(frame, count)
     assert s.counters["requeued"] == 4
-    (again, total), = frames(s)
+    ((again, total),) = frames(s)
     assert [m["body"]["n"] for m in frame_messages(again)] == [0, 1, 2, 3, 4] and total == 5
 
 
@@ -225,19 +230,22 @@ def test_reconnect_reopens_and_falls_back_to_open_when_the_node_forgot(mn) -> No
     assert actions[0].description == "1006 (abnormal closure, no close frame)"
     s.submit(msg(1))
     s.socket_opened()
-    (reopen, _), = frames(s)
+    ((reopen, _),) = frames(s)
     sent = json.loads(reopen)
-    assert sent["type"] == "re-open" and sent["from"] == f"{RUNTIME}/{TOKEN}" and sent["body"] == {
-        "batch": True, "drain": True}
+    assert (
+        sent["type"] == "re-open"
+        and sent["from"] == f"{RUNTIME}/{TOKEN}"
+        and sent["body"] == {"batch": True, "drain": True}
+    )
     actions = s.received(answer(reopen, 404, description="unknown session"))
     assert kinds(actions) == ["Wake"] and s.counters["reopen_fallbacks"] == 1
-    (fallback, _), = frames(s)
+    ((fallback, _),) = frames(s)
     assert json.loads(fallback)["type"] == "open" and json.loads(fallback)["from"] == RUNTIME
     actions = s.received(answer(fallback, runtimeToken="tok-2", batch=True))
     assert kinds(actions) == ["Status", "Live", "Wake"]
     assert actions[1].fresh is True and "did not know" in actions[0].description
     assert s.session_url == f"{RUNTIME}/tok-2"
-    (frame, count), = frames(s)
+    ((frame, count),) = frames(s)
     assert count == 1 and json.loads(frame)["body"]["n"] == 1
 
 
@@ -246,13 +254,13 @@ def test_reopen_accepted_keeps_the_session_and_vertx_500_also_falls_back(mn) -> 
     go_live(mn, s)
     s.closed(1001, "going")
     s.socket_opened()
-    (reopen, _), = frames(s)
+    ((reopen, _),) = frames(s)
     actions = s.received(answer(reopen, 200, runtimeToken=TOKEN, batch=True))
     assert kinds(actions) == ["Status", "Live"] and actions[1].fresh is False
     assert s.session_url == f"{RUNTIME}/{TOKEN}"
     s.closed(1006, None)
     s.socket_opened()
-    (reopen, _), = frames(s)
+    ((reopen, _),) = frames(s)
     s.received(answer(reopen, 500, desc="Reconnection fail. Incorrect runtime token!"))
     assert json.loads(frames(s)[0][0])["type"] == "open"
 
@@ -266,15 +274,18 @@ def test_backoff_is_capped_jittered_and_reset_by_success(mn) -> None:
         high.phase = "live"
     assert delays[:5] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0])
     assert max(delays) == 1.0
-    low = session(mn, rng=lambda a, b: a, backoffBase=0.1, backoffCap=1.0)
+    seen = []
+    low = session(mn, rng=lambda a, b: seen.append((a, b)) or a, backoffBase=0.1, backoffCap=1.0)
     go_live(mn, low)
     first = low.closed(1006, None)[-1].delay
     second = low.connect_failed("refused")[-1].delay
-    assert (first, second) == pytest.approx((0.05, 0.1))  # half the step, never zero
+    assert (first, second) == (0.0, 0.0)  # full jitter: a uniform draw from zero up to the step
     low.socket_opened()
-    (reopen, _), = frames(low)
+    ((reopen, _),) = frames(low)
     low.received(answer(reopen, runtimeToken=TOKEN))
-    assert low.closed(1006, None)[-1].delay == pytest.approx(0.05)
+    low.closed(1006, None)
+    assert [high for _, high in seen] == pytest.approx([0.1, 0.2, 0.1])  # the step starts over after live
+    assert all(low == 0.0 for low, _ in seen)
 
 
 def test_failure_before_first_live_fails_connect_instead_of_retrying(mn) -> None:
@@ -295,7 +306,7 @@ def test_failure_before_first_live_fails_connect_instead_of_retrying(mn) -> None
 def test_refused_credentials_fail_for_good(mn, code) -> None:
     s = session(mn)
     s.socket_opened()
-    (open_frame, _), = frames(s)
+    ((open_frame, _),) = frames(s)
     actions = s.received(answer(open_frame, code, description="open: this node requires body.accessToken"))
     assert kinds(actions) == ["Status", "Failed", "CloseSocket"]
     assert actions[0].value == "failed" and f"{code} open: this node requires" in actions[0].description
@@ -307,9 +318,9 @@ def test_conflict_on_open_after_live_is_retried(mn) -> None:
     go_live(mn, s)
     s.closed(1006, None)
     s.socket_opened()
-    (reopen, _), = frames(s)
+    ((reopen, _),) = frames(s)
     s.received(answer(reopen, 404))
-    (fallback, _), = frames(s)
+    ((fallback, _),) = frames(s)
     actions = s.received(answer(fallback, 409, description="already has a connected session"))
     assert kinds(actions) == ["CloseSocket"]
     closed = s.closed(1000, "session refused")
@@ -401,9 +412,9 @@ def test_draining_sends_drained_last_and_holds_the_outbox(mn) -> None:
     closed = s.closed(1001, "message node restarting")
     assert kinds(closed) == ["Status", "Retry"] and "drained the session" in closed[0].description
     s.socket_opened()
-    (reopen, _), = frames(s)
+    ((reopen, _),) = frames(s)
     s.received(answer(reopen, runtimeToken=TOKEN, batch=True, drain=True))
-    (frame, count), = frames(s)
+    ((frame, count),) = frames(s)
     assert [m["body"]["n"] for m in frame_messages(frame)] == [1, 2] and count == 2
 
 
@@ -452,7 +463,7 @@ def test_credentials_must_hold_a_string_token_and_reopen_never_carries_it(mn) ->
     go_live(mn, s)
     s.closed(1006, None)
     s.socket_opened()
-    (reopen, _), = frames(s)
+    ((reopen, _),) = frames(s)
     assert SECRET.encode() not in reopen
 
 

@@ -151,8 +151,14 @@ async def make_stub(mn):
 
     def make(url: str, **config):
         runtime = Runtime()
-        settings = {"url": url, "runtimeURL": RUNTIME, "backoffBase": 0.01, "backoffCap": 0.05, "openTimeout": 1.0,
-                    **config}
+        settings = {
+            "url": url,
+            "runtimeURL": RUNTIME,
+            "backoffBase": 0.01,
+            "backoffCap": 0.05,
+            "openTimeout": 1.0,
+            **config,
+        }
         stub = mn.MsgNodeStub(STUB, runtime.bus, settings)
         made.append(runtime)
         return stub, runtime
@@ -171,8 +177,15 @@ async def test_connect_carries_messages_both_ways_with_via(node, make_stub) -> N
     await node.wait(lambda: len(node.data()) == 3)
     assert [m["body"]["n"] for m in node.data()] == [0, 1, 2]
     assert all(m["body"]["via"] == STUB for m in node.data())
-    await node.send({"id": 5, "type": "create", "from": "hyperty://b.test/y", "to": "hyperty://a.test/x",
-                     "body": {"hello": 1, "via": "somewhere-else"}})
+    await node.send(
+        {
+            "id": 5,
+            "type": "create",
+            "from": "hyperty://b.test/y",
+            "to": "hyperty://a.test/x",
+            "body": {"hello": 1, "via": "somewhere-else"},
+        }
+    )
     await node.send({"type": "update", "from": "mn:/session", "to": RUNTIME, "body": {"value": "noise"}})
     await runtime.wait(lambda: len(runtime.deliveries()) == 1)
     delivered = runtime.deliveries()[0]
@@ -222,7 +235,7 @@ async def test_node_restart_without_state_falls_back_to_open(node, make_stub) ->
         kinds = [m["type"] for m in fresh.frames[-1] if m["to"] == "mn:/session"]
         assert kinds == ["re-open", "open"]
     finally:
-            await fresh.stop()
+        await fresh.stop()
 
 
 async def test_first_connect_to_nothing_fails_with_the_reason(make_stub) -> None:
