@@ -1,8 +1,9 @@
 """The protocol stub for protofly's message node (and any reTHINK Vert.x-protocol node).
 
 Published as a stub package (``stubs/msgnode/``) and served by each domain's catalogue; the runtime never
-imports it.  It runs in a sandbox process, so it imports only the standard library, ``msgspec`` (through
-:mod:`protofly.message`), ``websockets`` and the stub SDK.
+imports it.  It runs in a sandbox process, so it imports only the standard library, ``msgspec``,
+``websockets``, the stub SDK and two small protofly modules: :mod:`protofly.message` (the one frame decoder)
+and :mod:`protofly.backoff`.
 
 Two parts, as every stateful protocol in protofly:
 
