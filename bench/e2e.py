@@ -126,8 +126,18 @@ class NodeProcess:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN, "--port", "0",
-            "--ping-interval", "0", stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "protofly.cli",
+            "msg-node",
+            "serve",
+            "--domain",
+            DOMAIN,
+            "--port",
+            "0",
+            "--ping-interval",
+            "0",
+            stdout=asyncio.subprocess.PIPE,
         )
         line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)
         self.url = line.decode().strip()
@@ -250,8 +260,12 @@ async def fan_out(rt_a: Runtime, rt_b: Runtime) -> dict[str, float | int]:
     """1,000 subscribers in runtime B; updates published from runtime A; deliveries counted per update."""
     node = f"domain://msg-node.{DOMAIN}"
     allocated = await rt_a.bus.request(
-        Message(type="create", from_=f"{rt_a.runtime_url}/address-allocation", to=f"{node}/address-allocation",
-                body={"scheme": "comm", "value": {"number": 1}}),
+        Message(
+            type="create",
+            from_=f"{rt_a.runtime_url}/address-allocation",
+            to=f"{node}/address-allocation",
+            body={"scheme": "comm", "value": {"number": 1}},
+        ),
         TIMEOUT,
     )
     obj = allocated.body["value"]["allocated"][0]
@@ -270,8 +284,12 @@ async def fan_out(rt_a: Runtime, rt_b: Runtime) -> dict[str, float | int]:
     answers = await asyncio.gather(
         *(
             rt_b.bus.request(
-                Message(type="subscribe", from_=f"{rt_b.runtime_url}/sm", to=f"{node}/sm",
-                        body={"resources": [resource], "source": f"{rt_b.runtime_url}/subscriber/{i}"}),
+                Message(
+                    type="subscribe",
+                    from_=f"{rt_b.runtime_url}/sm",
+                    to=f"{node}/sm",
+                    body={"resources": [resource], "source": f"{rt_b.runtime_url}/subscriber/{i}"},
+                ),
                 TIMEOUT,
             )
             for i in range(FANOUT)
@@ -320,8 +338,10 @@ async def main() -> dict[str, Any]:
     try:
         await node.start()
         server, trust_file = await catalogue(root, node.url)
-        async with Runtime(config(root, "a", server, trust_file)) as rt_a, \
-                Runtime(config(root, "b", server, trust_file)) as rt_b:
+        async with (
+            Runtime(config(root, "a", server, trust_file)) as rt_a,
+            Runtime(config(root, "b", server, trust_file)) as rt_b,
+        ):
             receiver = Receiver()
             errors: list[Message] = []
             hyperty_b = await rt_b.new_hyperty(receiver)

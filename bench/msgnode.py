@@ -58,8 +58,19 @@ class NodeProcess:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN, "--port", str(self.port),
-            "--ping-interval", "0", *self.options, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "protofly.cli",
+            "msg-node",
+            "serve",
+            "--domain",
+            DOMAIN,
+            "--port",
+            str(self.port),
+            "--ping-interval",
+            "0",
+            *self.options,
+            stdout=asyncio.subprocess.PIPE,
         )
         line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)
         self.url = line.decode().strip()
@@ -111,8 +122,9 @@ class Peer:
         return cls(ws, runtime)
 
     async def allocate(self) -> str:
-        await self.ws.send(json.dumps({"id": 2, "type": "create", "from": self.runtime, "to": ALLOC,
-                                       "body": {"value": {"number": 1}}}))
+        await self.ws.send(
+            json.dumps({"id": 2, "type": "create", "from": self.runtime, "to": ALLOC, "body": {"value": {"number": 1}}})
+        )
         reply = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
         self.address = reply["body"]["value"]["allocated"][0]
         return self.address
@@ -170,7 +182,7 @@ async def one_way(node: NodeProcess, size: int, count: int, batch: bool) -> dict
             progress.clear()
             await asyncio.wait_for(progress.wait(), timeout=30)
         if batch:
-            chunk = texts[sent:sent + max(1, min(BATCH, BATCH_BYTES // size))]
+            chunk = texts[sent : sent + max(1, min(BATCH, BATCH_BYTES // size))]
             await a.ws.send("[" + ",".join(chunk) + "]")
             sent += len(chunk)
         else:
@@ -203,8 +215,17 @@ async def round_trip(node: NodeProcess, count: int, batch: bool) -> dict:
     async def responder() -> None:
         async for data in b.ws:
             for msg in unpack(data):
-                await b.ws.send(json.dumps({"id": msg["id"], "type": "response", "from": b.address,
-                                            "to": msg["from"], "body": {"code": 200}}))
+                await b.ws.send(
+                    json.dumps(
+                        {
+                            "id": msg["id"],
+                            "type": "response",
+                            "from": b.address,
+                            "to": msg["from"],
+                            "body": {"code": 200},
+                        }
+                    )
+                )
 
     task = asyncio.create_task(responder())
     samples = []
@@ -234,11 +255,21 @@ async def fan_out(node: NodeProcess, subscribers: int, paced: int, burst: int, b
     resource = f"comm://{DOMAIN}/room-{batch}/changes"
     peers = []
     for start in range(0, subscribers, 100):  # connect in waves, not 1,000 handshakes at once
-        peers += await asyncio.gather(*(Peer.open(node.url, f"s{i}{batch}", batch=batch)
-                                        for i in range(start, min(start + 100, subscribers))))
+        peers += await asyncio.gather(
+            *(Peer.open(node.url, f"s{i}{batch}", batch=batch) for i in range(start, min(start + 100, subscribers)))
+        )
     for peer in peers:
-        await peer.ws.send(json.dumps({"id": 3, "type": "subscribe", "from": f"{peer.runtime}/sm", "to": SM,
-                                       "body": {"resources": [resource]}}))
+        await peer.ws.send(
+            json.dumps(
+                {
+                    "id": 3,
+                    "type": "subscribe",
+                    "from": f"{peer.runtime}/sm",
+                    "to": SM,
+                    "body": {"resources": [resource]},
+                }
+            )
+        )
     for peer in peers:
         reply = unpack(await asyncio.wait_for(peer.ws.recv(), 30))[0]
         assert reply["body"]["code"] == 200, reply
@@ -326,8 +357,11 @@ class DrainPeer:
                 self.arrived.set()
 
     async def drained(self) -> None:
-        await self.ws.send(json.dumps({"id": 0, "type": "update", "from": self.session_url, "to": SESSION,
-                                       "body": {"value": "drained"}}))
+        await self.ws.send(
+            json.dumps(
+                {"id": 0, "type": "update", "from": self.session_url, "to": SESSION, "body": {"value": "drained"}}
+            )
+        )
 
     async def expect(self, count: int, timeout: float = 30) -> None:
         async with asyncio.timeout(timeout):
@@ -366,12 +400,17 @@ async def restart(sessions: int = 200, detached: int = 50, per_session: int = 20
         peers = []
         try:
             for first in range(0, sessions, 50):
-                peers += await asyncio.gather(*(DrainPeer.connect(node.url, f"hyperty-runtime://r{i}.test/rt")
-                                                for i in range(first, min(first + 50, sessions))))
+                peers += await asyncio.gather(
+                    *(
+                        DrainPeer.connect(node.url, f"hyperty-runtime://r{i}.test/rt")
+                        for i in range(first, min(first + 50, sessions))
+                    )
+                )
             await asyncio.gather(*(peer.open() for peer in peers))
             for peer in peers:
-                reply = await peer.request({"id": 2, "type": "create", "from": peer.runtime, "to": ALLOC,
-                                            "body": {"value": {"number": 1}}})
+                reply = await peer.request(
+                    {"id": 2, "type": "create", "from": peer.runtime, "to": ALLOC, "body": {"value": {"number": 1}}}
+                )
                 peer.address = reply["body"]["value"]["allocated"][0]
             gone, live = peers[:detached], peers[detached:]
             for peer in gone:
@@ -380,8 +419,17 @@ async def restart(sessions: int = 200, detached: int = 50, per_session: int = 20
             pad = "x" * (size - 40)
             for n in range(per_session):
                 for peer in gone:
-                    await sender.ws.send(json.dumps({"id": n, "type": "update", "from": sender.address,
-                                                     "to": peer.address, "body": {"n": n, "pad": pad}}))
+                    await sender.ws.send(
+                        json.dumps(
+                            {
+                                "id": n,
+                                "type": "update",
+                                "from": sender.address,
+                                "to": peer.address,
+                                "body": {"n": n, "pad": pad},
+                            }
+                        )
+                    )
             buffered = 0
             for _ in range(300):
                 buffered = (await node.stats())["buffered"]
@@ -395,8 +443,17 @@ async def restart(sessions: int = 200, detached: int = 50, per_session: int = 20
             async def flow() -> None:
                 nonlocal sent
                 while not flowing.draining.is_set():
-                    await flowing.ws.send(json.dumps({"id": sent, "type": "update", "from": flowing.address,
-                                                      "to": receiver.address, "body": {"n": sent}}))
+                    await flowing.ws.send(
+                        json.dumps(
+                            {
+                                "id": sent,
+                                "type": "update",
+                                "from": flowing.address,
+                                "to": receiver.address,
+                                "body": {"n": sent},
+                            }
+                        )
+                    )
                     sent += 1
                     if sent % 50 == 0:
                         await asyncio.sleep(0)
@@ -419,8 +476,10 @@ async def restart(sessions: int = 200, detached: int = 50, per_session: int = 20
             node = NodeProcess("--state-file", str(state_file), port=port)
             await node.start()
             start_loaded = time.perf_counter() - started
-            reopened = [DrainPeer(await connect(node.url, compression=None, max_size=None, max_queue=None),
-                                  peer.runtime) for peer in peers]
+            reopened = [
+                DrainPeer(await connect(node.url, compression=None, max_size=None, max_queue=None), peer.runtime)
+                for peer in peers
+            ]
             for new, old in zip(reopened, peers, strict=True):
                 new.session_url, new.address = old.session_url, old.address
             started = time.perf_counter()
@@ -428,10 +487,21 @@ async def restart(sessions: int = 200, detached: int = 50, per_session: int = 20
             reopen_all = time.perf_counter() - started
             await asyncio.gather(*(peer.expect(per_session) for peer in reopened[:detached]))
             replay_seconds = time.perf_counter() - started
-            replay_lost = sum(per_session - len(p.inbox) + sum(1 for i, m in enumerate(p.inbox) if m["body"]["n"] != i)
-                              for p in reopened[:detached])
-            await reopened[detached].ws.send(json.dumps({"id": 9, "type": "update", "from": reopened[detached].address,
-                                                         "to": reopened[0].address, "body": {"n": per_session}}))
+            replay_lost = sum(
+                per_session - len(p.inbox) + sum(1 for i, m in enumerate(p.inbox) if m["body"]["n"] != i)
+                for p in reopened[:detached]
+            )
+            await reopened[detached].ws.send(
+                json.dumps(
+                    {
+                        "id": 9,
+                        "type": "update",
+                        "from": reopened[detached].address,
+                        "to": reopened[0].address,
+                        "body": {"n": per_session},
+                    }
+                )
+            )
             await reopened[0].expect(per_session + 1)  # a restored address routes, live
             for peer in reopened:
                 await peer.close()

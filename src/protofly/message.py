@@ -11,7 +11,7 @@ payload and the runtime only ever adds ``via``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -243,3 +243,64 @@ def _validation_text(exc: msgspec.ValidationError) -> str:
     if text.startswith("Expected `object`"):
         return f"message: {text}"
     return text
+
+
+# -- frames: one message, or a JSON array of messages --------------------------------------------------
+
+__all__ += ["FrameItem", "decode_frame"]
+
+_raw_items = msgspec.json.Decoder(list[msgspec.Raw])
+_JSON_SPACE = b" \t\r\n"
+
+
+class FrameItem(NamedTuple):
+    """One message of a frame: decoded (or why it is not a message), with its exact bytes.
+
+    ``raw`` lets a router forward what it received byte for byte; ``position`` is its index in a JSON-array
+    frame, None when the frame is a single message (so a reader can say "batch item 3" where it matters).
+    """
+
+    message: Message | MessageError
+    raw: bytes | bytearray | memoryview | str | msgspec.Raw
+    position: int | None
+
+
+def decode_frame(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE) -> list[FrameItem]:
+    """Decode a frame that is one JSON message or a JSON array of messages (the batching framing).
+
+    The one decoder of every batched channel (the message node, its stub, the sandbox channel), so that they
+    agree on what a frame is.  A bad message is returned in place as a :class:`MessageError`, so one bad
+    element of an array costs only itself; a frame that is not a message or array at all (empty, too large,
+    a broken array) raises :class:`MessageError`, and nothing else.
+    """
+    size = len(data)
+    if size > max_size:
+        raise MessageError(f"size: frame of {size} bytes is over the {max_size}-byte limit")
+    head = data[:64]
+    start = (head.encode() if isinstance(head, str) else bytes(head)).lstrip(_JSON_SPACE)
+    if not start and size > 64:  # rare: a long run of whitespace
+        start = (data.encode() if isinstance(data, str) else bytes(data)).lstrip(_JSON_SPACE)
+    if not start:
+        raise MessageError("empty frame")
+    if start[0] != 0x5B:  # not '[': a single message
+        try:
+            return [FrameItem(decode(data, max_size=max_size), data, None)]
+        except MessageError as exc:
+            return [FrameItem(_detached(exc), data, None)]
+    try:
+        parts = _raw_items.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
+        raise MessageError(f"batch: not a JSON array ({exc})") from None
+    items: list[FrameItem] = []
+    for index, part in enumerate(parts):
+        try:
+            items.append(FrameItem(decode(part, max_size=max_size), part, index))
+        except MessageError as exc:
+            items.append(FrameItem(_detached(exc), part, index))
+    return items
+
+
+def _detached(exc: MessageError) -> MessageError:
+    """The same error without its traceback: a returned error must not keep the caller's frames (and the
+    buffer they hold, which a reader may need to resize) alive through a reference cycle."""
+    return MessageError(*exc.args)

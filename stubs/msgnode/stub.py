@@ -1,8 +1,9 @@
 """The protocol stub for protofly's message node (and any reTHINK Vert.x-protocol node).
 
 Published as a stub package (``stubs/msgnode/``) and served by each domain's catalogue; the runtime never
-imports it.  It runs in a sandbox process, so it imports only the standard library, ``msgspec`` (through
-:mod:`protofly.message`), ``websockets`` and the stub SDK.
+imports it.  It runs in a sandbox process, so it imports only the standard library, ``msgspec``,
+``websockets``, the stub SDK and two small protofly modules: :mod:`protofly.message` (the one frame decoder)
+and :mod:`protofly.backoff`.
 
 Two parts, as every stateful protocol in protofly:
 
@@ -26,15 +27,19 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
 
 import msgspec
+from msgspec import Meta
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.frames import CloseCode
 from websockets.protocol import State
 
-from protofly.message import Message, MessageError, decode, encode, response, response_code
+from protofly.backoff import Backoff
+from protofly.message import Message, MessageError, decode, decode_frame, encode, response, response_code
 from protofly.stub import Bus, ProtoStub, summary
 
 __all__ = [
@@ -58,36 +63,38 @@ _log = logging.getLogger("protofly.stubs.msgnode")
 #: The node's session manager (Vert.x ``SessionManager``): open, re-open, close, drain notices.
 SESSION = "mn:/session"
 
-#: RFC 6455 §7.4.1 close codes in words (reTHINK's Vert.x stub reports the same explanations), plus the
-#: application code protofly's node uses when a session is re-opened from another connection.
-CLOSE_CODES = {
-    1000: "normal closure",
-    1001: "going away",
-    1002: "protocol error",
-    1003: "unsupported data",
-    1005: "no status code received",
-    1006: "abnormal closure, no close frame",
-    1007: "invalid frame payload data",
-    1008: "policy violation",
-    1009: "message too big",
-    1010: "mandatory extension missing",
-    1011: "internal server error",
-    1012: "service restart",
-    1013: "try again later",
-    1014: "bad gateway",
-    1015: "TLS handshake failure",
-    4000: "session taken over by another connection",
+#: Application close code (RFC 6455 §7.4.2) of protofly's node: the session was re-opened from another
+#: connection.  A literal, not an import: this stub also speaks to other reTHINK nodes and imports no node code.
+CLOSE_SESSION_TAKEN_OVER = 4000
+
+#: Close codes in words, for statuses (reTHINK's Vert.x stub reports the same explanations).
+CLOSE_CODES: dict[int, str] = {
+    CloseCode.NORMAL_CLOSURE: "normal closure",
+    CloseCode.GOING_AWAY: "going away",
+    CloseCode.PROTOCOL_ERROR: "protocol error",
+    CloseCode.UNSUPPORTED_DATA: "unsupported data",
+    CloseCode.NO_STATUS_RCVD: "no status code received",
+    CloseCode.ABNORMAL_CLOSURE: "abnormal closure, no close frame",
+    CloseCode.INVALID_DATA: "invalid frame payload data",
+    CloseCode.POLICY_VIOLATION: "policy violation",
+    CloseCode.MESSAGE_TOO_BIG: "message too big",
+    CloseCode.MANDATORY_EXTENSION: "mandatory extension missing",
+    CloseCode.INTERNAL_ERROR: "internal server error",
+    CloseCode.SERVICE_RESTART: "service restart",
+    CloseCode.TRY_AGAIN_LATER: "try again later",
+    CloseCode.BAD_GATEWAY: "bad gateway",
+    CloseCode.TLS_HANDSHAKE: "TLS handshake failure",
+    CLOSE_SESSION_TAKEN_OVER: "session taken over by another connection",
 }
 
-_WHITESPACE = b" \t\r\n"
+#: Splits a packed frame of this stub's own messages back into them (see :meth:`NodeSession.unsent`).
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
-_batch = msgspec.json.Decoder(list[Message])
 
 
 def close_description(code: int | None, reason: str | None = None) -> str:
     """``"1001 (going away): message node shutting down"``: the status description of a lost socket."""
     if code is None:
-        code = 1006
+        code = CloseCode.ABNORMAL_CLOSURE
     words = CLOSE_CODES.get(code, "unknown reason")
     text = f"{code} ({words})"
     return f"{text}: {reason}" if reason else text
@@ -96,167 +103,164 @@ def close_description(code: int | None, reason: str | None = None) -> str:
 # -- configuration -----------------------------------------------------------------------------------
 
 
-class Settings:
+#: Configuration keys: camelCase, as in reTHINK descriptors (and ``runtimeURL`` as the runtime spells it).
+_KEYS = {
+    "url": "url",
+    "runtime_url": "runtimeURL",
+    "outbox_messages": "outboxMessages",
+    "outbox_bytes": "outboxBytes",
+    "backoff_base": "backoffBase",
+    "backoff_cap": "backoffCap",
+    "batch": "batch",
+    "batch_bytes": "batchBytes",
+    "drain": "drain",
+    "open_timeout": "openTimeout",
+    "max_message": "maxMessage",
+    "ping_interval": "pingInterval",
+}
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
     """The stub's knobs, read from the descriptor's ``configuration`` (camelCase keys, JSON types).
 
     ``url`` is required (``ws://`` or ``wss://``); everything else has a default that suits a node on the
-    same machine or network.  A bad value raises ``ValueError`` naming the key, so the deployment fails
-    with a reason instead of a stub that misbehaves later.
+    same machine or network.  :meth:`load` validates while it decodes: a bad value raises ``ValueError``
+    naming the key, so the deployment fails with a reason instead of a stub that misbehaves later.
     """
 
-    __slots__ = (
-        "backoff_base",
-        "backoff_cap",
-        "batch",
-        "batch_bytes",
-        "drain",
-        "max_message",
-        "open_timeout",
-        "outbox_bytes",
-        "outbox_messages",
-        "ping_interval",
-        "runtime_url",
-        "url",
-    )
+    url: Annotated[str, Meta(pattern=r"^wss?://")]
+    runtime_url: Annotated[str, Meta(min_length=1)]
+    outbox_messages: Annotated[int, Meta(ge=1)] = 100_000
+    outbox_bytes: Annotated[int, Meta(ge=1)] = 256 << 20
+    backoff_base: Annotated[float, Meta(ge=0.0)] = 0.1
+    backoff_cap: Annotated[float, Meta(ge=0.001)] = 5.0
+    batch: bool = True
+    batch_bytes: Annotated[int, Meta(ge=2)] = 256 << 10
+    drain: bool = True
+    open_timeout: Annotated[float, Meta(ge=0.001)] = 3.0
+    max_message: Annotated[int, Meta(ge=64)] = 1 << 20
+    ping_interval: Annotated[float, Meta(ge=0.0)] = 20.0
 
-    #: key: (attribute, default, type, minimum)
-    FIELDS: dict[str, tuple[str, Any, type, float]] = {
-        "outboxMessages": ("outbox_messages", 100_000, int, 1),
-        "outboxBytes": ("outbox_bytes", 256 << 20, int, 1),
-        "backoffBase": ("backoff_base", 0.1, float, 0.0),
-        "backoffCap": ("backoff_cap", 5.0, float, 0.001),
-        "batch": ("batch", True, bool, 0),
-        "batchBytes": ("batch_bytes", 256 << 10, int, 2),
-        "drain": ("drain", True, bool, 0),
-        "openTimeout": ("open_timeout", 3.0, float, 0.001),
-        "maxMessage": ("max_message", 1 << 20, int, 64),
-        "pingInterval": ("ping_interval", 20.0, float, 0.0),
+    #: What a bad ``url`` or ``runtimeURL`` means, in the words of the deployment's operator.
+    _WHAT: ClassVar[dict[str, str]] = {
+        "url": "expected the node's ws:// or wss:// URL",
+        "runtimeURL": "missing (the runtime adds it when it deploys the stub)",
     }
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        url = config.get("url")
-        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
-            raise ValueError(f"configuration.url: expected the node's ws:// or wss:// URL, got {url!r}")
-        runtime_url = config.get("runtimeURL")
-        if not isinstance(runtime_url, str) or not runtime_url:
-            raise ValueError("configuration.runtimeURL: missing (the runtime adds it when it deploys the stub)")
-        self.url = url
-        self.runtime_url = runtime_url
-        for key, (attribute, default, kind, minimum) in self.FIELDS.items():
-            value = config.get(key, default)
-            if kind is bool:
-                if not isinstance(value, bool):
-                    raise ValueError(f"configuration.{key}: expected true or false, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
-                raise ValueError(f"configuration.{key}: expected a{'n integer' if kind is int else ' number'}, "
-                                 f"got {value!r}")
-            elif value < minimum:
-                raise ValueError(f"configuration.{key}: must be at least {minimum}, got {value!r}")
-            else:
-                value = kind(value)
-            setattr(self, attribute, value)
+    def __post_init__(self) -> None:
         if self.backoff_cap < self.backoff_base:
             raise ValueError(
                 f"configuration.backoffCap ({self.backoff_cap}) is below backoffBase ({self.backoff_base})"
             )
 
+    @classmethod
+    def load(cls, config: Mapping[str, Any]) -> Settings:
+        """Decode and check ``config``; ``ValueError("configuration.<key>: ...")`` if it is not right."""
+        try:
+            return msgspec.convert(dict(config), cls)
+        except msgspec.ValidationError as exc:
+            raise ValueError(cls._error_text(str(exc), config)) from None
+
+    @classmethod
+    def _error_text(cls, text: str, config: Mapping[str, Any]) -> str:
+        """msgspec's "Expected `int` >= 1 - at `$.outboxMessages`" in the stub's words, naming the key."""
+        detail, sep, where = text.rpartition(" - at `$.")
+        if sep:
+            key = where.rstrip("`")
+        elif text.startswith("Object missing required field `"):
+            key = text.split("`")[1]
+        else:
+            return text  # a check of __post_init__, already in these words
+        value = config.get(key)
+        if key in cls._WHAT:
+            return f"configuration.{key}: {cls._WHAT[key]}, got {value!r}"
+        kind = _FIELD_TYPES.get(key)
+        if isinstance(kind, msgspec.inspect.BoolType):
+            return f"configuration.{key}: expected true or false, got {value!r}"
+        if isinstance(kind, msgspec.inspect.IntType | msgspec.inspect.FloatType) and not detail.endswith(
+            ("got `float`", "got `str`", "got `bool`", "got `null`", "got `array`", "got `object`")
+        ):
+            return f"configuration.{key}: must be at least {kind.ge}, got {value!r}"
+        expected = "an integer" if isinstance(kind, msgspec.inspect.IntType) else "a number"
+        return f"configuration.{key}: expected {expected}, got {value!r}"
+
+
+def _field_types() -> dict[str, msgspec.inspect.Type]:
+    """The type (with its constraints) of every configuration key, for error texts."""
+    info = msgspec.inspect.type_info(Settings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return {field.encode_name: field.type for field in info.fields}
+
+
+_FIELD_TYPES = _field_types()
+
 
 # -- actions ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
 class Status:
     """Publish a connection status (``in-progress``, ``live``, ``disconnected``, ``failed``)."""
 
-    __slots__ = ("description", "value")
-
-    def __init__(self, value: str, description: str | None = None) -> None:
-        self.value = value
-        self.description = description
-
-    def __repr__(self) -> str:
-        return f"Status({self.value!r}, {self.description!r})"
+    value: str
+    description: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
 class Wake:
     """There are frames to write: the shell's writer should call :meth:`NodeSession.next_frame`."""
 
-    __slots__ = ()
 
-    def __repr__(self) -> str:
-        return "Wake()"
-
-
+@dataclass(frozen=True, slots=True, repr=False)
 class Deliver:
     """Messages from the node for the runtime, in order (the shell stamps ``via`` and posts them)."""
 
-    __slots__ = ("messages",)
+    messages: list[Message]
 
-    def __init__(self, messages: list[Message]) -> None:
-        self.messages = messages
-
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # the count, not the content (bodies may be large or private)
         return f"Deliver({len(self.messages)} messages)"
 
 
+@dataclass(frozen=True, slots=True, repr=False)
 class Answer:
     """An error response to a runtime sender whose message the stub cannot carry."""
 
-    __slots__ = ("message",)
-
-    def __init__(self, message: Message) -> None:
-        self.message = message
+    message: Message
 
     def __repr__(self) -> str:
         return f"Answer({self.message.body!r})"
 
 
+@dataclass(frozen=True, slots=True)
 class CloseSocket:
     """Close the WebSocket (the session reports the outcome when :meth:`NodeSession.closed` is called)."""
 
-    __slots__ = ("code", "reason")
-
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"CloseSocket({self.code}, {self.reason!r})"
+    code: int
+    reason: str
 
 
+@dataclass(frozen=True, slots=True, repr=False)
 class Retry:
-    """Connect again after ``delay`` seconds (capped, jittered exponential backoff)."""
+    """Connect again after ``delay`` seconds (capped exponential backoff with full jitter)."""
 
-    __slots__ = ("delay",)
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
+    delay: float
 
     def __repr__(self) -> str:
         return f"Retry({self.delay:.3f})"
 
 
+@dataclass(frozen=True, slots=True)
 class Live:
     """The handshake succeeded; ``fresh`` when a new session replaced one the node had forgotten."""
 
-    __slots__ = ("fresh",)
-
-    def __init__(self, fresh: bool) -> None:
-        self.fresh = fresh
-
-    def __repr__(self) -> str:
-        return f"Live(fresh={self.fresh})"
+    fresh: bool
 
 
+@dataclass(frozen=True, slots=True)
 class Failed:
     """The node refused the session for good (authentication, a malformed open): stop reconnecting."""
 
-    __slots__ = ("description",)
-
-    def __init__(self, description: str) -> None:
-        self.description = description
-
-    def __repr__(self) -> str:
-        return f"Failed({self.description!r})"
+    description: str
 
 
 Action = Status | Wake | Deliver | Answer | CloseSocket | Retry | Live | Failed
@@ -302,7 +306,8 @@ class NodeSession:
         self.session_url: str | None = None
         self.outbox: deque[bytes] = deque()
         self.outbox_size = 0
-        self.attempt = 0
+        #: Reconnection delays; reset by every ``live`` and by ``connect()``.
+        self.backoff = Backoff(settings.backoff_base, settings.backoff_cap, rng)
         self.batch_granted = False
         self.drain_granted = False
         self.frame_limit = settings.batch_bytes
@@ -323,7 +328,6 @@ class NodeSession:
             ),
             0,
         )
-        self._rng = rng
         self._token: str | None = None
         self._control: deque[bytes] = deque()
         self._pending: tuple[int, str] | None = None  # (id, "open" | "re-open")
@@ -351,7 +355,7 @@ class NodeSession:
         """The runtime wants a connection (``connect``): leave ``stopped``, begin a fresh backoff."""
         if self.phase == STOPPED:
             self.phase = IDLE
-        self.attempt = 0
+        self.backoff.reset()
         self._established = False
 
     def submit(self, msg: Message) -> Answer | None:
@@ -369,11 +373,16 @@ class NodeSession:
             return self._refuse(msg, 400, f"body: not JSON-serialisable ({exc})")
         size = len(data)
         if size > self.settings.max_message:
-            return self._refuse(msg, 413, f"size: message of {size} bytes is over the node's "
-                                f"{self.settings.max_message}-byte limit")
+            return self._refuse(
+                msg, 413, f"size: message of {size} bytes is over the node's {self.settings.max_message}-byte limit"
+            )
         if len(self.outbox) >= self.settings.outbox_messages or self.outbox_size + size > self.settings.outbox_bytes:
-            return self._refuse(msg, 503, f"the stub's outbox is full ({len(self.outbox)} messages, "
-                                f"{self.outbox_size} bytes) while the node is {self._state_words()}")
+            return self._refuse(
+                msg,
+                503,
+                f"the stub's outbox is full ({len(self.outbox)} messages, "
+                f"{self.outbox_size} bytes) while the node is {self._state_words()}",
+            )
         self.outbox.append(data)
         self.outbox_size += size
         self.counters["accepted"] += 1
@@ -486,7 +495,7 @@ class NodeSession:
         if self.phase != OPENING:
             return []
         self._why = f"Timeout from {SESSION}: no answer within {self.settings.open_timeout:g} s"
-        return [CloseSocket(1000, "no answer to open")]
+        return [CloseSocket(CloseCode.NORMAL_CLOSURE, "no answer to open")]
 
     def connect_failed(self, description: str) -> list[Action]:
         """The socket could not be opened (refused, handshake failed, timed out)."""
@@ -523,11 +532,8 @@ class NodeSession:
     # -- internals ------------------------------------------------------------------------------
 
     def _retry(self) -> Retry:
-        """Equal jitter: half the capped exponential step, plus a random share of the other half."""
-        settings = self.settings
-        ceiling = min(settings.backoff_cap, settings.backoff_base * (2 ** min(self.attempt, 32)))
-        self.attempt += 1
-        return Retry(ceiling / 2 + self._rng(0.0, ceiling / 2))
+        """Full jitter (``protofly.backoff``): spreads the reconnections of every stub a node restart dropped."""
+        return Retry(self.backoff.next())
 
     def _next_id(self) -> int:
         self._ids += 1
@@ -569,13 +575,13 @@ class NodeSession:
                 token = body.get("runtimeToken")
                 if not isinstance(token, str) or not token:
                     self._why = f"{SESSION} granted the session without a runtimeToken"
-                    actions.append(CloseSocket(1002, "no runtimeToken"))
+                    actions.append(CloseSocket(CloseCode.PROTOCOL_ERROR, "no runtimeToken"))
                     return
                 fresh = self._had_session
                 self.session_url = f"{self.runtime_url}/{token}"
                 self._had_session = True
             self.phase = LIVE
-            self.attempt = 0
+            self.backoff.reset()
             self._established = True
             self.batch_granted = body.get("batch") is True
             self.drain_granted = body.get("drain") is True
@@ -601,11 +607,11 @@ class NodeSession:
             description = f"the message node refused the session: {code} {reason}"
             actions.append(Status("failed", description))
             actions.append(Failed(description))
-            actions.append(CloseSocket(1000, "session refused"))
+            actions.append(CloseSocket(CloseCode.NORMAL_CLOSURE, "session refused"))
             actions.extend(self._refuse_outbox(description))
             return
         self._why = f"the message node refused the session: {code} {reason}"
-        actions.append(CloseSocket(1000, "session refused"))
+        actions.append(CloseSocket(CloseCode.NORMAL_CLOSURE, "session refused"))
 
     def _draining(self, actions: list[Action]) -> None:
         """Graceful stop of the node: nothing after 'drained', which is our last frame on this socket."""
@@ -617,27 +623,18 @@ class NodeSession:
         actions.append(Wake())
 
     def _decode(self, data: bytes) -> list[Message]:
-        first = _first_byte(data)
+        """The messages of one frame (``protofly.message.decode_frame``); bad ones are counted, not fatal."""
         try:
-            if first == 0x5B:  # '['
-                return _batch.decode(data)
-            return [decode(data, max_size=len(data) + 1)]
-        except (msgspec.ValidationError, msgspec.DecodeError, MessageError):
-            pass
-        if first != 0x5B:
+            items = decode_frame(data, max_size=len(data))
+        except MessageError:
             self.counters["invalid"] += 1
             return []
-        try:  # one bad element must not cost the others
-            parts = _raw_list.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            self.counters["invalid"] += 1
-            return []
-        messages = []
-        for part in parts:
-            try:
-                messages.append(decode(part, max_size=len(part) + 1))
-            except MessageError:
+        messages: list[Message] = []
+        for item, _, _ in items:
+            if isinstance(item, MessageError):
                 self.counters["invalid"] += 1
+            else:
+                messages.append(item)
         return messages
 
     def _refuse(self, msg: Message, code: int, description: str) -> Answer | None:
@@ -664,13 +661,6 @@ class NodeSession:
         return {IDLE: "unreachable", OPENING: "being connected", DRAINING: "draining"}.get(self.phase, self.phase)
 
 
-def _first_byte(data: bytes) -> int | None:
-    for byte in data[:32]:
-        if byte not in _WHITESPACE:
-            return byte
-    return None
-
-
 def _same_id(got: int | str | None, sent: int) -> bool:
     """Vert.x re-encodes ids as integers; other peers may turn them into strings."""
     return got == sent or got == str(sent)
@@ -689,7 +679,7 @@ class MsgNodeStub(ProtoStub):
     """
 
     def __init__(self, url: str, bus: Bus, config: Mapping[str, Any] | None = None) -> None:
-        settings = Settings(config or {})
+        settings = Settings.load(config or {})
         super().__init__(url, bus, config)
         self.settings = settings
         self.session = NodeSession(settings, url)
@@ -845,28 +835,28 @@ class MsgNodeStub(ProtoStub):
         """Carry out the session's actions; returns the retry delay if there is one."""
         delay = None
         for action in actions:
-            kind = type(action)
-            if kind is Deliver:
-                deliver = self.deliver
-                for msg in action.messages:  # type: ignore[union-attr]
-                    deliver(msg)
-            elif kind is Wake:
-                if self._wake is not None:
-                    self._wake.set()
-            elif kind is Status:
-                if action.value != self.state or action.value != "in-progress":  # type: ignore[union-attr]
-                    self.status(action.value, action.description)  # type: ignore[union-attr]
-            elif kind is Answer:
-                self.deliver(action.message)  # type: ignore[union-attr]
-            elif kind is Live:
-                self._cancel_open_timer()
-                self._settle_first(None)
-            elif kind is Retry:
-                delay = action.delay  # type: ignore[union-attr]
-            elif kind is CloseSocket:
-                self._close_socket(action.code, action.reason)  # type: ignore[union-attr]
-            elif kind is Failed:
-                self._settle_first(ConnectionError(action.description))  # type: ignore[union-attr]
+            match action:
+                case Deliver(messages=messages):
+                    deliver = self.deliver
+                    for msg in messages:
+                        deliver(msg)
+                case Wake():
+                    if self._wake is not None:
+                        self._wake.set()
+                case Status(value=value, description=description):
+                    if value != self.state or value != "in-progress":
+                        self.status(value, description)
+                case Answer(message=message):
+                    self.deliver(message)
+                case Live():
+                    self._cancel_open_timer()
+                    self._settle_first(None)
+                case Retry(delay=retry):
+                    delay = retry
+                case CloseSocket(code=code, reason=reason):
+                    self._close_socket(code, reason)
+                case Failed(description=description):
+                    self._settle_first(ConnectionError(description))
         return delay
 
     def _settle_first(self, error: BaseException | None) -> bool:

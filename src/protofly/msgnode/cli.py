@@ -16,8 +16,8 @@ from protofly.msgnode.core import (
     DEFAULT_MAX_FRAME,
     DEFAULT_SEND_QUEUE,
     DEFAULT_SEND_QUEUE_BYTES,
-    StateError,
 )
+from protofly.msgnode.snapshot import StateError
 
 app = typer.Typer(help="The reference reTHINK message node (Vert.x protocol over WebSocket).", no_args_is_help=True)
 

@@ -16,9 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
-from protofly.message import Message, MessageError, decode, decode_batch, encode
+from protofly.message import Message, MessageError, decode_frame, encode
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -40,8 +38,6 @@ DEFAULT_MAX_FRAME = 1 << 20
 
 _HEADER = struct.Struct(">I")
 _HEADER_SIZE = _HEADER.size
-_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
-_WHITESPACE = b" \t\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,41 +104,18 @@ class FrameDecoder:
         return events
 
     def _decode_frame(self, frame: memoryview, events: list[Message | FrameError]) -> None:
-        size = len(frame)
-        first = _first_byte(frame)
-        if first is None:
-            events.append(FrameError("invalid", size, "empty frame"))
-            return
+        """One frame: a message or a batch; a bad message in a batch costs only itself."""
         try:
-            if first == 0x5B:  # '[': a batch
-                events.extend(decode_batch(frame, max_size=self.max_frame))
-            else:
-                events.append(decode(frame, max_size=self.max_frame))
+            items = decode_frame(frame, max_size=self.max_frame)
         except MessageError as exc:
-            if first == 0x5B:
-                self._decode_one_by_one(frame, events, exc)
-            else:
-                events.append(FrameError("invalid", size, str(exc)))
-
-    def _decode_one_by_one(self, frame: memoryview, events: list[Message | FrameError], error: MessageError) -> None:
-        """A batch with one bad message must not cost the good ones: decode them separately."""
-        try:
-            parts = _raw_list.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            events.append(FrameError("invalid", len(frame), str(error)))
+            events.append(FrameError("invalid", len(frame), str(exc)))
             return
-        for index, part in enumerate(parts):
-            try:
-                events.append(decode(part, max_size=self.max_frame))
-            except MessageError as exc:
-                events.append(FrameError("invalid", len(part), f"batch item {index}: {exc}"))
-
-
-def _first_byte(frame: memoryview) -> int | None:
-    for byte in frame:
-        if byte not in _WHITESPACE:
-            return byte
-    return None
+        for message, raw, position in items:
+            if isinstance(message, MessageError):
+                text = str(message) if position is None else f"batch item {position}: {message}"
+                events.append(FrameError("invalid", len(raw), text))
+            else:
+                events.append(message)
 
 
 class FrameEncoder:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.polling import wait_until
+
 from protofly.message import Message, response_code
 
 
@@ -82,7 +84,7 @@ async def test_unload_disconnects_with_a_normal_closure(world) -> None:
         record = await rt_a.unload_stub("b.test")
         assert connection_values(record)[-1] == "disconnected"
         assert record.last_description() == "1000 (normal closure): session closed"
-        await node_b.wait_for(lambda: node_b.counters["sessions"] == 0, timeout=5)  # closed, not left detached
+        await wait_until(lambda: node_b.counters["sessions"] == 0, timeout=5)  # closed, not left detached
         assert handle.record is record
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from tests.integration.msgnode.msgnode_helpers import DOMAIN, SESSION, SM, WAIT, Client, is_draining
+from tests.polling import wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -120,7 +121,7 @@ async def test_a_restarted_node_with_the_state_file_keeps_sessions_addresses_sub
     for n in range(10):
         await a2.send(id=n, type="update", from_=ha, to=hb, body={"n": n})
     await a2.send(id=10, type="update", from_=ha, to=RESOURCE, body={"n": 10})
-    await second.wait_for(lambda: second.counters["buffered"] == 11)
+    await wait_until(lambda: second.counters["buffered"] == 11)
     b2 = await client(second)
     await b2.send(id="reopen", type="re-open", from_=b.session_url, to=SESSION)
     first_frame = await b2.next()
@@ -141,19 +142,19 @@ async def test_a_replay_bigger_than_the_send_queue_is_not_a_slow_consumer(start_
     [hb] = await target.allocate()
     url = target.session_url
     await target.ws.close()
-    await node.wait_for(lambda: node.core.session(url).conn is None)
+    await wait_until(lambda: node.core.session(url).conn is None)
     pad = "x" * 20_000
     for n in range(400):
         await sender.send(id=n, type="update", from_=sender.runtime, to=hb, body={"n": n, "pad": pad})
-    await node.wait_for(lambda: node.counters["buffered"] == 400)
+    await wait_until(lambda: node.counters["buffered"] == 400)
     again = await client(node, max_queue=4)
     again._reader.cancel()  # read nothing for now: the replay stays queued in the node
     await asyncio.gather(again._reader, return_exceptions=True)
     await again.ws.send(json.dumps({"id": "r", "type": "re-open", "from": url, "to": SESSION}))
-    await node.wait_for(lambda: node.counters["replayed"] == 400)
+    await wait_until(lambda: node.counters["replayed"] == 400)
     routed = node.counters["delivered"]
     await sender.send(id=400, type="update", from_=sender.runtime, to=hb, body={"n": 400})  # on top of the replay
-    await node.wait_for(lambda: node.counters["delivered"] == routed + 1)
+    await wait_until(lambda: node.counters["delivered"] == routed + 1)
     assert node.counters["slow_consumers"] == 0
     frames = [json.loads(await asyncio.wait_for(again.ws.recv(), WAIT)) for _ in range(402)]
     assert frames[0]["id"] == "r" and frames[0]["body"]["code"] == 200
@@ -167,7 +168,7 @@ async def test_a_full_buffer_is_a_503_naming_the_detached_session(start_node, se
     [hb] = await target.allocate()
     url = target.session_url
     await target.ws.close()
-    await node.wait_for(lambda: node.core.session(url).conn is None)
+    await wait_until(lambda: node.core.session(url).conn is None)
     for n in range(2):
         await sender.send(id=n, type="update", from_=sender.runtime, to=hb, body={"n": n})
     reply = await sender.request(type="update", from_=sender.runtime, to=hb, body={"n": 2})

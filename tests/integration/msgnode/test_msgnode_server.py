@@ -12,6 +12,7 @@ import sys
 import aiohttp
 import pytest
 from tests.integration.msgnode.msgnode_helpers import ALLOC, DOMAIN, HYPERTY_ALLOC, OBJECT_ALLOC, SESSION, SM, WAIT
+from tests.polling import wait_until
 from websockets.asyncio.client import connect
 
 from protofly.msgnode import MessageNode
@@ -33,7 +34,7 @@ async def test_reopen_after_a_socket_drop_keeps_the_addresses(node, client, sess
     a = await session(node, "a")
     [address] = await a.allocate()
     await a.ws.close()  # the socket goes away without a 'close' message
-    await node.wait_for(lambda: node.core.session(a.session_url).conn is None)  # the node saw the drop
+    await wait_until(lambda: node.core.session(a.session_url).conn is None)  # the node saw the drop
     again = await client(node)
     reply = await again.request(type="re-open", from_=a.session_url, to=SESSION)
     assert reply["body"]["code"] == 200
@@ -66,7 +67,7 @@ async def test_a_dropped_session_expires_after_the_grace_period_and_frees_its_ad
     a = await session(node, "a")
     [address] = await a.allocate()
     await a.ws.close()
-    await node.wait_for(lambda: node.counters["sessions_expired"] == 1, timeout=WAIT)
+    await wait_until(lambda: node.counters["sessions_expired"] == 1, timeout=WAIT)
     assert node.core.owner(address) is None
     b = await session(node, "b")
     reply = await b.request(type="update", from_="hyperty-runtime://b.test/rt", to=address, body={})
@@ -90,9 +91,9 @@ async def test_a_dead_peer_is_detected_by_ping(start_node):
         payload = json.dumps({"id": 1, "type": "open", "from": "hyperty-runtime://dead.test/rt", "to": SESSION})
         writer.write(_masked_text_frame(payload.encode()))
         await writer.drain()
-        await node.wait_for(lambda: node.counters["sessions"] == 1)
+        await wait_until(lambda: node.counters["sessions"] == 1)
         # never read again, never pong: the node's heartbeat gives up on us
-        await node.wait_for(lambda: node.counters["open_connections"] == 0, timeout=WAIT)
+        await wait_until(lambda: node.counters["open_connections"] == 0, timeout=WAIT)
         assert node.counters["sessions"] == 1  # detached, waiting for a re-open, not gone
     finally:
         writer.close()
@@ -350,14 +351,14 @@ async def test_a_slow_consumer_is_disconnected_and_memory_stays_bounded(start_no
             break
         if n % 50 == 0:
             await asyncio.sleep(0)  # let the node run
-    await node.wait_for(lambda: node.counters["slow_consumers"] == 1, timeout=WAIT)
+    await wait_until(lambda: node.counters["slow_consumers"] == 1, timeout=WAIT)
     counters = node.counters
     assert counters["queue_peak_bytes"] <= limit
     assert counters["transport_peak_bytes"] <= 512 << 10
-    await node.wait_for(lambda: node.counters["open_connections"] == 1, timeout=WAIT)  # only the sender is left
+    await wait_until(lambda: node.counters["open_connections"] == 1, timeout=WAIT)  # only the sender is left
     # the target's session is detached now: what is sent to it waits for its re-open, within bounds
     await sender.send(id="late", type="update", from_="hyperty-runtime://fast.test/rt", to=target, body={})
-    await node.wait_for(lambda: node.counters["buffered"] >= 1, timeout=WAIT)
+    await wait_until(lambda: node.counters["buffered"] >= 1, timeout=WAIT)
     assert node.core.owner(target).conn is None
 
 

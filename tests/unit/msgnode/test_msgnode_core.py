@@ -8,19 +8,8 @@ import json
 import pytest
 
 from protofly.message import Message
-from protofly.msgnode.core import (
-    CLOSE_INVALID_PAYLOAD,
-    CLOSE_NORMAL,
-    CLOSE_SESSION_TAKEN_OVER,
-    CLOSE_TOO_BIG,
-    CLOSE_UNSUPPORTED_DATA,
-    SESSION_URL,
-    Close,
-    EnableBatch,
-    MessageNodeCore,
-    Send,
-    SessionEnded,
-)
+from protofly.msgnode.actions import CLOSE_SESSION_TAKEN_OVER, Close, CloseCode, EnableBatch, Send, SessionEnded
+from protofly.msgnode.core import SESSION_URL, MessageNodeCore
 
 D = "b.test"
 ALLOC = f"domain://msg-node.{D}/address-allocation"
@@ -225,7 +214,7 @@ def test_close_frees_everything_and_closes_the_socket(node):
     actions = node.send(conn, id=9, type="close", from_=url, to=SESSION_URL)
     assert only(actions, conn)["body"] == {"code": 200}
     assert [(e.reason, e.addresses) for e in actions if isinstance(e, SessionEnded)] == [("closed", 3)]
-    assert [(c.conn, c.code) for c in actions if isinstance(c, Close)] == [(conn, CLOSE_NORMAL)]
+    assert [(c.conn, c.code) for c in actions if isinstance(c, Close)] == [(conn, CloseCode.NORMAL_CLOSURE)]
     assert all(node.core.owner(a) is None for a in addresses)
     assert node.core.subscribers("comm://x.test/room/changes") == []
     assert node.core.session_count == 0
@@ -376,14 +365,14 @@ def test_a_batch_connection_may_send_arrays_each_element_routed_or_answered_alon
 def test_an_array_from_a_connection_without_batch_closes_it_1007(node):
     conn, _ = node.session("a")
     actions = node.core.received(conn, b'[{"type":"update","from":"a:b","to":"c:d"}]')
-    assert [(type(a), a.code) for a in actions] == [(Close, CLOSE_INVALID_PAYLOAD)]
+    assert [(type(a), a.code) for a in actions] == [(Close, CloseCode.INVALID_DATA)]
 
 
 def test_a_broken_array_from_a_batch_connection_closes_it_1007(node):
     conn = node.connect("a")
     node.open(conn, "hyperty-runtime://a.test/rt", batch=True)
     actions = node.core.received(conn, b"[{},")
-    assert [(type(a), a.code) for a in actions] == [(Close, CLOSE_INVALID_PAYLOAD)]
+    assert [(type(a), a.code) for a in actions] == [(Close, CloseCode.INVALID_DATA)]
 
 
 # -- address allocation --------------------------------------------------------------------------------
@@ -845,7 +834,7 @@ def test_bound_addresses_are_freed_with_their_session():
 def test_invalid_json_closes_1007(node):
     conn, _ = node.session("a")
     [action] = node.core.received(conn, b"{not json")
-    assert isinstance(action, Close) and action.code == CLOSE_INVALID_PAYLOAD
+    assert isinstance(action, Close) and action.code == CloseCode.INVALID_DATA
     assert "json" in action.reason
     assert node.core.counters["invalid"] == 1
 
@@ -853,7 +842,7 @@ def test_invalid_json_closes_1007(node):
 def test_a_message_without_from_closes_1007(node):
     conn, _ = node.session("a")
     [action] = node.core.received(conn, b'{"id":1,"type":"update","to":"hyperty://b.test/x"}')
-    assert isinstance(action, Close) and action.code == CLOSE_INVALID_PAYLOAD and "from" in action.reason
+    assert isinstance(action, Close) and action.code == CloseCode.INVALID_DATA and "from" in action.reason
 
 
 @pytest.mark.parametrize(
@@ -883,13 +872,13 @@ def test_a_frame_over_the_limit_closes_1009():
     node = Node(max_frame=100)
     conn = node.connect("a")
     [action] = node.core.received(conn, b"{" + b" " * 200 + b"}")
-    assert isinstance(action, Close) and action.code == CLOSE_TOO_BIG
+    assert isinstance(action, Close) and action.code == CloseCode.MESSAGE_TOO_BIG
 
 
 def test_binary_frames_close_1003(node):
     conn, _ = node.session("a")
     [action] = node.core.received_binary(conn)
-    assert action.code == CLOSE_UNSUPPORTED_DATA
+    assert action.code == CloseCode.UNSUPPORTED_DATA
 
 
 def test_text_frames_given_as_str_work(node):

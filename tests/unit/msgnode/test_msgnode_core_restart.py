@@ -8,18 +8,9 @@ import json
 import pytest
 from tests.unit.msgnode.test_msgnode_core import ALLOC, SM, Conn, D, Node, only, sent
 
-from protofly.msgnode.core import (
-    CLOSE_GOING_AWAY,
-    SESSION_URL,
-    STATE_FORMAT,
-    Close,
-    Drained,
-    EnableBatch,
-    Replay,
-    Send,
-    SessionEnded,
-    StateError,
-)
+from protofly.msgnode.actions import Close, CloseCode, Drained, EnableBatch, Replay, Send, SessionEnded
+from protofly.msgnode.core import SESSION_URL
+from protofly.msgnode.snapshot import STATE_FORMAT, StateError
 
 RESOURCE = "comm://a.test/room/changes"
 
@@ -134,8 +125,8 @@ def test_close_plain_closes_plain_connections_and_detaches_their_sessions_first(
     node.core.begin_drain()
     actions = node.core.close_plain(now=10.0)
     assert sorted((x.conn.name, x.code) for x in actions if isinstance(x, Close)) == [
-        ("b", CLOSE_GOING_AWAY),
-        ("idle", CLOSE_GOING_AWAY),
+        ("b", CloseCode.GOING_AWAY),
+        ("idle", CloseCode.GOING_AWAY),
     ]
     assert node.core.session(b_url).conn is None and node.core.next_deadline() == 10.0 + node.core.session_grace
     # from now on, messages for b wait in its buffer rather than going to a closing socket
@@ -152,9 +143,9 @@ def test_finish_drain_closes_everyone_and_counts_drain_timeouts(node):
     node.core.begin_drain()
     node.send(a, **drained(a_url))
     actions = node.core.finish_drain(now=3.0)
-    assert sorted((x.conn.name, x.code) for x in actions) == [("a", CLOSE_GOING_AWAY), ("c", CLOSE_GOING_AWAY)]
+    assert sorted((x.conn.name, x.code) for x in actions) == [("a", CloseCode.GOING_AWAY), ("c", CloseCode.GOING_AWAY)]
     assert node.core.counters["drain_timeouts"] == 1
-    assert all(s.conn is None for s in node.core._sessions.values())
+    assert all(s.conn is None for s in node.core.sessions)
     assert node.send(c, type="update", from_="hyperty-runtime://c.test/rt", to=a_url) == []
     assert node.core.counters["ignored_after_close"] == 1
 

@@ -9,7 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from protofly.msgnode.core import SESSION_URL, Close, MessageNodeCore, Replay, Send, SessionEnded
+from protofly.msgnode.actions import Close, Replay, Send, SessionEnded
+from protofly.msgnode.core import SESSION_URL, MessageNodeCore
 
 D = "b.test"
 RUNTIMES = [f"hyperty-runtime://r{i}.test/rt" for i in range(5)]
@@ -192,7 +193,7 @@ class NodeMachine(RuleBasedStateMachine):
         self.live = set()
 
     def detached(self) -> list[str]:
-        return sorted(s.url for s in self.core._sessions.values() if s.conn is None)
+        return sorted(s.url for s in self.core.sessions if s.conn is None)
 
     def with_session(self) -> list[Conn]:
         return [c for c in self.alive() if self.core.session_of(c) is not None]
@@ -208,19 +209,19 @@ class NodeMachine(RuleBasedStateMachine):
     @invariant()
     def tables_agree(self) -> None:
         core = self.core
-        sessions = set(core._sessions.values())
-        for address, session in core._owner.items():
+        sessions = set(core.sessions)
+        for address, session in core.addresses.items():
             assert session in sessions
             assert address in session.addresses or address in session.bound
         for session in sessions:
-            assert all(core._owner.get(a) is session for a in session.addresses)
-            assert all(core._owner.get(a) is session for a in session.bound)
+            assert all(core.addresses.owner(a) is session for a in session.addresses)
+            assert all(core.addresses.owner(a) is session for a in session.bound)
             assert len(session.bound) <= core.max_bound
             assert len(session.addresses) <= core.max_addresses
             assert session.subscription_count == sum(len(s) for s in session.subscriptions.values())
             assert session.subscription_count <= core.max_subscriptions
             for resource, sources in session.subscriptions.items():
-                assert sources and session in core._subscribers[resource]
+                assert sources and session in (core.subscriptions.subscribers(resource) or {})
             for key, block in session.keys.items():
                 assert block and set(block) <= session.addresses, key
             assert session.buffer_bytes == sum(map(len, session.buffer))
@@ -232,11 +233,11 @@ class NodeMachine(RuleBasedStateMachine):
                 assert not session.buffer  # replayed at the re-open, filled only while detached
             else:
                 assert session.deadline is not None
-            assert core._by_runtime[session.runtime_url] is session
-        for resource, subscribers in core._subscribers.items():
+            assert core.sessions.of_runtime(session.runtime_url) is session
+        for resource, subscribers in core.subscriptions.items():
             assert subscribers
             assert all(s in sessions and resource in s.subscriptions for s in subscribers)
-        assert set(core._by_runtime.values()) == sessions
+        assert {core.sessions.of_runtime(s.runtime_url) for s in sessions} == sessions
 
 
 NodeMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

@@ -17,7 +17,7 @@ SECRET = "s3cret-access-token"
 
 def settings(mn, **extra):
     config = {"url": "ws://127.0.0.1:9/ws", "runtimeURL": RUNTIME, **extra}
-    return mn.Settings(config)
+    return mn.Settings.load(config)
 
 
 def session(mn, rng=lambda low, high: high, **extra):
@@ -94,7 +94,7 @@ def test_settings_defaults_and_overrides(mn) -> None:
 def test_bad_settings_name_the_key(mn, config, words) -> None:
     full = {"url": "ws://127.0.0.1:9/ws", "runtimeURL": RUNTIME, **config}
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        mn.Settings(full)
+        mn.Settings.load(full)
 
 
 # -- handshake -----------------------------------------------------------------------------------------
@@ -274,15 +274,18 @@ def test_backoff_is_capped_jittered_and_reset_by_success(mn) -> None:
         high.phase = "live"
     assert delays[:5] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0])
     assert max(delays) == 1.0
-    low = session(mn, rng=lambda a, b: a, backoffBase=0.1, backoffCap=1.0)
+    seen = []
+    low = session(mn, rng=lambda a, b: seen.append((a, b)) or a, backoffBase=0.1, backoffCap=1.0)
     go_live(mn, low)
     first = low.closed(1006, None)[-1].delay
     second = low.connect_failed("refused")[-1].delay
-    assert (first, second) == pytest.approx((0.05, 0.1))  # half the step, never zero
+    assert (first, second) == (0.0, 0.0)  # full jitter: a uniform draw from zero up to the step
     low.socket_opened()
     ((reopen, _),) = frames(low)
     low.received(answer(reopen, runtimeToken=TOKEN))
-    assert low.closed(1006, None)[-1].delay == pytest.approx(0.05)
+    low.closed(1006, None)
+    assert [high for _, high in seen] == pytest.approx([0.1, 0.2, 0.1])  # the step starts over after live
+    assert all(low == 0.0 for low, _ in seen)
 
 
 def test_failure_before_first_live_fails_connect_instead_of_retrying(mn) -> None:
