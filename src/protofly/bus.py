@@ -109,8 +109,8 @@ class MessageBus:
     ) -> None:
         self._routes: dict[str, tuple[Listener, ...]] = {}
         self._interceptors: tuple[Interceptor, ...] = ()
-        self._pending: dict[tuple[str, int | str], _Pending] = {}
-        self._slots: dict[int, tuple[asyncio.TimerHandle, set[tuple[str, int | str]]]] = {}
+        self._pending: dict[tuple[str, int | str | None], _Pending] = {}
+        self._slots: dict[int, tuple[asyncio.TimerHandle, set[tuple[str, int | str | None]]]] = {}
         self._next_id: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._resolver = resolver
@@ -274,9 +274,9 @@ class MessageBus:
 
     def _settle(self, msg: Message) -> bool:
         """Hand a response to the request waiting for it; False if nobody waits (route it normally)."""
-        pending = self._pending.get((msg.to, msg.id))  # type: ignore[arg-type]
+        pending = self._pending.get((msg.to, msg.id))
         if pending is None:
-            pending = self._pending.get((msg.to, _other_id_form(msg.id)))  # type: ignore[arg-type]
+            pending = self._pending.get((msg.to, _other_id_form(msg.id)))
             if pending is None:
                 return False
         code = response_code(msg)
@@ -287,14 +287,14 @@ class MessageBus:
                 except Exception as exc:
                     log.error("provisional-response callback raised", exc_info=exc)
             key = (pending.request.from_, pending.request.id)
-            self._disarm(key, pending.slot)  # type: ignore[arg-type]
-            pending.slot = self._arm(asyncio.get_running_loop(), key, pending.timeout)  # type: ignore[arg-type]
+            self._disarm(key, pending.slot)
+            pending.slot = self._arm(asyncio.get_running_loop(), key, pending.timeout)
             return True
         if not pending.future.done():
             pending.future.set_result(msg)
         return True
 
-    def _arm(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int | str], timeout: float) -> int:
+    def _arm(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int | str | None], timeout: float) -> int:
         slot = int((loop.time() + timeout) / TIMER_SLOT) + 1
         entry = self._slots.get(slot)
         if entry is None:
@@ -303,7 +303,7 @@ class MessageBus:
             entry[1].add(key)
         return slot
 
-    def _disarm(self, key: tuple[str, int | str], slot: int) -> None:
+    def _disarm(self, key: tuple[str, int | str | None], slot: int) -> None:
         entry = self._slots.get(slot)
         if entry is not None:
             entry[1].discard(key)

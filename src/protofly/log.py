@@ -22,7 +22,7 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, No
 
 def get_logger(name: str, **bound: Any) -> structlog.stdlib.BoundLogger:
     """A structlog logger writing to ``logging.getLogger(name)`` with ``bound`` key/values on every record."""
-    logger = structlog.wrap_logger(
+    logger: structlog.stdlib.BoundLogger = structlog.wrap_logger(
         logging.getLogger(name),
         wrapper_class=structlog.stdlib.BoundLogger,
         processors=[structlog.stdlib.render_to_log_kwargs],
@@ -67,19 +67,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.Handler):
     """Writes to whatever ``sys.stderr`` is *now*: a test runner may swap and close the stream it saw earlier."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
 
 
 def configure(fmt: str = "console", level: str | int = "INFO") -> None:

@@ -338,7 +338,7 @@ class Runtime:
                 case Reject(code, description) if msg is not None:
                     stub.port.reject(msg, code, description)
                 case StartDeploy(delay, refresh):
-                    stub.task = TaskSet.shared(self._tasks.spawn(self._deployment(stub, delay, refresh)))
+                    stub.task = self._tasks.spawn(self._deployment(stub, delay, refresh), shared=True)
                 case FlushQueue():
                     component = stub.component
                     if component is not None:

@@ -136,7 +136,7 @@ class Bus:
         A listener's exception is logged and does not stop the others, except ``MemoryError``, which means
         the stub hit its memory limit and is propagated so that the sandbox can stop it.
         """
-        listeners = self._listeners.get(msg.to) or self._listeners.get("*")  # type: ignore[arg-type]
+        listeners = self._listeners.get(msg.to) or self._listeners.get("*")
         if not listeners:
             _log.debug("no listener for message to %s", msg.to)
             return

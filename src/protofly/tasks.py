@@ -25,36 +25,39 @@ T = TypeVar("T")
 class TaskSet:
     """A set of tasks owned by one component; ``close()`` cancels them and waits at most ``timeout``."""
 
-    __slots__ = ("_closed", "_name", "_tasks")
+    __slots__ = ("_closed", "_name", "_quiet", "_tasks")
 
     def __init__(self, name: str = "tasks") -> None:
         self._name = name
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._quiet: set[asyncio.Task[Any]] = set()
         self._closed = False
 
-    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.Task[T]:
-        """Start ``coro`` as a task owned by this set (on the running loop)."""
+    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str | None = None, shared: bool = False) -> asyncio.Task[T]:
+        """Start ``coro`` as a task owned by this set (on the running loop).
+
+        ``shared``: the task's outcome is awaited by others who handle its exception (a deployment that
+        several callers wait for), so it is not logged here as well.
+        """
         if self._closed:
             coro.close()
             raise RuntimeError(f"{self._name}: closed, no new task may start")
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
+        if shared:
+            self._quiet.add(task)
         task.add_done_callback(self._done)
         return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        quiet = task in self._quiet
+        self._quiet.discard(task)
         if task.cancelled():
             return
         exc = task.exception()  # retrieved here, so asyncio never warns "exception was never retrieved"
-        if exc is not None and not getattr(task, "_protofly_shared", False):
+        if exc is not None and not quiet:
             log.error("background task failed", owner=self._name, task=task.get_name(), exc_info=exc)
-
-    @staticmethod
-    def shared(task: asyncio.Task[T]) -> asyncio.Task[T]:
-        """Mark ``task`` as one whose outcome its awaiters handle: its exception is not logged here."""
-        task._protofly_shared = True  # type: ignore[attr-defined]  # a marker on asyncio's own class
-        return task
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -6,13 +6,16 @@ and the original body under ``value``, as if a remote domain had answered.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from protofly.stub import Message, ProtoStub
 
 
 class EchoStub(ProtoStub):
     """Answers each request itself; ``configuration.greeting`` is added to every answer."""
 
-    async def connect(self, credentials: dict | None = None) -> None:
+    async def connect(self, credentials: Mapping[str, Any] | None = None) -> None:
         return None
 
     def on_message(self, msg: Message) -> None:

@@ -380,7 +380,7 @@ class MessageNodeCore:
     # -- routing -----------------------------------------------------------------------------------
 
     def _route(self, state: ConnState, msg: Message, raw: Any, out: list[Action]) -> None:
-        to: str = msg.to  # type: ignore[assignment]  # Message.__post_init__ normalises `to` to one string
+        to = msg.to
         component = self._components.get(to)
         if component is not None:
             component(state, msg, out)

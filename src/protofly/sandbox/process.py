@@ -177,7 +177,7 @@ class ProcessSandbox(Sandbox):
     async def _reap_failed(self, component: ProcessComponent) -> None:
         """A failed or cancelled deploy leaves nothing worth a grace period: kill now and wait for the reap."""
         component.kill_now()
-        reaped = TaskSet.shared(self._tasks.spawn(component.wait_exit(KILL_WAIT), name="reap a failed deploy"))
+        reaped = self._tasks.spawn(component.wait_exit(KILL_WAIT), name="reap a failed deploy", shared=True)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(reaped)  # unless we are cancelled, return with the host reaped
 

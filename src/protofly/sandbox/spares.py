@@ -52,7 +52,7 @@ class SparePool(Generic[H]):
     def refill(self) -> None:
         """Start spares until ``size`` are started or starting."""
         while len(self._spares) < self.size and not self._closed:
-            task = TaskSet.shared(self._tasks.spawn(self._start(), name="sandbox spare"))
+            task = self._tasks.spawn(self._start(), name="sandbox spare", shared=True)
             task.add_done_callback(_log_spare_failure)
             self._spares.append(task)
 
