@@ -30,6 +30,7 @@ from protofly.bus import Listener, MessageBus
 from protofly.events import EventStream, StatusChanged
 from protofly.log import get_logger
 from protofly.message import Message, error_description
+from protofly.state import STATE_FILE, StateStore
 
 __all__ = [
     "Local",
@@ -49,7 +50,6 @@ log = get_logger("protofly.registry")
 #: Return paths kept for requests that arrived through a stub (oldest forgotten first).
 MAX_RETURN_PATHS = 10_000
 
-STATE_FILE = "runtime.sqlite"
 #: Stub numbers are reserved in blocks so that allocating one costs no disk write, yet none is reused.
 RESERVE_BLOCK = 64
 
@@ -137,6 +137,11 @@ class StubRecord:
         return self.machine.connection
 
     @property
+    def waiting(self) -> int:
+        """How many ``wait_for_status`` calls wait on this stub now (none is left behind by a timeout)."""
+        return len(self._waiters)
+
+    @property
     def status_url(self) -> str:
         return address.status_url(self.url)
 
@@ -163,38 +168,6 @@ class StubRecord:
         }
 
 
-class _StateStore:
-    """The runtime's small persistent state: a key/value table in SQLite, touched off the event loop."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, timeout=5.0)
-        connection.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        return connection
-
-    def get(self, key: str) -> str | None:
-        with self._connect() as connection:
-            row = connection.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def set_default(self, key: str, value: str) -> str:
-        """Store ``value`` unless ``key`` already has one; return what is stored (race-free)."""
-        with self._connect() as connection:
-            connection.execute("INSERT OR IGNORE INTO state (key, value) VALUES (?, ?)", (key, value))
-            row = connection.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-        return str(row[0])
-
-    def reserve(self, key: str, block: int) -> int:
-        """Advance the counter ``key`` by ``block`` and return the first number of the reserved block."""
-        with self._connect() as connection:
-            connection.execute("INSERT OR IGNORE INTO state (key, value) VALUES (?, '1')", (key,))
-            start = int(connection.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()[0])
-            connection.execute("UPDATE state SET value = ? WHERE key = ?", (str(start + block), key))
-        return start
-
-
 class RuntimeRegistry:
     """The stub table and address authority of one runtime.  Create it with :meth:`open`."""
 
@@ -204,7 +177,7 @@ class RuntimeRegistry:
         *,
         domain: str,
         runtime_url: str,
-        store: _StateStore | None = None,
+        store: StateStore | None = None,
         events: EventStream | None = None,
     ) -> None:
         self.bus = bus
@@ -233,7 +206,7 @@ class RuntimeRegistry:
             registry = cls(bus, domain=domain, runtime_url=proposed, events=events)
             await registry.reserve("protostub")
             return registry
-        store = _StateStore(Path(state_dir) / STATE_FILE)
+        store = StateStore(Path(state_dir) / STATE_FILE)
         try:
             await asyncio.to_thread(Path(state_dir).mkdir, parents=True, exist_ok=True)
             stored = await asyncio.to_thread(store.set_default, f"runtime_url:{domain}", proposed)

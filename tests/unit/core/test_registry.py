@@ -157,7 +157,7 @@ async def test_wait_for_status() -> None:
     assert await registry.wait_for_status(record.url, ["live"], timeout=0) is record
     with pytest.raises(StatusTimeoutError, match=r"did not reach disconnected .*status is live"):
         await registry.wait_for_status(record, ["disconnected"], timeout=0.02)
-    assert record._waiters == []
+    assert record.waiting == 0
 
 
 async def test_unregister_wakes_waiters_and_removes_listener() -> None:
