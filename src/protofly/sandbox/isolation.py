@@ -25,7 +25,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import protofly
 from protofly.log import get_logger
 
 __all__ = ["Probe", "bwrap_command", "host_env", "probe", "read_paths"]
@@ -119,7 +118,7 @@ def _warm_bytecode() -> None:
 
 def read_paths() -> list[str]:
     """What a stub may read: the interpreter's prefixes, protofly's import root, and the /etc subset."""
-    package_root = str(Path(protofly.__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])  # the directory holding the protofly package
     paths = ["/usr", sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix, package_root]
     executable = str(Path(sys.executable).resolve().parent)
     paths.append(executable)
