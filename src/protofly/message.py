@@ -265,13 +265,19 @@ class FrameItem(NamedTuple):
     position: int | None
 
 
-def decode_frame(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE) -> list[FrameItem]:
+def decode_frame(
+    data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE, keep_raw: bool = True
+) -> list[FrameItem]:
     """Decode a frame that is one JSON message or a JSON array of messages (the batching framing).
 
     The one decoder of every batched channel (the message node, its stub, the sandbox channel), so that they
     agree on what a frame is.  A bad message is returned in place as a :class:`MessageError`, so one bad
     element of an array costs only itself; a frame that is not a message or array at all (empty, too large,
     a broken array) raises :class:`MessageError`, and nothing else.
+
+    ``keep_raw=False`` is for readers that do not forward bytes (the sandbox channel, a stub): a well-formed
+    array is then decoded in one call, and only a batch with a bad element is taken apart item by item;
+    ``raw`` is then the whole frame.
     """
     size = len(data)
     if size > max_size:
@@ -287,6 +293,11 @@ def decode_frame(data: bytes | bytearray | memoryview | str, *, max_size: int = 
             return [FrameItem(decode(data, max_size=max_size), data, None)]
         except MessageError as exc:
             return [FrameItem(_detached(exc), data, None)]
+    if not keep_raw:
+        try:
+            return [FrameItem(msg, data, index) for index, msg in enumerate(_batch_decoder.decode(data))]
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+            pass  # a reTHINK variant or a bad element: item by item below says which
     try:
         parts = _raw_items.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:

@@ -47,7 +47,11 @@ class StubPort:
 
     def forward(self, sink: Sink, msg: Message) -> None:
         if not sink.post(msg):
-            self._bus.reply_error(msg, 503, f"stub for {self.domain} is not taking messages (its channel is full)")
+            self.forward_failed(msg)
+
+    def forward_failed(self, msg: Message) -> None:
+        """The live stub's channel did not take ``msg``: its sender learns so now."""
+        self._bus.reply_error(msg, 503, f"stub for {self.domain} is not taking messages (its channel is full)")
 
     def flush(self, sink: Sink, still_live: Callable[[], bool]) -> None:
         """Forward the held messages in order, while the stub stays live."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,7 +193,7 @@ class RuntimeRegistry:
         self._memory_counter: dict[str, int] = {}  # without a state directory
         self._topping_up: dict[str, asyncio.Task[None]] = {}
         self._local: set[str] = set()
-        self._return_paths: OrderedDict[tuple[str, int | str | None], str] = OrderedDict()
+        self._return_paths: dict[tuple[str, int | str | None], str] = {}  # insertion order: oldest first
 
     @classmethod
     async def open(
@@ -453,7 +453,7 @@ class RuntimeRegistry:
         paths = self._return_paths
         paths[(request.from_, request.id)] = stub_url
         if len(paths) > MAX_RETURN_PATHS:
-            paths.popitem(last=False)
+            del paths[next(iter(paths))]
 
     def route(self, msg: Message) -> Route:
         """Where a message with no local listener goes; pure, apart from using up a response's return path."""

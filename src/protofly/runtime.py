@@ -89,7 +89,28 @@ class _Stub:
         self.component: Component | None = None
         self.task: asyncio.Task[StubHandle] | None = None
         self.handle: StubHandle | None = None
-        self.listener = runtime.bus.add_listener(record.url, lambda msg: runtime._incoming(self, msg))
+        self._incoming = runtime._incoming
+        self._remember_return = runtime.registry.remember_return
+        self._post = runtime.bus.post
+        self.listener = runtime.bus.add_listener(record.url, self.on_message)
+
+    def on_message(self, msg: Message) -> None:
+        """The stub's port on the bus: a live stub takes the message now, else the machine decides."""
+        component = self.component
+        if component is not None and self.machine.phase is Phase.LIVE:
+            if not component.post(msg):
+                self.port.forward_failed(msg)
+            return
+        self._incoming(self, msg)
+
+    def from_stub(self, msg: Message) -> None:
+        """Everything the stub sends (already checked at the sandbox boundary) goes onto the bus."""
+        if msg.type != "response":
+            self._remember_return(msg, self.record.url)  # its answer goes back the same way
+        try:
+            self._post(msg)
+        except BusClosedError:
+            pass
 
     @property
     def live(self) -> bool:
@@ -310,21 +331,8 @@ class Runtime:
         return None
 
     def _incoming(self, stub: _Stub, msg: Message) -> None:
-        """A message at the stub's port: the machine says forward, hold or refuse."""
-        component = stub.component
-        if component is not None and stub.machine.phase is Phase.LIVE:
-            stub.port.forward(component, msg)  # the hot path, without building an action list
-            return
+        """A message at a stub's port that is not live: the machine says forward, hold or refuse."""
         self._perform(stub, stub.machine.handle(Incoming()), msg)
-
-    def _from_stub(self, stub: _Stub, msg: Message) -> None:
-        """Everything the stub sends (already checked at the sandbox boundary) goes onto the bus."""
-        if msg.type != "response":
-            self.registry.remember_return(msg, stub.record.url)  # its answer goes back the same way
-        try:
-            self.bus.post(msg)
-        except BusClosedError:
-            pass
 
     # -- performing the machine's actions ----------------------------------------------------------
 
@@ -365,7 +373,7 @@ class Runtime:
             stub.domain,
             stub.reference,
             stub.record,
-            on_message=lambda msg: self._from_stub(stub, msg),
+            on_message=stub.from_stub,
             on_exit=lambda component, reason: self._on_exit(stub, component, reason),
         )
         pipeline = self._pipeline

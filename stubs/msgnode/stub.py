@@ -625,7 +625,7 @@ class NodeSession:
     def _decode(self, data: bytes) -> list[Message]:
         """The messages of one frame (``protofly.message.decode_frame``); bad ones are counted, not fatal."""
         try:
-            items = decode_frame(data, max_size=len(data))
+            items = decode_frame(data, max_size=len(data), keep_raw=False)
         except MessageError:
             self.counters["invalid"] += 1
             return []

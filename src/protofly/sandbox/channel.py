@@ -106,7 +106,7 @@ class FrameDecoder:
     def _decode_frame(self, frame: memoryview, events: list[Message | FrameError]) -> None:
         """One frame: a message or a batch; a bad message in a batch costs only itself."""
         try:
-            items = decode_frame(frame, max_size=self.max_frame)
+            items = decode_frame(frame, max_size=self.max_frame, keep_raw=False)
         except MessageError as exc:
             events.append(FrameError("invalid", len(frame), str(exc)))
             return
