@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -253,7 +253,7 @@ class DeployView:
         """Print the timeline and the outcome; True when the stub is live."""
         result = self.result
         if result is None:
-            typer.echo(f"error: the runtime ended the stream without an outcome for {self.label}", err=True)
+            _error(f"the runtime ended the stream without an outcome for {self.label}")
             return False
         if self.lines:
             self.console.print(timeline(self.lines))
@@ -261,10 +261,8 @@ class DeployView:
             self.console.print(history_table(result["history"]))
         if not result.get("ok"):
             hint = f"; 'protofly stub retry {result.get('domain')}' tries again" if result.get("url") else ""
-            typer.echo(
-                f"error: deployment of {result.get('domain')} failed ({result.get('code')}): "
-                f"{result.get('description')}{hint}",
-                err=True,
+            _error(
+                f"deployment of {result.get('domain')} failed ({result.get('code')}): {result.get('description')}{hint}"
             )
             return False
         already = "" if self.lines else "already "
@@ -276,3 +274,8 @@ class DeployView:
             soft_wrap=True,
         )
         return True
+
+
+def _error(text: str) -> None:
+    """One line on stderr, unwrapped: scripts match on it (the commands' own errors look the same)."""
+    print(f"error: {text}", file=sys.stderr, flush=True)
