@@ -300,7 +300,7 @@ class AdminServer:
         unsubscribe = runtime.events.subscribe(on_event)
         try:
             # Shared: its failure is this stream's result line, not a background error to log.
-            task = TaskSet.shared(self._tasks.spawn(operation(), name=f"admin-deploy-{domain}"))
+            task = self._tasks.spawn(operation(), name=f"admin-deploy-{domain}", shared=True)
         except RuntimeError:  # close() has begun: no new deployment from here
             unsubscribe()
             raise AdminError("the runtime is shutting down", 503) from None
