@@ -47,14 +47,14 @@ def version() -> None:
 
 
 # --- sub-apps: each part with commands owns a Typer app in its own package ----------------------
-from protofly import cli_runtime  # noqa: E402
+from protofly.admin import commands as admin_commands  # noqa: E402
 from protofly.catalogue import cli as catalogue_cli  # noqa: E402
 from protofly.msgnode import cli as msgnode_cli  # noqa: E402
 from protofly.sandbox import cli as sandbox_cli  # noqa: E402
 
-app.add_typer(cli_runtime.runtime_app, name="runtime")
-app.add_typer(cli_runtime.stub_app, name="stub")
-app.command("send")(cli_runtime.send)
+app.add_typer(admin_commands.runtime_app, name="runtime")
+app.add_typer(admin_commands.stub_app, name="stub")
+app.command("send")(admin_commands.send)
 app.add_typer(catalogue_cli.app, name="catalogue")
 app.add_typer(catalogue_cli.keys_app, name="keys")
 app.add_typer(msgnode_cli.app, name="msg-node")

@@ -141,6 +141,9 @@ def decode(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAUL
         return _wire_decoder.decode(data).to_message()
     except msgspec.ValidationError as exc:
         raise MessageError(_validation_text(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # the strict pass stopped at a field before it reached the malformed JSON; the tolerant one did not
+        raise MessageError(f"json: not a valid JSON message ({exc})") from None
 
 
 def decode_batch(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE) -> list[Message]:
@@ -157,6 +160,8 @@ def decode_batch(data: bytes | bytearray | memoryview | str, *, max_size: int = 
         return [wire.to_message() for wire in _wire_batch_decoder.decode(data)]
     except msgspec.ValidationError as exc:
         raise MessageError(_validation_text(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise MessageError(f"json: not a valid JSON message batch ({exc})") from None
 
 
 def from_dict(obj: Any) -> Message:

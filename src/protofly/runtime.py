@@ -186,7 +186,9 @@ class Runtime:
         await self._catalogue.__aenter__()
         if self._sandbox is None:
             options = {"preload": tuple(config.sandbox_preload)} if config.sandbox == "process" else {}
-            self._sandbox = create_sandbox(config.sandbox, limits=self.limits, **options)
+            self._sandbox = create_sandbox(
+                config.sandbox, limits=self.limits, max_frame=config.max_message_size, **options
+            )
         await self._sandbox.start()  # probe isolation and pre-start a host now, not on the first deploy
         self._pipeline = DeployPipeline(
             config=config,

@@ -19,13 +19,16 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protofly.demo.world import LocalDomains
 from protofly.events import RuntimeEvent, StatusChanged, as_json
 from protofly.message import Message, response_code
 from protofly.runtime import Runtime
 from protofly.sandbox import active_layers
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -112,57 +115,63 @@ def json_lines() -> Emit:
 def console() -> tuple[Emit, Callable[[], None]]:
     """A rich rendering: one line per event, and the deploy timeline of b.test's stub in runtime A."""
     from rich.console import Console
-    from rich.table import Table
 
     out = Console(highlight=False)
     steps: list[dict[str, Any]] = []
     colours = {"live": "green", "disconnected": "yellow", "failed": "red", "deployment-failed": "red"}
 
     def emit(event: dict[str, Any]) -> None:
-        kind, t = event["event"], f"[dim]{event['t']:7.3f}s[/]"
-        if kind == "domain":
-            out.print(f"{t} [bold]{event['domain']}[/]: catalogue {event['catalogue']}, message node {event['node']}")
-        elif kind == "runtime":
-            out.print(f"{t} runtime {event['runtime']} is {event['runtime_url']}")
-        elif kind == "step":
-            if event["runtime"] == "A" and event["domain"] == "b.test":
-                steps.append(event)
-            out.print(
-                f"{t} runtime {event['runtime']} deploying [bold]{event['domain']}[/]: step {event['step']} "
-                f"(seed {event['seed']}) {event['ms']:.2f} ms  [dim]{event.get('detail') or ''}[/]"
-            )
-        elif kind == "status":
-            colour = colours.get(str(event["value"]), "cyan")
-            why = f"  [dim]{event['description']}[/]" if event.get("description") else ""
-            out.print(f"{t} runtime {event['runtime']}: stub {event['stub']} is [{colour}]{event['value']}[/]{why}")
-        elif kind == "hyperty":
-            out.print(f"{t} runtime {event['runtime']} created hyperty {event['url']}")
-        elif kind == "request":
-            out.print(f"{t} [bold]request[/] {event['sender']} → {event['to']}: {event['body']}")
-        elif kind == "delivered":
-            out.print(f"{t} delivered to {event['at']}")
-        elif kind == "reply":
-            out.print(f"{t} [bold]reply[/] {event['code']} in {event['ms']} ms: {event['body'].get('value')}")
-        elif kind == "stub":
-            isolation = "+".join(active_layers(event["isolation"]))
-            out.print(f"{t} runtime A's stub for b.test: {event['url']} isolation {isolation}")
-            if steps:
-                table = Table(title="deploy of b.test's stub in runtime A")
-                for column in ("step", "seed steps", "ms", "detail"):
-                    table.add_column(column)
-                for step in steps:
-                    table.add_row(step["step"], step["seed"], f"{step['ms']:.2f}", str(step.get("detail") or ""))
-                table.add_row("total", "1-12", f"{sum(s['ms'] for s in steps):.2f}", "")
-                out.print(table)
-        elif kind in ("node-stopping", "node-started"):
-            out.print(f"{t} [bold magenta]{kind}[/] {event['domain']}")
-        elif kind == "done":
-            out.print(f"{t} [bold green]done[/] in {event['seconds']} s; everything started has stopped")
-        else:
-            details = {k: v for k, v in event.items() if k not in ("event", "t")}
-            out.print(f"{t} {kind} {details}")
+        t = f"[dim]{event['t']:7.3f}s[/]"
+        match event:
+            case {"event": "domain", "domain": domain, "catalogue": catalogue, "node": node}:
+                out.print(f"{t} [bold]{domain}[/]: catalogue {catalogue}, message node {node}")
+            case {"event": "runtime", "runtime": label, "runtime_url": url}:
+                out.print(f"{t} runtime {label} is {url}")
+            case {"event": "step", "runtime": label, "domain": domain}:
+                if label == "A" and domain == "b.test":
+                    steps.append(event)
+                out.print(
+                    f"{t} runtime {label} deploying [bold]{domain}[/]: step {event['step']} "
+                    f"(seed {event['seed']}) {event['ms']:.2f} ms  [dim]{event.get('detail') or ''}[/]"
+                )
+            case {"event": "status", "runtime": label, "stub": stub, "value": value}:
+                colour = colours.get(str(value), "cyan")
+                why = f"  [dim]{event['description']}[/]" if event.get("description") else ""
+                out.print(f"{t} runtime {label}: stub {stub} is [{colour}]{value}[/]{why}")
+            case {"event": "hyperty", "runtime": label, "url": url}:
+                out.print(f"{t} runtime {label} created hyperty {url}")
+            case {"event": "request", "sender": sender, "to": to, "body": body}:
+                out.print(f"{t} [bold]request[/] {sender} → {to}: {body}")
+            case {"event": "delivered", "at": at}:
+                out.print(f"{t} delivered to {at}")
+            case {"event": "reply", "code": code, "ms": ms, "body": body}:
+                out.print(f"{t} [bold]reply[/] {code} in {ms} ms: {body.get('value')}")
+            case {"event": "stub", "isolation": isolation, "url": url}:
+                out.print(f"{t} runtime A's stub for b.test: {url} isolation {'+'.join(active_layers(isolation))}")
+                if steps:
+                    out.print(_timeline_table(steps))
+            case {"event": "node-stopping" | "node-started" as kind, "domain": domain}:
+                out.print(f"{t} [bold magenta]{kind}[/] {domain}")
+            case {"event": "done", "seconds": seconds}:
+                out.print(f"{t} [bold green]done[/] in {seconds} s; everything started has stopped")
+            case _:
+                details = {k: v for k, v in event.items() if k not in ("event", "t")}
+                out.print(f"{t} {event.get('event')} {details}")
 
     return emit, lambda: None
+
+
+def _timeline_table(steps: list[dict[str, Any]]) -> Table:
+    """The deploy of b.test's stub in runtime A, one row per step, with the total."""
+    from rich.table import Table
+
+    table = Table(title="deploy of b.test's stub in runtime A")
+    for column in ("step", "seed steps", "ms", "detail"):
+        table.add_column(column)
+    for step in steps:
+        table.add_row(step["step"], step["seed"], f"{step['ms']:.2f}", str(step.get("detail") or ""))
+    table.add_row("total", "1-12", f"{sum(s['ms'] for s in steps):.2f}", "")
+    return table
 
 
 def main(as_json: bool = False) -> int:

@@ -14,7 +14,9 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
-from protofly.admin import AdminClient, AdminError, AdminServer, AdminUnavailableError, admin_socket
+from protofly.admin.client import AdminClient
+from protofly.admin.protocol import AdminError, AdminUnavailableError, admin_socket
+from protofly.admin.server import AdminServer
 from protofly.config import RuntimeConfig
 from protofly.runtime import Runtime
 

@@ -13,7 +13,7 @@ from tests.processes import alive as pid_alive
 from tests.processes import descendants
 from typer.testing import CliRunner
 
-from protofly import cli_runtime
+from protofly.admin import commands
 
 from .conftest import clean_env, json_lines, run, start_runtime
 
@@ -210,8 +210,8 @@ def test_bad_input_is_refused_with_the_reason(tmp_path, args, expected, words):
 def invoke(args: list[str]):
     """Run a command of ours in-process; the terminal width is pinned so that messages are not wrapped."""
     send = typer.Typer()
-    send.command()(cli_runtime.send)  # a one-command app: its options come right away
-    app = {"runtime": cli_runtime.runtime_app, "stub": cli_runtime.stub_app, "send": send}[args[0]]
+    send.command()(commands.send)  # a one-command app: its options come right away
+    app = {"runtime": commands.runtime_app, "stub": commands.stub_app, "send": send}[args[0]]
     return CliRunner().invoke(app, args[1:], env={"COLUMNS": "300"}, catch_exceptions=False)
 
 
@@ -240,8 +240,8 @@ def test_flags_win_over_environment_and_file_and_catalogues_merge(tmp_path, monk
     )
     monkeypatch.setenv("PROTOFLY_POLICY", "off")
     monkeypatch.setenv("PROTOFLY_DEPLOY_TIMEOUT", "3")
-    settings = cli_runtime._load_config(
-        config, {"policy": "require", "domain": None}, cli_runtime._catalogue_flags(["C.test=http://127.0.0.1:3"])
+    settings = commands._load_config(
+        config, {"policy": "require", "domain": None}, commands._catalogue_flags(["C.test=http://127.0.0.1:3"])
     )
     assert settings.domain == "a.test" and settings.policy == "require" and settings.deploy_timeout == 3.0
     assert settings.catalogues == {"b.test": "http://127.0.0.1:1", "c.test": "http://127.0.0.1:3"}

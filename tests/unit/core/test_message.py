@@ -181,6 +181,14 @@ def test_random_json_objects_decode_or_raise_message_error(obj: dict) -> None:
     assert isinstance(msg.from_, str) and msg.from_
 
 
+def test_malformed_json_after_an_invalid_field_is_a_message_error() -> None:
+    # the strict decoder stops at the invalid "to"; the tolerant fallback then reaches the malformed number
+    with pytest.raises(MessageError, match="not a valid JSON"):
+        decode('{"to": null, "id": Infinity}')
+    with pytest.raises(MessageError, match="not a valid JSON"):
+        decode_batch('[{"to": null, "id": Infinity}]')
+
+
 def test_deeply_nested_body_is_a_message_error_or_accepted() -> None:
     deep = b'{"type":"read","from":"a:b","to":"c:d","body":{"x":' + b"[" * 100000 + b"]" * 100000 + b"}}"
     try:

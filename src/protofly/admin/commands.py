@@ -1,14 +1,16 @@
 """``protofly runtime serve|info``, ``protofly stub deploy|list|unload|retry`` and ``protofly send``.
 
 ``runtime serve`` is the one long-running process: it holds the :class:`~protofly.runtime.Runtime` and serves
-the admin API (:mod:`protofly.admin`) on a unix socket.  The other commands are its clients; they find the
-socket from ``--admin``, ``$PROTOFLY_ADMIN``, ``--state-dir`` or the configuration file, in that order.
+the admin API (:mod:`protofly.admin.server`) on a unix socket.  The other commands are its clients
+(:mod:`protofly.admin.client`); they find the socket from ``--admin``, ``$PROTOFLY_ADMIN``, ``--state-dir`` or
+the configuration file, in that order.  What they print is :mod:`protofly.admin.views`.
 
 Exit codes: 0 success; 1 the operation failed (a deploy that did not go live, a non-2xx response, an unknown
 stub); 2 a usage or configuration error, or no runtime listening at the socket.
 
-Only typer and the standard library are imported at module level: ``protofly --help`` must stay fast, so
-aiohttp, rich and the runtime are imported inside the commands that use them.
+Only typer, the standard library and :mod:`protofly.admin.protocol` (itself standard library only) are
+imported at module level: ``protofly --help`` must stay fast, so aiohttp, rich and the runtime are imported
+inside the commands that use them.
 """
 
 from __future__ import annotations
@@ -16,20 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.table import Table
+from protofly.admin.protocol import ENV_ADMIN, AdminError, AdminUnavailableError, admin_socket
 
-    from protofly.admin import AdminClient
+if TYPE_CHECKING:
+    from protofly.admin.client import AdminClient
     from protofly.config import RuntimeConfig
 
 __all__ = ["runtime_app", "send", "stub_app"]
@@ -40,9 +39,6 @@ stub_app = typer.Typer(help="Deploy, list, unload and retry protocol stubs in a 
 #: Exit codes shared by every command here.
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-#: The deploy steps in the order the Runtime UA reports them: the spinner shows the one in progress.
-STEPS = ("registry", "catalogue", "sandbox", "connect", "live")
 
 
 @runtime_app.callback()
@@ -134,8 +130,6 @@ def serve(
         "resolver_only": resolver_only,
     }
     settings = _load_config(config, overrides, catalogues)
-    from protofly.admin import admin_socket
-
     path = admin_socket(admin=admin, state_dir=settings.state_dir)
     if path is None:
         raise _fail(
@@ -170,7 +164,7 @@ def _load_config(config: Path | None, overrides: dict[str, Any], catalogues: dic
 
 
 async def _serve(settings: RuntimeConfig, path: Path) -> int:
-    from protofly.admin import AdminError, AdminServer
+    from protofly.admin.server import AdminServer
     from protofly.log import get_logger
     from protofly.runtime import Runtime
 
@@ -224,7 +218,6 @@ def info(admin: AdminOption = None, config: ConfigOption = None, state_dir: Stat
 
 def _find_socket(admin: Path | None, config: Path | None, state_dir: Path | None) -> Path:
     """The same rule as the server: --admin, $PROTOFLY_ADMIN, --state-dir, then the configuration's state_dir."""
-    from protofly.admin import ENV_ADMIN, admin_socket
     from protofly.config import ConfigError, RuntimeConfig
 
     path = admin_socket(admin=admin, state_dir=state_dir)
@@ -253,7 +246,7 @@ def _run_client(
 ) -> None:
     """Connect, run ``work``, and map the admin errors onto one-line messages and exit codes."""
     path = _find_socket(admin, config, state_dir)
-    from protofly.admin import AdminClient, AdminError, AdminUnavailableError
+    from protofly.admin.client import AdminClient
 
     async def main() -> int:
         async with AdminClient(path) as client:
@@ -268,16 +261,6 @@ def _run_client(
     except AdminError as exc:
         raise _fail(exc.text, EXIT_FAILED) from None
     raise typer.Exit(code)
-
-
-def _console() -> Console:
-    """A rich console on stdout; written to a pipe or a file it does not wrap at 80 columns (logs, scripts)."""
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(highlight=False, width=200)
-    return console
 
 
 # -- stub deploy / retry ---------------------------------------------------------------------------------------
@@ -317,135 +300,21 @@ def retry(
     _run_client(admin, config, state_dir, work)
 
 
-async def _follow(events: Any, label: str, as_json: bool) -> int:
+async def _follow(lines: AsyncIterator[dict[str, Any]], label: str, as_json: bool) -> int:
     """Show a deploy stream as it comes; the exit code is the result's."""
     if as_json:
         result: dict[str, Any] = {}
-        async for event in events:
-            typer.echo(json.dumps(event))
-            result = event
+        async for line in lines:
+            typer.echo(json.dumps(line))
+            result = line
         return 0 if result.get("ok") else EXIT_FAILED
-    view = _DeployView(_console(), label)
+    from protofly.admin.views import DeployView, console
+
+    view = DeployView(console(), label)
     with view.spinner():
-        async for event in events:
-            view.show(event)
-    return view.finish()
-
-
-class _DeployView:
-    """Prints deploy events one line each (with a spinner on a terminal), then the timeline and the outcome."""
-
-    def __init__(self, console: Console, label: str) -> None:
-        self.console = console
-        self.label = label
-        self.events: list[dict[str, Any]] = []
-        self.result: dict[str, Any] | None = None
-        self._status: Any = None
-
-    @contextlib.contextmanager
-    def spinner(self) -> Any:
-        if not self.console.is_terminal:
-            yield
-            return
-        with self.console.status(f"{self.label}: {STEPS[0]}…") as status:
-            self._status = status
-            yield
-        self._status = None
-
-    def show(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "result":
-            self.result = event
-            return
-        if not self.events:
-            self.console.print(f"deploying {self.label}", markup=False, soft_wrap=True)
-        self.events.append(event)
-        line = _event_line(event)
-        if line:
-            self.console.print(line, markup=False, soft_wrap=True)
-        if kind == "step" and self._status is not None and event.get("step") in STEPS:
-            following = STEPS.index(event["step"]) + 1
-            if following < len(STEPS):
-                self._status.update(f"{self.label}: {STEPS[following]}…")
-
-    def finish(self) -> int:
-        result = self.result
-        if result is None:
-            typer.echo(f"error: the runtime ended the stream without an outcome for {self.label}", err=True)
-            return EXIT_FAILED
-        if self.events:
-            self.console.print(_timeline(self.events))
-        elif result.get("history"):
-            self.console.print(_history_table(result["history"]))
-        if not result.get("ok"):
-            hint = f"; 'protofly stub retry {result.get('domain')}' tries again" if result.get("url") else ""
-            typer.echo(
-                f"error: deployment of {result.get('domain')} failed ({result.get('code')}): "
-                f"{result.get('description')}{hint}",
-                err=True,
-            )
-            return EXIT_FAILED
-        already = "" if self.events else "already "
-        from protofly.sandbox import active_layers
-
-        layers = ", ".join(active_layers(result.get("isolation") or {})) or "none"
-        self.console.print(
-            f"{result['domain']} is {already}{result['status']} at {result['url']} "
-            f"(deploy {result.get('total_ms', 0):.1f} ms; isolation: {layers})",
-            markup=False,
-            soft_wrap=True,
-        )
-        return 0
-
-
-def _event_line(event: dict[str, Any]) -> str | None:
-    kind = event.get("event")
-    if kind == "status":
-        description = f": {event['description']}" if event.get("description") else ""
-        return f"  status    {event.get('value')}{description}"
-    if kind == "step":
-        detail = f"  {event['detail']}" if event.get("detail") else ""
-        return f"  ✓ {event.get('step', '?'):<10}{event.get('ms', 0):>9.1f} ms{detail}"
-    if kind in ("live", "deployment-failed"):
-        return None  # the status lines (and the final outcome) already say it
-    details = {k: v for k, v in event.items() if k not in ("event", "domain", "stub_url", "at")}
-    pairs = " ".join(f"{k}={v}" for k, v in details.items())
-    return f"  ! {kind}  {pairs}".rstrip()
-
-
-def _timeline(events: list[dict[str, Any]]) -> Table:
-    from rich.table import Table
-
-    table = Table(title="timeline", title_justify="left")
-    table.add_column("t (ms)", justify="right")
-    table.add_column("what")
-    table.add_column("took (ms)", justify="right")
-    table.add_column("detail", overflow="fold")
-    start = min(event.get("at", 0.0) for event in events)
-    for event in events:
-        offset = f"{(event.get('at', start) - start) * 1000:.1f}"
-        kind = event.get("event")
-        if kind == "step":
-            what = f"step {event.get('step')} (seed {event.get('seed')})"
-            table.add_row(offset, what, f"{event.get('ms', 0):.1f}", str(event.get("detail") or ""))
-        elif kind == "status":
-            table.add_row(offset, f"status → {event.get('value')}", "", str(event.get("description") or ""))
-        elif (line := _event_line(event)) is not None:
-            table.add_row(offset, str(kind), "", line.strip())
-    return table
-
-
-def _history_table(history: list[dict[str, Any]]) -> Table:
-    from rich.table import Table
-
-    table = Table(title="status history", title_justify="left")
-    table.add_column("t (ms)", justify="right")
-    table.add_column("status")
-    table.add_column("description")
-    start = history[0].get("at", 0.0)
-    for event in history:
-        table.add_row(f"{(event.get('at', start) - start) * 1000:.1f}", event.get("value"), event.get("description"))
-    return table
+        async for line in lines:
+            view.show(line)
+    return 0 if view.finish() else EXIT_FAILED
 
 
 # -- stub list / unload ---------------------------------------------------------------------------------------
@@ -465,48 +334,12 @@ def list_stubs(
         if as_json:
             typer.echo(json.dumps(stubs, indent=2))
         else:
-            _console().print(_stub_table(stubs))
+            from protofly.admin.views import console, stub_table
+
+            console().print(stub_table(stubs))
         return 0
 
     _run_client(admin, config, state_dir, work)
-
-
-def _stub_table(stubs: list[dict[str, Any]]) -> Table:
-    from rich.table import Table
-    from rich.text import Text
-
-    from protofly.sandbox import active_layers
-
-    colours = {"live": "green", "failed": "red", "deployment-failed": "red", "disconnected": "yellow"}
-    table = Table()
-    for column in ("domain", "stub URL", "status", "since", "isolation layers", "restarts"):
-        table.add_column(column, justify="right" if column == "restarts" else "left", overflow="fold")
-    now = time.time()
-    for stub in stubs:
-        isolation = stub.get("isolation") or {}
-        layers = ", ".join(active_layers(isolation)) or "-"
-        if isolation.get("missing"):
-            layers += f" (missing {len(isolation['missing'])})"
-        status = str(stub.get("status"))
-        table.add_row(
-            Text(str(stub.get("domain"))),
-            Text(str(stub.get("url"))),
-            Text(status, style=colours.get(status, "")),
-            _ago(now - float(stub.get("since") or now)),
-            Text(layers),
-            str(stub.get("restarts", 0)),
-        )
-    if not stubs:
-        table.caption = "no stubs loaded"
-    return table
-
-
-def _ago(seconds: float) -> str:
-    seconds = max(seconds, 0.0)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f} {unit} ago"
-    return f"{seconds:.0f} s ago"
 
 
 @stub_app.command("unload")
@@ -561,8 +394,8 @@ def send(
     async def work(client: AdminClient) -> int:
         answer = await client.send(msg, timeout=timeout)
         typer.echo(json.dumps(answer, indent=2))
-        code = (answer.get("body") or {}).get("code")
-        return 0 if str(code).isdigit() and 200 <= int(code) < 300 else EXIT_FAILED
+        code = str((answer.get("body") or {}).get("code"))
+        return 0 if code.isdigit() and 200 <= int(code) < 300 else EXIT_FAILED
 
     _run_client(admin, config, state_dir, work)
 
