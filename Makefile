@@ -14,13 +14,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/protofly demo
 
-test: $(STAMP) system-deps
-	$(BIN)/ruff check src tests bench
+test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench stubs
+	$(BIN)/ruff format --check src tests bench stubs
+	$(BIN)/mypy --strict src/protofly
+	for stub in stubs/*/stub.py; do $(BIN)/mypy --strict "$$stub" || exit 1; done
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

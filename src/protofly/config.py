@@ -85,8 +85,9 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     remove_grace: Positive = 2.0
     #: Credentials per domain (JSON or TOML); see protofly.identity.
     credentials_file: Path | None = None
-    #: Largest message accepted from a stub or a socket.
-    max_message_size: AtLeastOne = 1 << 20
+    #: Largest message accepted from a stub or a socket (also the sandbox channel's frame limit, which must
+    #: carry a stub's source: hence the 64 KiB floor).
+    max_message_size: Annotated[int, msgspec.Meta(ge=64 << 10)] = 1 << 20
 
     def __post_init__(self) -> None:
         self.validate()
