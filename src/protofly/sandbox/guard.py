@@ -26,6 +26,8 @@ COUNTER_NAMES = (
     "forged_from",
     "dropped_to_stub",
     "log_lines_dropped",
+    "egress_opened",
+    "egress_refused",
 )
 
 _SANDBOX_SPACE = "hyperty-runtime://sandbox"

@@ -27,10 +27,13 @@ from typing import Any
 import msgspec
 
 from protofly.log import get_logger
-from protofly.message import Message, MessageError, error_description, response_code
+from protofly.message import Message, MessageError, error_description, response, response_code
 from protofly.sandbox import Boundary, Component, DeployError, Limits, SandboxError
 from protofly.sandbox import isolation as iso
+from protofly.sandbox.broker import NO_EGRESS, EgressBroker, EgressPolicy
 from protofly.sandbox.channel import SANDBOX_EXTERNAL, FrameDecoder, FrameEncoder, FrameError, control
+from protofly.sandbox.egress_channel import EgressChannel
+from protofly.sandbox.fdpass import socket_pair
 from protofly.sandbox.guard import Guard, failed_status, new_counters
 from protofly.sandbox.output import StubOutput
 from protofly.sandbox.proctree import HostProcess, describe_exit
@@ -118,6 +121,10 @@ class ProcessComponent(Component):
         self._workdir: str | None = None
         self._output = StubOutput(self.counters)
         self._log = _log
+        #: The runtime's end of the socket-passing pair, and what the stub may connect to.
+        self._net: socket.socket | None = None
+        self._broker: EgressBroker | None = None
+        self._egress: EgressChannel | None = None
 
     # -- public interface ---------------------------------------------------------------------------
 
@@ -227,14 +234,17 @@ class ProcessComponent(Component):
             root = self._settings.workdir_root
             self._workdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="protofly-stub-", dir=root)
         parent, child = socket.socketpair()
+        self._net, net_child = socket_pair()
         try:
-            self._process = self._spawn(child.fileno())
+            self._process = self._spawn(child.fileno(), net_child.fileno())
         except OSError as exc:
             parent.close()
+            self._close_net()
             self._remove_workdir()
             raise SandboxError(f"cannot start the sandbox host: {exc}") from None
         finally:
             child.close()
+            net_child.close()
         process = self._process
         self.pid = process.pid
         self._log = _log.bind(sandbox_pid=self.pid)
@@ -252,10 +262,11 @@ class ProcessComponent(Component):
             raise
         self._state = "ready"
 
-    def _spawn(self, fd: int) -> HostProcess:
+    def _spawn(self, fd: int, egress_fd: int) -> HostProcess:
         settings = self._settings
         host_settings = {
             "fd": fd,
+            "egress_fd": egress_fd,
             "max_frame": settings.max_frame,
             "parent_pid": None if self._bwrap else os.getpid(),
             "read_paths": iso.read_paths(),
@@ -275,7 +286,13 @@ class ProcessComponent(Component):
             env = iso.host_env(self._workdir)
             cwd = self._workdir
         return HostProcess(
-            command, env=env, cwd=cwd, pass_fd=fd, bwrap=self._bwrap, tasks=self._tasks, on_exit=self._exited_with
+            command,
+            env=env,
+            cwd=cwd,
+            pass_fds=(fd, egress_fd),
+            bwrap=self._bwrap,
+            tasks=self._tasks,
+            on_exit=self._exited_with,
         )
 
     async def deploy(
@@ -290,9 +307,15 @@ class ProcessComponent(Component):
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
         timeout: float,
+        egress: EgressPolicy = NO_EGRESS,
     ) -> None:
         """Run the stub in this started host (``DeployError`` naming the stub's problem if it cannot)."""
         self.url = url
+        self._broker = EgressBroker(egress, self.counters, stub_url=url)
+        if self._net is not None:
+            self._egress = EgressChannel(
+                self._broker, self._net, self._tasks, self._answer, lambda: self._state in ("running", "deploying")
+            )
         self._status_url = f"{url}/status"
         self._guard = Guard(url, boundary, on_message, self.counters)
         self._on_exit = on_exit
@@ -331,9 +354,10 @@ class ProcessComponent(Component):
         if self._bwrap:
             bwrap = {
                 "namespaces": self._probe.namespace_names,
-                "network": "shared",
+                "network": "own namespace, loopback only" if self._probe.network else "shared",
                 "filesystem": "read-only binds of /usr, the interpreter and protofly; private tmpfs /tmp",
             }
+        network = self._network_layer(missing)
         return {
             "process": True,
             "bwrap": bwrap,
@@ -345,8 +369,18 @@ class ProcessComponent(Component):
             "capabilities": report.get("capabilities", False),
             "landlock": report.get("landlock", False),
             "seccomp": report.get("seccomp", False),
+            "network": network,
             "missing": missing,
         }
+
+    def _network_layer(self, missing: list[str]) -> dict[str, Any] | bool:
+        """The network layer: an empty namespace plus the brokered ``egress``, or a ``missing`` entry."""
+        declared = self._broker.policy.declared() if self._broker is not None else []
+        if self._probe.network:
+            return {"namespace": "own, no interface but loopback", "egress": declared}
+        if not any(item.startswith("network namespace:") for item in missing):
+            missing.append("network namespace: none without bwrap; the stub shares the host's network")
+        return False
 
     # -- channel ------------------------------------------------------------------------------------
 
@@ -415,6 +449,9 @@ class ProcessComponent(Component):
             body["description"] = self._output.redact(body["description"])
 
     def _on_control(self, msg: Message) -> None:
+        if msg.type == "execute":
+            self._on_execute(msg)
+            return
         if msg.type == "response":
             if self._output.has_secrets:
                 self._scrub(msg)
@@ -431,6 +468,24 @@ class ProcessComponent(Component):
             self._host_report = body["report"]
         elif value == "failed":
             self._last_words = str(body.get("description") or "failed")
+
+    # -- egress -------------------------------------------------------------------------------------
+
+    def _on_execute(self, msg: Message) -> None:
+        """A request from the host: ``open-connection`` (the stub's network) is the only one."""
+        if self._egress is None or self._state not in ("running", "deploying"):
+            self._answer(msg, 409, "egress: no stub is deployed in this sandbox")
+            return
+        self._egress.handle(msg)
+
+    def _answer(self, request: Message, code: int, description: str | None = None) -> None:
+        with contextlib.suppress(MessageError):
+            self._send(response(request, code, description))
+
+    def _close_net(self) -> None:
+        net, self._net = self._net, None
+        if net is not None:
+            net.close()
 
     def _on_channel_lost(self) -> None:
         self._transport = None
@@ -460,6 +515,7 @@ class ProcessComponent(Component):
         self._exit_reason = reason
         previous, self._state = self._state, "exited"
         self._on_reaped(self)
+        self._close_net()
         if self._transport is not None:
             self._transport.close()
         for future in self._waiters.values():
