@@ -136,7 +136,7 @@ class Bus:
     post_message = post
 
     async def open_connection(self, url: str) -> socket.socket:
-        """A connected, non-blocking TCP socket to ``url``, opened by the runtime (see :meth:`ProtoStub.open_connection`).
+        """A connected, non-blocking TCP socket to ``url``, opened by the runtime (:meth:`ProtoStub.open_connection`).
 
         Raises :class:`EgressError` when the runtime refuses or cannot connect, and when this bus has no
         network at all (a bus made without a connector).

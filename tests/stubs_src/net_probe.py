@@ -69,7 +69,7 @@ class NetProbe(ProtoStub):
         except OSError as exc:
             return _outcome(exc)
         try:
-            reader, writer = await asyncio.open_connection(sock=sock)
+            _reader, writer = await asyncio.open_connection(sock=sock)
             writer.write(f"hello from {self.url}\n".encode())
             await writer.drain()
             writer.close()

@@ -41,7 +41,6 @@ import msgspec
 
 from protofly.message import Message, MessageError, encode, response
 from protofly.sandbox import confine, loader
-from protofly.sandbox.fdpass import SocketInbox
 from protofly.sandbox.channel import (
     DEFAULT_MAX_FRAME,
     SANDBOX_EXTERNAL,
@@ -51,6 +50,7 @@ from protofly.sandbox.channel import (
     FrameError,
     control,
 )
+from protofly.sandbox.fdpass import SocketInbox
 from protofly.sandbox.limits import Limits
 from protofly.stub import Bus, EgressError, MethodNotFound, summary
 

@@ -85,6 +85,11 @@ async def listeners() -> AsyncIterator[tuple[Listener, Listener]]:
     await other.stop()
 
 
+def host_view(path: str) -> str:
+    """A /proc/net file as the test process (in the host's network namespace) sees it."""
+    return Path(path).read_text()
+
+
 async def ask(runtime, domain: str, **body: Any) -> dict[str, Any]:
     question = Message(type="read", from_="hyperty://a.test/me", to=f"hyperty://{domain}/anyone", body=body)
     answer = await runtime.bus.request(question, timeout=20)
@@ -152,10 +157,8 @@ async def test_a_stub_reaches_nothing_of_the_host_by_itself(domains, runtime_fac
         assert result["raw"].startswith("PermissionError")
         # The host's listening ports and unix sockets are visible here, and not inside the stub.
         needle = f":{catalogue_port:04X} "
-        with open("/proc/net/tcp") as handle:
-            assert needle in handle.read()
-        with open("/proc/net/unix") as handle:
-            assert unix_path in handle.read()
+        assert needle in host_view("/proc/net/tcp")
+        assert unix_path in host_view("/proc/net/unix")
         assert needle not in result["proc"]["/proc/net/tcp"]
         assert needle not in result["proc"]["/proc/net/tcp6"]
         assert unix_path not in result["proc"]["/proc/net/unix"]
