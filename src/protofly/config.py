@@ -83,7 +83,7 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     #: Restart backoff after a crash: full jitter in [0, min(cap, base * 2**n)] seconds.
     backoff_base: NotNegative = 0.25
     backoff_cap: Positive = 30.0
-    #: More than ``crash_budget`` crashes within ``crash_window`` seconds: the stub stays failed.
+    #: ``crash_budget`` crashes within ``crash_window`` seconds (a failed restart counts): the stub stays failed.
     crash_budget: AtLeastOne = 5
     crash_window: Positive = 300.0
     #: Live this long after a restart and the crash backoff starts again from its base.

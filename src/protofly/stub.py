@@ -12,7 +12,8 @@ to write one, both following reTHINK's ``stub-specification``:
 
 The base class does the protocol chores every stub needs: the ``via`` loop check in both directions,
 auto-connect on the first message, the ``created``/``in-progress``/``live``/``disconnected``/``failed``
-status updates (DESIGN §3), and in-order delivery to an ``on_message`` that may be sync or async.
+status updates (``docs/architecture.md``, *Status*), and in-order delivery to an ``on_message`` that
+may be sync or async.
 
 This module is imported inside every sandbox, so it imports only asyncio and :mod:`protofly.message`
 (msgspec): no structlog, no aiohttp.  It logs with stdlib :mod:`logging`; inside a sandbox those lines go to
@@ -52,7 +53,7 @@ Listener = Callable[[Message], Any]
 #: What opens a stub's connections: the sandbox's broker, given the URL, returns a connected socket.
 Connector = Callable[[str], Awaitable[socket.socket]]
 
-#: Status values of the connection state group (DESIGN §3), emitted in lower case.
+#: Status values of the connection state group (``docs/architecture.md``, *Status*), emitted in lower case.
 STATUS_VALUES = ("created", "in-progress", "live", "disconnected", "failed")
 
 

@@ -1,9 +1,10 @@
-"""The boundary the runtime enforces on what a stub sends (DESIGN §5), shared by every sandbox.
+"""The boundary the runtime enforces on what a stub sends, shared by every sandbox.
 
 The stub's process is untrusted, so these checks run on the runtime side of the channel, after framing:
 a message whose ``from`` claims an address of the runtime's own (a local hyperty, the registry, another
 stub) is dropped, counted and logged, so that a stub cannot impersonate local components.  The checks are
-cheap for the common case (the stub's own URL, or a remote address of its domain).
+cheap for the common case (the stub's own URL, or a remote address of its domain).  Which rules of the
+trust boundary are enforced here and which are planned: ``docs/architecture.md``, *The trust boundary*.
 """
 
 from __future__ import annotations
