@@ -35,14 +35,12 @@ class TokenBucket:
         self._last = clock()
 
     def take(self) -> bool:
-        tokens = self._tokens
+        now = self._clock()
+        tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
         if tokens < 1.0:
-            now = self._clock()
-            tokens = min(self.burst, tokens + (now - self._last) * self.rate)
-            self._last = now
-            if tokens < 1.0:
-                self._tokens = tokens
-                return False
+            self._tokens = tokens
+            return False
         self._tokens = tokens - 1.0
         return True
 
