@@ -52,7 +52,7 @@ from protofly.sandbox.channel import (
 )
 from protofly.sandbox.fdpass import SocketInbox
 from protofly.sandbox.limits import Limits
-from protofly.stub import Bus, EgressError, MethodNotFound, summary
+from protofly.stub import AuthenticationFailed, Bus, EgressError, MethodNotFound, summary
 
 __all__ = ["EXIT_BAD_SETTINGS", "EXIT_MEMORY", "Host", "main"]
 
@@ -289,6 +289,8 @@ class Host(asyncio.Protocol):
             value = await loader.execute(self.stub, method, params)
         except MethodNotFound as exc:
             self._respond(msg, 404, str(exc))
+        except AuthenticationFailed as exc:
+            self._respond(msg, 401, summary(exc))
         except MemoryError:
             self.fatal("memory limit (MemoryError)", EXIT_MEMORY)
         except Exception as exc:

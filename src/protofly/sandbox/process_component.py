@@ -64,16 +64,26 @@ class HostSettings:
     workdir_root: str | None
 
 
-class _Channel(asyncio.Protocol):
+#: Bytes read from a stub's channel per event-loop callback.  asyncio reads up to 256 KiB at once, about
+#: 2,000 small messages checked in one go; a stub that floods would then hold the loop for milliseconds
+#: while other stubs' messages wait.  16 KiB keeps each turn short at a negligible cost per byte.
+READ_CHUNK = 16 * 1024
+
+
+class _Channel(asyncio.BufferedProtocol):
     def __init__(self, component: ProcessComponent) -> None:
         self.component = component
+        self._view = memoryview(bytearray(READ_CHUNK))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.component._on_data(self._view[:nbytes])  # the decoder copies what it keeps
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.component._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.component._on_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.component._on_channel_lost()
@@ -114,7 +124,11 @@ class ProcessComponent(Component):
         self._state = "starting"
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._exit_reason: str | None = None
+        #: What the host said before it ended: logged, never the recorded reason (the stub's code runs in
+        #: that process, so its words are not evidence; the exit status is).
         self._last_words: str | None = None
+        #: A reason the runtime side observed itself (the channel closed before the process ended).
+        self._observed: str | None = None
         self._host_report: dict[str, Any] | None = None
         self._guard: Guard | None = None
         self._on_exit: Callable[[str], None] | None = None
@@ -424,7 +438,7 @@ class ProcessComponent(Component):
         with contextlib.suppress(TimeoutError, SandboxError, MessageError):
             await self._request(msg, remaining)
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | memoryview) -> None:
         guard = self._guard
         for event in self._decoder.feed(data):
             if isinstance(event, FrameError):
@@ -467,7 +481,7 @@ class ProcessComponent(Component):
         elif value == "isolation" and self._host_report is None and isinstance(body.get("report"), dict):
             self._host_report = body["report"]
         elif value == "failed":
-            self._last_words = str(body.get("description") or "failed")
+            self._last_words = str(body.get("description") or "failed")[:200]
 
     # -- egress -------------------------------------------------------------------------------------
 
@@ -500,7 +514,7 @@ class ProcessComponent(Component):
     def _channel_gone(self) -> None:
         if self._state == "exited":
             return
-        self._last_words = self._last_words or "the sandbox closed its channel"
+        self._observed = "the sandbox closed its channel"
         self._signal_tree(signal.SIGKILL)
 
     # -- exit ---------------------------------------------------------------------------------------
@@ -511,7 +525,11 @@ class ProcessComponent(Component):
 
     def _exited_with(self, returncode: int) -> None:
         """The process was reaped: fail whatever waits on it, clean up, and report a running stub's death."""
-        reason = self._last_words or describe_exit(returncode, bwrap=self._bwrap)
+        reason = describe_exit(returncode, bwrap=self._bwrap)
+        if self._observed is not None:
+            reason = f"{reason} ({self._observed})"
+        if self._last_words is not None:
+            self._log.info("the sandbox host's last report before it ended", said=self._last_words, exit=reason)
         self._exit_reason = reason
         previous, self._state = self._state, "exited"
         self._on_reaped(self)

@@ -120,6 +120,7 @@ class Domains:
         version: str = "1.0.0",
         stub: str = "lines",
         egress: list[str] | None = None,
+        fields: dict[str, Any] | None = None,
     ) -> Path:
         """Sign and publish ``stub``; its ``egress`` is ``tcp://host:port`` of its configured back-end by default."""
         package = self.root / "packages" / f"{domain}-{version}"
@@ -131,6 +132,7 @@ class Domains:
             egress = [f"tcp://{configuration['host']}:{configuration['port']}"]
         if egress is not None:
             template["egress"] = egress
+        template.update(fields or {})
         (package / "descriptor.json").write_text(json.dumps(template))
         return publish(package, self.root / domain, self.key(domain), domain, version=version)
 
