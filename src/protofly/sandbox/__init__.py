@@ -128,8 +128,15 @@ class Sandbox(ABC):
         boundary: Boundary,
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
+        language: str = "python",
     ) -> Component:
         """Run ``source`` as the stub at ``url``; raises :class:`DeployError` if it cannot be started."""
+
+    def unavailable(self, language: str) -> str | None:
+        """Why stubs in ``language`` (a descriptor's ``language``) cannot run here, or None if they can."""
+        if language.strip().lower() in ("python", "python3"):
+            return None
+        return f"stub language {language!r} cannot run in the {self.kind} sandbox"
 
     @abstractmethod
     async def close(self) -> None:

@@ -196,6 +196,9 @@ class Host(asyncio.Protocol):
             return
         self.creating = True
         self.url = body["url"]
+        if body.get("language") == "javascript":
+            self._hand_over_to_node(msg, limits)
+            return
         report = confine.apply(limits, self.settings)
         self.send(
             control("update", {"value": "isolation", "report": report}, sender=SANDBOX_INTERNAL, to=SANDBOX_EXTERNAL)
@@ -221,6 +224,29 @@ class Host(asyncio.Protocol):
         backlog, self.backlog = self.backlog, []
         for queued in backlog:
             self._to_stub(queued)
+
+    def _hand_over_to_node(self, msg: Message, limits: Limits | None) -> None:
+        """A JavaScript stub: confine, report, then become the Node.js host (:mod:`.node_exec`); no return."""
+        from protofly.sandbox import node_exec
+
+        try:
+            create = msgspec.json.decode(encode(msg))
+            backlog = [msgspec.json.decode(encode(queued)) for queued in self.backlog]
+            report, start_node = node_exec.prepare(create, backlog, limits, self.settings)
+        except Exception as exc:
+            self.creating = False
+            self._respond(msg, 500, summary(exc))
+            return
+        self.flush()  # anything queued earlier goes first, then the report, written synchronously
+        self.encoder.add(
+            control("update", {"value": "isolation", "report": report}, sender=SANDBOX_INTERNAL, to=SANDBOX_EXTERNAL)
+        )
+        data = self.encoder.flush()
+        fd = self.sock.fileno()
+        os.set_blocking(fd, True)
+        while data:
+            data = data[os.write(fd, data) :]
+        start_node()
 
     async def _execute(self, msg: Message) -> None:
         body = msg.body or {}

@@ -137,10 +137,15 @@ class ProcessSandbox(Sandbox):
         boundary: Boundary,
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
+        language: str = "python",
     ) -> ProcessComponent:
         if self._closed:
             raise SandboxError("the sandbox is closed")
-        text = _check_deploy_args(url, source, config, classname, boundary, on_message, on_exit)
+        problem = self.unavailable(language)
+        if problem is not None:
+            raise DeployError(problem)
+        javascript = _is_javascript(language)
+        text = _check_deploy_args(url, source, config, classname, boundary, on_message, on_exit, javascript)
         if limits is not None and not isinstance(limits, Limits):
             raise TypeError(f"limits must be a Limits or None, got {type(limits).__name__}")
         effective = limits if limits is not None else self.limits
@@ -163,6 +168,7 @@ class ProcessSandbox(Sandbox):
                     on_message=on_message,
                     on_exit=on_exit,
                     timeout=self.deploy_timeout,
+                    language="javascript" if javascript else "python",
                 )
             except BaseException as exc:
                 self._components.discard(component)
@@ -173,6 +179,14 @@ class ProcessSandbox(Sandbox):
                 raise
             return component
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def unavailable(self, language: str) -> str | None:
+        """Python stubs always run here; JavaScript stubs where Node.js is installed (see :mod:`.node`)."""
+        from protofly.sandbox.node import is_javascript, missing
+
+        if is_javascript(language):
+            return missing(language)
+        return super().unavailable(language)
 
     async def _reap_failed(self, component: ProcessComponent) -> None:
         """A failed or cancelled deploy leaves nothing worth a grace period: kill now and wait for the reap."""
@@ -226,6 +240,7 @@ def _check_deploy_args(
     boundary: Any,
     on_message: Any,
     on_exit: Any,
+    javascript: bool = False,
 ) -> str:
     """Validate what deploy() was given; the stub's own problems are DeployErrors, the caller's TypeErrors."""
     if not isinstance(url, str) or not url:
@@ -247,6 +262,14 @@ def _check_deploy_args(
     try:
         return bytes(source).decode("utf-8")
     except UnicodeDecodeError as exc:
+        if javascript:  # reTHINK's own gen-1 packages are ISO-8859-1 (a licence comment): read them as such
+            return bytes(source).decode("latin-1")
         raise DeployError(
             f"UnicodeDecodeError: stub source is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
+
+
+def _is_javascript(language: str) -> bool:
+    from protofly.sandbox.node import is_javascript
+
+    return is_javascript(language)

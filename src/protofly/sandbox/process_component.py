@@ -263,6 +263,7 @@ class ProcessComponent(Component):
             "landlock": settings.landlock,
             "seccomp": settings.seccomp,
             "preload": list(settings.preload),
+            **_javascript_settings(),
         }
         args = ["-m", "protofly.sandbox.host", msgspec.json.encode(host_settings).decode()]
         if self._probe.bwrap is not None:
@@ -290,6 +291,7 @@ class ProcessComponent(Component):
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
         timeout: float,
+        language: str = "python",
     ) -> None:
         """Run the stub in this started host (``DeployError`` naming the stub's problem if it cannot)."""
         self.url = url
@@ -302,6 +304,8 @@ class ProcessComponent(Component):
         body: dict[str, Any] = {"url": url, "sourceCode": source, "config": config, "sandbox": limits.as_dict()}
         if classname:
             body["sourceCodeClassname"] = classname
+        if language == "javascript":
+            body["language"] = "javascript"  # the host hands over to Node.js (node_exec)
         try:
             reply = await self._request(control("create", body, msg_id=self._new_id()), timeout)
         except TimeoutError:
@@ -336,6 +340,7 @@ class ProcessComponent(Component):
             }
         return {
             "process": True,
+            "host": report.get("host", "python"),
             "bwrap": bwrap,
             "env": "scrubbed",
             "workdir": "/tmp (private tmpfs)" if self._bwrap else self._workdir,
@@ -491,3 +496,10 @@ class ProcessComponent(Component):
                 on_exit(reason)
             except Exception:
                 self._log.exception("the runtime's on_exit failed")
+
+
+def _javascript_settings() -> dict[str, Any]:
+    """What a host needs to hand a JavaScript stub over to Node.js (None where Node is not installed)."""
+    from protofly.sandbox.node import node_executable, node_modules
+
+    return {"node": node_executable(), "node_modules": node_modules()}

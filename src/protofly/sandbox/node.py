@@ -1,0 +1,77 @@
+"""JavaScript stubs: which descriptors they are, where Node.js and its pinned packages are, what is missing.
+
+reTHINK published every protocol stub as JavaScript; protofly runs them unmodified in a Node.js host
+(``node_host.js``, beside this module) inside the same process sandbox as a Python stub.  This module is
+the runtime's view of that capability, kept free of heavy imports because the sandbox host imports it:
+
+* :func:`is_javascript` folds reTHINK's language spellings (``javascript``, ``"Javascript ECMA6"``, ...);
+* :func:`node_executable` and :func:`node_modules` find Node.js and the ``npm ci``-installed packages
+  (the pinned ``ws``, the WebSocket of Node versions without a built-in one);
+* :func:`missing` says, with the install hint, why JavaScript stubs cannot run here, or None.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+__all__ = [
+    "INSTALL_HINT",
+    "NODE_HOST",
+    "is_javascript",
+    "missing",
+    "node_executable",
+    "node_modules",
+    "node_read_paths",
+]
+
+#: The host program: protofly's own, small and documented.
+NODE_HOST = Path(__file__).with_name("node_host.js")
+#: How to get what JavaScript stubs need (``make test`` and ``scripts/system-deps.sh`` do both).
+INSTALL_HINT = "install Node.js (apt-get install nodejs npm), then run 'npm ci' in the protofly checkout"
+#: The checkout's ``node_modules`` (package.json and package-lock.json live at its root).
+_CHECKOUT_MODULES = Path(__file__).resolve().parents[3] / "node_modules"
+_JS_KEYS = frozenset({"js", "ecmascript", "node", "nodejs", "node_js"})
+
+
+def is_javascript(language: str) -> bool:
+    """True for reTHINK's JavaScript spellings: ``javascript``, ``Javascript ECMA6``, ``ECMAScript``, ``js``."""
+    key = re.sub(r"[\s\-]+", "_", language.strip().lower())
+    return key.startswith(("javascript", "ecmascript")) or key in _JS_KEYS
+
+
+def node_executable() -> str | None:
+    """The Node.js interpreter on ``PATH`` (Debian names it ``node``; old packages ``nodejs``), or None."""
+    for name in ("node", "nodejs"):
+        found = shutil.which(name)
+        if found:
+            return os.path.realpath(found)
+    return None
+
+
+def node_modules() -> str | None:
+    """The directory holding the pinned JavaScript packages, if they are installed."""
+    return str(_CHECKOUT_MODULES) if (_CHECKOUT_MODULES / "ws").is_dir() else None
+
+
+def node_read_paths() -> list[str]:
+    """What a JavaScript stub's host must read besides the Python host's paths: Node and its packages."""
+    paths = []
+    node = node_executable()
+    if node is not None:
+        paths.append(str(Path(node).parent))
+    modules = node_modules()
+    if modules is not None:
+        paths.append(modules)
+    return paths
+
+
+def missing(language: str) -> str | None:
+    """Why a stub in ``language`` cannot run in the process sandbox here (with the install hint), or None."""
+    if not is_javascript(language):
+        return None
+    if node_executable() is None:
+        return f"missing capability: Node.js is not installed, so JavaScript stubs cannot run ({INSTALL_HINT})"
+    return None
