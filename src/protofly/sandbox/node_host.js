@@ -384,7 +384,8 @@ function loadStub(sourceCode, { classname, filename = 'stub.js', context } = {})
 // -- the host ---------------------------------------------------------------------------------------------
 
 function describe(err) {
-  if (err instanceof Error) return `${err.name}: ${err.message}`;
+  // Errors thrown by the stub come from its own vm context: another realm, so no `instanceof Error`.
+  if (err !== null && typeof err === 'object' && typeof err.message === 'string') return `${err.name || 'Error'}: ${err.message}`;
   return `${typeof err}: ${String(err)}`;
 }
 
