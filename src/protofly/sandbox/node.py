@@ -20,6 +20,7 @@ from pathlib import Path
 __all__ = [
     "INSTALL_HINT",
     "NODE_HOST",
+    "exit_reason",
     "is_javascript",
     "missing",
     "node_executable",
@@ -75,3 +76,16 @@ def missing(language: str) -> str | None:
     if node_executable() is None:
         return f"missing capability: Node.js is not installed, so JavaScript stubs cannot run ({INSTALL_HINT})"
     return None
+
+
+#: What V8 writes to stderr before it aborts on exhausted memory (heap limit, or RLIMIT_DATA under it).
+_OUT_OF_MEMORY = ("JavaScript heap out of memory", "Allocation failed", "Fatal process out of memory")
+
+
+def exit_reason(reason: str, stderr_lines: list[str]) -> str:
+    """A Node host's exit, in the words used for a Python one: V8 aborts when a stub exhausts its memory."""
+    if reason in ("killed by SIGABRT", "killed by SIGTRAP") and any(
+        marker in line for line in stderr_lines for marker in _OUT_OF_MEMORY
+    ):
+        return "memory limit (JavaScript heap out of memory)"
+    return reason

@@ -398,6 +398,37 @@ class Host {
     this.stub = null;
     this.bus = null;
     this.backlog = [];
+    this.status = null;
+    this.statusWaiters = [];
+  }
+
+  /** The stub's messages to the runtime; its status updates are also noted (see `disconnected`). */
+  fromStub(msg) {
+    if (msg.type === 'update' && msg.to === `${this.url}/status` && msg.body) {
+      this.status = msg.body.value;
+      const waiters = this.statusWaiters;
+      this.statusWaiters = [];
+      for (const waiter of waiters) waiter(this.status);
+    }
+    this.send(msg);
+  }
+
+  /**
+   * Resolves once the stub reports `disconnected` (or `failed`), or after `ms`: reTHINK stubs start their
+   * close in `disconnect()` and report the outcome later, when the node has closed the socket.
+   */
+  disconnected(ms) {
+    const done = (value) => value === 'disconnected' || value === 'failed';
+    return new Promise((resolve) => {
+      if (done(this.status)) return resolve(this.status);
+      const timer = setTimeout(() => resolve(this.status), ms);
+      const waiter = (value) => {
+        if (!done(value)) return this.statusWaiters.push(waiter);
+        clearTimeout(timer);
+        return resolve(value);
+      };
+      this.statusWaiters.push(waiter);
+    });
   }
 
   send(msg) {
@@ -447,7 +478,7 @@ class Host {
     const config = body.config || {};
     if (typeof config !== 'object' || Array.isArray(config)) return this.respond(msg, 400, 'create: body.config must be an object');
     this.url = body.url;
-    this.bus = new MiniBus((out) => this.send(out));
+    this.bus = new MiniBus((out) => this.fromStub(out));
     try {
       const context = stubContext(this.settings);
       const start = loadStub(body.sourceCode, { classname: body.sourceCodeClassname, filename: `${body.url}.js`, context });
@@ -477,6 +508,7 @@ class Host {
     }
     try {
       const value = await method.apply(this.stub, params);
+      if (body.method === 'disconnect') await this.disconnected(this.settings.disconnectWaitMs || 1000);
       this.respond(msg, 200, undefined, jsonValue(value));
     } catch (err) {
       this.respond(msg, 500, describe(err));

@@ -462,6 +462,8 @@ class ProcessComponent(Component):
     def _exited_with(self, returncode: int) -> None:
         """The process was reaped: fail whatever waits on it, clean up, and report a running stub's death."""
         reason = self._last_words or describe_exit(returncode, bwrap=self._bwrap)
+        if self._host_report is not None and self._host_report.get("host") == "node":
+            reason = _node_exit_reason(reason, self._output.recent_stderr())
         self._exit_reason = reason
         previous, self._state = self._state, "exited"
         self._on_reaped(self)
@@ -503,3 +505,9 @@ def _javascript_settings() -> dict[str, Any]:
     from protofly.sandbox.node import node_executable, node_modules
 
     return {"node": node_executable(), "node_modules": node_modules()}
+
+
+def _node_exit_reason(reason: str, stderr_lines: list[str]) -> str:
+    from protofly.sandbox.node import exit_reason
+
+    return exit_reason(reason, stderr_lines)
