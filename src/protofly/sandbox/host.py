@@ -196,9 +196,6 @@ class Host(asyncio.Protocol):
             return
         self.creating = True
         self.url = body["url"]
-        if body.get("language") == "javascript":
-            self._hand_over_to_node(msg, limits)
-            return
         report = confine.apply(limits, self.settings)
         self.send(
             control("update", {"value": "isolation", "report": report}, sender=SANDBOX_INTERNAL, to=SANDBOX_EXTERNAL)
@@ -224,29 +221,6 @@ class Host(asyncio.Protocol):
         backlog, self.backlog = self.backlog, []
         for queued in backlog:
             self._to_stub(queued)
-
-    def _hand_over_to_node(self, msg: Message, limits: Limits | None) -> None:
-        """A JavaScript stub: confine, report, then become the Node.js host (:mod:`.node_exec`); no return."""
-        from protofly.sandbox import node_exec
-
-        try:
-            create = msgspec.json.decode(encode(msg))
-            backlog = [msgspec.json.decode(encode(queued)) for queued in self.backlog]
-            report, start_node = node_exec.prepare(create, backlog, limits, self.settings)
-        except Exception as exc:
-            self.creating = False
-            self._respond(msg, 500, summary(exc))
-            return
-        self.flush()  # anything queued earlier goes first, then the report, written synchronously
-        self.encoder.add(
-            control("update", {"value": "isolation", "report": report}, sender=SANDBOX_INTERNAL, to=SANDBOX_EXTERNAL)
-        )
-        data = self.encoder.flush()
-        fd = self.sock.fileno()
-        os.set_blocking(fd, True)
-        while data:
-            data = data[os.write(fd, data) :]
-        start_node()
 
     async def _execute(self, msg: Message) -> None:
         body = msg.body or {}
@@ -321,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(EXIT_BAD_SETTINGS)
     confine.set_parent_death_signal(settings.get("parent_pid"))
+    if settings.get("node_spare"):  # a JavaScript stub's host: confine, then become Node (no return)
+        from protofly.sandbox.node_exec import exec_spare
+
+        exec_spare(settings)
     if isinstance(sys.stdout, io.TextIOWrapper):  # it is, unless something replaced it
         sys.stdout.reconfigure(line_buffering=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

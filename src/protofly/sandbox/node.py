@@ -21,6 +21,7 @@ __all__ = [
     "INSTALL_HINT",
     "NODE_HOST",
     "exit_reason",
+    "host_pid",
     "is_javascript",
     "missing",
     "node_executable",
@@ -89,3 +90,19 @@ def exit_reason(reason: str, stderr_lines: list[str]) -> str:
     ):
         return "memory limit (JavaScript heap out of memory)"
     return reason
+
+
+def host_pid(root: int) -> int | None:
+    """The Node.js process at or below ``root`` (a sandbox host, with bwrap's helpers in between), or None."""
+    node = node_executable()
+    queue = [root]
+    while queue:
+        pid = queue.pop(0)
+        try:
+            if os.readlink(f"/proc/{pid}/exe") == node:
+                return pid
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        queue.extend(int(child) for child in children)
+    return None

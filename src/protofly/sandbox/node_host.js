@@ -2,20 +2,22 @@
 /**
  * protofly's sandbox host for JavaScript stubs: reTHINK's own protocol stubs run here unmodified.
  *
- * The process is started as a Python sandbox host (inside bubblewrap), which confines itself with the
- * stub's limits (rlimits, no_new_privs, capabilities, Landlock, seccomp), reports that to the runtime and
- * then replaces itself with `node node_host.js SETTINGS` (see protofly/sandbox/node_exec.py).  Everything
- * the Python host set up is inherited: the namespaces, the limits, the filters, the scrubbed environment
- * and the channel, a socketpair carrying 4-byte big-endian length-prefixed JSON frames (one reTHINK
- * message or a JSON array of them), exactly as protofly/sandbox/channel.py frames them.
+ * The process is started as a Python sandbox host (inside bubblewrap), which confines itself (no_new_privs,
+ * capabilities, Landlock, seccomp) and then replaces itself with `node node_host.js SETTINGS` (see
+ * protofly/sandbox/node_exec.py).  Everything the Python host set up is inherited: the namespaces, the
+ * filters, the scrubbed environment and the channel, a socketpair carrying 4-byte big-endian
+ * length-prefixed JSON frames (one reTHINK message or a JSON array of them), exactly as
+ * protofly/sandbox/channel.py frames them.  The host then prepares the stub's context and says `ready`:
+ * it is a pre-started spare, and a deploy costs only the stub's own start.
  *
- * SETTINGS (JSON): {fd, handover, maxFrame, logPerSecond}.  `handover` is a file descriptor holding
- * {create, backlog}: the `create` control message the Python host received and any traffic that came
- * with it.  The control protocol is the Python host's:
- *   create  {url, sourceCode, config, sourceCodeClassname?}  -> 200 | 500 with the error's summary
- *   execute {method, params} to the stub's URL               -> 200 {value} | 404 | 409 | 500
- *   delete  {url}                                            -> 200, then the process ends
- * and every other message goes to the stub's bus listeners.
+ * SETTINGS (JSON): {fd, maxFrame, nodeModules, logPerSecond, isolation}; `isolation` is the report of
+ * the layers applied before Node started.  The control protocol is the Python host's:
+ *   create  {url, sourceCode, config, sourceCodeClassname?, sandbox}  -> 200 | 500 with the error's summary
+ *   execute {method, params} to the stub's URL                        -> 200 {value} | 404 | 409 | 500
+ *   delete  {url}                                                     -> 200, then the process ends
+ * and every other message goes to the stub's bus listeners.  Before a `create` runs any stub code the
+ * host sends its isolation report, with the rlimits the runtime applied (prlimit) as read back from
+ * /proc/self/limits.
  *
  * Both reTHINK packagings are loaded (see `loadStub`): gen-2 webpack bundles (`System.register`, a
  * `default` class whose `_start(url, bus, config, factory)` starts the stub) and gen-1 browserify/UMD
@@ -470,6 +472,22 @@ class Host {
     } else if (msg.type !== 'response') this.respond(msg, 400, `unknown control message type ${JSON.stringify(msg.type)}`);
   }
 
+  /** The layers in force, sent before any stub code runs (the stub cannot alter what was reported). */
+  reportIsolation(limits) {
+    if (!this.settings.isolation || this.reported) return;
+    this.reported = true;
+    const report = { ...this.settings.isolation, missing: [...(this.settings.isolation.missing || [])] };
+    const problem = rlimitsProblem(limits, readLimits());
+    if (problem) {
+      report.rlimits = false;
+      report.missing.unshift(`rlimits: ${problem}`);
+    } else {
+      report.rlimits = { ...limits, memory: 'RLIMIT_DATA under the V8 heap limit' };
+    }
+    this.send({ type: 'update', from: SANDBOX_INTERNAL, to: SANDBOX_EXTERNAL, body: { value: 'isolation', report } });
+    this.writer.flush();
+  }
+
   create(msg) {
     const body = msg.body || {};
     if (this.stub) return this.respond(msg, 500, `this sandbox already runs ${this.url}`);
@@ -478,9 +496,11 @@ class Host {
     const config = body.config || {};
     if (typeof config !== 'object' || Array.isArray(config)) return this.respond(msg, 400, 'create: body.config must be an object');
     this.url = body.url;
+    this.reportIsolation(body.sandbox);
     this.bus = new MiniBus((out) => this.fromStub(out));
     try {
-      const context = stubContext(this.settings);
+      const context = this.context || stubContext(this.settings);
+      this.context = null;
       const start = loadStub(body.sourceCode, { classname: body.sourceCodeClassname, filename: `${body.url}.js`, context });
       const stubConfig = vm.runInContext('(text) => JSON.parse(text)', context)(JSON.stringify(withDefaults(config)));
       this.stub = start(body.url, this.bus, stubConfig, missingFactory());
@@ -524,6 +544,32 @@ class Host {
   }
 }
 
+/** This process's rlimits, from /proc/self/limits: {name: soft limit or null (unlimited)}. */
+function readLimits() {
+  const out = {};
+  try {
+    for (const line of fs.readFileSync('/proc/self/limits', 'utf8').split('\n').slice(1)) {
+      const match = /^(.+?)\s{2,}(\S+)\s+(\S+)/.exec(line);
+      if (match) out[match[1].trim()] = match[2] === 'unlimited' ? null : Number(match[2]);
+    }
+  } catch (err) {
+    return null;
+  }
+  return out;
+}
+
+/** What differs between the stub's limits and the process's (null when they are in force). */
+function rlimitsProblem(limits, actual) {
+  if (!limits) return 'none requested';
+  if (!actual) return 'cannot read /proc/self/limits';
+  const wanted = { 'Max data size': limits.memory_mb * 1048576, 'Max open files': limits.open_files };
+  for (const [name, value] of Object.entries(wanted)) {
+    if (actual[name] !== value) return `${name} is ${actual[name] === null ? 'unlimited' : actual[name]}, not ${value}`;
+  }
+  if (actual['Max cpu time'] === null) return 'Max cpu time is unlimited';
+  return null;
+}
+
 /** Configuration defaults for known quirks of reTHINK's bundles (documented in docs/stub-authoring.md). */
 function withDefaults(config) {
   const out = { ...config };
@@ -547,7 +593,7 @@ function main(argv) {
     settings = JSON.parse(argv[0]);
     if (!Number.isInteger(settings.fd)) throw new TypeError('fd');
   } catch (err) {
-    process.stderr.write("usage: node node_host.js '{\"fd\": N, \"handover\": M, ...}'\n");
+    process.stderr.write("usage: node node_host.js '{\"fd\": N, ...}'\n");
     process.exit(2);
   }
   const socket = new net.Socket({ fd: settings.fd, readable: true, writable: true });
@@ -581,17 +627,14 @@ function main(argv) {
   });
   socket.on('close', () => exit(0));
   socket.on('error', () => exit(0));
-  if (Number.isInteger(settings.handover)) {
-    const handover = JSON.parse(fs.readFileSync(settings.handover, 'utf8'));
-    fs.closeSync(settings.handover);
-    for (const msg of handover.backlog || []) host.toStub(msg);
-    host.receive(handover.create);
-  }
+  host.context = stubContext(settings);  // prepared while idle: a deploy only evaluates the stub
+  host.send({ type: 'update', from: SANDBOX_INTERNAL, to: SANDBOX_EXTERNAL,
+    body: { value: 'ready', pid: process.pid, node: process.version } });
 }
 
 module.exports = {
   DEFAULT_MAX_BUFFER, FrameDecoder, FrameWriter, Host, MiniBus, MissingCapability, frame, loadStub, main,
-  missingFactory, stubContext, withDefaults,
+  missingFactory, rlimitsProblem, stubContext, withDefaults,
 };
 
 if (require.main === module) main(process.argv.slice(2));

@@ -67,6 +67,7 @@ class ProcessSandbox(Sandbox):
         landlock: bool = True,
         seccomp: bool = True,
         prestart: int = 1,
+        prestart_js: int = 1,
         preload: tuple[str, ...] | list[str] = (),
         python: str | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
@@ -94,6 +95,8 @@ class ProcessSandbox(Sandbox):
         self.probe: iso.Probe | None = None
         self._tasks = TaskSet("sandbox")
         self._spares: SparePool[ProcessComponent] = SparePool(prestart, self._new_host, self._tasks)
+        #: Node hosts for JavaScript stubs, kept started once a JavaScript stub was deployed (or asked for).
+        self._js_spares: SparePool[ProcessComponent] = SparePool(prestart_js, self._new_js_host, self._tasks)
         self._components: set[ProcessComponent] = set()
         #: Every host started and not yet reaped (spares, deployed, discarded).
         self._hosts: set[ProcessComponent] = set()
@@ -121,9 +124,16 @@ class ProcessSandbox(Sandbox):
                 self.probe = await iso.probe(self.python, use_bwrap=self.use_bwrap)
         self._spares.refill()
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Start the sandbox if needed and wait until its spare hosts are started."""
+    async def wait_ready(self, timeout: float = 30.0, *, javascript: bool = False) -> None:
+        """Start the sandbox if needed and wait until its spare hosts are started.
+
+        With ``javascript``, the spare Node hosts too (they are otherwise started after the first
+        JavaScript deploy, so that a runtime serving only Python stubs runs no Node process).
+        """
         await self.start()
+        if javascript and self.unavailable("javascript") is None:
+            self._js_spares.refill()
+            await self._js_spares.wait_ready(timeout)
         await self._spares.wait_ready(timeout)
 
     async def deploy(
@@ -154,8 +164,9 @@ class ProcessSandbox(Sandbox):
                 f"ValueError: the stub source ({len(source)} bytes) does not fit the {self.max_frame}-byte frame limit"
             )
         await self.start()
+        spares = self._js_spares if javascript else self._spares
         for attempt in (1, 2):
-            component = await self._spares.take()
+            component = await spares.take()
             self._components.add(component)
             try:
                 await component.deploy(
@@ -168,7 +179,6 @@ class ProcessSandbox(Sandbox):
                     on_message=on_message,
                     on_exit=on_exit,
                     timeout=self.deploy_timeout,
-                    language="javascript" if javascript else "python",
                 )
             except BaseException as exc:
                 self._components.discard(component)
@@ -200,6 +210,7 @@ class ProcessSandbox(Sandbox):
             self._closed = True
             removals = [c.remove(self.close_grace) for c in self._components]
             removals.append(self._spares.close(self.close_grace, self.start_timeout))
+            removals.append(self._js_spares.close(self.close_grace, self.start_timeout))
             await asyncio.gather(*removals, return_exceptions=True)
             self._components.clear()
         # Whatever else was started (spares cancelled while starting, discarded deploys) is killed already;
@@ -215,7 +226,11 @@ class ProcessSandbox(Sandbox):
 
     # -- hosts --------------------------------------------------------------------------------------
 
-    async def _new_host(self) -> ProcessComponent:
+    async def _new_js_host(self) -> ProcessComponent:
+        """Start one Node host for a JavaScript stub (a spare, or for a deploy that found none ready)."""
+        return await self._new_host(javascript=True)
+
+    async def _new_host(self, *, javascript: bool = False) -> ProcessComponent:
         """Start one host (a spare, or the host of a deploy that found no spare ready)."""
         assert self.probe is not None
         settings = HostSettings(
@@ -225,6 +240,8 @@ class ProcessSandbox(Sandbox):
             seccomp=self.seccomp,
             preload=self.preload,
             workdir_root=self.workdir_root,
+            node_spare=javascript,
+            memory_mb=self.limits.memory_mb,
         )
         component = ProcessComponent(settings, self.probe, self._tasks, self._hosts.discard)
         self._hosts.add(component)

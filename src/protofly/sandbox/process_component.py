@@ -59,6 +59,10 @@ class HostSettings:
     seccomp: bool
     preload: tuple[str, ...]
     workdir_root: str | None
+    #: A JavaScript stub's host: confined, then Node.js (see :mod:`~protofly.sandbox.node_exec`).
+    node_spare: bool = False
+    #: The sandbox's memory limit, from which a Node host's V8 heap limit is set at its start.
+    memory_mb: int | None = None
 
 
 class _Channel(asyncio.Protocol):
@@ -263,7 +267,7 @@ class ProcessComponent(Component):
             "landlock": settings.landlock,
             "seccomp": settings.seccomp,
             "preload": list(settings.preload),
-            **_javascript_settings(),
+            **_javascript_settings(settings),
         }
         args = ["-m", "protofly.sandbox.host", msgspec.json.encode(host_settings).decode()]
         if self._probe.bwrap is not None:
@@ -291,7 +295,6 @@ class ProcessComponent(Component):
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
         timeout: float,
-        language: str = "python",
     ) -> None:
         """Run the stub in this started host (``DeployError`` naming the stub's problem if it cannot)."""
         self.url = url
@@ -304,8 +307,8 @@ class ProcessComponent(Component):
         body: dict[str, Any] = {"url": url, "sourceCode": source, "config": config, "sandbox": limits.as_dict()}
         if classname:
             body["sourceCodeClassname"] = classname
-        if language == "javascript":
-            body["language"] = "javascript"  # the host hands over to Node.js (node_exec)
+        if self._settings.node_spare:
+            self._limit_node(limits)
         try:
             reply = await self._request(control("create", body, msg_id=self._new_id()), timeout)
         except TimeoutError:
@@ -324,6 +327,19 @@ class ProcessComponent(Component):
             self._loop.call_soon(self._report_failure, self._exit_reason or "unknown")
         else:
             self._state = "running"
+
+    def _limit_node(self, limits: Limits) -> None:
+        """Node has no setrlimit: apply the stub's limits from here; the host reports what is in force."""
+        from protofly.sandbox.node import host_pid
+        from protofly.sandbox.node_exec import apply_rlimits
+
+        pid = host_pid(self.pid) if self.pid is not None else None
+        try:
+            if pid is None:
+                raise ProcessLookupError("no Node process below the sandbox process")
+            apply_rlimits(pid, limits)
+        except (OSError, ValueError, IndexError) as exc:
+            self._log.warning("cannot apply the stub's rlimits to its Node host", error=str(exc))
 
     def _isolation_record(self) -> dict[str, Any]:
         """Layers only at the top level (a truthy value means active), details inside each value."""
@@ -500,11 +516,18 @@ class ProcessComponent(Component):
                 self._log.exception("the runtime's on_exit failed")
 
 
-def _javascript_settings() -> dict[str, Any]:
-    """What a host needs to hand a JavaScript stub over to Node.js (None where Node is not installed)."""
+def _javascript_settings(settings: HostSettings) -> dict[str, Any]:
+    """What a JavaScript stub's host needs to become Node.js (nothing for a Python stub's host)."""
+    if not settings.node_spare:
+        return {}
     from protofly.sandbox.node import node_executable, node_modules
 
-    return {"node": node_executable(), "node_modules": node_modules()}
+    return {
+        "node_spare": True,
+        "node": node_executable(),
+        "node_modules": node_modules(),
+        "memory_mb": settings.memory_mb,
+    }
 
 
 def _node_exit_reason(reason: str, stderr_lines: list[str]) -> str:
