@@ -63,8 +63,11 @@ class Boundary:
 
 
 def active_layers(isolation: Mapping[str, Any]) -> list[str]:
-    """The names of the layers a :attr:`Component.isolation` record says are active (a truthy value)."""
-    return [name for name, value in isolation.items() if value and name != "missing"]
+    """The names of the layers a :attr:`Component.isolation` record says are active (a truthy value).
+
+    ``host`` is not a layer: it names the program that runs the stub (``python`` or ``node``).
+    """
+    return [name for name, value in isolation.items() if value and name not in ("missing", "host")]
 
 
 class SandboxError(Exception):

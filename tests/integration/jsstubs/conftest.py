@@ -109,7 +109,9 @@ class JsWorld:
         template["configuration"] = {**template["configuration"], "url": node.url}
         self.publish_package(catalogue, domain, template, MSGNODE_STUB / "stub.py")
 
-    def publish_js(self, catalogue: str, domain: str, source: Path, configuration: dict[str, Any], **extra: Any) -> None:
+    def publish_js(
+        self, catalogue: str, domain: str, source: Path, configuration: dict[str, Any], **extra: Any
+    ) -> None:
         template = {"language": "javascript", "configuration": configuration, **extra}
         self.publish_package(catalogue, domain, template, source)
 

@@ -57,7 +57,9 @@ class Side:
         assert self.component is not None and self.component.post(Message(**fields))
 
     async def allocate(self) -> tuple[str, Message]:
-        self.post(id=1, type="create", from_=f"{self.runtime_url}/registry", to=ALLOCATION, body={"value": {"number": 1}})
+        self.post(
+            id=1, type="create", from_=f"{self.runtime_url}/registry", to=ALLOCATION, body={"value": {"number": 1}}
+        )
         answer = await self.next(lambda m: m.type == "response" and m.to == f"{self.runtime_url}/registry")
         assert response_code(answer) == 200, answer.body
         [hyperty] = answer.body["value"]["allocated"]
