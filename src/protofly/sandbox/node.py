@@ -40,7 +40,7 @@ _JS_KEYS = frozenset({"js", "ecmascript", "node", "nodejs", "node_js"})
 
 def is_javascript(language: str) -> bool:
     """True for reTHINK's JavaScript spellings: ``javascript``, ``Javascript ECMA6``, ``ECMAScript``, ``js``."""
-    key = re.sub(r"[\s\-]+", "_", language.strip().lower())
+    key = re.sub(r"[\s\-.]+", "_", language.strip().lower())
     return key.startswith(("javascript", "ecmascript")) or key in _JS_KEYS
 
 
