@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 __all__ = [
+    "EXIT_UNCAUGHT",
     "INSTALL_HINT",
     "NODE_HOST",
     "exit_reason",
@@ -83,12 +84,22 @@ def missing(language: str) -> str | None:
 _OUT_OF_MEMORY = ("JavaScript heap out of memory", "Allocation failed", "Fatal process out of memory")
 
 
+#: node_host.js's exit code after an uncaught exception in the stub (its ``EXIT_CRASH``).
+EXIT_UNCAUGHT = 70
+
+
 def exit_reason(reason: str, stderr_lines: list[str]) -> str:
-    """A Node host's exit, in the words used for a Python one: V8 aborts when a stub exhausts its memory."""
+    """A Node host's exit in the runtime's words, from its exit status (the stub's own words are only logged).
+
+    V8 aborts (SIGABRT) when a stub exhausts its memory, after writing so on stderr; the stub itself has
+    no ``process`` to abort or exit with.  Exit code 70 is the host's own after an uncaught exception.
+    """
     if reason in ("killed by SIGABRT", "killed by SIGTRAP") and any(
         marker in line for line in stderr_lines for marker in _OUT_OF_MEMORY
     ):
         return "memory limit (JavaScript heap out of memory)"
+    if reason == f"exit code {EXIT_UNCAUGHT}":
+        return f"uncaught exception in the stub (exit code {EXIT_UNCAUGHT})"
     return reason
 
 

@@ -613,8 +613,7 @@ function main(argv) {
     try {
       host.lastWords(description);
     } finally {
-      socket.end();
-      setTimeout(() => process.exit(EXIT_CRASH), 50);
+      exit(EXIT_CRASH);
     }
   };
   process.on('uncaughtException', crash);

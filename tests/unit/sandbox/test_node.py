@@ -49,6 +49,7 @@ def test_a_v8_out_of_memory_abort_is_reported_as_the_memory_limit() -> None:
     assert exit_reason("killed by SIGABRT", stderr) == "memory limit (JavaScript heap out of memory)"
     assert exit_reason("killed by SIGABRT", ["something else"]) == "killed by SIGABRT"
     assert exit_reason("CPU limit exceeded (SIGXCPU)", stderr) == "CPU limit exceeded (SIGXCPU)"
+    assert exit_reason("exit code 70", []) == "uncaught exception in the stub (exit code 70)"
 
 
 def test_the_v8_heap_limit_is_three_quarters_of_the_memory_limit_and_never_tiny() -> None:
