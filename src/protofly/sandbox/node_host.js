@@ -2,6 +2,8 @@
 /**
  * protofly's sandbox host for JavaScript stubs: reTHINK's own protocol stubs run here unmodified.
  *
+ * Its framing is node_channel.js, the stub's bus node_bus.js (both beside it).
+ *
  * The process is started as a Python sandbox host (inside bubblewrap), which confines itself (no_new_privs,
  * capabilities, Landlock, seccomp) and then replaces itself with `node node_host.js SETTINGS` (see
  * protofly/sandbox/node_exec.py).  Everything the Python host set up is inherited: the namespaces, the
@@ -38,9 +40,11 @@ const path = require('path');
 const util = require('util');
 const vm = require('vm');
 
+const { DEFAULT_MAX_FRAME, FrameDecoder, FrameWriter, frame } = require('./node_channel.js');
+const { MiniBus } = require('./node_bus.js');
+
 const SANDBOX_EXTERNAL = 'hyperty-runtime://sandbox/external';
 const SANDBOX_INTERNAL = 'hyperty-runtime://sandbox/internal';
-const DEFAULT_MAX_FRAME = 1 << 20;
 /** Exit code after an uncaught exception in the stub. */
 const EXIT_CRASH = 70;
 /** What the Vert.x bundle compares `bufferedAmount` with; reTHINK's node-side descriptor omits it. */
@@ -51,182 +55,6 @@ class MissingCapability extends Error {
   constructor(what, why) {
     super(`${what} is not available in protofly's Node sandbox (${why})`);
     this.name = 'MissingCapability';
-  }
-}
-
-// -- framing ---------------------------------------------------------------------------------------
-
-/** Bytes in -> messages out; oversized or invalid frames are reported to `onError` and skipped. */
-class FrameDecoder {
-  constructor(maxFrame = DEFAULT_MAX_FRAME, onError = () => {}) {
-    this.maxFrame = maxFrame;
-    this.onError = onError;
-    this.buffer = Buffer.alloc(0);
-    this.skip = 0;
-  }
-
-  feed(data) {
-    const out = [];
-    if (this.skip) {
-      const taken = Math.min(this.skip, data.length);
-      this.skip -= taken;
-      data = data.subarray(taken);
-    }
-    let buffer = this.buffer.length ? Buffer.concat([this.buffer, data]) : data;
-    let pos = 0;
-    while (buffer.length - pos >= 4) {
-      const length = buffer.readUInt32BE(pos);
-      const start = pos + 4;
-      if (length > this.maxFrame) {
-        this.onError('oversized', length);
-        const available = buffer.length - start;
-        if (available >= length) {
-          pos = start + length;
-          continue;
-        }
-        this.skip = length - available;
-        pos = buffer.length;
-        break;
-      }
-      if (buffer.length - start < length) break;
-      let value;
-      try {
-        value = JSON.parse(buffer.toString('utf8', start, start + length));
-      } catch (err) {
-        value = undefined;
-        this.onError('invalid', length);
-      }
-      if (Array.isArray(value)) out.push(...value.filter(isMessage));
-      else if (isMessage(value)) out.push(value);
-      else if (value !== undefined) this.onError('invalid', length);
-      pos = start + length;
-    }
-    this.buffer = Buffer.from(buffer.subarray(pos));
-    return out;
-  }
-}
-
-function isMessage(value) {
-  return value !== null && typeof value === 'object' && !Array.isArray(value);
-}
-
-/** Messages queued in one turn of the event loop leave as one frame (a batch), as the Python side does. */
-class FrameWriter {
-  constructor(write, maxFrame = DEFAULT_MAX_FRAME) {
-    this.write = write;
-    this.maxFrame = maxFrame;
-    this.parts = [];
-    this.scheduled = false;
-  }
-
-  /** Queue `msg`; throws (naming the size) when it can never fit a frame. */
-  add(msg) {
-    const data = Buffer.from(JSON.stringify(msg), 'utf8');
-    if (data.length > this.maxFrame) {
-      throw new RangeError(`message of ${data.length} bytes is over the ${this.maxFrame}-byte frame limit`);
-    }
-    this.parts.push(data);
-    if (!this.scheduled) {
-      this.scheduled = true;
-      setImmediate(() => this.flush());
-    }
-  }
-
-  flush() {
-    this.scheduled = false;
-    const parts = this.parts;
-    if (!parts.length) return;
-    this.parts = [];
-    for (const group of groups(parts, this.maxFrame)) this.write(frame(group));
-  }
-}
-
-function groups(parts, maxFrame) {
-  const out = [];
-  let current = [];
-  let size = 1;
-  for (const part of parts) {
-    if (current.length && size + part.length + 1 > maxFrame) {
-      out.push(current);
-      current = [];
-      size = 1;
-    }
-    current.push(part);
-    size += part.length + 1;
-  }
-  out.push(current);
-  return out;
-}
-
-function frame(parts) {
-  const payload = parts.length === 1
-    ? parts[0]
-    : Buffer.concat([Buffer.from('['), ...parts.flatMap((p, i) => (i ? [Buffer.from(','), p] : [p])), Buffer.from(']')]);
-  const header = Buffer.alloc(4);
-  header.writeUInt32BE(payload.length, 0);
-  return Buffer.concat([header, payload]);
-}
-
-// -- the stub's bus ---------------------------------------------------------------------------------
-
-/**
- * What reTHINK hands a stub as `bus`: `addListener(url, cb)` ('*' receives everything addressed to the
- * stub), `postMessage(msg, responseCallback?)` out to the runtime, and `_onMessage(msg)`, the inbound
- * path the host calls.  A response to a message posted with a callback goes to that callback (keyed
- * by the message's `from` and `id`; ids are assigned when missing, as reTHINK's MiniBus does).
- */
-class MiniBus {
-  constructor(send, maxCallbacks = 10000) {
-    this._send = send;
-    this._listeners = new Map();
-    this._callbacks = new Map();
-    this._maxCallbacks = maxCallbacks;
-    this._nextId = 0;
-  }
-
-  addListener(url, listener) {
-    if (typeof listener !== 'function') throw new TypeError('bus.addListener: the listener must be a function');
-    const list = this._listeners.get(url) || [];
-    list.push(listener);
-    this._listeners.set(url, list);
-    const listeners = this._listeners;
-    return {
-      remove() {
-        const current = listeners.get(url) || [];
-        const index = current.indexOf(listener);
-        if (index >= 0) current.splice(index, 1);
-      },
-    };
-  }
-
-  removeAllListenersOf(url) {
-    this._listeners.delete(url);
-  }
-
-  postMessage(msg, responseCallback) {
-    if (!isMessage(msg)) throw new TypeError('bus.postMessage: expected a message object');
-    if (msg.id === undefined || msg.id === null) msg.id = ++this._nextId;
-    if (typeof responseCallback === 'function' && this._callbacks.size < this._maxCallbacks) {
-      this._callbacks.set(`${msg.from}\u0000${msg.id}`, responseCallback);
-    }
-    this._send(msg);
-    return msg.id;
-  }
-
-  _onMessage(msg) {
-    if (msg.type === 'response') {
-      const key = `${msg.to}\u0000${msg.id}`;
-      const callback = this._callbacks.get(key);
-      if (callback) {
-        const code = msg.body && msg.body.code;
-        if (!(typeof code === 'number' && code < 200)) this._callbacks.delete(key);
-        callback(msg);
-        return;
-      }
-    }
-    const exact = this._listeners.get(msg.to);
-    const targets = exact && exact.length ? exact : this._listeners.get('*') || [];
-    for (const listener of targets.slice()) listener(msg);
   }
 }
 
