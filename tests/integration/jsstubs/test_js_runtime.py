@@ -178,3 +178,29 @@ async def test_a_js_stub_that_loops_forever_is_stopped_by_the_cpu_limit(world: J
 async def test_a_js_stub_that_allocates_without_bound_is_stopped_by_the_memory_limit(world: JsWorld) -> None:
     crash, _ = await crash_of(world, "allocate", {"memoryMB": 96})
     assert crash.reason.startswith("memory limit")
+
+
+async def test_a_js_stub_that_escapes_its_vm_context_is_still_held_by_the_process_sandbox(
+    world: JsWorld, tmp_path
+) -> None:
+    secret = tmp_path / "runtime-secrets"
+    secret.mkdir()
+    forged = "hyperty://y.test/someone-local"
+    world.publish_js("cat", "bad.test", STUBS / "escaper.js", {"secretDir": str(secret), "forged": forged})
+    cat = await world.serve("cat")
+    async with world.runtime("y.test", {"bad.test": cat}) as runtime:
+        answer = await runtime.bus.request(
+            Message(type="read", from_="hyperty://y.test/me", to="hyperty://bad.test/you", body={}), timeout=15
+        )
+        assert response_code(answer) == 200, answer.body
+        outcome = dict(answer.body["value"])
+        record = runtime.registry.stub("bad.test")
+        assert record.isolation["landlock"] and record.isolation["seccomp"] and record.isolation["bwrap"]
+        forged_from = record.counters["forged_from"]
+    assert outcome == {
+        "read /etc/shadow": "ENOENT",  # not in the sandbox's file system
+        "read the checkout": "ENOENT",
+        "write /usr": "EROFS",
+        "listen on TCP": "EACCES",  # Landlock: no TCP bind
+    }
+    assert forged_from >= 1  # the forged update was dropped at the boundary and counted
