@@ -251,9 +251,15 @@ class Host {
     const done = (value) => value === 'disconnected' || value === 'failed';
     return new Promise((resolve) => {
       if (done(this.status)) return resolve(this.status);
-      const timer = setTimeout(() => resolve(this.status), ms);
+      let settled = false;
+      const timer = setTimeout(() => {
+        settled = true;
+        resolve(this.status);
+      }, ms);
       const waiter = (value) => {
+        if (settled) return undefined;
         if (!done(value)) return this.statusWaiters.push(waiter);
+        settled = true;
         clearTimeout(timer);
         return resolve(value);
       };
