@@ -1,0 +1,74 @@
+"""Unbounded state: one stub floods the runtime with a million status updates and a million deliveries.
+
+Per-stub history and anomalies are ring buffers with totals beside them, statuses and deliveries pass
+token buckets (the excess dropped and counted), and warnings about a stub are summarised, so the
+runtime's memory stays flat however long a stub keeps going.  Observed from the runtime's process: its
+resident set, the rings' lengths, the counters, the log lines, and what the target hyperty received.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+
+from tests.security.conftest import EVIL, assert_confined, counter, order
+
+MILLION = 1_000_000
+INVALID = 200_000
+#: The growth of the runtime's resident set the documented bounds allow for (rings, buckets, counters).
+RSS_BOUND_MB = 20
+#: Warning lines a flood may cause: one summary per stub, kind and interval, over a few intervals.
+WARNING_BOUND = 50
+#: The rings are bounded by documented sizes well below this.
+RING_BOUND = 10_000
+
+
+def rss_mb() -> float:
+    """The resident set of this process (the runtime runs in it), from the kernel's own account."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line in /proc/self/status")
+
+
+async def test_a_million_statuses_and_deliveries_leave_the_runtime_flat(world, caplog) -> None:
+    await world.publish(EVIL, "hostile_flood.py", "Flood")
+    async with world.runtime() as runtime:
+        delivered = 0
+
+        def count(_msg: object) -> None:
+            nonlocal delivered
+            delivered += 1
+
+        target = await runtime.new_hyperty(count)
+        tester = await runtime.new_hyperty()
+        await order(tester, EVIL)  # deployed, live, and the runtime warmed up
+        evil = runtime.registry.stub(EVIL)
+        assert_confined(evil)
+        before = {name: counter(evil, name) for name in ("history_total", "status_anomalies")}
+        gc.collect()
+        rss_before = rss_mb()
+        caplog.clear()
+        caplog.set_level(logging.WARNING, logger="protofly")
+
+        report = await order(
+            tester, EVIL, timeout=60, statuses=MILLION, invalid=INVALID, deliveries=MILLION, to=target.url
+        )
+
+        gc.collect()
+        growth = rss_mb() - rss_before
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert report["statuses"] == MILLION and report["deliveries"] == MILLION
+        assert growth < RSS_BOUND_MB, f"the runtime grew by {growth:.1f} MB"
+        assert len(evil.history) < RING_BOUND and len(evil.anomalies) < RING_BOUND
+        applied = counter(evil, "history_total") - before["history_total"]
+        anomalies = counter(evil, "status_anomalies") - before["status_anomalies"]
+        # Every status was either dropped at the bucket, applied, or recorded as an anomaly: once each.
+        assert counter(evil, "status_rate_limited") > 0
+        assert counter(evil, "status_rate_limited") + applied + anomalies == MILLION + INVALID
+        # Every delivery was either dropped at the bucket or reached the hyperty.
+        assert counter(evil, "messages_rate_limited") > 0
+        assert counter(evil, "messages_rate_limited") + delivered == MILLION
+        assert len(warnings) <= WARNING_BOUND, f"{len(warnings)} warning lines, e.g. {warnings[-1].getMessage()}"
+        assert evil.summary()["counters"]["status_rate_limited"] == counter(evil, "status_rate_limited")
