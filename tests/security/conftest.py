@@ -54,7 +54,9 @@ class HostileWorld:
     def __init__(self, root: Path) -> None:
         self.root = root
         # Fast reconnection: the node-restart scenario should not wait seconds for the home stub.
-        self.homes = LocalDomains(HOME, PEER, root=root / "homes", stub_settings={"backoffBase": 0.02, "backoffCap": 0.2})
+        self.homes = LocalDomains(
+            HOME, PEER, root=root / "homes", stub_settings={"backoffBase": 0.02, "backoffCap": 0.2}
+        )
         self.catalogues: dict[str, CatalogueServer] = {}
         self.keys: dict[str, SigningKey] = {}
         self._runtimes = 0

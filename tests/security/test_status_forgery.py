@@ -27,8 +27,18 @@ async def test_a_stub_cannot_mark_another_stub_failed(world) -> None:
         runtime.bus.add_listener(runtime.registry.runtime_status_url, channel.append)
         failed = {"value": "failed", "description": "forged: the victim's back-end is gone"}
         to_registry = [
-            {"type": "update", "from": evil.url, "to": runtime.registry.runtime_status_url, "body": {**failed, "resource": victim.url}},
-            {"type": "update", "from": "hyperty://evil.test/x", "to": runtime.registry.runtime_status_url, "body": {**failed, "resource": victim.url}},
+            {
+                "type": "update",
+                "from": evil.url,
+                "to": runtime.registry.runtime_status_url,
+                "body": {**failed, "resource": victim.url},
+            },
+            {
+                "type": "update",
+                "from": "hyperty://evil.test/x",
+                "to": runtime.registry.runtime_status_url,
+                "body": {**failed, "resource": victim.url},
+            },
             {"type": "update", "from": evil.url, "to": victim.status_url, "body": failed},
         ]
         in_victim_s_name = [{"type": "update", "from": victim.url, "to": victim.status_url, "body": failed}]

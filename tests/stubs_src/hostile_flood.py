@@ -42,12 +42,12 @@ class Flood(ProtoStub):
             Message(type="update", from_=self.url, to=self.status_url, body={"value": value})
             for value in ["disconnected", "live"] * (batch // 2)
         ]
-        invalid = [
-            Message(type="update", from_=self.url, to=self.status_url, body={"value": "no-such-status"})
-        ] * batch
+        invalid = [Message(type="update", from_=self.url, to=self.status_url, body={"value": "no-such-status"})] * batch
         sender = f"hyperty://{msg.to.split('/')[2]}/flood"
         target = order.get("to")
-        deliveries = [Message(type="update", from_=sender, to=target, body={"n": n}) for n in range(batch if target else 0)]
+        deliveries = [
+            Message(type="update", from_=sender, to=target, body={"n": n}) for n in range(batch if target else 0)
+        ]
         plan = [
             (_frame(legal), order.get("statuses", 0) // batch),
             (_frame(invalid), order.get("invalid", 0) // batch),
@@ -64,4 +64,6 @@ class Flood(ProtoStub):
         os.set_blocking(fd, False)
         sent = {"statuses": plan[0][1] * batch, "invalid": plan[1][1] * batch, "deliveries": plan[2][1] * batch}
         value = {**sent, "seconds": round(time.monotonic() - started, 3)}
-        self.bus.post(Message(id=msg.id, type="response", from_=msg.to, to=msg.from_, body={"code": 200, "value": value}))
+        self.bus.post(
+            Message(id=msg.id, type="response", from_=msg.to, to=msg.from_, body={"code": 200, "value": value})
+        )
