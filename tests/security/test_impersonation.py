@@ -7,7 +7,6 @@ delivered message says in ``body.via`` which stub it came through, whatever the 
 
 from __future__ import annotations
 
-
 from tests.polling import wait_until
 from tests.security.conftest import EVIL, HOME, PEER, VICTIM, assert_confined, counter, order
 
