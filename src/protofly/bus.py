@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from protofly.log import get_logger
 from protofly.message import Message, response, response_code
+from protofly.tasks import TaskSet
 
 __all__ = [
     "BusClosedError",
@@ -112,7 +113,7 @@ class MessageBus:
         self._pending: dict[tuple[str, int | str | None], _Pending] = {}
         self._slots: dict[int, tuple[asyncio.TimerHandle, set[tuple[str, int | str | None]]]] = {}
         self._next_id: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("bus")
         self._resolver = resolver
         self._closed = False
         self.request_timeout = request_timeout
@@ -379,10 +380,11 @@ class MessageBus:
             return
         self.post(response(msg, code, description))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._closed:
+            coro.close()  # an async listener reached after close: nothing more runs
+            return
+        self._tasks.spawn(coro)
 
     # -- shutdown --------------------------------------------------------------------------------
 
@@ -398,11 +400,7 @@ class MessageBus:
             self._pending.pop(key, None)
             if not pending.future.done():
                 pending.future.set_result(response(pending.request, 503, "message bus closed"))
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+        await self._tasks.close(timeout)
 
 
 def _other_id_form(value: int | str | None) -> int | str | None:
