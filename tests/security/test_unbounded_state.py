@@ -16,6 +16,7 @@ from tests.security.conftest import EVIL, assert_confined, counter, order
 
 MILLION = 1_000_000
 INVALID = 200_000
+STRAY = 100_000
 #: The growth of the runtime's resident set the documented bounds allow for (rings, buckets, counters).
 RSS_BOUND_MB = 20
 #: Warning lines a flood may cause: one summary per stub, kind and interval, over a few intervals.
@@ -72,3 +73,24 @@ async def test_a_million_statuses_and_deliveries_leave_the_runtime_flat(world, c
         assert counter(evil, "messages_rate_limited") + delivered == MILLION
         assert len(warnings) <= WARNING_BOUND, f"{len(warnings)} warning lines, e.g. {warnings[-1].getMessage()}"
         assert evil.summary()["counters"]["status_rate_limited"] == counter(evil, "status_rate_limited")
+
+
+async def test_a_hundred_thousand_stray_responses_are_counted_not_logged_one_by_one(world, caplog) -> None:
+    await world.publish(EVIL, "hostile_flood.py", "Flood")
+    async with world.runtime() as runtime:
+        received: list[object] = []
+        target = await runtime.new_hyperty(received.append)
+        tester = await runtime.new_hyperty()
+        await order(tester, EVIL)
+        evil = runtime.registry.stub(EVIL)
+        caplog.clear()
+        caplog.set_level(logging.WARNING, logger="protofly")
+
+        report = await order(tester, EVIL, timeout=60, responses=STRAY, to=target.url)
+
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert report["responses"] == STRAY
+        assert received == []  # answers to nothing it asked never reach the hyperty
+        assert counter(evil, "forged_responses") > 0
+        assert counter(evil, "forged_responses") + counter(evil, "messages_rate_limited") == STRAY
+        assert len(warnings) <= WARNING_BOUND, f"{len(warnings)} warning lines, e.g. {warnings[-1].getMessage()}"

@@ -4,7 +4,8 @@ The order (a request to any address of the stub's domain) says how many of each:
 
 * ``statuses``: legal transitions of its own status (``disconnected``, ``live``, ``disconnected``, ...);
 * ``invalid``: status values no machine accepts;
-* ``deliveries``: ``update`` messages from the stub's domain to the hyperty ``to``.
+* ``deliveries``: ``update`` messages from the stub's domain to the hyperty ``to``;
+* ``responses``: ``response`` messages to the hyperty ``to`` that answer nothing it asked.
 
 The messages are encoded once into batch frames of ``batch`` messages and written straight onto the
 channel's socket (the cheapest flood a stub can produce), then the order is answered with the counts and
@@ -48,10 +49,15 @@ class Flood(ProtoStub):
         deliveries = [
             Message(type="update", from_=sender, to=target, body={"n": n}) for n in range(batch if target else 0)
         ]
+        stray = [
+            Message(id=n + 1, type="response", from_=sender, to=target, body={"code": 200})
+            for n in range(batch if target else 0)
+        ]
         plan = [
             (_frame(legal), order.get("statuses", 0) // batch),
             (_frame(invalid), order.get("invalid", 0) // batch),
             (_frame(deliveries), order.get("deliveries", 0) // batch),
+            (_frame(stray), order.get("responses", 0) // batch),
         ]
         fd = json.loads(sys.argv[1])["fd"]
         os.set_blocking(fd, True)
@@ -62,7 +68,8 @@ class Flood(ProtoStub):
                 if round_ < count:
                     _write(fd, frame)
         os.set_blocking(fd, False)
-        sent = {"statuses": plan[0][1] * batch, "invalid": plan[1][1] * batch, "deliveries": plan[2][1] * batch}
+        names = ("statuses", "invalid", "deliveries", "responses")
+        sent = {name: count * batch for name, (_, count) in zip(names, plan, strict=True)}
         value = {**sent, "seconds": round(time.monotonic() - started, 3)}
         self.bus.post(
             Message(id=msg.id, type="response", from_=msg.to, to=msg.from_, body={"code": 200, "value": value})
