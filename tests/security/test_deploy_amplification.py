@@ -2,9 +2,9 @@
 
 A stub may not address another domain at all (no relaying), so its messages to 300 new domains create no
 stub record and no catalogue request.  Local code may trigger deploys on demand, but those are bounded:
-total records and concurrent deploys (the excess refused and counted), and a domain whose deploy failed
-is answered from a negative cache until it expires.  The new domains' catalogue is a real server that
-counts what it is asked.
+total records and concurrent deploys (the excess refused, answered and counted), and a failed stub evicted
+to make room leaves its domain in a negative cache that answers it until it expires.  The new domains'
+catalogue is a real server that counts what it is asked.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from protofly.catalogue.server import CatalogueServer
 from protofly.message import response_code
 
 NEW_DOMAINS = [f"n{i}.test" for i in range(300)]
+#: A small stub table, so that it fills up within the test (the home stub takes one place).
+MAX_STUBS = 4
 
 
 async def bait_catalogue(root: Path) -> CatalogueServer:
@@ -60,19 +62,14 @@ async def test_a_stub_s_messages_to_new_domains_deploy_nothing(world, tmp_path) 
 
 async def test_local_code_s_on_demand_deploys_are_bounded(world, tmp_path) -> None:
     bait = await bait_catalogue(tmp_path)
+    others = [*NEW_DOMAINS, "gone.test", "fresh.test"]
     try:
-        catalogues = {**world.settings()["catalogues"], **dict.fromkeys([*NEW_DOMAINS, "gone.test"], bait.base_url)}
-        async with world.runtime(catalogues=catalogues) as runtime:
+        catalogues = {**world.settings()["catalogues"], **dict.fromkeys(others, bait.base_url)}
+        async with world.runtime(catalogues=catalogues, max_stubs=MAX_STUBS) as runtime:
             tester = await runtime.new_hyperty()
-
             first = await tester.request("hyperty://gone.test/x", timeout=20)
             per_deploy = asked(bait)  # what one failed deploy asks the catalogue
-            again = await tester.request("hyperty://gone.test/x", timeout=20)
-
-            assert response_code(first) >= 400 and response_code(again) >= 400
-            assert per_deploy > 0
-            assert asked(bait) == per_deploy  # the second was answered from the negative cache
-            assert runtime_counter(runtime, "negative_cache_hits") == 1
+            assert response_code(first) >= 400 and per_deploy > 0
 
             answers = await asyncio.gather(
                 *(tester.request(f"hyperty://{domain}/x", timeout=30) for domain in NEW_DOMAINS)
@@ -82,7 +79,19 @@ async def test_local_code_s_on_demand_deploys_are_bounded(world, tmp_path) -> No
             assert all(code is not None and code >= 400 and code != 408 for code in codes), codes  # each answered
             refused = runtime_counter(runtime, "deploys_refused")
             assert refused > 0
+            assert len(runtime.stubs()) <= MAX_STUBS
             assert asked(bait) - per_deploy <= per_deploy * (len(NEW_DOMAINS) - refused)
-            assert len(runtime.stubs()) < len(NEW_DOMAINS)
+
+            # The table is full of failed stubs: a new domain evicts one, whose domain is then answered from
+            # the negative cache, without asking its catalogue again.
+            held = {record.domain for record in runtime.stubs()}
+            await tester.request("hyperty://fresh.test/x", timeout=20)
+            evicted = held - {record.domain for record in runtime.stubs()}
+            assert len(evicted) == 1
+            asked_before, hits = asked(bait), runtime_counter(runtime, "negative_cache_hits")
+            again = await tester.request(f"hyperty://{evicted.pop()}/x", timeout=20)
+            assert response_code(again) >= 400
+            assert runtime_counter(runtime, "negative_cache_hits") == hits + 1
+            assert asked(bait) == asked_before
     finally:
         await bait.stop()

@@ -67,6 +67,6 @@ async def test_the_crash_reason_comes_from_the_os_not_from_the_stub(world) -> No
         tester.post(f"hyperty://{EVIL}/attacker", "execute", {"post": attack, "exit": 1})
 
         crash, counters = await asyncio.wait_for(crashes.get(), 20)
-        assert crash.reason == "exit code 1"
+        assert crash.reason.startswith("exit code 1")
         assert lie not in (evil.last_description() or "")
         assert counters.get("forbidden_destination", 0) == len(attack)
