@@ -52,8 +52,10 @@ async def test_secrets_and_files_stay_out_of_reach(world, tmp_path, credentials,
         assert SECRET_VALUE not in json.dumps(report) and CAROL_PASSWORD not in json.dumps(report)
         assert all(outcome.startswith("denied") for outcome in report["read"].values()), report["read"]
         assert report["write"].pop("/tmp/own.txt") == "ok"  # its private /tmp
-        assert all(outcome.startswith("denied") for outcome in report["write"].values()), report["write"]
-        assert not any(path.exists() for path in outside)
+        assert not any(path.exists() for path in outside)  # nothing reached the host's file system
+        # A checkout under /tmp is shadowed by the stub's private /tmp, where a write may "succeed" unseen.
+        reachable = {path: outcome for path, outcome in report["write"].items() if not path.startswith("/tmp/")}
+        assert all(outcome.startswith("denied") for outcome in reachable.values()), report["write"]
         evil = runtime.registry.stub(EVIL)
         assert evil.status == "live" and evil.restarts == 0
 

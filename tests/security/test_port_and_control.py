@@ -31,6 +31,7 @@ async def test_a_stub_cannot_write_to_another_stub_the_runtime_or_another_domain
             f"{runtime.runtime_url}/address-allocation",
         ]
         attack = [{"type": "create", "from": mallory, "to": to, "body": {"n": n}} for n, to in enumerate(destinations)]
+        await order(tester, EVIL)  # deployed and live
         records_before = len(runtime.stubs())
 
         await order(tester, EVIL, post=attack)
