@@ -158,6 +158,8 @@ class Bus:
         ``quiet`` is for tasks whose result someone awaits (that caller reports the error); a
         ``MemoryError`` is still reported as fatal.
         """
+        # Its own owned set rather than protofly.tasks.TaskSet: this runs inside every sandbox host, which must
+        # not import structlog (TaskSet's logger), and a MemoryError here is fatal for the stub, not a log line.
         task = asyncio.ensure_future(awaitable)
         self._tasks.add(task)
         task.add_done_callback(self._quiet_done if quiet else self._task_done)

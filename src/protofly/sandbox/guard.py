@@ -50,12 +50,16 @@ def forgery(boundary: Boundary, url: str, sender: str) -> str | None:
     if boundary.is_local is not None and boundary.is_local(sender):
         return "address of a local component"
     if boundary.stub_domain != boundary.runtime_domain:
+        # A foreign domain's stub speaks only for its domain: the address must route back to this stub.
+        # (The home domain's stub may relay other domains' senders: that is how other runtimes reach ours.)
         try:
             domain = serving_domain(sender)
         except AddressError:
             return "not a valid address"
         if domain == boundary.runtime_domain:
             return f"address of the runtime's domain {boundary.runtime_domain}"
+        if domain != boundary.stub_domain:
+            return f"address of {domain or 'no domain'}, which the stub of {boundary.stub_domain} does not serve"
     return None
 
 
