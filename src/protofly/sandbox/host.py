@@ -46,7 +46,7 @@ from protofly.sandbox.channel import (
     control,
 )
 from protofly.sandbox.limits import Limits
-from protofly.stub import Bus, MethodNotFound, summary
+from protofly.stub import AuthenticationFailed, Bus, MethodNotFound, summary
 
 __all__ = ["EXIT_BAD_SETTINGS", "EXIT_MEMORY", "Host", "main"]
 
@@ -238,6 +238,8 @@ class Host(asyncio.Protocol):
             value = await loader.execute(self.stub, method, params)
         except MethodNotFound as exc:
             self._respond(msg, 404, str(exc))
+        except AuthenticationFailed as exc:
+            self._respond(msg, 401, summary(exc))
         except MemoryError:
             self.fatal("memory limit (MemoryError)", EXIT_MEMORY)
         except Exception as exc:
