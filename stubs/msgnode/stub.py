@@ -52,6 +52,7 @@ __all__ = [
     "MsgNodeStub",
     "NodeSession",
     "Retry",
+    "SaveState",
     "Settings",
     "Status",
     "Wake",
@@ -114,6 +115,7 @@ _KEYS = {
     "batch": "batch",
     "batch_bytes": "batchBytes",
     "drain": "drain",
+    "ack": "ack",
     "open_timeout": "openTimeout",
     "max_message": "maxMessage",
     "ping_interval": "pingInterval",
@@ -137,6 +139,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
     batch: bool = True
     batch_bytes: Annotated[int, Meta(ge=2)] = 256 << 10
     drain: bool = True
+    ack: bool = True
     open_timeout: Annotated[float, Meta(ge=0.001)] = 3.0
     max_message: Annotated[int, Meta(ge=64)] = 1 << 20
     ping_interval: Annotated[float, Meta(ge=0.0)] = 20.0
@@ -263,7 +266,19 @@ class Failed:
     description: str
 
 
-Action = Status | Wake | Deliver | Answer | CloseSocket | Retry | Live | Failed
+@dataclass(frozen=True, slots=True)
+class SaveState:
+    """Hand the runtime what a restarted stub needs to take this session over (``ProtoStub.save_state``).
+
+    ``state`` is the session URL and the last number received from the node; ``handed_over`` how many of
+    the messages the runtime handed to this stub are done with (acknowledged by the node, or answered).
+    """
+
+    state: dict[str, Any]
+    handed_over: int
+
+
+Action = Status | Wake | Deliver | Answer | CloseSocket | Retry | Live | Failed | SaveState
 
 # phases of NodeSession
 IDLE = "idle"  # no socket (before the first connect, or between attempts)
@@ -297,6 +312,7 @@ class NodeSession:
         stub_url: str,
         *,
         rng: Callable[[float, float], float] = random.uniform,
+        saved: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.stub_url = stub_url
@@ -325,9 +341,24 @@ class NodeSession:
                 "reopen_fallbacks",
                 "drains",
                 "disconnects",
+                "duplicates",
+                "resent",
+                "acks",
             ),
             0,
         )
+        #: Acknowledged delivery (docs/msgnode.md): granted on this socket; the last number sent and the
+        #: sent messages the node has not acknowledged ``(seq, data)``; the last number received from the
+        #: node; an ``ack`` to send.  Messages stay counted in ``outbox_size`` until acknowledged.
+        self.ack_granted = False
+        self.sent_seq = 0
+        self.inflight: deque[tuple[int, bytes]] = deque()
+        self.delivered = 0
+        self._ack_due = False
+        #: How many messages the runtime handed over (``submit``); the hand-over number of every message
+        #: still pending (outbox and in flight, in order), for :class:`SaveState`.
+        self.handed = 0
+        self._marks: deque[int] = deque()
         self._token: str | None = None
         self._control: deque[bytes] = deque()
         self._pending: tuple[int, str] | None = None  # (id, "open" | "re-open")
@@ -336,6 +367,13 @@ class NodeSession:
         self._had_session = False
         #: live at least once since start(): before that a failure fails connect() instead of retrying
         self._established = False
+        if saved:
+            session = saved.get("session")
+            received = saved.get("received")
+            if isinstance(session, str) and session.startswith(self.runtime_url + "/"):
+                self.session_url = session
+                self._had_session = True
+                self.delivered = received if type(received) is int and received >= 0 else 0
 
     def __repr__(self) -> str:  # never shows the access token
         return f"NodeSession(phase={self.phase!r}, session={self.session_url!r}, outbox={len(self.outbox)})"
@@ -360,6 +398,7 @@ class NodeSession:
 
     def submit(self, msg: Message) -> Answer | None:
         """Accept a message for the node (stamping ``body.via``), or say why not as an error response."""
+        self.handed += 1
         if self.phase in (STOPPED, CLOSING):
             return self._refuse(msg, 503, f"the stub for {self.settings.url} is disconnected; connect() it first")
         body = msg.body
@@ -385,8 +424,18 @@ class NodeSession:
             )
         self.outbox.append(data)
         self.outbox_size += size
+        self._marks.append(self.handed)
         self.counters["accepted"] += 1
         return None
+
+    @property
+    def handed_over(self) -> int:
+        """Every message the runtime handed over up to this number is acknowledged or answered."""
+        return self._marks[0] - 1 if self._marks else self.handed
+
+    def saved_state(self) -> SaveState:
+        state: dict[str, Any] = {"session": self.session_url, "received": self.delivered}
+        return SaveState(state, self.handed_over)
 
     @property
     def can_send(self) -> bool:
@@ -401,8 +450,14 @@ class NodeSession:
         outbox = self.outbox
         if self._control and not (self.phase == CLOSING and outbox):  # 'close' goes after the outbox
             return self._control.popleft(), 0
+        if self._ack_due and self.session_url is not None and self.phase in (LIVE, DRAINING, CLOSING):
+            self._ack_due = False
+            self.counters["acks"] += 1
+            return self._session_message("update", self.session_url, {"ack": self.delivered}), 0
         if self.phase not in (LIVE, CLOSING) or not outbox:
             return None
+        if self.ack_granted:
+            return self._numbered_frame()
         first = outbox.popleft()
         if not self.batch_granted or not outbox:
             self.outbox_size -= len(first)
@@ -419,6 +474,44 @@ class NodeSession:
             return first, 1
         return b"[" + b",".join(parts) + b"]", len(parts)
 
+    def _numbered_frame(self) -> tuple[bytes, int]:
+        """``[seq,m1,m2,...]``: outbox messages numbered and kept in flight until the node's ``ack``."""
+        outbox = self.outbox
+        limit = self.frame_limit if self.batch_granted else 0
+        first = outbox.popleft()
+        seq = self.sent_seq + 1
+        parts = [first]
+        size = len(first) + 24
+        while outbox and size + len(outbox[0]) + 1 <= limit:
+            data = outbox.popleft()
+            parts.append(data)
+            size += len(data) + 1
+        for offset, data in enumerate(parts):
+            self.inflight.append((seq + offset, data))
+        self.sent_seq = seq + len(parts) - 1
+        return b"[%d," % seq + b",".join(parts) + b"]", len(parts)
+
+    def _released(self, seq: int, actions: list[Action]) -> None:
+        """The node acknowledged everything up to ``seq``: forget it (and let the runtime know)."""
+        inflight = self.inflight
+        released = 0
+        while inflight and inflight[0][0] <= seq:
+            self.outbox_size -= len(inflight.popleft()[1])
+            self._marks.popleft()
+            released += 1
+        if released:
+            actions.append(self.saved_state())
+
+    def _resync(self, received: int, actions: list[Action]) -> None:
+        """After open/re-open: the node has everything up to ``received``; what is left goes again, in order."""
+        self._released(received, actions)
+        if self.inflight:
+            self.counters["resent"] += len(self.inflight)
+            for _, data in reversed(self.inflight):
+                self.outbox.appendleft(data)
+            self.inflight.clear()
+        self.sent_seq = received
+
     def written(self, count: int) -> None:
         """A frame carrying ``count`` outbox messages reached the socket."""
         self.counters["sent"] += count
@@ -427,8 +520,15 @@ class NodeSession:
     def unsent(self, frame: bytes, count: int) -> None:
         """A frame from :meth:`next_frame` could not be written: put its messages back at the front."""
         if count == 0:
+            if frame.endswith(b'"ack":%d}}' % self.delivered):
+                self._ack_due = True  # an ack that did not go: the next socket sends it
             return  # a session message belongs to the socket that is gone
         self.counters["requeued"] += count
+        if self.ack_granted:  # numbered: back from in flight to the outbox, numbers given back
+            for _ in range(count):
+                self.outbox.appendleft(self.inflight.pop()[1])
+            self.sent_seq -= count
+            return
         if count == 1:
             parts = [frame]
         else:
@@ -462,6 +562,8 @@ class NodeSession:
         self._why = None
         self.batch_granted = False
         self.drain_granted = False
+        self.ack_granted = False
+        self._ack_due = False
         self.frame_limit = self.settings.batch_bytes
         self.phase = OPENING
         if self.session_url is not None:
@@ -472,7 +574,8 @@ class NodeSession:
 
     def received(self, data: bytes) -> list[Action]:
         """One text frame from the node: a message or (batching) an array of messages."""
-        messages = self._decode(data)
+        before = self.delivered
+        messages = self._decode_numbered(data) if self.ack_granted and data[:1] == b"[" else self._decode(data)
         actions: list[Action] = []
         batch: list[Message] = []
         for msg in messages:
@@ -488,7 +591,51 @@ class NodeSession:
         if batch:
             actions.append(Deliver(batch))
         self.counters["received"] += sum(len(a.messages) for a in actions if type(a) is Deliver)
+        if self.delivered != before:  # the runtime has them (in order, after the Deliver): tell both sides
+            actions.append(self.saved_state())
+            self._ack_due = True
+            actions.append(Wake())
         return actions
+
+    def _decode_numbered(self, data: bytes) -> list[Message]:
+        """A frame of the ack extension: ``[seq,m...]``, or a packed array of such frames and plain messages.
+
+        Numbered messages already delivered (a replay after a reconnection) are dropped here, by number.
+        """
+        try:
+            items = _raw_list.decode(data)
+        except msgspec.DecodeError:
+            self.counters["invalid"] += 1
+            return []
+        if items and bytes(items[0])[:1].isdigit():
+            groups = [items]
+        else:
+            groups = []
+            for item in items:
+                raw = bytes(item)
+                if raw[:1] == b"[":
+                    try:
+                        groups.append(_raw_list.decode(raw))
+                    except msgspec.DecodeError:
+                        self.counters["invalid"] += 1
+                else:
+                    groups.append([msgspec.Raw(b"0"), item])  # a plain message (number 0: never a duplicate)
+        messages: list[Message] = []
+        for group in groups:
+            try:
+                seq = int(bytes(group[0]))
+            except ValueError:
+                self.counters["invalid"] += 1
+                continue
+            for offset, raw in enumerate(group[1:]):
+                if seq:
+                    number = seq + offset
+                    if number <= self.delivered:
+                        self.counters["duplicates"] += 1
+                        continue
+                    self.delivered = number
+                messages.extend(self._decode(bytes(raw)))
+        return messages
 
     def open_timed_out(self) -> list[Action]:
         """No answer to ``open``/``re-open`` in time: give this socket up (reTHINK: "Timeout from mn:/session")."""
@@ -548,6 +695,10 @@ class NodeSession:
             body["batch"] = True
         if self.settings.drain:
             body["drain"] = True
+        if self.settings.ack:
+            body["ack"] = True
+            if kind == "re-open":
+                body["received"] = self.delivered
         if kind == "open" and self._token is not None:
             body["accessToken"] = self._token
         msg_id = self._next_id()
@@ -565,6 +716,8 @@ class NodeSession:
         body = msg.body or {}
         if msg.type == "update" and body.get("value") == "draining":
             self._draining(actions)
+        elif msg.type == "update" and type(body.get("ack")) is int and self.ack_granted:
+            self._released(body["ack"], actions)
 
     def _answered(self, kind: str, msg: Message, actions: list[Action]) -> None:
         code = response_code(msg)
@@ -580,11 +733,17 @@ class NodeSession:
                 fresh = self._had_session
                 self.session_url = f"{self.runtime_url}/{token}"
                 self._had_session = True
+                self.delivered = 0  # a new session: the node numbers from 1 again
             self.phase = LIVE
             self.backoff.reset()
             self._established = True
             self.batch_granted = body.get("batch") is True
             self.drain_granted = body.get("drain") is True
+            self.ack_granted = body.get("ack") is True
+            received = body.get("received")
+            self._resync(received if self.ack_granted and type(received) is int and received > 0 else 0, actions)
+            if kind == "open" and self.settings.ack:
+                actions.append(self.saved_state())
             limit = body.get("maxFrame")
             if self.batch_granted and type(limit) is int and limit > 2:
                 self.frame_limit = min(self.settings.batch_bytes, limit)
@@ -645,6 +804,10 @@ class NodeSession:
 
     def _refuse_outbox(self, description: str) -> list[Action]:
         actions: list[Action] = []
+        for _, data in reversed(self.inflight):  # never acknowledged: answered with the rest
+            self.outbox.appendleft(data)
+        self.inflight.clear()
+        self._marks.clear()
         while self.outbox:
             data = self.outbox.popleft()
             try:
@@ -655,6 +818,8 @@ class NodeSession:
             if answer is not None:
                 actions.append(answer)
         self.outbox_size = 0
+        if self.settings.ack:
+            actions.append(self.saved_state())
         return actions
 
     def _state_words(self) -> str:
@@ -682,7 +847,8 @@ class MsgNodeStub(ProtoStub):
         settings = Settings.load(config or {})
         super().__init__(url, bus, config)
         self.settings = settings
-        self.session = NodeSession(settings, url)
+        saved = self.saved_state if isinstance(self.saved_state, Mapping) else None
+        self.session = NodeSession(settings, url, saved=saved)
         self._loop_task: asyncio.Task[None] | None = None
         self._ws: ClientConnection | None = None
         self._wake: asyncio.Event | None = None
@@ -857,6 +1023,8 @@ class MsgNodeStub(ProtoStub):
                     self._close_socket(code, reason)
                 case Failed(description=description):
                     self._settle_first(ConnectionError(description))
+                case SaveState(state=state, handed_over=handed_over):
+                    self.save_state(state, handed_over=handed_over)
         return delay
 
     def _settle_first(self, error: BaseException | None) -> bool:
