@@ -44,6 +44,7 @@ from protofly.message import Message
 from protofly.port import StubPort
 from protofly.registry import Local, NeedsStub, RegistryError, RuntimeRegistry, StubRecord, ToStub
 from protofly.sandbox import Component, Limits, Sandbox, create_sandbox
+from protofly.session_store import SessionStore
 from protofly.supervision import (
     Action,
     AnswerQueued,
@@ -134,6 +135,8 @@ class Runtime:
         self.bus = MessageBus(request_timeout=config.request_timeout)
         #: Every deploy step, status change, restart and unload, as typed events (:mod:`protofly.events`).
         self.events = EventStream()
+        #: Stub state and messages that outlive a stub's process (``session_store.py``).
+        self.sessions = SessionStore(self.bus)
         self.limits = Limits(memory_mb=config.memory_mb, cpu_seconds=config.cpu_seconds, open_files=config.open_files)
         self.policy = Policy(
             backoff_base=config.backoff_base,
@@ -198,6 +201,7 @@ class Runtime:
             identity=self._identity,
             limits=self.limits,
             events=self.events,
+            sessions=self.sessions,
         )
         log.info("runtime started", runtime_url=self.runtime_url, sandbox=config.sandbox)
 
@@ -360,6 +364,7 @@ class Runtime:
                     self.events.emit(StubCrashed(stub.domain, stub.record.url, reason, round(delay, 3)))
                 case GaveUp(reason, crashes):
                     log.error("stub crash loop: giving up", domain=stub.domain, stub_url=stub.record.url)
+                    self.sessions.abandon(stub.domain, f"the stub for {stub.domain} crashed for good: {reason}")
                     self.events.emit(CrashLoop(stub.domain, stub.record.url, reason, crashes))
                 case Refuse() | CancelDeploy():
                     pass  # load_stub raises the failure; cancellation is awaited by the caller
@@ -393,6 +398,7 @@ class Runtime:
             if stub.task is asyncio.current_task():
                 stub.task = None
         stub.handle = handle
+        self.sessions.redeliver(stub.domain, stub.component)  # what a dead instance left, before the queue
         self._perform(stub, stub.machine.handle(Deployed()))
         pid = stub.record.info.get("pid")
         self.events.emit(StubLive(stub.domain, stub.record.url, round(handle.total_ms, 3), pid))
@@ -402,6 +408,7 @@ class Runtime:
         self.registry.report(stub.record, "deployment-failed", error.description)
         log.warning("stub deployment failed", domain=stub.domain, stub_url=stub.record.url, reason=error.description)
         self.events.emit(DeployFailed(stub.domain, stub.record.url, error.code, error.description))
+        self.sessions.abandon(stub.domain, f"the stub for {stub.domain} could not be restarted: {error.description}")
         failure = Failure(error.code, error.description, error.cause)
         self._perform(stub, stub.machine.handle(DeployFailedEvent(failure)))
 
@@ -443,6 +450,8 @@ class Runtime:
             except Exception as exc:
                 log.error("removing stub failed", stub_url=stub.record.url, error=str(exc))
         stub.listener.remove()
+        self.sessions.abandon(stub.domain, f"the stub for {stub.domain} was unloaded: {reason}")
+        self.sessions.forget(stub.domain)
         self._perform(stub, stub.machine.handle(Unload(reason)))
         with contextlib.suppress(RegistryError):
             self.registry.unregister_stub(stub.domain)

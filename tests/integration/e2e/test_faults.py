@@ -1,0 +1,140 @@
+"""Faults with real processes, counting every request sent against the answers that came back.
+
+A stub's sandbox process SIGKILLed (by its pid) with replies in flight and under steady traffic; a message
+node process SIGKILLed mid-stream and restarted on its port with its state directory.  Each test sends
+requests from hyperty A (runtime A) to hyperty B (runtime B) and checks that every one got its own reply
+(``200`` with its own number): no ``408`` after the request timeout, no ``404``, nothing lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from tests.polling import wait_until
+
+from protofly.message import Message, response_code
+
+
+def echo(msg: Message) -> dict:
+    return {"echo": msg.body["n"]}
+
+
+def lives(record) -> int:
+    """How many times the stub went live (a restart after a crash makes it two)."""
+    return sum(1 for e in record.history if e.group == "connection" and e.value == "live")
+
+
+def tally(answers: list[Message]) -> dict[int | None, int]:
+    codes: dict[int | None, int] = {}
+    for answer in answers:
+        code = response_code(answer)
+        codes[code] = codes.get(code, 0) + 1
+    return codes
+
+
+async def test_stub_killed_with_20_replies_in_flight_every_request_gets_its_reply(world) -> None:
+    """The 20 replies come back (through b.test's node, the way the requests went) while A's stub is dead.
+
+    The node keeps them for the detached session; the stub's next instance re-opens that same session
+    (the runtime handed it the saved state) and receives them.
+    """
+    await world.start()
+    async with world.runtime("a.test") as rt_a, world.runtime("b.test") as rt_b:
+        release = asyncio.Event()
+        arrived: list[int] = []
+
+        async def slow_echo(msg: Message) -> dict:
+            arrived.append(msg.body["n"])
+            await release.wait()
+            return {"echo": msg.body["n"]}
+
+        hyperty_b = await rt_b.new_hyperty(slow_echo)
+        hyperty_a = await rt_a.new_hyperty()
+        home = await rt_a.load_stub("b.test")
+        session_before = rt_a.sessions.saved("b.test")["session"]
+        pid = home.record.info["pid"]
+        requests = [
+            asyncio.create_task(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=10)) for n in range(20)
+        ]
+        await wait_until(lambda: len(arrived) == 20, timeout=10)
+
+        os.kill(pid, signal.SIGKILL)
+        release.set()  # the 20 replies leave runtime B now, towards a session whose stub is dead
+        answers = await asyncio.gather(*requests)
+
+        assert tally(answers) == {200: 20}  # 20 sent, 20 real replies: no 408, no error
+        assert [a.body["value"]["echo"] for a in answers] == list(range(20))
+        assert lives(home.record) == 2  # the stub was restarted
+        assert rt_a.sessions.saved("b.test")["session"] == session_before  # the same node session, re-opened
+        assert world.nodes["b.test"].counters["sessions_reopened"] >= 1
+
+
+async def test_outgoing_stub_killed_under_100_requests_a_second_every_request_gets_its_reply(world) -> None:
+    """A's stub for b.test dies mid-stream: what it held is given to its successor, the rest waits for it."""
+    await world.start()
+    async with world.runtime("a.test") as rt_a, world.runtime("b.test") as rt_b:
+        hyperty_b = await rt_b.new_hyperty(echo)
+        hyperty_a = await rt_a.new_hyperty()
+        await rt_a.load_stub("b.test")
+        await rt_b.load_stub("a.test")
+        stub = rt_a.registry.stub("b.test")
+        pid = stub.info["pid"]
+        requests: list[asyncio.Task[Message]] = []
+
+        async def send(count: int) -> None:
+            for _ in range(count):
+                n = len(requests)
+                requests.append(
+                    asyncio.create_task(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=10))
+                )
+                await asyncio.sleep(0.01)  # 100 requests a second
+
+        await send(100)
+        os.kill(pid, signal.SIGKILL)
+        await send(150)  # during the restart and after it
+        answers = await asyncio.gather(*requests)
+
+        assert tally(answers) == {200: 250}
+        assert [a.body["value"]["echo"] for a in answers] == list(range(250))
+        assert lives(stub) == 2
+        assert rt_a.sessions.pending("b.test") == 0
+
+
+async def test_node_killed_mid_stream_and_restarted_every_request_gets_its_reply(world) -> None:
+    """b.test's node process is SIGKILLed under traffic and restarted on its port with its state directory.
+
+    Both stubs on it re-open their sessions (the node knew them from its journal): no 404, nothing lost.
+    """
+    await world.start(processes=("b.test",))
+    async with world.runtime("a.test") as rt_a, world.runtime("b.test") as rt_b:
+        hyperty_b = await rt_b.new_hyperty(echo)
+        hyperty_a = await rt_a.new_hyperty()
+        await rt_a.load_stub("b.test")
+        await rt_b.load_stub("a.test")
+        foreign, home_b = rt_a.registry.stub("b.test"), rt_b.registry.stub("b.test")
+        requests: list[asyncio.Task[Message]] = []
+
+        async def send(count: int) -> None:
+            for _ in range(count):
+                n = len(requests)
+                requests.append(
+                    asyncio.create_task(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=10))
+                )
+                await asyncio.sleep(0.005)
+
+        await send(100)
+        node = world.nodes["b.test"]
+        await node.kill()
+        await send(50)  # while the node is down
+        await node.start()
+        await send(150)  # after its restart
+        answers = await asyncio.gather(*requests)
+
+        assert tally(answers) == {200: 300}  # 300 sent, 300 replies: not one 404 or 408
+        assert [a.body["value"]["echo"] for a in answers] == list(range(300))
+        for record in (foreign, home_b):
+            assert record.status == "live"
+            live = [e for e in record.history if e.group == "connection" and e.value == "live"][-1]
+            assert not (live.description or "").startswith("new session")  # the same sessions, re-opened
