@@ -75,9 +75,13 @@ class TrackedComponent(Component):
         self.isolation = inner.isolation
         self.counters = inner.counters
 
-    @property  # type: ignore[override]
+    @property  # the process is the inner component's
     def pid(self) -> int | None:
         return self.inner.pid
+
+    @pid.setter
+    def pid(self, value: int | None) -> None:
+        self.inner.pid = value
 
     def post(self, msg: Message) -> bool:
         if not self.inner.post(msg):

@@ -48,9 +48,9 @@ import uuid
 from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
-from protofly.address import validate_domain
 import msgspec
 
+from protofly.address import validate_domain
 from protofly.message import Message, MessageError, decode, decode_frame, encode, response
 from protofly.msgnode import acks
 from protofly.msgnode import snapshot as state_snapshot

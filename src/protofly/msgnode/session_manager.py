@@ -217,7 +217,9 @@ class SessionManager:
         if self.draining and state.drain and state.conn not in self.awaiting:
             self._notify_draining(state, out)
 
-    def _negotiate_ack(self, state: ConnState, body: dict[str, Any], session: Session, extra: dict[str, Any]) -> list[bytes]:
+    def _negotiate_ack(
+        self, state: ConnState, body: dict[str, Any], session: Session, extra: dict[str, Any]
+    ) -> list[bytes]:
         """The ack extension at open/re-open; returns the numbered frames the runtime has not acknowledged.
 
         With ``"ack": true`` the runtime's ``"received"`` releases what it already has and the answer says

@@ -86,9 +86,7 @@ async def test_outgoing_stub_killed_under_100_requests_a_second_every_request_ge
         async def send(count: int) -> None:
             for _ in range(count):
                 n = len(requests)
-                requests.append(
-                    asyncio.create_task(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=10))
-                )
+                requests.append(asyncio.create_task(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=10)))
                 await asyncio.sleep(0.01)  # 100 requests a second
 
         await send(100)
@@ -119,9 +117,7 @@ async def test_node_killed_mid_stream_and_restarted_every_request_gets_its_reply
         async def send(count: int) -> None:
             for _ in range(count):
                 n = len(requests)
-                requests.append(
-                    asyncio.create_task(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=10))
-                )
+                requests.append(asyncio.create_task(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=10)))
                 await asyncio.sleep(0.005)
 
         await send(100)
