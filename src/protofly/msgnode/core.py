@@ -496,8 +496,7 @@ class MessageNodeCore:
                 session.sent = seq - 1
                 if session.number(data, 1 << 62, 1 << 62):
                     applied += 1
-            elif kind == "a":
-                session.acknowledged(seq)
+            elif kind == "a" and session.acknowledged(seq):
                 applied += 1
             elif kind == "r" and seq > session.received:
                 session.received = seq
