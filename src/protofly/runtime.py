@@ -44,6 +44,7 @@ from protofly.message import Message
 from protofly.port import StubPort
 from protofly.registry import Local, NeedsStub, RegistryError, RuntimeRegistry, StubRecord, ToStub
 from protofly.sandbox import Component, Limits, Sandbox, create_sandbox
+from protofly.rebind import Rebinder
 from protofly.session_store import SessionStore
 from protofly.supervision import (
     Action,
@@ -137,6 +138,8 @@ class Runtime:
         self.events = EventStream()
         #: Stub state and messages that outlive a stub's process (``session_store.py``).
         self.sessions = SessionStore(self.bus)
+        #: Re-claims the hyperties' addresses when the home node lost the session (``rebind.py``).
+        self.rebinder = Rebinder(self.bus, self.events, config.domain, config.request_timeout)
         self.limits = Limits(memory_mb=config.memory_mb, cpu_seconds=config.cpu_seconds, open_files=config.open_files)
         self.policy = Policy(
             backoff_base=config.backoff_base,
@@ -218,6 +221,7 @@ class Runtime:
         await asyncio.gather(*(self._unload(stub, "runtime closed") for stub in list(self._stubs.values())))
         self._stubs.clear()
         await self._tasks.close()
+        await self.rebinder.close()
         if self._sandbox is not None:
             await self._sandbox.close()
         if self._catalogue is not None:
@@ -272,7 +276,9 @@ class Runtime:
         The home stub is deployed on demand by the allocation request itself (the seed's "deployment of a
         Hyperty" trigger).  ``handler`` gets incoming messages; a non-None return value answers with 200.
         """
-        return await allocate_hyperty(self.bus, self.registry, self.config, handler)
+        hyperty = await allocate_hyperty(self.bus, self.registry, self.config, handler)
+        self.rebinder.add(hyperty)
+        return hyperty
 
     async def load_stub(self, reference: str) -> StubHandle:
         """Deploy the stub of a domain (or named by a catalogue URL) and wait until it is ``live``.

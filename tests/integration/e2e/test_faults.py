@@ -134,3 +134,37 @@ async def test_node_killed_mid_stream_and_restarted_every_request_gets_its_reply
             assert record.status == "live"
             live = [e for e in record.history if e.group == "connection" and e.value == "live"][-1]
             assert not (live.description or "").startswith("new session")  # the same sessions, re-opened
+
+
+async def test_a_node_that_lost_its_state_gets_every_hyperty_address_back(world) -> None:
+    """b.test's node is SIGKILLed and restarted with an empty state directory (a new disk).
+
+    The stubs find their sessions gone and open new ones; runtime B re-claims hyperty B's address with
+    its allocation key, so every request sent after the stubs are live again gets its reply: no 404.
+    """
+    await world.start(processes=("b.test",))
+    async with world.runtime("a.test") as rt_a, world.runtime("b.test") as rt_b:
+        hyperty_b = await rt_b.new_hyperty(echo)
+        hyperty_a = await rt_a.new_hyperty()
+        foreign, home_b = rt_a.registry.stub("b.test"), rt_b.registry.stub("b.test")
+        first = await hyperty_a.request(hyperty_b.url, "execute", {"n": -1}, timeout=10)
+        assert response_code(first) == 200
+        foreign = rt_a.registry.stub("b.test")
+
+        node = world.nodes["b.test"]
+        await node.kill()
+        for path in node.state_dir.iterdir():
+            path.unlink()
+        await node.start()
+
+        def new_session(record) -> bool:
+            last = record.history[-1]
+            return last.value == "live" and (last.description or "").startswith("new session")
+
+        await wait_until(lambda: new_session(foreign) and new_session(home_b), timeout=10)
+        await wait_until(lambda: rt_b.rebinder.counters["rebound"] == 1, timeout=10)
+        answers = await asyncio.gather(
+            *(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=10) for n in range(100))
+        )
+        assert tally(answers) == {200: 100}  # not one "404 not an allocated address"
+        assert [a.body["value"]["echo"] for a in answers] == list(range(100))
