@@ -6,7 +6,7 @@ import json
 
 import msgspec
 import pytest
-from tests.unit.msgnode.test_msgnode_core import Node, frame, sent
+from tests.unit.msgnode.test_msgnode_core import ALLOC, Node, frame, sent
 
 from protofly.msgnode import acks
 from protofly.msgnode.actions import Replay, Send
@@ -176,3 +176,28 @@ def test_a_torn_journal_tail_is_ignored() -> None:
     good = b'7\n["a",1]\n'
     assert read_records(good + b'12\n["q",') == [["a", 1]]
     assert read_records(good + b"x\n") == [["a", 1]]
+
+
+# -- re-claiming addresses on a new session (a node that lost its state) ------------------------------------
+
+
+def reclaim(node: Node, conn, addresses, **value) -> dict:
+    body = {"scheme": "hyperty", "value": {"number": 1, "addresses": addresses, **value}}
+    [answer] = sent(node.send(conn, type="create", from_="hyperty-runtime://x.test/rt/registry", to=ALLOC, body=body))
+    return answer["body"]
+
+
+def test_a_free_address_is_granted_again_under_its_allocation_key(node) -> None:
+    conn, url = node.session("a")
+    body = reclaim(node, conn, ["hyperty://b.test/old-1"], allocationKey="k1")
+    assert body["code"] == 200 and body["value"] == {"allocated": ["hyperty://b.test/old-1"], "allocationKey": "k1"}
+    assert node.core.owner("hyperty://b.test/old-1") is node.core.session(url)
+
+
+def test_an_address_held_by_another_session_or_foreign_is_refused(node) -> None:
+    owner, _ = node.session("a")
+    [held] = node.allocate(owner, scheme="hyperty", value={"number": 1})
+    thief, _ = node.session("t")
+    assert reclaim(node, thief, [held], allocationKey="k")["code"] == 409
+    assert reclaim(node, thief, ["hyperty://other.test/x"], allocationKey="k")["code"] == 400
+    assert reclaim(node, thief, ["hyperty://b.test/free"])["code"] == 400  # no allocationKey
