@@ -42,9 +42,9 @@ from protofly.identity import IdentityModule
 from protofly.log import get_logger
 from protofly.message import Message
 from protofly.port import StubPort
+from protofly.rebind import Rebinder
 from protofly.registry import Local, NeedsStub, RegistryError, RuntimeRegistry, StubRecord, ToStub
 from protofly.sandbox import Component, Limits, Sandbox, create_sandbox
-from protofly.rebind import Rebinder
 from protofly.session_store import SessionStore
 from protofly.supervision import (
     Action,

@@ -90,6 +90,9 @@ CLOSE_CODES: dict[int, str] = {
 
 #: Splits a packed frame of this stub's own messages back into them (see :meth:`NodeSession.unsent`).
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+#: The node's numbered frames (ack extension): one ``[seq,m]``, or several packed in one array.
+_numbered_one = msgspec.json.Decoder(tuple[int, Message])
+_numbered_packed = msgspec.json.Decoder(list[tuple[int, Message]])
 
 
 def close_description(code: int | None, reason: str | None = None) -> str:
@@ -601,7 +604,23 @@ class NodeSession:
         """A frame of the ack extension: ``[seq,m...]``, or a packed array of such frames and plain messages.
 
         Numbered messages already delivered (a replay after a reconnection) are dropped here, by number.
+        The common frames (``[seq,m]``, or the node's packing of them) are decoded in one call.
         """
+        try:
+            pairs = [_numbered_one.decode(data)] if data[1:2].isdigit() else _numbered_packed.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return self._decode_numbered_slowly(data)
+        fresh: list[Message] = []
+        for seq, msg in pairs:
+            if seq <= self.delivered:
+                self.counters["duplicates"] += 1
+                continue
+            self.delivered = seq
+            fresh.append(msg)
+        return fresh
+
+    def _decode_numbered_slowly(self, data: bytes) -> list[Message]:
+        """Item by item: a frame mixing plain and numbered messages, or with a bad element."""
         try:
             items = _raw_list.decode(data)
         except msgspec.DecodeError:

@@ -76,6 +76,7 @@ class Journal:
         self.records = 0
         self.checkpoints = 0
         self._fd: int | None = None
+        self._names: dict[str, bytes] = {}  # session URL -> its JSON string, for the hot path
 
     def load(self) -> tuple[Any, list[list[Any]]]:
         """The checkpoint (decoded JSON, or None) and the journal's records after it."""
@@ -105,10 +106,18 @@ class Journal:
         if fd is None or not records:
             return
         parts: list[bytes] = []
+        names = self._names
         for record in records:
-            if record[0] == "q":  # the message as JSON inside the record, not as base64
-                record = (*record[:3], msgspec.Raw(record[3]))
-            payload = _encode(record)
+            if record[0] == "q":  # the message as JSON inside the record (not base64), built by hand: hot path
+                _, url, seq, data = record
+                name = names.get(url)
+                if name is None:
+                    name = _encode(url)
+                    if len(names) < 10_000:
+                        names[url] = name
+                payload = b'["q",%s,%d,%s]' % (name, seq, data)
+            else:
+                payload = _encode(record)
             parts.append(b"%d\n" % len(payload))
             parts.append(payload)
             parts.append(b"\n")
