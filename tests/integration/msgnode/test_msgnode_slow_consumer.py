@@ -1,4 +1,4 @@
-"""A consumer that stops reading while 60,000 × 1 kB messages are sent to it: no message vanishes.
+"""A consumer that stops reading while 60,000 x 1 kB messages are sent to it: no message vanishes.
 
 Every message the sender posts is accounted for: either its receiver gets it (after re-opening its session
 on a fresh connection) or the sender is answered ``503``.  Counted, on real sockets, against a real node.

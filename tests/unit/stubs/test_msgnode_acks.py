@@ -71,7 +71,7 @@ def test_after_a_lost_socket_the_re_open_resends_exactly_what_the_node_lacks(mn)
     assert json.loads(reopen)["type"] == "re-open" and body["ack"] is True and body["received"] == 2
     s.received(answer(reopen, ack=True, received=2, batch=True))  # the node got messages 1 and 2 before the socket went
     assert s.counters["resent"] == 2
-    [(frame, count)] = [f for f in frames(s) if f[1]]
+    [(frame, _)] = [f for f in frames(s) if f[1]]
     data = json.loads(frame)
     assert data[0] == 3 and [m["body"]["n"] for m in data[1:]] == [2, 3]  # same numbers as before
 
