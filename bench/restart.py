@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-from e2e import DOMAIN, STUB_PACKAGE, Receiver, config, one_way
+from e2e import DOMAIN, STUB_PACKAGE, Receiver, config, one_way, parent_of
 from protofly.catalogue import SigningKey, TrustStore, publish
 from protofly.catalogue.server import CatalogueServer
 from protofly.message import Message, response_code
@@ -42,6 +42,22 @@ from protofly.runtime import Runtime
 ONEWAY = 10_000
 WARMUP = 3_000
 TIMEOUT = 30.0
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a stub's sandbox host and its children (the confined process below bwrap)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*"):
+        try:
+            if parent_of(int(stat.name)) == pid:
+                children.append(int(stat.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    for each in [*children, pid]:
+        try:
+            os.kill(each, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class Node:
@@ -136,7 +152,7 @@ async def setup(name: str, *, ack: bool, durable: bool, recovery: bool) -> dict[
                     record = rt_a.registry.stub(DOMAIN)
                     pid = record.info["pid"]
                     started = time.perf_counter()
-                    os.kill(pid, signal.SIGKILL)
+                    kill_tree(pid)
                     try:
                         stub_samples.append(await timed_request(hyperty_a, hyperty_b.url, started))
                     except RuntimeError as exc:

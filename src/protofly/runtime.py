@@ -103,6 +103,8 @@ class _Stub:
             clock=runtime.clock,
         )
         self._admit = self.boundary.admit
+        self._state_url = f"{record.url}/state"
+        self._sessions = runtime.sessions
         self._incoming = runtime._incoming
         self._remember_return = runtime.registry.remember_return
         self._post = runtime.bus.post
@@ -119,6 +121,9 @@ class _Stub:
 
     def from_stub(self, msg: Message) -> None:
         """What the stub sends: through the trust boundary (:mod:`protofly.boundary`), then onto the bus."""
+        if msg.to == self._state_url:  # ProtoStub.save_state: kept for this domain's next stub, not posted
+            self._sessions.save(self.domain, msg)
+            return
         if not self._admit(msg):
             return
         if msg.type != "response":
@@ -519,7 +524,6 @@ class Runtime:
                 log.error("removing stub failed", stub_url=stub.record.url, error=str(exc))
         stub.listener.remove()
         self.sessions.abandon(stub.domain, f"the stub for {stub.domain} was unloaded: {reason}")
-        self.sessions.forget(stub.domain)
         self._perform(stub, stub.machine.handle(Unload(reason)))
         with contextlib.suppress(RegistryError):
             self.registry.unregister_stub(stub.domain)

@@ -4,8 +4,9 @@ A protocol stub holds a session with its back-end (for the message node: the run
 of acknowledged delivery).  When its sandbox process dies -- a crash, a SIGKILL, its memory limit -- the
 runtime restarts it; this module makes the restart lossless:
 
-* **saved state** -- the stub calls ``ProtoStub.save_state(obj)``, which posts ``update`` to
-  ``<stub url>/state``; the store keeps the latest ``obj`` per domain (JSON, at most
+* **saved state** -- the stub calls ``ProtoStub.save_state(obj)``, which sends ``update`` to
+  ``<stub url>/state``; the runtime hands it to :meth:`SessionStore.save` (it never reaches the bus, so
+  the trust boundary's destination rule is not involved), and the store keeps the latest ``obj`` per domain (JSON, at most
   :data:`MAX_STATE_BYTES`; a larger one is refused and counted) and the deploy pipeline hands it to the
   next instance of that domain's stub as ``config["savedState"]``.  A stub's state reaches only its own
   domain's next stub: it is keyed by the domain the runtime deployed it for, never by anything the stub
@@ -30,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from protofly.bus import BusClosedError, Listener, MessageBus
+from protofly.bus import BusClosedError, MessageBus
 from protofly.log import get_logger
 from protofly.message import Message, response
 from protofly.sandbox import Component
@@ -50,7 +51,6 @@ class _Domain:
     """One domain's saved state and the ledger of its current stub instance."""
 
     stub_url: str
-    listener: Listener | None = None
     state: Any = None
     #: (number, message) posted to the current instance and not handed over yet, oldest first.
     ledger: deque[tuple[int, Message]] = field(default_factory=deque)
@@ -130,11 +130,7 @@ class SessionStore:
         """A new instance of ``domain``'s stub: what the previous one left waits for :meth:`redeliver`."""
         entry = self._domains.get(domain)
         if entry is None or entry.stub_url != component.url:
-            if entry is not None and entry.listener is not None:
-                entry.listener.remove()
             entry = self._domains[domain] = _Domain(component.url)
-        if entry.listener is None:
-            entry.listener = self.bus.add_listener(f"{component.url}/state", lambda m: self._saved(entry, m))
         entry.leftovers.extend(msg for _, msg in entry.ledger)
         entry.ledger.clear()
         entry.posted = 0
@@ -173,17 +169,13 @@ class SessionStore:
         entry.counters["abandoned"] += len(waiting)
         return len(waiting)
 
-    def forget(self, domain: str) -> None:
-        """The domain's stub is unloaded for good: drop its listener (the saved state is kept)."""
+    def save(self, domain: str, msg: Message) -> None:
+        """``update`` to ``<stub url>/state`` from ``domain``'s stub: its saved state and hand-over count.
+
+        Keyed by the domain the runtime deployed the stub for, never by anything in the message.
+        """
         entry = self._domains.get(domain)
-        if entry is not None and entry.listener is not None:
-            entry.listener.remove()
-            entry.listener = None
-
-    # -- internals ------------------------------------------------------------------------------------
-
-    def _saved(self, entry: _Domain, msg: Message) -> None:
-        if msg.from_ != entry.stub_url or msg.type != "update":
+        if entry is None or msg.from_ != entry.stub_url or msg.type != "update":
             return  # only the stub itself saves its state
         body = msg.body or {}
         handed = body.get("handedOver")

@@ -9,16 +9,27 @@ requests from hyperty A (runtime A) to hyperty B (runtime B) and checks that eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 
 from tests.polling import wait_until
+from tests.processes import alive, descendants
 
 from protofly.message import Message, response_code
 
 
 def echo(msg: Message) -> dict:
     return {"echo": msg.body["n"]}
+
+
+async def kill_stub(pid: int) -> None:
+    """SIGKILL a stub's sandbox host and everything below it (bwrap's child), and wait until all are gone."""
+    tree = [*descendants(pid), pid]
+    for each in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(each, signal.SIGKILL)
+    await wait_until(lambda: not any(alive(each) for each in tree), timeout=5)
 
 
 def lives(record) -> int:
@@ -60,7 +71,7 @@ async def test_stub_killed_with_20_replies_in_flight_every_request_gets_its_repl
         ]
         await wait_until(lambda: len(arrived) == 20, timeout=10)
 
-        os.kill(pid, signal.SIGKILL)
+        await kill_stub(pid)
         release.set()  # the 20 replies leave runtime B now, towards a session whose stub is dead
         answers = await asyncio.gather(*requests)
 
@@ -90,7 +101,7 @@ async def test_outgoing_stub_killed_under_100_requests_a_second_every_request_ge
                 await asyncio.sleep(0.01)  # 100 requests a second
 
         await send(100)
-        os.kill(pid, signal.SIGKILL)
+        await kill_stub(pid)
         await send(150)  # during the restart and after it
         answers = await asyncio.gather(*requests)
 
