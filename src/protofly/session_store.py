@@ -16,8 +16,9 @@ runtime restarts it; this module makes the restart lossless:
   acknowledged by its back-end, or answered).  When the instance dies, what is left is posted, in order,
   to the next instance as soon as it is live, before anything that waited meanwhile; if no next instance
   comes (the crash budget is spent, the stub is unloaded, its deployment fails) each waiting request is
-  answered ``503`` at once, never left to its request timeout.  A stub that never reports (any stub but
-  the message node's) gets its leftovers re-sent as well: at least once, never silently lost.
+  answered ``503`` at once, never left to its request timeout.  The ledger is kept only for a stub that
+  reports ``handedOver`` (the message node's does); for others a crash loses what the process held, as
+  before, and their senders wait for their request timeout.
 
 The ledger is bounded (:data:`MAX_TRACKED` messages per domain); beyond it the oldest entry is forgotten
 and counted in ``untracked`` (such a message may be lost in a crash, as without this module).
@@ -58,6 +59,9 @@ class _Domain:
     posted: int = 0
     #: Left by a dead instance, for the next one.
     leftovers: list[Message] = field(default_factory=list)
+    #: The stub reports ``handedOver``: only then is a ledger kept (a stub that never reports would have
+    #: every message it was ever given re-sent after a crash).
+    reports: bool = False
     counters: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(
             ("saved", "state_refused", "handed_over", "redelivered", "abandoned", "untracked"), 0
@@ -87,6 +91,8 @@ class TrackedComponent(Component):
         if not self.inner.post(msg):
             return False
         entry = self._entry
+        if not entry.reports:
+            return True
         entry.posted += 1
         ledger = entry.ledger
         if len(ledger) >= MAX_TRACKED:
@@ -180,6 +186,7 @@ class SessionStore:
         body = msg.body or {}
         handed = body.get("handedOver")
         if type(handed) is int:
+            entry.reports = True
             ledger = entry.ledger
             released = 0
             while ledger and ledger[0][0] <= handed:
