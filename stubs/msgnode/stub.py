@@ -873,6 +873,7 @@ class MsgNodeStub(ProtoStub):
         self._wake: asyncio.Event | None = None
         self._open_timer: asyncio.TimerHandle | None = None
         self._first: asyncio.Future[None] | None = None
+        self._saving: asyncio.Handle | None = None
 
     # -- the SDK's hooks ------------------------------------------------------------------------
 
@@ -1042,9 +1043,23 @@ class MsgNodeStub(ProtoStub):
                     self._close_socket(code, reason)
                 case Failed(description=description):
                     self._settle_first(ConnectionError(description))
-                case SaveState(state=state, handed_over=handed_over):
-                    self.save_state(state, handed_over=handed_over)
+                case SaveState():
+                    self._save_soon()
         return delay
+
+    def _save_soon(self) -> None:
+        """Hand the runtime the session's latest state once per loop iteration, however many frames came.
+
+        Posted after this iteration's deliveries (the host sends them in order), so the runtime never
+        holds a ``received`` ahead of the messages it has, nor a ``handedOver`` ahead of the node's acks.
+        """
+        if self._saving is None:
+            self._saving = asyncio.get_running_loop().call_soon(self._save_now)
+
+    def _save_now(self) -> None:
+        self._saving = None
+        save = self.session.saved_state()
+        self.save_state(save.state, handed_over=save.handed_over)
 
     def _settle_first(self, error: BaseException | None) -> bool:
         """Resolve ``connect()``'s wait; True if it was still waiting (so this was the first attempt)."""
