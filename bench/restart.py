@@ -14,6 +14,9 @@ runtime A sends to hyperty B in runtime B.
 * ``node_kill_recovery_ms``: the node process is SIGKILLed and started again on its port with its state
   directory; a request posted at the kill; the time until its reply (node start-up included); median of 3.
 
+Each set-up runs ``ROUNDS`` times, interleaved, and the best rate of each is kept: on a shared machine the
+load changes by a factor of two between runs, far more than what is measured.
+
 Prints one JSON object.
 """
 
@@ -41,6 +44,7 @@ from protofly.runtime import Runtime
 
 ONEWAY = 10_000
 WARMUP = 3_000
+ROUNDS = 3
 TIMEOUT = 30.0
 
 
@@ -178,21 +182,23 @@ async def setup(name: str, *, ack: bool, durable: bool, recovery: bool) -> dict[
 
 
 async def main() -> dict[str, Any]:
-    plain = await setup("plain", ack=False, durable=False, recovery=False)
-    acked = await setup("ack", ack=True, durable=False, recovery=False)
-    durable = await setup("durable", ack=True, durable=True, recovery=True)
-    base = plain["oneway_msgs_per_s_100b"]
+    """Each set-up ROUNDS times, interleaved (the machine's load changes), best rate of each."""
+    rates: dict[str, list[int]] = {"plain": [], "ack": [], "ack_durable": []}
+    bad = 0
+    recovery: dict[str, Any] = {}
+    for round_ in range(ROUNDS):
+        for name, ack, durable in (("plain", False, False), ("ack", True, False), ("ack_durable", True, True)):
+            figures = await setup(name, ack=ack, durable=durable, recovery=durable and round_ == 0)
+            rates[name].append(figures["oneway_msgs_per_s_100b"])
+            bad += figures["oneway_bad"]
+            recovery.update({k: v for k, v in figures.items() if k.endswith("recovery_ms")})
+    best = {name: max(values) for name, values in rates.items()}
     return {
-        "oneway_msgs_per_s_100b": {
-            "plain": base,
-            "ack": acked["oneway_msgs_per_s_100b"],
-            "ack_durable": durable["oneway_msgs_per_s_100b"],
-        },
-        "ack_cost_pct": round(100 * (1 - acked["oneway_msgs_per_s_100b"] / base), 1),
-        "durable_cost_pct": round(100 * (1 - durable["oneway_msgs_per_s_100b"] / base), 1),
-        "bad": plain["oneway_bad"] + acked["oneway_bad"] + durable["oneway_bad"],
-        "stub_kill_recovery_ms": durable["stub_kill_recovery_ms"],
-        "node_kill_recovery_ms": durable["node_kill_recovery_ms"],
+        "oneway_msgs_per_s_100b": best,
+        "ack_cost_pct": round(100 * (1 - best["ack"] / best["plain"]), 1),
+        "durable_cost_pct": round(100 * (1 - best["ack_durable"] / best["plain"]), 1),
+        "bad": bad,
+        **recovery,
     }
 
 
