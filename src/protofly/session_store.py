@@ -15,8 +15,9 @@ runtime restarts it; this module makes the restart lossless:
   instance) and kept until the stub reports it done with (``handedOver`` in the same ``update``:
   acknowledged by its back-end, or answered).  When the instance dies, what is left is posted, in order,
   to the next instance as soon as it is live, before anything that waited meanwhile; if no next instance
-  comes (the crash budget is spent, the stub is unloaded, its deployment fails) each waiting request is
-  answered ``503`` at once, never left to its request timeout.  The ledger is kept only for a stub that
+  comes (the crash budget is spent, the stub is unloaded, its deployment fails) each request it held, and
+  each request whose answer could only come back through it, is answered ``503`` at once, never left to
+  its request timeout.  The ledger is kept only for a stub that
   reports ``handedOver`` (the message node's does); for others a crash loses what the process held, as
   before, and their senders wait for their request timeout.
 
@@ -163,7 +164,8 @@ class SessionStore:
         return count
 
     def abandon(self, domain: str, description: str) -> int:
-        """No next instance will come: answer every waiting request ``503`` now; returns how many."""
+        """No next instance will come: answer ``503`` now to every request the stub held or whose answer
+        would have come back through it; returns how many."""
         entry = self._domains.get(domain)
         if entry is None:
             return 0
@@ -172,8 +174,10 @@ class SessionStore:
         entry.leftovers = []
         for msg in waiting:
             self._answer(msg, 503, description)
-        entry.counters["abandoned"] += len(waiting)
-        return len(waiting)
+        # and the requests the stub did hand on, whose answers could only have come back through it
+        answered = len(waiting) + self.bus.fail_route(entry.stub_url, 503, description)
+        entry.counters["abandoned"] += answered
+        return answered
 
     def save(self, domain: str, msg: Message) -> None:
         """``update`` to ``<stub url>/state`` from ``domain``'s stub: its saved state and hand-over count.

@@ -179,3 +179,31 @@ async def test_a_node_that_lost_its_state_gets_every_hyperty_address_back(world)
         )
         assert tally(answers) == {200: 100}  # not one "404 not an allocated address"
         assert [a.body["value"]["echo"] for a in answers] == list(range(100))
+
+
+async def test_requests_held_by_a_stub_that_is_not_restarted_are_answered_at_once(world) -> None:
+    """A crash budget of one: the stub's death is final, so the 20 requests it held get 503, not a 408."""
+    await world.start()
+    async with world.runtime("a.test", crash_budget=1) as rt_a, world.runtime("b.test") as rt_b:
+        release = asyncio.Event()
+        arrived: list[int] = []
+
+        async def slow_echo(msg: Message) -> dict:
+            arrived.append(msg.body["n"])
+            await release.wait()
+            return {"echo": msg.body["n"]}
+
+        hyperty_b = await rt_b.new_hyperty(slow_echo)
+        hyperty_a = await rt_a.new_hyperty()
+        handle = await rt_a.load_stub("b.test")
+        requests = [
+            asyncio.create_task(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=10)) for n in range(20)
+        ]
+        await wait_until(lambda: len(arrived) == 20, timeout=10)
+        await kill_stub(handle.record.info["pid"])
+        answers = await asyncio.gather(*requests)
+        release.set()
+
+        assert tally(answers) == {503: 20}  # an explicit error for each, no request timeout
+        assert all("crashed for good" in a.body["description"] for a in answers)
+        assert rt_a.sessions.counters("b.test")["abandoned"] == 20
