@@ -6,9 +6,9 @@ runtime restarts it; this module makes the restart lossless:
 
 * **saved state** -- the stub calls ``ProtoStub.save_state(obj)``, which sends ``update`` to
   ``<stub url>/state``; the runtime hands it to :meth:`SessionStore.save` (it never reaches the bus, so
-  the trust boundary's destination rule is not involved), and the store keeps the latest ``obj`` per domain (JSON, at most
-  :data:`MAX_STATE_BYTES`; a larger one is refused and counted) and the deploy pipeline hands it to the
-  next instance of that domain's stub as ``config["savedState"]``.  A stub's state reaches only its own
+  the trust boundary's destination rule is not involved), and the store keeps the latest ``obj`` per
+  domain (JSON, at most :data:`MAX_STATE_BYTES`; a larger one is refused and counted) and the deploy
+  pipeline hands it to the next instance of that domain's stub as ``config["savedState"]``.  A stub's state reaches only its own
   domain's next stub: it is keyed by the domain the runtime deployed it for, never by anything the stub
   says;
 * **hand-over ledger** -- every message the runtime posts to a stub is numbered (1, 2, ... per stub
