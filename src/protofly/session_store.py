@@ -8,9 +8,9 @@ runtime restarts it; this module makes the restart lossless:
   ``<stub url>/state``; the runtime hands it to :meth:`SessionStore.save` (it never reaches the bus, so
   the trust boundary's destination rule is not involved), and the store keeps the latest ``obj`` per
   domain (JSON, at most :data:`MAX_STATE_BYTES`; a larger one is refused and counted) and the deploy
-  pipeline hands it to the next instance of that domain's stub as ``config["savedState"]``.  A stub's state reaches only its own
-  domain's next stub: it is keyed by the domain the runtime deployed it for, never by anything the stub
-  says;
+  pipeline hands it to the next instance of that domain's stub as ``config["savedState"]``.  A stub's
+  state reaches only its own domain's next stub: it is keyed by the domain the runtime deployed it for,
+  never by anything the stub says;
 * **hand-over ledger** -- every message the runtime posts to a stub is numbered (1, 2, ... per stub
   instance) and kept until the stub reports it done with (``handedOver`` in the same ``update``:
   acknowledged by its back-end, or answered).  When the instance dies, what is left is posted, in order,
