@@ -422,6 +422,7 @@ class Runtime:
     # -- performing the machine's actions ----------------------------------------------------------
 
     def _perform(self, stub: _Stub, actions: list[Action], msg: Message | None = None) -> None:
+        gave_up: str | None = None
         for action in actions:
             match action:
                 case Forward() if msg is not None and stub.component is not None:
@@ -443,10 +444,13 @@ class Runtime:
                     self.events.emit(StubCrashed(stub.domain, stub.record.url, reason, round(delay, 3)))
                 case GaveUp(reason, crashes):
                     log.error("stub crash loop: giving up", domain=stub.domain, stub_url=stub.record.url)
-                    self.sessions.abandon(stub.domain, f"the stub for {stub.domain} crashed for good: {reason}")
                     self.events.emit(CrashLoop(stub.domain, stub.record.url, reason, crashes))
+                    # after the queue's answer (the next action): what the dead instance held or waits for
+                    gave_up = f"the stub for {stub.domain} crashed for good: {reason}"
                 case Refuse() | CancelDeploy():
                     pass  # load_stub raises the failure; cancellation is awaited by the caller
+        if gave_up is not None:
+            self.sessions.abandon(stub.domain, gave_up)
 
     async def _deployment(self, stub: _Stub, delay: float, refresh: bool) -> StubHandle:
         if delay:
@@ -489,9 +493,10 @@ class Runtime:
         self.registry.report(stub.record, "deployment-failed", error.description)
         log.warning("stub deployment failed", domain=stub.domain, stub_url=stub.record.url, reason=error.description)
         self.events.emit(DeployFailed(stub.domain, stub.record.url, error.code, error.description))
-        self.sessions.abandon(stub.domain, f"the stub for {stub.domain} could not be restarted: {error.description}")
         failure = Failure(error.code, error.description, error.cause)
         self._perform(stub, stub.machine.handle(DeployFailedEvent(failure)))
+        # after the queue got its answer: what a dead instance held, or waits for through it
+        self.sessions.abandon(stub.domain, f"the stub for {stub.domain} could not be restarted: {error.description}")
 
     def _on_exit(self, stub: _Stub, component: Component, reason: str) -> None:
         """The stub's process ended (the sandbox already published ``failed`` with ``reason``)."""
@@ -533,8 +538,8 @@ class Runtime:
             except Exception as exc:
                 log.error("removing stub failed", stub_url=stub.record.url, error=str(exc))
         stub.listener.remove()
-        self.sessions.abandon(stub.domain, f"the stub for {stub.domain} was unloaded: {reason}")
         self._perform(stub, stub.machine.handle(Unload(reason)))
+        self.sessions.abandon(stub.domain, f"the stub for {stub.domain} was unloaded: {reason}")
         with contextlib.suppress(RegistryError):
             self.registry.unregister_stub(stub.domain)
         self.events.emit(StubUnloaded(stub.domain, stub.record.url, reason))
