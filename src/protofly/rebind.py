@@ -8,8 +8,8 @@ runtime is then unknown to the node and each message to it is answered ``404 not
 :class:`Rebinder` watches the event stream for that status of the home domain's stub and asks the node,
 for every open hyperty, for its *same* address again (``create`` with ``value.addresses`` and the
 hyperty's ``allocationKey``, a secret made at its first allocation).  A refusal (another session holds the
-address) is logged with the hyperty's address; nothing else is changed.  The runtime subscribes to no
-node resource itself, so there is nothing more to re-subscribe here.
+address) is logged with the hyperty's address; nothing else is changed.  Subscriptions are made again by
+the message node stub itself, which saw them go out (``stubs/msgnode/stub.py``, ``_resubscribe``).
 """
 
 from __future__ import annotations

@@ -291,6 +291,10 @@ DRAINING = "draining"  # the node is stopping gracefully: nothing more is sent a
 CLOSING = "closing"  # disconnect() sent 'close': waiting for the socket to go
 STOPPED = "stopped"  # disconnected on request, or refused for good: no reconnection
 
+#: Ids of the subscriptions the stub sends again on a new session, and how many resources it remembers.
+_RESUBSCRIBE = "resubscribe-"
+_MAX_RESUBSCRIBE = 10_000
+
 #: Open refusals that another attempt cannot fix (the credentials or the request are wrong).
 _PERMANENT = frozenset({400, 401, 403})
 
@@ -347,9 +351,13 @@ class NodeSession:
                 "duplicates",
                 "resent",
                 "acks",
+                "resubscribed",
             ),
             0,
         )
+        #: What the runtime subscribed to at the node: ``(sm URL, subscriber, source)`` -> resources.  Sent
+        #: again on a new session (the node forgot the old one), so no subscription is lost with it.
+        self.subscriptions: dict[tuple[str, str, str], set[str]] = {}
         #: Acknowledged delivery (docs/msgnode.md): granted on this socket; the last number sent and the
         #: sent messages the node has not acknowledged ``(seq, data)``; the last number received from the
         #: node; an ``ack`` to send.  Messages stay counted in ``outbox_size`` until acknowledged.
@@ -429,7 +437,36 @@ class NodeSession:
         self.outbox_size += size
         self._marks.append(self.handed)
         self.counters["accepted"] += 1
+        if msg.type in ("subscribe", "unsubscribe") and msg.to.endswith("/sm"):
+            self._note_subscription(msg)
         return None
+
+    def _note_subscription(self, msg: Message) -> None:
+        body = msg.body or {}
+        resources = [r for key in ("resources", msg.type) for r in (body.get(key) or ()) if isinstance(r, str)]
+        source = body.get("source")
+        key = (msg.to, msg.from_, source if isinstance(source, str) else "")
+        if msg.type == "subscribe":
+            if sum(len(r) for r in self.subscriptions.values()) + len(resources) <= _MAX_RESUBSCRIBE:
+                self.subscriptions.setdefault(key, set()).update(resources)
+            return
+        for (to, sender, src), held in list(self.subscriptions.items()):
+            if to == msg.to and sender == msg.from_ and (not key[2] or src == key[2]):
+                held.difference_update(resources)
+                if not held:
+                    del self.subscriptions[(to, sender, src)]
+
+    def _resubscribe(self) -> None:
+        """A new session: subscribe again to everything the runtime had subscribed to, before anything else."""
+        mark = self.handed_over + 1
+        for number, ((to, sender, source), resources) in enumerate(reversed(list(self.subscriptions.items()))):
+            body: dict[str, Any] = {"resources": sorted(resources), "via": self.stub_url}
+            if source:
+                body["source"] = source
+            data = encode(Message(id=f"{_RESUBSCRIBE}{number}", type="subscribe", from_=sender, to=to, body=body))
+            self.outbox.appendleft(data)
+            self.outbox_size += len(data)
+            self._marks.appendleft(mark)
 
     @property
     def handed_over(self) -> int:
@@ -588,6 +625,9 @@ class NodeSession:
                     batch = []
                 self._session_event(msg, actions)
             elif self.phase in (LIVE, DRAINING, CLOSING):
+                if msg.type == "response" and isinstance(msg.id, str) and msg.id.startswith(_RESUBSCRIBE):
+                    self.counters["resubscribed"] += 1  # the answer to our own re-subscription: not the runtime's
+                    continue
                 batch.append(msg)
             else:
                 self.counters["invalid"] += 1  # nothing but the session's answer may come before it
@@ -766,6 +806,8 @@ class NodeSession:
             limit = body.get("maxFrame")
             if self.batch_granted and type(limit) is int and limit > 2:
                 self.frame_limit = min(self.settings.batch_bytes, limit)
+            if fresh:
+                self._resubscribe()
             description = "new session: the node did not know the previous one" if fresh else None
             actions.append(Status("live", description))
             actions.append(Live(fresh))

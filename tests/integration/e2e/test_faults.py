@@ -151,16 +151,29 @@ async def test_a_node_that_lost_its_state_gets_every_hyperty_address_back(world)
     """b.test's node is SIGKILLed and restarted with an empty state directory (a new disk).
 
     The stubs find their sessions gone and open new ones; runtime B re-claims hyperty B's address with
-    its allocation key, so every request sent after the stubs are live again gets its reply: no 404.
+    its allocation key, so every request sent after the stubs are live again gets its reply: no 404; and
+    B's stub subscribes again to the resource runtime B had subscribed to, so A's updates still reach it.
     """
     await world.start(processes=("b.test",))
     async with world.runtime("a.test") as rt_a, world.runtime("b.test") as rt_b:
         hyperty_b = await rt_b.new_hyperty(echo)
         hyperty_a = await rt_a.new_hyperty()
+        resource = "comm://b.test/room/changes"
+        updates: list[int] = []
+        rt_b.bus.add_listener(resource, lambda msg: updates.append(msg.body["n"]))
+        subscribe = Message(
+            type="subscribe",
+            from_=f"{rt_b.runtime_url}/sm",
+            to="domain://msg-node.b.test/sm",
+            body={"resources": [resource]},
+        )
+        assert response_code(await rt_b.bus.request(subscribe, 10)) == 200
         foreign, home_b = rt_a.registry.stub("b.test"), rt_b.registry.stub("b.test")
         first = await hyperty_a.request(hyperty_b.url, "execute", {"n": -1}, timeout=10)
         assert response_code(first) == 200
         foreign = rt_a.registry.stub("b.test")
+        hyperty_a.post(resource, "update", {"n": 0})
+        await wait_until(lambda: updates == [0], timeout=10)
 
         node = world.nodes["b.test"]
         await node.kill()
@@ -179,6 +192,8 @@ async def test_a_node_that_lost_its_state_gets_every_hyperty_address_back(world)
         )
         assert tally(answers) == {200: 100}  # not one "404 not an allocated address"
         assert [a.body["value"]["echo"] for a in answers] == list(range(100))
+        hyperty_a.post(resource, "update", {"n": 1})
+        await wait_until(lambda: updates == [0, 1], timeout=10)  # the subscription was made again
 
 
 async def test_requests_held_by_a_stub_that_is_not_restarted_are_answered_at_once(world) -> None:

@@ -6,6 +6,8 @@ import json
 
 from tests.unit.stubs.test_msgnode_session import RUNTIME, STUB, TOKEN, answer, frames, kinds, msg
 
+from protofly.message import Message
+
 SESSION = f"{RUNTIME}/{TOKEN}"
 
 
@@ -116,3 +118,30 @@ def test_saved_state_of_another_runtime_is_ignored(mn) -> None:
     s.socket_opened()
     (opened, _), *_ = frames(s)
     assert json.loads(opened)["type"] == "open"
+
+
+def test_a_new_session_subscribes_again_to_what_the_runtime_had_subscribed(mn) -> None:
+    s = ack_session(mn)
+    live(mn, s)
+    sm = "domain://msg-node.b.test/sm"
+    sub = Message(id=1, type="subscribe", from_=RUNTIME + "/sm", to=sm, body={"resources": ["comm://b.test/o/changes"]})
+    gone = Message(id=2, type="subscribe", from_=RUNTIME + "/sm", to=sm, body={"resources": ["comm://b.test/p"]})
+    unsub = Message(id=3, type="unsubscribe", from_=RUNTIME + "/sm", to=sm, body={"resources": ["comm://b.test/p"]})
+    for m in (sub, gone, unsub):
+        assert s.submit(m) is None
+    frames(s)
+    s.received(node_ack(3))
+    s.closed(1006, None)
+    s.socket_opened()
+    (reopen, _), *_ = frames(s)
+    s.received(answer(reopen, 404, description="unknown session"))  # the node lost it: a new session
+    (opened, _), *_ = frames(s)
+    actions = s.received(answer(opened, runtimeToken="tok-2", ack=True, received=0, batch=True))
+    assert any(isinstance(a, mn.Status) and (a.description or "").startswith("new session") for a in actions)
+    [(frame, count)] = [f for f in frames(s) if f[1]]
+    data = json.loads(frame)
+    assert count == 1 and data[1]["type"] == "subscribe" and data[1]["body"]["resources"] == ["comm://b.test/o/changes"]
+    reply = {"id": data[1]["id"], "type": "response", "from": sm, "to": RUNTIME + "/sm", "body": {"code": 200}}
+    actions = s.received(json.dumps([1, reply]).encode())
+    assert not [a for a in actions if isinstance(a, mn.Deliver)]  # our own re-subscription's answer
+    assert s.counters["resubscribed"] == 1
