@@ -40,7 +40,7 @@ from protofly.tasks import TaskSet
 if TYPE_CHECKING:
     from protofly.runtime import Runtime
 
-__all__ = ["STREAM_BACKLOG", "AdminServer"]
+__all__ = ["STREAM_BACKLOG", "AdminServer", "send_body"]
 
 log = get_logger("protofly.admin")
 
@@ -254,21 +254,7 @@ class AdminServer:
     async def _send(self, request: web.Request) -> web.Response:
         runtime = self.runtime
         timeout = _timeout_parameter(request, runtime.config.request_timeout)
-        raw = await request.read()
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise AdminError(f"body: not valid JSON ({exc})", field="body") from None
-        if not isinstance(data, dict):
-            raise AdminError("body: expected a JSON object (a reTHINK message)", field="body")
-        data.setdefault("from", self.cli_url)
-        try:
-            msg = message.from_dict(data)
-        except message.MessageError as exc:
-            text = str(exc)
-            raise AdminError(text, field=text.split(":", 1)[0]) from None
-        if msg.type == "response":
-            raise AdminError("type: /send sends requests; a response cannot be sent from here", field="type")
+        msg = send_body(await request.read(), self.cli_url, self.max_request_size)
         try:
             answer = await asyncio.wait_for(runtime.bus.request(msg, timeout=timeout), timeout + DEPLOY_GRACE)
         except ValueError as exc:  # the same (from, id) is already waiting for its response
@@ -346,6 +332,26 @@ async def _json_errors(
     except Exception as exc:
         log.error("admin request failed", path=request.path, exc_info=exc)
         return web.json_response({"error": f"internal error: {exc}", "code": 500}, status=500)
+
+
+def send_body(raw: bytes, sender: str, max_size: int = message.DEFAULT_MAX_SIZE) -> message.Message:
+    """The message a ``/send`` body asks for, ``from`` defaulting to ``sender``; or a ``400`` naming the field.
+
+    Parsed by the message decoder's own rules (:func:`protofly.message.loads`), so invalid UTF-8, ``NaN``,
+    nesting deeper than the decoder's limit and numbers out of range are a ``400``, never a ``500``.
+    """
+    try:
+        data = message.loads(raw, what="body", max_size=max_size)
+        if not isinstance(data, dict):
+            raise message.MessageError("body: expected a JSON object (a reTHINK message)")
+        data.setdefault("from", sender)
+        msg = message.from_dict(data, max_size=max_size)
+    except message.MessageError as exc:
+        text = str(exc)
+        raise AdminError(text, field=text.split(":", 1)[0]) from None
+    if msg.type == "response":
+        raise AdminError("type: /send sends requests; a response cannot be sent from here", field="type")
+    return msg
 
 
 def _domain(text: str) -> str:
