@@ -134,8 +134,11 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
                 data = _flatten(tomllib.loads(Path(path).read_text(encoding="utf-8")), str(path))
             except OSError as exc:
                 raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"configuration file {path} is not UTF-8 (invalid byte at {exc.start})") from None
+            except (ValueError, RecursionError) as exc:  # TOMLDecodeError, an integer of 5,000 digits, deep arrays
+                reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                raise ConfigError(f"configuration file {path} is not valid TOML: {reason}") from None
         env = os.environ if environ is None else environ
         for name in _field_names():
             raw = env.get(ENV_PREFIX + name.upper())
@@ -212,7 +215,7 @@ def _parse_env(name: str, raw: str) -> Any:
     if name == "catalogues":
         try:
             return json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, 5,000-digit integers, deep nesting
             raise ConfigError(f"{ENV_PREFIX}CATALOGUES must be a JSON object of domain → base URL") from None
     return raw
 
@@ -244,4 +247,4 @@ _BOOLEANS = ("allow_http_loopback", "resolver_only")
 def _decode_path(kind: type, value: Any) -> Any:
     if kind is Path and isinstance(value, str | Path):
         return Path(value).expanduser()
-    raise NotImplementedError(f"cannot read {kind.__name__} from {type(value).__name__}")
+    raise TypeError(f"expected a path, got {type(value).__name__}")  # msgspec turns it into ValidationError

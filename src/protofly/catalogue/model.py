@@ -190,14 +190,21 @@ class ProtocolStubDescriptor:
 
 def decode_json(data: bytes | str, *, what: str, url: str | None = None, max_size: int) -> Any:
     """JSON text → Python objects, with the size limit and a message that says where it broke."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+    except UnicodeEncodeError as exc:
+        raise DescriptorError("", f"{what} text holds a lone surrogate at character {exc.start}", url=url) from None
     if len(raw) > max_size:
         raise CatalogueError(E_TOO_LARGE, f"{what} of {len(raw)} bytes is over the {max_size}-byte limit", url=url)
     raw = raw.removeprefix(_BOM)
     try:
         return msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
+    except msgspec.DecodeError as exc:  # out-of-range numbers included
         raise DescriptorError("", f"{what} is not valid JSON: {exc}", url=url) from None
+    except RecursionError:
+        raise DescriptorError("", f"{what} is not valid JSON: nested too deeply", url=url) from None
+    except UnicodeDecodeError as exc:
+        raise DescriptorError("", f"{what} is not valid UTF-8 (invalid byte at {exc.start})", url=url) from None
 
 
 def parse_descriptor(
