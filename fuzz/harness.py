@@ -49,7 +49,7 @@ def main(name: str) -> None:
     try:
         import atheris
     except ImportError:
-        sys.exit("atheris is not installed: pip install -e '.[fuzz]' (or run 'make fuzz', which falls back to Hypothesis)")
+        sys.exit("atheris is not installed: pip install atheris (or run 'make fuzz', which falls back to Hypothesis)")
     with atheris.instrument_imports():
         from tests.fuzz.targets import TARGETS
 

@@ -220,7 +220,7 @@ def _utf8(text: str, what: str = "json") -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise MessageError(f"{what}: text holds a lone surrogate at character {exc.start} (not valid Unicode)") from None
+        raise MessageError(f"{what}: text holds a lone surrogate at character {exc.start} (not Unicode)") from None
 
 
 def _json_error(exc: BaseException, kind: str, what: str = "json") -> MessageError:

@@ -30,7 +30,7 @@ from protofly.bus import Listener, MessageBus
 from protofly.events import EventStream, StatusChanged
 from protofly.log import get_logger
 from protofly.message import Message, error_description
-from protofly.state import STATE_FILE, StateStore
+from protofly.state import STATE_FILE, StateDirError, StateStore, check_private_dir
 
 __all__ = [
     "Local",
@@ -208,7 +208,10 @@ class RuntimeRegistry:
             return registry
         store = StateStore(Path(state_dir) / STATE_FILE)
         try:
-            await asyncio.to_thread(Path(state_dir).mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(check_private_dir, Path(state_dir))
+        except StateDirError as exc:
+            raise RegistryError(str(exc)) from None
+        try:
             stored = await asyncio.to_thread(store.set_default, f"runtime_url:{domain}", proposed)
         except (OSError, sqlite3.Error) as exc:
             raise RegistryError(f"cannot use state directory {state_dir}: {exc}") from exc

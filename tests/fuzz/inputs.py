@@ -56,7 +56,7 @@ def _bent(draw: st.DrawFn, keys: list[str]) -> bytes | str:
     """A JSON text of an object (or a list of them) that may then be broken in one of many ways."""
     value: Any = draw(objects(keys))
     if draw(st.booleans()):
-        value = draw(st.lists(objects(keys), max_size=3)) + [value]
+        value = [*draw(st.lists(objects(keys), max_size=3)), value]
     text = _dumps(value, draw(st.booleans()))
     how = draw(st.sampled_from(["keep", "truncate", "splice", "nest", "huge", "escape", "bytes", "bom", "array"]))
     if how == "truncate":

@@ -13,7 +13,6 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from tests.fuzz import inputs, targets
 
 #: ``PROTOFLY_FUZZ_EXAMPLES`` raises the budget for a long run (``make fuzz`` without atheris).

@@ -35,6 +35,7 @@ from protofly.bus import BusClosedError
 from protofly.deploy import StubDeploymentError, StubHandle
 from protofly.events import RuntimeEvent
 from protofly.log import get_logger
+from protofly.state import StateDirError, check_private_dir
 from protofly.tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -69,6 +70,10 @@ async def claim_socket(path: Path) -> tuple[socket.socket, int]:
             "of unix sockets; give a shorter one with --admin",
             field="admin",
         )
+    try:  # first the directory: a socket found in a directory others control proves nothing
+        await asyncio.to_thread(check_private_dir, path.parent, what="admin socket directory")
+    except StateDirError as exc:
+        raise AdminError(str(exc), status=500, field="admin") from None
     kind = await asyncio.to_thread(_file_kind, path)
     if kind == "other":
         raise AdminError(f"{path} exists and is not a socket; refusing to replace it", field="admin")
@@ -89,7 +94,6 @@ def _file_kind(path: Path) -> str | None:
 def _bind(path: Path, stale: bool) -> tuple[socket.socket, int]:
     if stale:
         path.unlink(missing_ok=True)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # born 0600: no window in which another user could connect
     try:

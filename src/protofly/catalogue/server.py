@@ -16,11 +16,12 @@ of both layouts as prebuilt bytes with a strong ETag, so a request costs a dicti
 =====================================================  ==============================================
 
 ``protostub`` is accepted for ``protocolstub``.  ``If-None-Match`` gives ``304``; unknown paths ``404``
-and every other method (``CONNECT``, ``OPTIONS`` and unknown ones included) ``405`` with ``Allow: GET,
-HEAD``, both with a JSON body (reTHINK's broker answers ``500`` with plain text); request lines and
-headers are bounded (``414``/``431``), and a request head not complete within ``header_timeout`` seconds
-is answered ``408`` and closed (:mod:`protofly.catalogue.httpserve`).  The signature stays valid in every form because it does not
-cover ``sourcePackage.sourceCode``/``encoding`` (see :mod:`protofly.catalogue.signing`).
+and every other method (``CONNECT``, ``OPTIONS`` and unknown ones included) ``405`` with
+``Allow: GET, HEAD``, both with a JSON body (reTHINK's broker answers ``500`` with plain text); request
+lines and headers are bounded (``414``/``431``), and a request head not complete within
+``header_timeout`` seconds is answered ``408`` and closed (:mod:`protofly.catalogue.httpserve`).  The
+signature stays valid in every form because it does not cover ``sourcePackage.sourceCode``/``encoding``
+(see :mod:`protofly.catalogue.signing`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import json
 
 import aiohttp
 import pytest
+from tests.polling import wait_until
 
 from protofly.catalogue import (
     E_DIGEST,
@@ -17,8 +18,6 @@ from protofly.catalogue import (
     publish,
     verify_stub,
 )
-
-from tests.polling import wait_until
 
 from .conftest import ECHO
 
