@@ -174,11 +174,11 @@ def _constraint_violations(config: RuntimeConfig) -> list[tuple[str, str]]:
         if not isinstance(kind, msgspec.inspect.IntType | msgspec.inspect.FloatType):
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
-            found.append((field.name, f"expected a number, got {value!r}"))
+            found.append((field.name, f"expected a number, got {_shown(value)}"))
         elif kind.ge is not None and value < kind.ge:
-            found.append((field.name, f"must be at least {kind.ge}, got {value}"))
+            found.append((field.name, f"must be at least {kind.ge}, got {_shown(value)}"))
         elif kind.gt is not None and value <= kind.gt:
-            found.append((field.name, f"must be positive, got {value}"))
+            found.append((field.name, f"must be positive, got {_shown(value)}"))
     return found
 
 
@@ -224,7 +224,16 @@ _CHOICES = {"policy": POLICIES, "sandbox": SANDBOXES}
 
 
 def _not_a_choice(name: str, value: Any) -> str:
-    return f"must be one of {', '.join(_CHOICES[name])}, got {value!r}"
+    return f"must be one of {', '.join(_CHOICES[name])}, got {_shown(value)}"
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for an error message: cut short, and safe for integers Python refuses to print."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "an integer of more than 4,300 digits"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _prepare(name: str, value: Any) -> Any:

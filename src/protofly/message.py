@@ -228,8 +228,8 @@ def _json_error(exc: BaseException, kind: str, what: str = "json") -> MessageErr
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, UnicodeDecodeError):
-        return f"invalid UTF-8 at byte {exc.start}"
+    if isinstance(exc, UnicodeDecodeError):  # msgspec's offsets are within the string, not the input
+        return f"invalid UTF-8 (byte 0x{exc.object[exc.start]:02x} in a string)"
     if isinstance(exc, UnicodeEncodeError):
         return f"lone surrogate at character {exc.start}"
     if isinstance(exc, RecursionError):

@@ -70,6 +70,8 @@ _CLASSNAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.\-]{0,127}\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 _DOMAIN = re.compile(r"(?!-)[a-z0-9_\-]{1,63}(?<!-)(\.(?!-)[a-z0-9_\-]{1,63}(?<!-))*\Z")
 _BOM = b"\xef\xbb\xbf"
+#: Integers from here on are refused where they would be printed (Python refuses to print 4,300 digits).
+_HUGE = 10**64
 _VERSION_PART = re.compile(r"\d+|[^\d.\-+_]+")
 
 
@@ -204,7 +206,8 @@ def decode_json(data: bytes | str, *, what: str, url: str | None = None, max_siz
     except RecursionError:
         raise DescriptorError("", f"{what} is not valid JSON: nested too deeply", url=url) from None
     except UnicodeDecodeError as exc:
-        raise DescriptorError("", f"{what} is not valid UTF-8 (invalid byte at {exc.start})", url=url) from None
+        byte = exc.object[exc.start]
+        raise DescriptorError("", f"{what} is not valid UTF-8 (byte 0x{byte:02x} in a string)", url=url) from None
 
 
 def parse_descriptor(
@@ -304,6 +307,8 @@ def _version(value: Any) -> str:
         return ""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise DescriptorError("version", f"expected a string or a number, got {_type(value)}")
+    if isinstance(value, int) and not -_HUGE < value < _HUGE:
+        raise DescriptorError("version", "a number of more than 64 digits is not a version")
     text = value.strip() if isinstance(value, str) else repr(value)
     if len(text) > 64 or any(c.isspace() or ord(c) < 32 for c in text):
         raise DescriptorError("version", f"{text[:70]!r} is not a version (at most 64 characters, no spaces)")
@@ -357,6 +362,8 @@ def _cguid(value: Any) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise DescriptorError("cguid", f"expected a string or a number, got {_type(value)}")
+    if isinstance(value, int) and not -_HUGE < value < _HUGE:
+        raise DescriptorError("cguid", "a number of more than 64 digits is not a cguid")
     return value if isinstance(value, str) else repr(value)
 
 

@@ -18,6 +18,7 @@ from protofly.admin.client import AdminClient
 from protofly.admin.protocol import AdminError, AdminUnavailableError, admin_socket
 from protofly.admin.server import AdminServer
 from protofly.config import RuntimeConfig
+from protofly.message import response
 from protofly.runtime import Runtime
 
 
@@ -107,6 +108,19 @@ async def test_send_is_bounded_and_answers_with_the_response(world, tmp_path, ma
         assert silent[0].from_ == f"{runtime.runtime_url}/cli"
         answer = await client.send({"type": "create", "to": "hyperty://b.test/x", "body": {"k": 1}, "id": 7})
         assert answer["id"] == 7 and answer["body"]["code"] == 200 and answer["body"]["value"] == {"k": 1}
+
+
+async def test_send_routes_any_message_type(world, tmp_path):
+    async with serving(world, tmp_path) as (runtime, server), AdminClient(server.path) as client:
+        seen = []
+
+        def pong(msg):
+            seen.append(msg.type)
+            runtime.bus.post(response(msg, 200, value={"pong": msg.body["n"]}))
+
+        runtime.bus.add_listener("hyperty://a.test/pinged", pong)
+        answer = await client.send({"type": "PING", "to": "hyperty://a.test/pinged", "body": {"n": 3}})
+        assert answer["body"] == {"code": 200, "value": {"pong": 3}} and seen == ["ping"]
 
 
 async def test_deploy_stream_reports_steps_and_statuses_in_order(world, tmp_path):
