@@ -114,8 +114,10 @@ def _read_config(root: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8, an integer of 5,000 digits
         return {"_problems": [f"{path}: unreadable config ({exc})"]}
+    except RecursionError:
+        return {"_problems": [f"{path}: unreadable config (nested too deeply)"]}
     return data if isinstance(data, dict) else {"_problems": [f"{path}: expected a JSON object"]}
 
 

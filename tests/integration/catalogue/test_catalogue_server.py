@@ -253,3 +253,16 @@ async def test_binary_source_is_embedded_as_base64(tmp_path, keys, start_server,
     server = await start_server(tmp_path / "pub")
     package = json.loads((await get(http, f"{server.base_url}{PS}/echo"))[2])["sourcePackage"]
     assert package["encoding"] == "base64" and base64.b64decode(package["sourceCode"]) == b"\xff\xfe binary"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [b"[" * 100_000, b'{"maxAge": ' + b"9" * 5000 + b"}", b'{"default": "\xff"}', b'{"default": ["echo"]}'],
+    ids=["deep", "huge", "utf8", "wrong-type"],
+)
+async def test_a_broken_catalogue_config_is_a_problem_not_a_crash(catalogue_dir, start_server, http, config):
+    (catalogue_dir / "catalogue.json").write_bytes(config)
+    server = await start_server(catalogue_dir, default=None)
+    assert (await get(http, f"{server.base_url}{PS}/echo"))[0] == 200  # the stubs are served all the same
+    if config != b'{"default": ["echo"]}':
+        assert any("catalogue.json: unreadable config" in problem for problem in server.problems), server.problems
