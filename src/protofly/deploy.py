@@ -23,6 +23,7 @@ from protofly.identity import IdentityModule
 from protofly.message import Message, error_description, response_code
 from protofly.registry import RuntimeRegistry, StatusEvent, StatusTimeoutError, StubRecord
 from protofly.sandbox import Boundary, Component, DeployError, Limits, Sandbox, SandboxError, active_layers
+from protofly.supervision import AUTH_FAILURE
 
 __all__ = ["DeployPipeline", "Step", "StubDeploymentError", "StubHandle"]
 
@@ -189,7 +190,7 @@ class DeployPipeline:
         holder.append(component)
         record = target.record
         record.isolation = component.isolation
-        record.counters = component.counters
+        record.sandbox_counters = component.counters
         record.info["pid"] = component.pid
         return component
 
@@ -207,6 +208,9 @@ class DeployPipeline:
             reason = target.record.last_description() or str(exc)
             raise StubDeploymentError(target.domain, 503, f"stub stopped while connecting: {reason}") from None
         code = response_code(answer)
+        if code in (401, 403):
+            reason = error_description(answer.body) or f"code {code}"
+            raise StubDeploymentError(target.domain, 401, f"credentials refused: {reason}", cause=AUTH_FAILURE)
         if code is None or code >= 300:
             reason = error_description(answer.body) or f"code {code}"
             raise StubDeploymentError(target.domain, 503, f"stub's connect failed: {reason}")

@@ -12,7 +12,8 @@ to write one, both following reTHINK's ``stub-specification``:
 
 The base class does the protocol chores every stub needs: the ``via`` loop check in both directions,
 auto-connect on the first message, the ``created``/``in-progress``/``live``/``disconnected``/``failed``
-status updates (DESIGN §3), and in-order delivery to an ``on_message`` that may be sync or async.
+status updates (``docs/architecture.md``, *Status*), and in-order delivery to an ``on_message`` that
+may be sync or async.
 
 This module is imported inside every sandbox, so it imports only asyncio and :mod:`protofly.message`
 (msgspec): no structlog, no aiohttp.  It logs with stdlib :mod:`logging`; inside a sandbox those lines go to
@@ -32,6 +33,7 @@ from typing import Any
 from protofly.message import Message, MessageError, as_dict, from_dict
 
 __all__ = [
+    "AuthenticationFailed",
     "Bus",
     "Message",
     "MessageError",
@@ -47,7 +49,7 @@ _log = logging.getLogger("protofly.stub")
 
 Listener = Callable[[Message], Any]
 
-#: Status values of the connection state group (DESIGN §3), emitted in lower case.
+#: Status values of the connection state group (``docs/architecture.md``, *Status*), emitted in lower case.
 STATUS_VALUES = ("created", "in-progress", "live", "disconnected", "failed")
 
 
@@ -74,6 +76,14 @@ def carries_via(body: Mapping[str, Any] | None, url: str) -> bool:
 
 class MethodNotFound(LookupError):
     """``execute`` named a method the stub does not offer (answered with ``404``)."""
+
+
+class AuthenticationFailed(Exception):
+    """Raised by a stub's ``connect`` when the back-end refused the credentials (answered with ``401``).
+
+    The runtime keeps this apart from a transient failure: the stub is not retried against a server that
+    said no, until new credentials are set (``Runtime.set_credentials``) and ``retry_now`` is called.
+    """
 
 
 class Bus:
@@ -157,6 +167,8 @@ class Bus:
         ``quiet`` is for tasks whose result someone awaits (that caller reports the error); a
         ``MemoryError`` is still reported as fatal.
         """
+        # Its own owned set rather than protofly.tasks.TaskSet: this runs inside every sandbox host, which must
+        # not import structlog (TaskSet's logger), and a MemoryError here is fatal for the stub, not a log line.
         task = asyncio.ensure_future(awaitable)
         self._tasks.add(task)
         task.add_done_callback(self._quiet_done if quiet else self._task_done)

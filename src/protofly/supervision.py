@@ -16,8 +16,9 @@ The phases and what moves between them (``TRANSITIONS`` is the whole table)::
             failed-retryable | failed-permanent (verification failures, crash loops)
     any ──unload──▶ unloaded (final)
 
-``auth-failed`` and ``expired`` are reserved for credentials refused by a server and a status that was not
-refreshed in time; nothing enters them yet.
+``auth-failed``: the back-end refused the credentials (the stub's ``connect`` raised
+``AuthenticationFailed``); nothing retries until ``retry_now`` (after ``Runtime.set_credentials``).
+``expired`` is reserved for a status that was not refreshed in time; nothing enters it yet.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from protofly.backoff import Backoff, Uniform
 from protofly.catalogue.errors import E_CHANGED, E_DIGEST, E_ROLLBACK, E_SIGNATURE, E_UNSIGNED, E_UNTRUSTED
 
 __all__ = [
+    "AUTH_FAILURE",
     "TRANSITIONS",
     "VERIFICATION_FAILURES",
     "Action",
@@ -59,6 +61,9 @@ __all__ = [
     "Trigger",
     "Unload",
 ]
+
+#: The back-end refused the credentials: retrying with the same ones would only be refused again.
+AUTH_FAILURE = "auth"
 
 #: Catalogue failures that another attempt cannot fix: the bytes or the keys are wrong, not the network.
 VERIFICATION_FAILURES = frozenset({E_DIGEST, E_SIGNATURE, E_UNTRUSTED, E_UNSIGNED, E_ROLLBACK, E_CHANGED})
@@ -304,12 +309,17 @@ class StubLifecycle:
         failure = event.failure
         self.failure = failure
         actions: list[Action] = [AnswerQueued(failure.code, failure.description)]
+        if failure.cause == AUTH_FAILURE:
+            self.phase = Phase.AUTH_FAILED  # until new credentials and retry_now(): no loop against a "no"
+            self.retry_at = math.inf
+            return actions
         if failure.permanent:
             self.phase = Phase.FAILED_PERMANENT
             self.retry_at = math.inf  # the same bytes will fail the same way: only retry_now() tries again
             return actions
         if self._supervised:  # a restart that failed counts as another crash
-            return actions + self._restart_or_give_up(failure.description)
+            restart = self._restart_or_give_up(failure.description)
+            return restart if self.phase is Phase.FAILED_PERMANENT else actions + restart
         self.phase = Phase.FAILED_RETRYABLE
         self.retry_at = self._clock() + self._backoff.next()
         return actions
@@ -405,4 +415,8 @@ TRANSITIONS: dict[tuple[Phase, type], _Handler] = {
     (Phase.FAILED_PERMANENT, Trigger): StubLifecycle._retry_if_due,
     (Phase.FAILED_PERMANENT, RetryNow): StubLifecycle._retry_now,
     (Phase.FAILED_PERMANENT, Unload): StubLifecycle._unload,
+    (Phase.AUTH_FAILED, Incoming): StubLifecycle._retry_if_due,
+    (Phase.AUTH_FAILED, Trigger): StubLifecycle._retry_if_due,
+    (Phase.AUTH_FAILED, RetryNow): StubLifecycle._retry_now,
+    (Phase.AUTH_FAILED, Unload): StubLifecycle._unload,
 }

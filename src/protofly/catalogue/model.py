@@ -120,7 +120,7 @@ class SourcePackage:
 
 @dataclass(frozen=True, slots=True)
 class ProtocolStubDescriptor:
-    """A protocol stub descriptor (``reference/rethink-wire.md`` §2), normalised.
+    """A protocol stub descriptor as reTHINK catalogues serve it (`docs/catalogue.md`), normalised.
 
     ``version`` is always a string (``""`` when the descriptor has none, as in reTHINK's static files);
     ``configuration`` and ``constraints`` are always dicts; ``extra`` holds the fields outside the model
