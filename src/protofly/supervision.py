@@ -34,6 +34,8 @@ from protofly.catalogue.errors import E_CHANGED, E_DIGEST, E_ROLLBACK, E_SIGNATU
 
 __all__ = [
     "AUTH_FAILURE",
+    "PERMANENT_FAILURES",
+    "REQUIREMENTS_FAILURE",
     "TRANSITIONS",
     "VERIFICATION_FAILURES",
     "Action",
@@ -65,8 +67,13 @@ __all__ = [
 #: The back-end refused the credentials: retrying with the same ones would only be refused again.
 AUTH_FAILURE = "auth"
 
+#: The stub needs Python packages the sandbox's environment does not have: installing them is an operator's job.
+REQUIREMENTS_FAILURE = "requirements"
+
 #: Catalogue failures that another attempt cannot fix: the bytes or the keys are wrong, not the network.
 VERIFICATION_FAILURES = frozenset({E_DIGEST, E_SIGNATURE, E_UNTRUSTED, E_UNSIGNED, E_ROLLBACK, E_CHANGED})
+#: Failures no automatic retry can fix; only ``retry_now`` tries again.
+PERMANENT_FAILURES = VERIFICATION_FAILURES | {REQUIREMENTS_FAILURE}
 
 
 class Phase(enum.Enum):
@@ -91,7 +98,7 @@ class Failure:
 
     @property
     def permanent(self) -> bool:
-        return self.cause in VERIFICATION_FAILURES
+        return self.cause in PERMANENT_FAILURES
 
 
 @dataclass(frozen=True, slots=True)
