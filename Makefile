@@ -31,7 +31,7 @@ bench: $(STAMP)
 # run with FUZZ_SCALE times their usual examples instead, and the fallback is said out loud.
 FUZZ_SECONDS ?= 60
 FUZZ_SCALE   ?= 100
-FUZZ_TARGETS := message message_batch message_frame node_frames channel descriptor admin_send config
+FUZZ_TARGETS := message message_batch message_frame node_frames channel descriptor admin_send http_head config
 
 fuzz: $(STAMP)
 	@if $(BIN)/python -m pip install --quiet --disable-pip-version-check --only-binary=:all: 'atheris>=2.3'; then \

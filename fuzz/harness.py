@@ -33,6 +33,7 @@ SEEDS: dict[str, list[bytes]] = {
     "channel": [b"\x00" + len(_MESSAGE).to_bytes(4, "big") + _MESSAGE],
     "descriptor": [b"\x00" + _DESCRIPTOR, b"\x01" + _DESCRIPTOR],
     "admin_send": [b"\x00" + _MESSAGE],
+    "http_head": [b'\x00GET /.well-known/protocolstub/default HTTP/1.1\r\nHost: x\r\nIf-None-Match: "a"'],
     "config": [b'\x00domain = "a.test"\n[sandbox]\nmemory_mb = 64\n[catalogues]\n"b.test" = "http://127.0.0.1:1"\n'],
 }
 

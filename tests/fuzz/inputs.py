@@ -119,3 +119,20 @@ def toml_texts(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         text = _dumps(draw(values(CONFIG_KEYS)), True)
     return text.encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def http_heads(draw: st.DrawFn) -> bytes:
+    """A request head (without its blank line) with hostile methods, targets, versions and fields."""
+    method = draw(st.sampled_from([b"GET", b"HEAD", b"CONNECT", b"BREW", b"F@O", b""]) | st.binary(max_size=6))
+    target = draw(st.sampled_from([b"/", b"/.well-known/protocolstub/x?y#z", b"*", b"a.b:443", b"http://h/p"]))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1", b""]) | st.binary(max_size=9))
+    fields = draw(
+        st.lists(
+            st.sampled_from([b"Host: x", b" folded", b"Content-Length: 5", b"Content-Length: 6", b"X:\x01"])
+            | st.binary(max_size=20),
+            max_size=10,
+        )
+    )
+    line = draw(st.sampled_from([b" ", b"  ", b"\t"])).join([method, target, version])
+    return b"\r\n".join([line, *fields]) + (b"a" * draw(st.sampled_from([0, 300])))

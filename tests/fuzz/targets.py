@@ -21,6 +21,7 @@ from protofly import message
 from protofly.admin.protocol import AdminError
 from protofly.admin.server import send_body
 from protofly.catalogue.errors import CatalogueError
+from protofly.catalogue.httpserve import HeadError, body_length, parse_head
 from protofly.catalogue.model import parse_descriptor, parse_source_package
 from protofly.config import ConfigError, RuntimeConfig
 from protofly.message import Message, MessageError
@@ -149,6 +150,18 @@ def descriptor_value(value: Any) -> None:
         pass
 
 
+def http_head(data: Data) -> None:
+    """A catalogue server request head: parsed, or a HeadError with a status the server can answer."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    try:
+        head = parse_head(raw, max_line_size=256, max_field_size=256, max_headers=8)
+        body_length(head)
+    except HeadError as exc:
+        assert exc.status in (400, 414, 431, 505), exc.status
+        return
+    assert head.method and head.version[0] == 1 and len(head.headers) <= 8
+
+
 def admin_send(data: Data) -> None:
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
     try:
@@ -193,5 +206,6 @@ TARGETS: dict[str, Callable[[Data], None]] = {
     "channel": channel_frames,
     "descriptor": descriptor,
     "admin_send": admin_send,
+    "http_head": http_head,
     "config": config_file,
 }

@@ -83,6 +83,12 @@ def test_descriptor_value(value):
 
 
 @FUZZ
+@given(inputs.http_heads())
+def test_catalogue_server_request_head(data):
+    targets.http_head(data)
+
+
+@FUZZ
 @given(inputs.MESSAGES)
 def test_admin_send_body(data):
     targets.admin_send(data)

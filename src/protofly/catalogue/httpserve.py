@@ -31,12 +31,13 @@ import msgspec
 from protofly.log import get_logger
 from protofly.tasks import TaskSet
 
-__all__ = ["HeadError", "HttpResponse", "HttpServer", "RequestHead", "parse_head"]
+__all__ = ["HeadError", "HttpResponse", "HttpServer", "RequestHead", "body_length", "parse_head"]
 
 _log = get_logger(__name__)
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _VERSION = re.compile(rb"HTTP/(\d)\.(\d)\Z")
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")  # visible ASCII: anything else must be percent-encoded
 _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
 _REASONS = {
     200: "OK",
@@ -108,6 +109,8 @@ def parse_head(data: bytes, *, max_line_size: int, max_field_size: int, max_head
     method, target, version = parts
     if not _TOKEN.match(method):
         raise HeadError(400, "request line: the method is not a token")
+    if not _TARGET.match(target):
+        raise HeadError(400, "request line: the target holds characters that must be percent-encoded")
     matched = _VERSION.match(version)
     if matched is None:
         raise HeadError(400, "request line: no HTTP version")
@@ -252,19 +255,20 @@ class HttpServer:
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Serve one request; True when the connection stays open for the next."""
+        started = False
         try:
-            async with asyncio.timeout(self.idle_timeout):
+            async with asyncio.timeout(self.idle_timeout) as deadline:  # one timer, moved once data arrives
                 first = await reader.read(1)
-        except TimeoutError:
-            return False  # idle keep-alive connection: closed without a word
-        if not first:
-            return False
-        try:
-            async with asyncio.timeout(self.header_timeout):
+                if not first:
+                    return False
+                started = True
+                deadline.reschedule(asyncio.get_running_loop().time() + self.header_timeout)
                 data = first + await reader.readuntil(b"\r\n\r\n")
         except TimeoutError:
-            await self._refuse(writer, HeadError(408, f"request head not complete within {self.header_timeout:g} s"))
-            return False
+            if started:
+                text = f"request head not complete within {self.header_timeout:g} s"
+                await self._refuse(writer, HeadError(408, text))
+            return False  # an idle keep-alive connection is closed without a word
         except asyncio.LimitOverrunError:
             await self._refuse(writer, HeadError(431, f"request head over the {self._limit}-byte limit"))
             return False
@@ -308,8 +312,9 @@ class HttpServer:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         writer.write(head if head_only or status == 304 else head + response.body)
-        async with asyncio.timeout(self.send_timeout):
-            await writer.drain()
+        if writer.transport.get_write_buffer_size():  # only a client that does not read makes this wait
+            async with asyncio.timeout(self.send_timeout):
+                await writer.drain()
 
     def _now(self) -> str:
         second = int(time.time())
