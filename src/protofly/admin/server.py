@@ -248,10 +248,10 @@ class AdminServer:
     async def _set_credentials(self, request: web.Request) -> web.Response:
         """New credentials for a domain (a JSON object); the stub uses them from its next connect."""
         domain = _domain(request.match_info["domain"])
-        try:
-            data = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise AdminError(f"body: not valid JSON ({type(exc).__name__})", field="body") from None
+        try:  # the message decoder's rules: what is accepted here can be sent to the stub later
+            data = message.loads(await request.read(), what="body", max_size=self.max_request_size)
+        except message.MessageError as exc:
+            raise AdminError(str(exc), field="body") from None
         if not isinstance(data, dict):
             raise AdminError("body: expected a JSON object of credentials", field="body")
         self.runtime.set_credentials(domain, data)

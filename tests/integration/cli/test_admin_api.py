@@ -220,7 +220,14 @@ async def test_credentials_are_replaced_through_the_api_and_bad_bodies_are_named
         }
         assert runtime.identity.credentials_for("b.test") == {"password": "s3cret"}
         async with raw(server.path) as session:
-            for body, problem in ((b"[1, 2]", "JSON object"), (b"{nope", "not valid JSON"), (b"[" * 5000, "not valid")):
+            bodies = [
+                (b"[1, 2]", "JSON object"),
+                (b"{nope", "not a valid JSON"),
+                (b"[" * 5000, "nested too deeply"),
+                (b'{"password": NaN}', "not a valid JSON"),  # nothing the stub could not be sent later
+                (b'{"password": "\\ud800"}', "not a valid JSON"),
+            ]
+            for body, problem in bodies:
                 status, answer = await call(session, "PUT", "/stubs/b.test/credentials", data=body)
                 assert status == 400 and problem in answer["error"], answer
             status, answer = await call(session, "PUT", "/stubs/not a domain/credentials", json={})
