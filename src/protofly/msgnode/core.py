@@ -267,7 +267,11 @@ class MessageNodeCore:
         return []
 
     def received(self, conn: Hashable, data: bytes | bytearray | memoryview | str | Message) -> list[Action]:
-        """One text frame (or an already-decoded message) arrived on ``conn``."""
+        """One text frame (or an already-decoded message) arrived on ``conn``.
+
+        Whatever the bytes, the answer is actions: a ``400`` response to a sender that can be read, else a
+        close with ``1007`` (invalid data: bad JSON, invalid UTF-8) or ``1009`` (too big); never an exception.
+        """
         state = self.manager.state(conn)
         counters = self.counters
         if state.closing:
@@ -279,7 +283,16 @@ class MessageNodeCore:
                 counters["messages_in"] += 1
                 self._route(state, data, None, out)
                 return out
-            data = data.encode() if isinstance(data, str) else bytes(data)
+            if isinstance(data, str):  # a shell that decoded the text frame itself
+                try:
+                    data = data.encode()
+                except UnicodeEncodeError as exc:
+                    counters["invalid"] += 1
+                    text = f"text frame is not valid Unicode (lone surrogate at character {exc.start})"
+                    self._answers.close(state, CloseCode.INVALID_DATA, text, out)
+                    return out
+            else:
+                data = bytes(data)
         if len(data) > self.max_frame:
             counters["invalid"] += 1
             text = f"frame of {len(data)} bytes is over the {self.max_frame}-byte limit"
