@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 from protofly import address
 from protofly.bus import BusClosedError, MessageBus
@@ -74,6 +75,17 @@ from protofly.tasks import TaskSet
 __all__ = ["Runtime", "Step", "StubDeploymentError", "StubHandle"]
 
 log = get_logger("protofly.runtime")
+
+
+def _process_options(config: RuntimeConfig) -> dict[str, Any]:
+    """The process sandbox's settings from the configuration (containment layers, preloads)."""
+    return {
+        "preload": tuple(config.sandbox_preload),
+        "cgroups": config.cgroups,
+        "cgroup_parent": config.cgroup_parent,
+        "tmp_mb": config.tmp_mb,
+        "sandbox_user": config.sandbox_user,
+    }
 
 
 class _Stub:
@@ -134,7 +146,12 @@ class Runtime:
         self.bus = MessageBus(request_timeout=config.request_timeout)
         #: Every deploy step, status change, restart and unload, as typed events (:mod:`protofly.events`).
         self.events = EventStream()
-        self.limits = Limits(memory_mb=config.memory_mb, cpu_seconds=config.cpu_seconds, open_files=config.open_files)
+        self.limits = Limits(
+            memory_mb=config.memory_mb,
+            cpu_seconds=config.cpu_seconds,
+            open_files=config.open_files,
+            processes=config.processes,
+        )
         self.policy = Policy(
             backoff_base=config.backoff_base,
             backoff_cap=config.backoff_cap,
@@ -185,7 +202,7 @@ class Runtime:
             )
         await self._catalogue.__aenter__()
         if self._sandbox is None:
-            options = {"preload": tuple(config.sandbox_preload)} if config.sandbox == "process" else {}
+            options = _process_options(config) if config.sandbox == "process" else {}
             self._sandbox = create_sandbox(
                 config.sandbox, limits=self.limits, max_frame=config.max_message_size, **options
             )
@@ -254,6 +271,13 @@ class Runtime:
 
     def stubs(self) -> list[StubRecord]:
         return self.registry.stubs()
+
+    def usage(self, domain: str) -> dict[str, Any] | None:
+        """What ``domain``'s stub uses now, from its cgroup: ``memory_bytes``, ``memory_peak_bytes``,
+        ``cpu_seconds``, ``processes`` (None: no stub running, or no cgroup to account it)."""
+        stub = self._stubs.get(domain)
+        component = None if stub is None else stub.component
+        return None if component is None else component.usage()
 
     def phase(self, domain: str) -> Phase | None:
         """The supervision phase of ``domain``'s stub (None: no stub is loaded for it)."""

@@ -30,10 +30,11 @@ from protofly.log import get_logger
 from protofly.message import Message, MessageError, error_description, response_code
 from protofly.sandbox import Boundary, Component, DeployError, Limits, SandboxError
 from protofly.sandbox import isolation as iso
+from protofly.sandbox.cgroup import CgroupError, CgroupTree, StubCgroup
 from protofly.sandbox.channel import SANDBOX_EXTERNAL, FrameDecoder, FrameEncoder, FrameError, control
 from protofly.sandbox.guard import Guard, failed_status, new_counters
 from protofly.sandbox.output import StubOutput
-from protofly.sandbox.proctree import HostProcess, describe_exit
+from protofly.sandbox.proctree import HostProcess, descendants, describe_exit
 from protofly.tasks import TaskSet
 
 __all__ = ["KILL_WAIT", "HostSettings", "ProcessComponent"]
@@ -59,6 +60,15 @@ class HostSettings:
     seccomp: bool
     preload: tuple[str, ...]
     workdir_root: str | None
+    #: The runtime's limits: a spare's cgroup has them until a deploy narrows them to the stub's.
+    limits: Limits
+    #: Size of the private /tmp (bwrap ``--size``).
+    tmp_mb: int = 64
+    #: The runtime's cgroup tree (None: no cgroup layer, ``cgroup_missing`` says why).
+    cgroups: CgroupTree | None = None
+    cgroup_missing: str | None = None
+    #: Why hosts run with the runtime's root ids (None: they do not).
+    user_missing: str | None = None
 
 
 class _Channel(asyncio.Protocol):
@@ -118,6 +128,9 @@ class ProcessComponent(Component):
         self._workdir: str | None = None
         self._output = StubOutput(self.counters)
         self._log = _log
+        self._cgroup: StubCgroup | None = None
+        self._limit_hit: str | None = None
+        self._cleanup: asyncio.Task[None] | None = None
 
     # -- public interface ---------------------------------------------------------------------------
 
@@ -200,6 +213,7 @@ class ProcessComponent(Component):
         finally:
             if self._state != "exited":
                 self.kill_now()
+        await self.wait_cleanup()
 
     # -- used by ProcessSandbox and its spare pool --------------------------------------------------
 
@@ -216,27 +230,87 @@ class ProcessComponent(Component):
         if self._process is not None:
             self._process.kill()
 
+    async def wait_cleanup(self) -> None:
+        """Wait until the host's cgroup is empty and removed (no process of the stub's tree is left)."""
+        cleanup = self._cleanup
+        if cleanup is not None:
+            await asyncio.wait([cleanup], timeout=KILL_WAIT + 1.0)
+
+    @property
+    def cgroup(self) -> StubCgroup | None:
+        """The host's control group (None: the machine offers none, see ``isolation["missing"]``)."""
+        return self._cgroup
+
+    def usage(self) -> dict[str, Any] | None:
+        """What the stub's cgroup accounts for now: memory (current, peak), CPU seconds, processes."""
+        if self._cgroup is None or self._state == "exited":
+            return None
+        return self._cgroup.usage().as_dict()
+
+    def check_limits(self) -> str | None:
+        """A limit the kernel says the tree hit since the deploy: the reason, after killing the whole tree.
+
+        Hitting a cgroup limit is a failure of the stub (the kernel already refused a fork or OOM-killed a
+        process of it); it is counted, the tree is killed, and the exit reports the reason.
+        """
+        if self._cgroup is None or self._state not in ("running", "deploying") or self._limit_hit:
+            return self._limit_hit
+        reason = self._limit_reason()
+        if reason is not None:
+            self._last_words = reason
+            self._log.warning("stub hit a cgroup limit; killing its process tree", reason=reason)
+            self._cgroup.kill()
+            self.kill_now()
+        return reason
+
+    def _limit_reason(self) -> str | None:
+        """A limit hit since the deploy (the first one found is counted, once), or None."""
+        if self._limit_hit is None and self._cgroup is not None:
+            hit = self._cgroup.hit()
+            if hit is not None:
+                self._limit_hit = hit.reason
+                self.counters[hit.counter] = self.counters.get(hit.counter, 0) + 1
+        return self._limit_hit
+
     def poll_exit(self) -> None:
         """Notice an exit now rather than when the event loop next looks at the pidfd."""
         if self._process is not None:
             self._process.poll()
 
     async def start(self, timeout: float) -> None:
-        """Start the host process and wait until it says ``ready``."""
+        """Start the host process in its own cgroup and wait until it says ``ready``."""
+        settings = self._settings
+        if settings.cgroups is not None:
+            try:
+                self._cgroup = settings.cgroups.new_group(settings.limits.memory_mb << 20, settings.limits.processes)
+            except CgroupError as exc:
+                raise SandboxError(f"cannot start the sandbox host: {exc}") from None
         if not self._bwrap:
-            root = self._settings.workdir_root
-            self._workdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="protofly-stub-", dir=root)
+            self._workdir = await asyncio.to_thread(_make_workdir, settings.workdir_root, self._probe.user)
         parent, child = socket.socketpair()
+        gate, opener = os.pipe()
         try:
-            self._process = self._spawn(child.fileno())
+            self._process = self._spawn(child.fileno(), gate)
         except OSError as exc:
             parent.close()
+            os.close(opener)
             self._remove_workdir()
+            self._remove_cgroup()
             raise SandboxError(f"cannot start the sandbox host: {exc}") from None
         finally:
             child.close()
+            os.close(gate)
         process = self._process
         self.pid = process.pid
+        try:
+            if self._cgroup is not None:
+                self._cgroup.place_tree(process.pid, descendants)
+            os.write(opener, b"g")  # the host may run now: everything it does is charged to its cgroup
+        except OSError as exc:
+            self.kill_now()
+            raise SandboxError(f"cannot place the sandbox host in its cgroup: {exc}") from None
+        finally:
+            os.close(opener)
         self._log = _log.bind(sandbox_pid=self.pid)
         self._output.bind(sandbox_pid=self.pid)
         try:
@@ -252,9 +326,9 @@ class ProcessComponent(Component):
             raise
         self._state = "ready"
 
-    def _spawn(self, fd: int) -> HostProcess:
+    def _spawn(self, fd: int, gate: int) -> HostProcess:
         settings = self._settings
-        host_settings = {
+        host_settings: dict[str, Any] = {
             "fd": fd,
             "max_frame": settings.max_frame,
             "parent_pid": None if self._bwrap else os.getpid(),
@@ -264,9 +338,20 @@ class ProcessComponent(Component):
             "seccomp": settings.seccomp,
             "preload": list(settings.preload),
         }
+        if not self._bwrap:
+            host_settings["gate_fd"] = gate
+        if self._probe.host_drops is not None:
+            host_settings["user"] = list(self._probe.host_drops)
         args = ["-m", "protofly.sandbox.host", msgspec.json.encode(host_settings).decode()]
         if self._probe.bwrap is not None:
-            command = iso.bwrap_command(self._probe.bwrap, self._probe.namespaces, settings.python, args)
+            command = iso.bwrap_command(
+                self._probe.bwrap,
+                self._probe.namespaces,
+                settings.python,
+                args,
+                containment=iso.containment_options(self._probe, block_fd=gate),
+                tmp_bytes=settings.tmp_mb << 20,
+            )
             env: dict[str, str] = {}
             cwd = "/"
         else:
@@ -275,7 +360,14 @@ class ProcessComponent(Component):
             env = iso.host_env(self._workdir)
             cwd = self._workdir
         return HostProcess(
-            command, env=env, cwd=cwd, pass_fd=fd, bwrap=self._bwrap, tasks=self._tasks, on_exit=self._exited_with
+            command,
+            env=env,
+            cwd=cwd,
+            pass_fds=(fd, gate),
+            bwrap=self._bwrap,
+            user=self._probe.spawn_user,
+            tasks=self._tasks,
+            on_exit=self._exited_with,
         )
 
     async def deploy(
@@ -299,6 +391,12 @@ class ProcessComponent(Component):
         self._log = _log.bind(stub_url=url, sandbox_pid=self.pid)
         self._output.bind(stub_url=url, sandbox_pid=self.pid)
         self._state = "deploying"
+        if self._cgroup is not None:
+            try:  # the stub's own limits, before any of its code runs
+                self._cgroup.set_limits(limits.memory_mb << 20, limits.processes)
+                self._cgroup.arm()
+            except CgroupError as exc:
+                raise DeployError(f"the sandbox could not limit the stub's cgroup: {exc}") from None
         body: dict[str, Any] = {"url": url, "sourceCode": source, "config": config, "sandbox": limits.as_dict()}
         if classname:
             body["sourceCodeClassname"] = classname
@@ -325,6 +423,8 @@ class ProcessComponent(Component):
         """Layers only at the top level (a truthy value means active), details inside each value."""
         report = self._host_report or {}
         missing = list(self._probe.missing) + list(report.get("missing", ()))
+        settings = self._settings
+        missing += [reason for reason in (settings.cgroup_missing, settings.user_missing) if reason]
         if self._host_report is None:
             missing.append("confinement: the host sent no isolation report")
         bwrap: dict[str, Any] | bool = False
@@ -332,7 +432,9 @@ class ProcessComponent(Component):
             bwrap = {
                 "namespaces": self._probe.namespace_names,
                 "network": "shared",
-                "filesystem": "read-only binds of /usr, the interpreter and protofly; private tmpfs /tmp",
+                "filesystem": "read-only binds of /usr, the interpreter and protofly; "
+                f"private tmpfs /tmp of {self._settings.tmp_mb} MiB",
+                "nested_user_namespaces": not self._probe.userns_locked,
             }
         return {
             "process": True,
@@ -345,8 +447,19 @@ class ProcessComponent(Component):
             "capabilities": report.get("capabilities", False),
             "landlock": report.get("landlock", False),
             "seccomp": report.get("seccomp", False),
+            "cgroup": self._cgroup.report() if self._cgroup is not None else False,
+            "user": self._user_record(),
             "missing": missing,
         }
+
+    def _user_record(self) -> dict[str, Any] | bool:
+        """Who the stub is: inside its user namespace and on the host (False: the runtime's root)."""
+        probe = self._probe
+        if probe.user is None and os.geteuid() == 0:
+            return False
+        host_uid = probe.user[0] if probe.user is not None else os.getuid()
+        inside = iso.SANDBOX_UID if self._bwrap and probe.user_namespace else host_uid
+        return {"host_uid": host_uid, "uid": inside}
 
     # -- channel ------------------------------------------------------------------------------------
 
@@ -456,7 +569,8 @@ class ProcessComponent(Component):
 
     def _exited_with(self, returncode: int) -> None:
         """The process was reaped: fail whatever waits on it, clean up, and report a running stub's death."""
-        reason = self._last_words or describe_exit(returncode, bwrap=self._bwrap)
+        limit = self._limit_reason() if self._state in ("running", "deploying", "removing") else None
+        reason = limit or self._last_words or describe_exit(returncode, bwrap=self._bwrap)
         self._exit_reason = reason
         previous, self._state = self._state, "exited"
         self._on_reaped(self)
@@ -470,10 +584,29 @@ class ProcessComponent(Component):
             self._ready.set_exception(SandboxError(f"the sandbox host ended before it was ready: {reason}{tail}"))
             self._ready.exception()  # retrieved: start() reports it
         self._remove_workdir()
+        self._remove_cgroup()
         if previous == "running":
             self._report_failure(reason)
         else:
             self._log.debug("sandbox host ended", reason=reason, state=previous)
+
+    def _remove_cgroup(self) -> None:
+        """Kill whatever of the tree is left (a child the host left behind), then remove the group."""
+        group = self._cgroup
+        if group is not None and self._cleanup is None:
+            try:
+                self._cleanup = self._tasks.spawn(self._remove_group(group), name="remove stub cgroup", shared=True)
+            except RuntimeError:  # the sandbox is closed already: kill now, the group is removed with the tree's
+                group.kill()
+
+    async def _remove_group(self, group: StubCgroup) -> None:
+        try:
+            left = await asyncio.to_thread(group.remove)
+        except CgroupError as exc:
+            self._log.error("stub cgroup not removed", error=str(exc))
+            return
+        if left:  # usually bwrap's helpers still exiting; a stub's orphan shows up here too
+            self._log.debug("killed what was left in the stub's cgroup", count=len(left))
 
     def _remove_workdir(self) -> None:
         if self._workdir is not None:
@@ -491,3 +624,11 @@ class ProcessComponent(Component):
                 on_exit(reason)
             except Exception:
                 self._log.exception("the runtime's on_exit failed")
+
+
+def _make_workdir(root: str | None, user: tuple[int, int] | None) -> str:
+    """The private working directory of a host run without bwrap, owned by the user it runs as."""
+    path = tempfile.mkdtemp(prefix="protofly-stub-", dir=root)
+    if user is not None:
+        os.chown(path, user[0], user[1])
+    return path
