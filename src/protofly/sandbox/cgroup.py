@@ -32,11 +32,12 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CgroupError", "CgroupTree", "Hit", "Limited", "StubCgroup", "Usage", "probe"]
+__all__ = ["CgroupError", "CgroupTree", "Hit", "Limited", "StubCgroup", "Usage", "members", "probe"]
 
 #: v1 controllers a stub group needs (``cpuacct`` only adds CPU seconds to the accounting).
 _V1_REQUIRED = ("memory", "pids")
@@ -202,8 +203,10 @@ class StubCgroup:
             return Hit(f"memory limit (cgroup: {kills} OOM kill(s) at {self.memory_bytes >> 20} MiB)", "memory_limit")
         if now.forks_refused > before.forks_refused:
             refused = now.forks_refused - before.forks_refused
+            tasks = self.usage().processes
             return Hit(
-                f"process limit (cgroup: pids.max {self.processes} reached, {refused} forks refused)", "process_limit"
+                f"process limit (cgroup: pids.max {self.processes} reached by {tasks} tasks, {refused} forks refused)",
+                "process_limit",
             )
         return None
 
@@ -334,6 +337,20 @@ def probe(mode: str = "auto", parent: str = "") -> tuple[CgroupTree | None, str 
     else:
         reasons.append("cgroup v1: memory and pids hierarchies are not both mounted")
     return None, "cgroup: " + "; ".join(reasons)
+
+
+def members(report: Mapping[str, Any]) -> list[int] | None:
+    """The pids now in the group an isolation record's ``cgroup`` value names; None once it is removed.
+
+    For operators and tests: every process of a stub's tree, whatever it did to leave the host's tree.
+    """
+    mount = _mounts().get("unified" if report.get("version") == 2 else "memory")
+    if mount is None:
+        return None
+    directory = mount / str(report.get("path", "")).lstrip("/")
+    if not directory.is_dir():
+        return None
+    return _ints(directory / "cgroup.procs")
 
 
 def _group_name() -> str:

@@ -260,7 +260,7 @@ class ProcessComponent(Component):
             self._last_words = reason
             self._log.warning("stub hit a cgroup limit; killing its process tree", reason=reason)
             self._cgroup.kill()
-            self.kill_now()
+            self._signal_tree(signal.SIGKILL)  # still "running": the exit is reported as the stub's failure
         return reason
 
     def _limit_reason(self) -> str | None:
