@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CgroupError", "CgroupTree", "Hit", "Limited", "StubCgroup", "Usage", "members", "probe"]
+__all__ = ["CgroupError", "CgroupTree", "Hit", "Limited", "StubCgroup", "Usage", "hierarchies", "members", "probe"]
 
 #: v1 controllers a stub group needs (``cpuacct`` only adds CPU seconds to the accounting).
 _V1_REQUIRED = ("memory", "pids")
@@ -420,6 +420,12 @@ def _clear_stale(parent: Path) -> None:
                     if child.is_dir():
                         child.rmdir()
                 entry.rmdir()
+
+
+def hierarchies() -> dict[str, Path]:
+    """Where each cgroup hierarchy is mounted: ``unified`` (cgroup2) and the v1 ``memory``, ``pids``,
+    ``cpuacct`` (for an administrator's script delegating a subtree, and the tests)."""
+    return _mounts()
 
 
 def _mounts() -> dict[str, Path]:
