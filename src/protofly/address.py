@@ -208,7 +208,7 @@ def status_url(url: str) -> str:
     return f"{url}/status"
 
 
-# -- catalogue well-known URLs (DESIGN §4) ------------------------------------------------------------
+# -- catalogue well-known URLs (docs/architecture.md, Catalogue) --------------------------------------
 
 
 def catalogue_url(domain: str, name: str = "default", *, base: str | None = None) -> str:

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from protofly.log import get_logger
 from protofly.message import Message, response, response_code
+from protofly.tasks import TaskSet
+from protofly.throttle import LogThrottle
 
 __all__ = [
+    "NOT_PENDING",
+    "REFUSED",
+    "SETTLED",
     "BusClosedError",
     "Handler",
     "Interceptor",
@@ -72,6 +77,10 @@ class Listener:
         self.bus._remove_listener(self)
 
 
+#: What :meth:`MessageBus.settle_from` found for a response that came through a stub.
+NOT_PENDING, SETTLED, REFUSED = 0, 1, 2
+
+
 @dataclass(slots=True)
 class _Pending:
     future: asyncio.Future[Message]
@@ -79,6 +88,9 @@ class _Pending:
     timeout: float
     slot: int = 0
     on_provisional: Callable[[Message], None] | None = None
+    #: Where the request was delivered (the stub URL or local listener): only an answer coming back
+    #: from there may settle it.
+    route: str | None = None
 
 
 @dataclass
@@ -112,7 +124,8 @@ class MessageBus:
         self._pending: dict[tuple[str, int | str | None], _Pending] = {}
         self._slots: dict[int, tuple[asyncio.TimerHandle, set[tuple[str, int | str | None]]]] = {}
         self._next_id: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("bus")
+        self._warnings = LogThrottle(log)
         self._resolver = resolver
         self._closed = False
         self.request_timeout = request_timeout
@@ -168,6 +181,8 @@ class MessageBus:
             return
         listeners = self._routes.get(msg.to)
         if listeners is not None:
+            if self._pending and msg.type != "response":
+                self._note_route(msg, msg.to)
             self._deliver(listeners, msg)
         else:
             self._route_unknown(msg)
@@ -272,13 +287,44 @@ class MessageBus:
                 return None
         return msg
 
-    def _settle(self, msg: Message) -> bool:
-        """Hand a response to the request waiting for it; False if nobody waits (route it normally)."""
+    def _note_route(self, msg: Message, target: str) -> None:
+        """Remember where a waited-for request went, for :meth:`settle_from` (its first route only)."""
+        pending = self._pending.get((msg.from_, msg.id))
+        if pending is not None and pending.route is None:
+            pending.route = target
+
+    def _find_pending(self, msg: Message) -> _Pending | None:
         pending = self._pending.get((msg.to, msg.id))
         if pending is None:
             pending = self._pending.get((msg.to, _other_id_form(msg.id)))
-            if pending is None:
-                return False
+        return pending
+
+    def settle_from(self, msg: Message, origin: str) -> int:
+        """A response that came through the stub at ``origin``: settle its request only if it went there.
+
+        The answer must come back the way its request went (``origin`` is where the bus delivered the
+        request) and from the address the request was sent to (or another address of the same node
+        component host), so a guessed id gains a stub nothing.  Returns :data:`SETTLED`,
+        :data:`REFUSED` (a request waits under that key but this is not its answer: the caller drops and
+        counts it) or :data:`NOT_PENDING` (nobody waits: route it as any message).
+        """
+        pending = self._find_pending(msg) if self._pending else None
+        if pending is None:
+            return NOT_PENDING
+        if pending.route != origin or not _answers_for(msg.from_, pending.request.to):
+            return REFUSED
+        self._settle_pending(pending, msg)
+        return SETTLED
+
+    def _settle(self, msg: Message) -> bool:
+        """Hand a response to the request waiting for it; False if nobody waits (route it normally)."""
+        pending = self._find_pending(msg)
+        if pending is None:
+            return False
+        self._settle_pending(pending, msg)
+        return True
+
+    def _settle_pending(self, pending: _Pending, msg: Message) -> None:
         code = response_code(msg)
         if code is not None and code < 200:
             if pending.on_provisional is not None:
@@ -289,10 +335,9 @@ class MessageBus:
             key = (pending.request.from_, pending.request.id)
             self._disarm(key, pending.slot)
             pending.slot = self._arm(asyncio.get_running_loop(), key, pending.timeout)
-            return True
+            return
         if not pending.future.done():
             pending.future.set_result(msg)
-        return True
 
     def _arm(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int | str | None], timeout: float) -> int:
         slot = int((loop.time() + timeout) / TIMER_SLOT) + 1
@@ -321,7 +366,12 @@ class MessageBus:
 
     def _route_unknown(self, msg: Message) -> None:
         resolver = self._resolver
-        target = resolver(msg) if resolver is not None else None
+        try:
+            target = resolver(msg) if resolver is not None else None
+        except Rejected as verdict:  # the resolver knows why there is no route (e.g. a bound was reached)
+            self.stats.unroutable += 1
+            self.reply_error(msg, verdict.code, verdict.description)
+            return
         if target is None or isinstance(target, str):
             self._deliver_resolved(msg, target)
         else:
@@ -343,7 +393,7 @@ class MessageBus:
 
     def _deliver_resolved(self, msg: Message, target: str | None) -> None:
         listeners = self._routes.get(target) if target is not None else None
-        if listeners is None:
+        if listeners is None or target is None:
             self.stats.unroutable += 1
             self.reply_error(msg, 404, f"no route to {msg.to}")
             return
@@ -353,6 +403,8 @@ class MessageBus:
             self.stats.loops += 1
             self.reply_error(msg, 508, f"loop: message to {msg.to} came from {target}")
             return
+        if self._pending and msg.type != "response":
+            self._note_route(msg, target)
         self._deliver(listeners, msg)
 
     def reply_error(self, msg: Message, code: int, description: str) -> None:
@@ -363,7 +415,10 @@ class MessageBus:
         self.stats.by_code[code] = self.stats.by_code.get(code, 0) + 1
         if msg.type == "response":
             self.stats.dropped_responses += 1
-            log.warning("undeliverable response dropped", to=msg.to, sender=msg.from_, code=code, reason=description)
+            self._warnings.warning(
+                ("dropped response",), "undeliverable response dropped", to=msg.to, sender=msg.from_, code=code,
+                reason=description, dropped_responses=self.stats.dropped_responses,
+            )  # fmt: skip
             return
         if self._closed:
             self.stats.dropped_after_close += 1
@@ -379,10 +434,11 @@ class MessageBus:
             return
         self.post(response(msg, code, description))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._closed:
+            coro.close()  # an async listener reached after close: nothing more runs
+            return
+        self._tasks.spawn(coro)
 
     # -- shutdown --------------------------------------------------------------------------------
 
@@ -398,11 +454,20 @@ class MessageBus:
             self._pending.pop(key, None)
             if not pending.future.done():
                 pending.future.set_result(response(pending.request, 503, "message bus closed"))
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+        await self._tasks.close(timeout)
+
+
+def _answers_for(sender: str, asked: str) -> bool:
+    """True if a response from ``sender`` may answer a request sent to ``asked``.
+
+    The same address, or two addresses on one ``domain://`` component host (a node answers requests to
+    ``domain://msg-node.<d>/x`` from another of its component addresses).
+    """
+    if sender == asked:
+        return True
+    if sender.startswith("domain://") and asked.startswith("domain://"):
+        return sender.split("/", 3)[2] == asked.split("/", 3)[2]
+    return False
 
 
 def _other_id_form(value: int | str | None) -> int | str | None:

@@ -90,7 +90,7 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     #: Restart backoff after a crash: full jitter in [0, min(cap, base * 2**n)] seconds.
     backoff_base: NotNegative = 0.25
     backoff_cap: Positive = 30.0
-    #: More than ``crash_budget`` crashes within ``crash_window`` seconds: the stub stays failed.
+    #: ``crash_budget`` crashes within ``crash_window`` seconds (a failed restart counts): the stub stays failed.
     crash_budget: AtLeastOne = 5
     crash_window: Positive = 300.0
     #: Live this long after a restart and the crash backoff starts again from its base.
@@ -99,6 +99,17 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     remove_grace: Positive = 2.0
     #: Credentials per domain (JSON or TOML); see protofly.identity.
     credentials_file: Path | None = None
+    #: Per stub: status updates and other messages the runtime accepts per second (token buckets; the
+    #: excess is dropped and counted, a dropped request answered with 429).
+    stub_status_rate: Positive = 50.0
+    stub_status_burst: Annotated[float, msgspec.Meta(ge=1)] = 100.0
+    stub_message_rate: Positive = 200_000.0
+    stub_message_burst: Annotated[float, msgspec.Meta(ge=1)] = 50_000.0
+    #: Bounds on deployments that local code triggers: stub records, deployments at once, and seconds a
+    #: domain whose stub failed (and was evicted) is answered from a negative cache.
+    max_stubs: AtLeastOne = 64
+    max_concurrent_deploys: AtLeastOne = 8
+    negative_ttl: Positive = 30.0
     #: Largest message accepted from a stub or a socket (also the sandbox channel's frame limit, which must
     #: carry a stub's source: hence the 64 KiB floor).
     max_message_size: Annotated[int, msgspec.Meta(ge=64 << 10)] = 1 << 20

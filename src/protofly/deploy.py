@@ -189,7 +189,7 @@ class DeployPipeline:
         holder.append(component)
         record = target.record
         record.isolation = component.isolation
-        record.counters = component.counters
+        record.sandbox_counters = component.counters
         record.info["pid"] = component.pid
         return component
 

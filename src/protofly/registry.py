@@ -31,6 +31,7 @@ from protofly.events import EventStream, StatusChanged
 from protofly.log import get_logger
 from protofly.message import Message, error_description
 from protofly.state import STATE_FILE, StateStore
+from protofly.throttle import LogThrottle
 
 __all__ = [
     "Local",
@@ -49,6 +50,21 @@ log = get_logger("protofly.registry")
 
 #: Return paths kept for requests that arrived through a stub (oldest forgotten first).
 MAX_RETURN_PATHS = 10_000
+#: Applied statuses kept per stub (a deploy timeline needs a handful; a flood keeps only the newest).
+HISTORY_LIMIT = 256
+#: Refused statuses kept per stub.
+ANOMALY_LIMIT = 64
+#: Longest status value or description kept; longer ones are cut (a status is not a payload).
+MAX_DESCRIPTION = 512
+#: The runtime's counters about each stub (see ``docs/security.md``).
+TRUST_COUNTERS = (
+    "history_total",
+    "status_anomalies",
+    "forged_responses",
+    "forbidden_destination",
+    "status_rate_limited",
+    "messages_rate_limited",
+)
 
 #: Stub numbers are reserved in blocks so that allocating one costs no disk write, yet none is reused.
 RESERVE_BLOCK = 64
@@ -113,11 +129,16 @@ class StubRecord:
     url: str
     name: str = "default"
     descriptor_url: str | None = None
-    history: list[StatusEvent] = field(default_factory=list)
-    anomalies: list[StatusEvent] = field(default_factory=list)
+    #: The last :data:`HISTORY_LIMIT` applied statuses (``counters["history_total"]`` counts them all).
+    history: deque[StatusEvent] = field(default_factory=lambda: deque(maxlen=HISTORY_LIMIT))
+    #: The last :data:`ANOMALY_LIMIT` refused statuses (``counters["status_anomalies"]`` counts them all).
+    anomalies: deque[StatusEvent] = field(default_factory=lambda: deque(maxlen=ANOMALY_LIMIT))
     since: float = field(default_factory=time.time)
     isolation: dict[str, Any] = field(default_factory=dict)
-    counters: dict[str, int] = field(default_factory=dict)
+    #: The sandbox component's counters (frames, forged senders, ...); replaced by each deployment.
+    sandbox_counters: dict[str, int] = field(default_factory=dict)
+    #: The runtime's counters about this stub (trust boundary, status); kept across restarts.
+    trust_counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TRUST_COUNTERS, 0))
     restarts: int = 0
     info: dict[str, Any] = field(default_factory=dict)
     machine: status.StatusMachine = field(default_factory=status.StatusMachine, repr=False)
@@ -135,6 +156,17 @@ class StubRecord:
     @property
     def connection(self) -> str | None:
         return self.machine.connection
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Every counter about this stub: the sandbox's and the runtime's (a snapshot)."""
+        return {**self.sandbox_counters, **self.trust_counters}
+
+    def count(self, name: str, amount: int = 1) -> int:
+        counters = self.trust_counters
+        value = counters.get(name, 0) + amount
+        counters[name] = value
+        return value
 
     @property
     def waiting(self) -> int:
@@ -162,9 +194,9 @@ class StubRecord:
             "description": self.last_description(),
             "since": self.since,
             "isolation": self.isolation,
-            "counters": dict(self.counters),
+            "counters": self.counters,
             "restarts": self.restarts,
-            "anomalies": len(self.anomalies),
+            "anomalies": self.trust_counters.get("status_anomalies", 0),
         }
 
 
@@ -193,6 +225,7 @@ class RuntimeRegistry:
         self._memory_counter: dict[str, int] = {}  # without a state directory
         self._topping_up: dict[str, asyncio.Task[None]] = {}
         self._local: set[str] = set()
+        self._warnings = LogThrottle(log)
         self._return_paths: dict[tuple[str, int | str | None], str] = {}  # insertion order: oldest first
 
     @classmethod
@@ -362,9 +395,11 @@ class RuntimeRegistry:
     ) -> status.Transition:
         """Apply a status (from the stub, or from the runtime on its behalf), record and re-publish it."""
         transition = record.machine.report(value)
+        if description is not None and len(description) > MAX_DESCRIPTION:
+            description = description[:MAX_DESCRIPTION] + "…"
         event = StatusEvent(
             time.time(),
-            transition.new,
+            transition.new[:MAX_DESCRIPTION],
             description,
             transition.group,
             source,
@@ -373,34 +408,43 @@ class RuntimeRegistry:
         )
         if transition.applied:
             record.history.append(event)
+            record.count("history_total")
             record.since = event.at
             self._publish(record, event)
             self.events.emit(StatusChanged(record.domain, record.url, event.value, event.description, event.at))
             self._wake(record)
         elif transition.old != transition.new:
-            record.anomalies.append(event)
-            log.warning(
-                "status anomaly",
-                stub_url=record.url,
-                value=transition.new,
-                reason=transition.reason,
-                source=source,
-            )
+            self._anomaly(record, event)
         return transition
+
+    def _anomaly(self, record: StubRecord, event: StatusEvent) -> None:
+        """Keep a refused status in the stub's bounded ring; one summary log line per stub and interval."""
+        record.anomalies.append(event)
+        total = record.count("status_anomalies")
+        self._warnings.warning(
+            (record.url, "status anomaly"),
+            "status anomaly",
+            stub_url=record.url,
+            value=event.value,
+            reason=event.reason,
+            source=event.source,
+            status_anomalies=total,
+        )
 
     def _on_status(self, msg: Message) -> None:
         record = self._by_url.get(msg.to.removesuffix("/status"))
         if record is None:
             return
         body = msg.body or {}
+        value = str(body.get("value"))[:MAX_DESCRIPTION]
         if msg.from_ != record.url:
-            event = StatusEvent(
-                time.time(), str(body.get("value")), None, None, msg.from_, False, "status from a foreign sender"
-            )
-            record.anomalies.append(event)
-            log.warning("status from foreign sender ignored", stub_url=record.url, sender=msg.from_)
+            reason = "status from a foreign sender"
+        elif status.normalize(value) in status.DEPLOYMENT:
+            reason = "the deployment status is the runtime's to report"
+        else:
+            self.report(record, value, error_description(body), source="stub")
             return
-        self.report(record, str(body.get("value")), error_description(body), source="stub")
+        self._anomaly(record, StatusEvent(time.time(), value, None, None, msg.from_[:MAX_DESCRIPTION], False, reason))
 
     def _publish(self, record: StubRecord, event: StatusEvent) -> None:
         body: dict[str, Any] = {"value": event.value, "resource": record.url}

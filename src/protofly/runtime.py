@@ -24,7 +24,9 @@ from types import TracebackType
 from typing import Any
 
 from protofly import address
-from protofly.bus import BusClosedError, MessageBus
+from protofly.admission import DeployAdmission, Refusal
+from protofly.boundary import BoundaryPolicy, StubBoundary
+from protofly.bus import BusClosedError, MessageBus, Rejected
 from protofly.catalogue import CatalogueClient
 from protofly.catalogue.keys import TrustStore
 from protofly.config import RuntimeConfig
@@ -71,6 +73,7 @@ from protofly.supervision import (
 from protofly.supervision import DeployFailed as DeployFailedEvent
 from protofly.supervision import RestartScheduled as RestartAction
 from protofly.tasks import TaskSet
+from protofly.throttle import LogThrottle
 
 __all__ = ["Runtime", "Step", "StubDeploymentError", "StubHandle"]
 
@@ -101,6 +104,15 @@ class _Stub:
         self.component: Component | None = None
         self.task: asyncio.Task[StubHandle] | None = None
         self.handle: StubHandle | None = None
+        self.boundary = StubBoundary(
+            record,
+            bus=runtime.bus,
+            registry=runtime.registry,
+            policy=runtime.boundary_policy,
+            warnings=runtime.warnings,
+            clock=runtime.clock,
+        )
+        self._admit = self.boundary.admit
         self._incoming = runtime._incoming
         self._remember_return = runtime.registry.remember_return
         self._post = runtime.bus.post
@@ -116,7 +128,9 @@ class _Stub:
         self._incoming(self, msg)
 
     def from_stub(self, msg: Message) -> None:
-        """Everything the stub sends (already checked at the sandbox boundary) goes onto the bus."""
+        """What the stub sends: through the trust boundary (:mod:`protofly.boundary`), then onto the bus."""
+        if not self._admit(msg):
+            return
         if msg.type != "response":
             self._remember_return(msg, self.record.url)  # its answer goes back the same way
         try:
@@ -161,6 +175,20 @@ class Runtime:
         )
         self.clock = clock
         self.uniform = uniform
+        self.boundary_policy = BoundaryPolicy(
+            status_rate=config.stub_status_rate,
+            status_burst=config.stub_status_burst,
+            message_rate=config.stub_message_rate,
+            message_burst=config.stub_message_burst,
+        )
+        self.admission = DeployAdmission(
+            max_stubs=config.max_stubs,
+            max_deploying=config.max_concurrent_deploys,
+            negative_ttl=config.negative_ttl,
+            clock=clock,
+        )
+        #: One summary line per stub, kind and interval for everything a stub makes the runtime refuse.
+        self.warnings = LogThrottle(log, clock=clock)
         self._sandbox = sandbox
         self._catalogue = catalogue
         self._identity = identity
@@ -279,6 +307,11 @@ class Runtime:
         component = None if stub is None else stub.component
         return None if component is None else component.usage()
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """Runtime-wide counters (per-stub ones are on each :class:`StubRecord`): deploy admission."""
+        return dict(self.admission.counters)
+
     def phase(self, domain: str) -> Phase | None:
         """The supervision phase of ``domain``'s stub (None: no stub is loaded for it)."""
         stub = self._stubs.get(domain)
@@ -346,6 +379,9 @@ class Runtime:
         if isinstance(route, ToStub):
             return route.url
         if isinstance(route, NeedsStub) and not self._closing:
+            refusal = self._admit_deploy(route.domain)
+            if refusal is not None:
+                raise Rejected(refusal.code, refusal.description)
             try:
                 stub = self._new_stub(route.domain, "default", route.domain)
             except (RegistryError, address.AddressError) as exc:
@@ -355,6 +391,30 @@ class Runtime:
         if isinstance(route, Local):
             return None  # a local address with no listener: the bus answers 404
         return None
+
+    def _admit_deploy(self, domain: str) -> Refusal | None:
+        """Bounds on deployments local code triggers; a failed stub may be evicted to make room."""
+        stubs = self._stubs
+        deploying = sum(1 for stub in stubs.values() if stub.machine.phase in (Phase.DEPLOYING, Phase.BACKOFF))
+        victim = None
+        if len(stubs) >= self.config.max_stubs:
+            failed = (Phase.FAILED_RETRYABLE, Phase.FAILED_PERMANENT)
+            victim = next((stub for stub in stubs.values() if stub.machine.phase in failed), None)
+        refusal = self.admission.check(domain, stubs=len(stubs), deploying=deploying, evictable=victim is not None)
+        if refusal is None and victim is not None:
+            self._evict(victim)
+        return refusal
+
+    def _evict(self, stub: _Stub) -> None:
+        """Forget a failed stub (no process, no task) and answer its domain from the negative cache."""
+        failure = stub.machine.failure or Failure(503, f"stub for {stub.domain} failed")
+        self.admission.remember_failure(stub.domain, failure.code, failure.description)
+        del self._stubs[stub.domain]
+        stub.listener.remove()
+        self._perform(stub, stub.machine.handle(Unload("evicted to make room for another domain")))
+        with contextlib.suppress(RegistryError):
+            self.registry.unregister_stub(stub.domain)
+        self.events.emit(StubUnloaded(stub.domain, stub.record.url, "evicted after failing"))
 
     def _incoming(self, stub: _Stub, msg: Message) -> None:
         """A message at a stub's port that is not live: the machine says forward, hold or refuse."""
@@ -435,6 +495,8 @@ class Runtime:
             return
         stub.component = None
         log.warning("stub crashed", domain=stub.domain, stub_url=stub.record.url, reason=reason)
+        if stub.record.connection != "failed":  # the sandbox's status on the stub's behalf may have been refused
+            self.registry.report(stub.record, "failed", reason, source="runtime")
         self._perform(stub, stub.machine.handle(Crashed(reason)))  # in a deployment it fails by itself
 
     # -- stub table ------------------------------------------------------------------------------

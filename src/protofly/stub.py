@@ -12,7 +12,8 @@ to write one, both following reTHINK's ``stub-specification``:
 
 The base class does the protocol chores every stub needs: the ``via`` loop check in both directions,
 auto-connect on the first message, the ``created``/``in-progress``/``live``/``disconnected``/``failed``
-status updates (DESIGN §3), and in-order delivery to an ``on_message`` that may be sync or async.
+status updates (``docs/architecture.md``, *Status*), and in-order delivery to an ``on_message`` that
+may be sync or async.
 
 This module is imported inside every sandbox, so it imports only asyncio and :mod:`protofly.message`
 (msgspec): no structlog, no aiohttp.  It logs with stdlib :mod:`logging`; inside a sandbox those lines go to
@@ -47,7 +48,7 @@ _log = logging.getLogger("protofly.stub")
 
 Listener = Callable[[Message], Any]
 
-#: Status values of the connection state group (DESIGN §3), emitted in lower case.
+#: Status values of the connection state group (``docs/architecture.md``, *Status*), emitted in lower case.
 STATUS_VALUES = ("created", "in-progress", "live", "disconnected", "failed")
 
 
@@ -157,6 +158,8 @@ class Bus:
         ``quiet`` is for tasks whose result someone awaits (that caller reports the error); a
         ``MemoryError`` is still reported as fatal.
         """
+        # Its own owned set rather than protofly.tasks.TaskSet: this runs inside every sandbox host, which must
+        # not import structlog (TaskSet's logger), and a MemoryError here is fatal for the stub, not a log line.
         task = asyncio.ensure_future(awaitable)
         self._tasks.add(task)
         task.add_done_callback(self._quiet_done if quiet else self._task_done)

@@ -309,7 +309,8 @@ class StubLifecycle:
             self.retry_at = math.inf  # the same bytes will fail the same way: only retry_now() tries again
             return actions
         if self._supervised:  # a restart that failed counts as another crash
-            return actions + self._restart_or_give_up(failure.description)
+            restart = self._restart_or_give_up(failure.description)
+            return restart if self.phase is Phase.FAILED_PERMANENT else actions + restart
         self.phase = Phase.FAILED_RETRYABLE
         self.retry_at = self._clock() + self._backoff.next()
         return actions

@@ -120,7 +120,7 @@ def serve(
     Settings come from the file, then PROTOFLY_* variables, then these options. Prints one line once the
     admin API listens; on SIGINT/SIGTERM every stub is stopped and the socket removed (exit 0).
     """
-    catalogues = _catalogue_flags(catalogue or [])
+    catalogues = catalogue_flags(catalogue or [])
     overrides = {
         "domain": domain,
         "state_dir": state_dir,
@@ -129,7 +129,7 @@ def serve(
         "allow_http_loopback": allow_http_loopback,
         "resolver_only": resolver_only,
     }
-    settings = _load_config(config, overrides, catalogues)
+    settings = load_config(config, overrides, catalogues)
     path = admin_socket(admin=admin, state_dir=settings.state_dir)
     if path is None:
         raise _fail(
@@ -139,7 +139,7 @@ def serve(
     raise typer.Exit(asyncio.run(_serve(settings, path)))
 
 
-def _catalogue_flags(values: list[str]) -> dict[str, str]:
+def catalogue_flags(values: list[str]) -> dict[str, str]:
     catalogues: dict[str, str] = {}
     for value in values:
         domain, sep, url = value.partition("=")
@@ -149,7 +149,7 @@ def _catalogue_flags(values: list[str]) -> dict[str, str]:
     return catalogues
 
 
-def _load_config(config: Path | None, overrides: dict[str, Any], catalogues: dict[str, str]) -> RuntimeConfig:
+def load_config(config: Path | None, overrides: dict[str, Any], catalogues: dict[str, str]) -> RuntimeConfig:
     """File, then environment, then flags; ``--catalogue`` adds to (or replaces entries of) the file's map."""
     from protofly.config import ConfigError, RuntimeConfig
 

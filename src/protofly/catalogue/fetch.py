@@ -5,8 +5,8 @@
 (fallbacks, 304, offline reuse, each verification failure) is tested without a network.  The asyncio
 shell is :class:`protofly.catalogue.client.CatalogueClient`.
 
-Candidate URLs for ``<domain>``/``<name>`` (DESIGN §4), each built on the resolver's base URL for the
-domain when there is one:
+Candidate URLs for ``<domain>``/``<name>`` (``docs/architecture.md``, *Catalogue*), each built on the
+resolver's base URL for the domain when there is one:
 
 1. the URL the caller gave, if the reference was a URL;
 2. catalogue layout ``https://catalogue.<domain>/.well-known/protocolstub/<name>``;

@@ -84,7 +84,7 @@ class Component(ABC):
 
     url: str
     pid: int | None
-    #: What isolation is ACTIVE, and under ``missing`` what is not and why (DESIGN §5: never silent).
+    #: What isolation is ACTIVE, and under ``missing`` what is not and why (never silently degraded).
     isolation: dict[str, Any]
     #: Boundary counters: ``oversized_frames``, ``invalid_frames``, ``forged_from``, ``dropped_to_stub``, ...
     counters: dict[str, int]

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ _V1_REQUIRED = ("memory", "pids")
 _V2_CONTROLLERS = ("memory", "pids", "cpu")
 #: How long removal waits for the killed processes to leave the group.
 _EMPTY_WAIT = 5.0
+_HOST_NUMBERS = itertools.count(1)
 
 
 class CgroupError(OSError):
@@ -93,15 +95,14 @@ class CgroupTree:
     dirs: dict[str, Path]
     #: The runtime group's path relative to the hierarchy root (for reports).
     path: str
-    _next: int = field(default=0, repr=False)
 
     def new_group(self, memory_bytes: int, processes: int) -> StubCgroup:
         """A fresh, empty group for one host, with these limits already set."""
-        self._next += 1
-        name = f"h{self._next}"
+        name = f"h{next(_HOST_NUMBERS)}"  # unique in the process: two sandboxes share protofly-<pid>
         made: list[Path] = []
         try:
             for directory in self.dirs.values():
+                directory.mkdir(exist_ok=True)  # another sandbox of this process may just have removed it
                 child = directory / name
                 child.mkdir()
                 made.append(child)

@@ -1,9 +1,10 @@
-"""The boundary the runtime enforces on what a stub sends (DESIGN §5), shared by every sandbox.
+"""The boundary the runtime enforces on what a stub sends, shared by every sandbox.
 
 The stub's process is untrusted, so these checks run on the runtime side of the channel, after framing:
 a message whose ``from`` claims an address of the runtime's own (a local hyperty, the registry, another
 stub) is dropped, counted and logged, so that a stub cannot impersonate local components.  The checks are
-cheap for the common case (the stub's own URL, or a remote address of its domain).
+cheap for the common case (the stub's own URL, or a remote address of its domain).  Which rules of the
+trust boundary are enforced here and which are planned: ``docs/architecture.md``, *The trust boundary*.
 """
 
 from __future__ import annotations
@@ -49,12 +50,16 @@ def forgery(boundary: Boundary, url: str, sender: str) -> str | None:
     if boundary.is_local is not None and boundary.is_local(sender):
         return "address of a local component"
     if boundary.stub_domain != boundary.runtime_domain:
+        # A foreign domain's stub speaks only for its domain: the address must route back to this stub.
+        # (The home domain's stub may relay other domains' senders: that is how other runtimes reach ours.)
         try:
             domain = serving_domain(sender)
         except AddressError:
             return "not a valid address"
         if domain == boundary.runtime_domain:
             return f"address of the runtime's domain {boundary.runtime_domain}"
+        if domain != boundary.stub_domain:
+            return f"address of {domain or 'no domain'}, which the stub of {boundary.stub_domain} does not serve"
     return None
 
 

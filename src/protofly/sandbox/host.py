@@ -1,6 +1,6 @@
 """The sandbox host: the main program of a stub's process (``python -I -m protofly.sandbox.host SETTINGS``).
 
-It speaks the sandbox control protocol, which is itself reTHINK messages (DESIGN §5), over the socketpair
+It speaks the sandbox control protocol, which is itself reTHINK messages, over the socketpair
 whose descriptor number is in ``SETTINGS`` (a JSON object given by the runtime):
 
 * on start it announces ``update {value: "ready"}`` to ``hyperty-runtime://sandbox/external``;
@@ -339,7 +339,7 @@ def _wait_for_placement(fd: Any) -> None:
 def _preload(modules: Any) -> None:
     """Import what stubs commonly need before the host says it is ready, so a deploy does not pay for it.
 
-    A pre-started host does this while idle (DESIGN §5: the template has done the imports); a module that
+    A pre-started host does this while idle (the template has done the imports); a module that
     cannot be imported is reported on stderr (the runtime's log) and the stub may still import it itself.
     """
     for name in modules:

@@ -121,7 +121,11 @@ class ProcessComponent(Component):
         self._state = "starting"
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._exit_reason: str | None = None
+        #: What the host said before it ended: logged, never the recorded reason (the stub's code runs in
+        #: that process, so its words are not evidence; the exit status is).
         self._last_words: str | None = None
+        #: A reason the runtime side observed itself (the channel closed before the process ended).
+        self._observed: str | None = None
         self._host_report: dict[str, Any] | None = None
         self._guard: Guard | None = None
         self._on_exit: Callable[[str], None] | None = None
@@ -257,7 +261,6 @@ class ProcessComponent(Component):
             return self._limit_hit
         reason = self._limit_reason()
         if reason is not None:
-            self._last_words = reason
             self._log.warning("stub hit a cgroup limit; killing its process tree", reason=reason)
             self._cgroup.kill()
             self._signal_tree(signal.SIGKILL)  # still "running": the exit is reported as the stub's failure
@@ -543,7 +546,7 @@ class ProcessComponent(Component):
         elif value == "isolation" and self._host_report is None and isinstance(body.get("report"), dict):
             self._host_report = body["report"]
         elif value == "failed":
-            self._last_words = str(body.get("description") or "failed")
+            self._last_words = str(body.get("description") or "failed")[:200]
 
     def _on_channel_lost(self) -> None:
         self._transport = None
@@ -558,7 +561,7 @@ class ProcessComponent(Component):
     def _channel_gone(self) -> None:
         if self._state == "exited":
             return
-        self._last_words = self._last_words or "the sandbox closed its channel"
+        self._observed = "the sandbox closed its channel"
         self._signal_tree(signal.SIGKILL)
 
     # -- exit ---------------------------------------------------------------------------------------
@@ -570,7 +573,11 @@ class ProcessComponent(Component):
     def _exited_with(self, returncode: int) -> None:
         """The process was reaped: fail whatever waits on it, clean up, and report a running stub's death."""
         limit = self._limit_reason() if self._state in ("running", "deploying", "removing") else None
-        reason = limit or self._last_words or describe_exit(returncode, bwrap=self._bwrap)
+        reason = limit or describe_exit(returncode, bwrap=self._bwrap)  # the kernel's word, not the stub's
+        if limit is None and self._observed is not None:
+            reason = f"{reason} ({self._observed})"
+        if self._last_words is not None:
+            self._log.info("the sandbox host's last report before it ended", said=self._last_words, exit=reason)
         self._exit_reason = reason
         previous, self._state = self._state, "exited"
         self._on_reaped(self)

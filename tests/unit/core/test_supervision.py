@@ -182,3 +182,14 @@ def test_every_transition_names_a_phase_and_an_event_the_machine_knows() -> None
     handled = {phase for phase, _ in TRANSITIONS}
     assert Phase.UNLOADED not in handled  # handled before the table: nothing leaves it
     assert handled == set(Phase) - {Phase.UNLOADED, Phase.AUTH_FAILED, Phase.EXPIRED}
+
+
+def test_a_failed_restart_that_spends_the_budget_answers_the_queue_once_with_the_crash_loop() -> None:
+    lifecycle, _ = machine(crash_budget=2)
+    live(lifecycle)
+    lifecycle.handle(Crashed("exit 1"))
+    lifecycle.handle(DeployStarted())
+    actions = lifecycle.handle(DeployFailed(Failure(503, "stub failed to start", None)))
+    answers = [a for a in actions if isinstance(a, AnswerQueued)]
+    assert len(answers) == 1 and "crashed 2 times" in answers[0].description
+    assert lifecycle.phase is Phase.FAILED_PERMANENT

@@ -83,10 +83,19 @@ def test_limits_must_be_positive_integers():
 
 @pytest.mark.parametrize(
     "sender",
-    [STUB, f"{STUB}/status", "hyperty://b.test/alice", "domain://msg-node.b.test/sm", "hyperty://c.test/x"],
+    [STUB, f"{STUB}/status", "hyperty://b.test/alice", "domain://msg-node.b.test/sm", "xmpp://bob@b.test"],
 )
-def test_the_stub_may_use_its_own_addresses_and_remote_ones(sender):
+def test_the_stub_may_use_its_own_addresses_and_those_of_its_domain(sender):
     assert forgery(boundary(), STUB, sender) is None
+
+
+@pytest.mark.parametrize("sender", ["hyperty://c.test/carol", "domain://msg-node.c.test/registry", "mn:/session"])
+def test_a_foreign_stub_may_not_speak_for_a_third_domain(sender):
+    assert "does not serve" in (forgery(boundary(), STUB, sender) or "")
+
+
+def test_the_home_stub_may_relay_other_domains_senders():
+    assert forgery(boundary(stub_domain="a.test"), STUB, "hyperty://c.test/carol") is None
 
 
 @pytest.mark.parametrize(
