@@ -180,7 +180,9 @@ def stub_table(stubs: list[dict[str, Any]]) -> Table:
     table = Table()
     right = ("restarts", "memory (peak)", "cpu", "procs")
     for column in ("domain", "stub URL", "status", "since", "isolation layers", "restarts", *right[1:]):
-        table.add_column(column, justify="right" if column in right else "left", overflow="fold")
+        # The URL is what scripts and people copy: it stays whole, the layers fold instead.
+        whole = column in ("domain", "stub URL", "status")
+        table.add_column(column, justify="right" if column in right else "left", overflow="fold", no_wrap=whole)
     now = time.time()
     for stub in stubs:
         isolation = stub.get("isolation") or {}
