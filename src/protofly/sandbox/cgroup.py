@@ -392,13 +392,14 @@ def _v2(mount: Path, own: str, /) -> CgroupTree:
     enabled = set(_read(base / "cgroup.subtree_control").split())
     wanted = [c for c in _V2_CONTROLLERS if c in _read(base / "cgroup.controllers").split()]
     if not {"memory", "pids"} <= enabled:
-        others = [pid for pid in _ints(base / "cgroup.procs") if pid != os.getpid()]
-        if others:
-            raise CgroupError(errno.EBUSY, f"{own} holds other processes ({len(others)}); it is not delegated to us")
-        if os.getpid() in _ints(base / "cgroup.procs"):
-            leaf = base / "runtime"
-            leaf.mkdir(exist_ok=True)
-            _write(leaf / "cgroup.procs", os.getpid())
+        if own.strip("/"):  # not the root cgroup, which may hold processes and still have children
+            others = [pid for pid in _ints(base / "cgroup.procs") if pid != os.getpid()]
+            if others:
+                raise CgroupError(errno.EBUSY, f"{own} holds other processes ({len(others)}): not delegated to us")
+            if os.getpid() in _ints(base / "cgroup.procs"):
+                leaf = base / "runtime"
+                leaf.mkdir(exist_ok=True)
+                _write(leaf / "cgroup.procs", os.getpid())
         _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
     directory = base / _group_name()
     _clear_stale(base)
