@@ -145,8 +145,13 @@ class StubCgroup:
             _write(unified / "pids.max", processes)
         else:
             memory = self.dirs["memory"]
-            _write(memory / "memory.limit_in_bytes", memory_bytes)
-            _write_if_present(memory / "memory.memsw.limit_in_bytes", memory_bytes)  # RAM + swap, same bound
+            # RAM + swap gets the same bound; the kernel wants memsw >= memory at every step, so the order
+            # depends on the direction (a spare starts unlimited, a deploy lowers).
+            files = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+            if self.memory_bytes and memory_bytes > self.memory_bytes:
+                files.reverse()
+            for name in files:
+                (_write if name == "memory.limit_in_bytes" else _write_if_present)(memory / name, memory_bytes)
             _write(self.dirs["pids"] / "pids.max", processes)
         self.memory_bytes = memory_bytes
         self.processes = processes

@@ -89,7 +89,7 @@ class ProcessSandbox(Sandbox):
         cgroup_parent: str = "",
         tmp_mb: int = 64,
         sandbox_user: str = "nobody",
-        limit_poll: float = 0.1,
+        limit_poll: float = 0.25,
     ) -> None:
         if not isinstance(limits, Limits):
             raise TypeError(f"limits must be a Limits, got {type(limits).__name__}")
@@ -175,8 +175,9 @@ class ProcessSandbox(Sandbox):
     async def _watch_limits(self) -> None:
         """Read the kernel's limit counters of every running stub, every ``limit_poll`` seconds.
 
-        The counters are pseudo-files (two reads per stub), and a stub that hit a limit is killed at once:
-        between the hit and the kill, the kernel has kept it within the limit anyway.
+        The counters are pseudo-files (two reads per stub, tens of microseconds), and a stub that hit a
+        limit is killed at once: between the hit and the kill, the kernel has kept it within the limit
+        anyway.  A host the kernel OOM-killed is classified at its exit, without waiting for this.
         """
         while not self._closed:
             for component in list(self._components):
