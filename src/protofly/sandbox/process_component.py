@@ -307,11 +307,15 @@ class ProcessComponent(Component):
         self.pid = process.pid
         try:
             if self._cgroup is not None:
-                self._cgroup.place_tree(process.pid, descendants)
+                # A migration waits for an RCU grace period (milliseconds per process and hierarchy): in a
+                # thread, so that a deploy running meanwhile on the loop does not wait for a spare's start.
+                await asyncio.to_thread(self._cgroup.place_tree, process.pid, descendants)
             os.write(opener, b"g")  # the host may run now: everything it does is charged to its cgroup
-        except OSError as exc:
+        except BaseException as exc:
             self.kill_now()
-            raise SandboxError(f"cannot place the sandbox host in its cgroup: {exc}") from None
+            if isinstance(exc, OSError):
+                raise SandboxError(f"cannot place the sandbox host in its cgroup: {exc}") from None
+            raise
         finally:
             os.close(opener)
         self._log = _log.bind(sandbox_pid=self.pid)
