@@ -1,9 +1,11 @@
 #!/bin/sh
-# System packages the sandbox tests exercise (bubblewrap). Installed when missing and we may (root + apt);
+# System packages the sandbox tests exercise (bubblewrap; Node.js and npm for JavaScript stubs). Installed when missing and we may (root + apt);
 # otherwise say so loudly: the tests that need them then skip with that reason, never silently.
 set -u
 missing=""
 command -v bwrap >/dev/null 2>&1 || missing="$missing bubblewrap"
+command -v node >/dev/null 2>&1 || command -v nodejs >/dev/null 2>&1 || missing="$missing nodejs"
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing system packages:$missing"

@@ -33,6 +33,7 @@ from typing import Any
 from protofly.message import Message, MessageError, as_dict, from_dict
 
 __all__ = [
+    "AuthenticationFailed",
     "Bus",
     "Message",
     "MessageError",
@@ -75,6 +76,14 @@ def carries_via(body: Mapping[str, Any] | None, url: str) -> bool:
 
 class MethodNotFound(LookupError):
     """``execute`` named a method the stub does not offer (answered with ``404``)."""
+
+
+class AuthenticationFailed(Exception):
+    """Raised by a stub's ``connect`` when the back-end refused the credentials (answered with ``401``).
+
+    The runtime keeps this apart from a transient failure: the stub is not retried against a server that
+    said no, until new credentials are set (``Runtime.set_credentials``) and ``retry_now`` is called.
+    """
 
 
 class Bus:
