@@ -9,6 +9,7 @@ import json
 import os
 import pwd
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -92,10 +93,25 @@ def delegated_cgroups(user: pwd.struct_passwd) -> Iterator[str]:
         yield name
     finally:
         for directory in made:
-            for child in directory.iterdir():
-                if child.is_dir():
-                    child.rmdir()
-            directory.rmdir()
+            remove_tree(directory)
+
+
+def remove_tree(directory: Path, timeout: float = 10.0) -> None:
+    """Remove a cgroup directory and the groups below it, deepest first, once their processes are gone
+    (the user's runtime has ended, but the kernel may still be tearing its last processes down)."""
+    deadline = time.monotonic() + timeout
+    below = sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+    for group in [*below, directory]:
+        while True:
+            try:
+                group.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # a synchronous fixture teardown: nothing to await
 
 
 @pytest.mark.parametrize("delegated", [False, True], ids=["no-cgroups", "delegated-cgroups"])
