@@ -23,6 +23,7 @@ import signal
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 from protofly.message import Message
 from protofly.sandbox import Boundary
@@ -151,7 +152,7 @@ async def round_trips() -> tuple[float, float, dict[str, float]]:
         sequential = SEQUENTIAL / (time.perf_counter() - began)
 
         await asyncio.sleep(0.5)  # let it go idle before measuring memory
-        memory = idle_memory(component.pid)
+        memory = {**idle_memory(component.pid), **cgroup_memory(component.usage(), "idle_stub")}
     finally:
         await sandbox.close()
     return pipelined, sequential, memory
@@ -186,7 +187,18 @@ def idle_memory(pid: int) -> dict[str, float]:
     }
 
 
-async def preloaded_memory() -> float:
+def cgroup_memory(usage: dict[str, Any] | None, prefix: str) -> dict[str, float | None]:
+    """What the stub's cgroup accounts for (its whole tree: bwrap's helpers, the host, page cache it caused;
+    None without a cgroup)."""
+    if usage is None:
+        return {f"{prefix}_cgroup_memory_mb": None, f"{prefix}_cgroup_processes": None}
+    return {
+        f"{prefix}_cgroup_memory_mb": round(usage["memory_bytes"] / (1 << 20), 1),
+        f"{prefix}_cgroup_processes": usage["processes"],
+    }
+
+
+async def preloaded_memory() -> dict[str, float | None]:
     """Idle memory of a stub whose host preloaded ``websockets`` (the runtime's default ``sandbox_preload``)."""
     sandbox = ProcessSandbox(prestart=0, preload=("websockets.asyncio.client",))
     try:
@@ -194,7 +206,10 @@ async def preloaded_memory() -> float:
         component = await deploy(sandbox, 1, collector)
         await asyncio.wait_for(collector.created.wait(), 30)
         await asyncio.sleep(0.5)  # let it go idle before measuring memory
-        return idle_memory(component.pid)["idle_stub_rss_mb"]
+        return {
+            "idle_stub_rss_mb_websockets_preloaded": idle_memory(component.pid)["idle_stub_rss_mb"],
+            **cgroup_memory(component.usage(), "idle_stub_websockets_preloaded"),
+        }
     finally:
         await sandbox.close()
 
@@ -213,7 +228,7 @@ async def main() -> dict[str, object]:
         "channel_roundtrips_per_s": round(pipelined),
         "channel_roundtrips_sequential_per_s": round(sequential),
         **memory,
-        "idle_stub_rss_mb_websockets_preloaded": await preloaded_memory(),
+        **await preloaded_memory(),
     }
 
 

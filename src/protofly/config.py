@@ -74,6 +74,20 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     memory_mb: AtLeastOne = 1024
     cpu_seconds: AtLeastOne = 3600
     open_files: AtLeastOne = 256
+    #: Processes and threads a stub's whole process tree may have (its cgroup's pids limit).
+    processes: AtLeastOne = 64
+    #: Size of a stub's private ``/tmp`` (a tmpfs; its pages also count towards the stub's memory limit).
+    tmp_mb: AtLeastOne = 64
+    #: Control groups per stub (memory, pids, CPU accounting): ``auto`` uses them where the machine offers
+    #: a writable cgroup v2 subtree or cgroup v1 ``memory`` + ``pids`` (and reports them missing otherwise),
+    #: ``require`` refuses to start without them, ``off`` does without (reported as missing).
+    cgroups: Literal["auto", "require", "off"] = "auto"
+    #: Where the runtime's cgroup goes, relative to each hierarchy's root (e.g. ``/protofly``); empty: below
+    #: the runtime's own cgroup (a delegated subtree).
+    cgroup_parent: str = ""
+    #: The host user a runtime started as root runs its stubs as (a name or a number); empty: keep root
+    #: (reported as a missing layer).  A runtime started as a normal user runs them as itself.
+    sandbox_user: str = "nobody"
     #: Seconds from trigger until the stub must be ``live``.
     deploy_timeout: Positive = 15.0
     #: Default wait for a response on the bus.
@@ -261,7 +275,7 @@ def _parse_env(name: str, raw: str) -> Any:
     return raw
 
 
-_CHOICES = {"policy": POLICIES, "sandbox": SANDBOXES}
+_CHOICES = {"policy": POLICIES, "sandbox": SANDBOXES, "cgroups": ("auto", "require", "off")}
 
 
 def _not_a_choice(name: str, value: Any) -> str:

@@ -82,6 +82,17 @@ __all__ = ["Runtime", "Step", "StubDeploymentError", "StubHandle"]
 log = get_logger("protofly.runtime")
 
 
+def _process_options(config: RuntimeConfig) -> dict[str, Any]:
+    """The process sandbox's settings from the configuration (containment layers, preloads)."""
+    return {
+        "preload": tuple(config.sandbox_preload),
+        "cgroups": config.cgroups,
+        "cgroup_parent": config.cgroup_parent,
+        "tmp_mb": config.tmp_mb,
+        "sandbox_user": config.sandbox_user,
+    }
+
+
 class Runtime:
     """A Hyperty Runtime core: use as ``async with Runtime(RuntimeConfig(domain="a.test")) as rt``."""
 
@@ -103,7 +114,12 @@ class Runtime:
         self.sessions = SessionStore(self.bus)
         #: Re-claims the hyperties' addresses when the home node lost the session (``rebind.py``).
         self.rebinder = Rebinder(self.bus, self.events, config.domain, config.request_timeout)
-        self.limits = Limits(memory_mb=config.memory_mb, cpu_seconds=config.cpu_seconds, open_files=config.open_files)
+        self.limits = Limits(
+            memory_mb=config.memory_mb,
+            cpu_seconds=config.cpu_seconds,
+            open_files=config.open_files,
+            processes=config.processes,
+        )
         self.policy = Policy(
             backoff_base=config.backoff_base,
             backoff_cap=config.backoff_cap,
@@ -168,7 +184,7 @@ class Runtime:
             )
         await self._catalogue.__aenter__()
         if self._sandbox is None:
-            options = {"preload": tuple(config.sandbox_preload)} if config.sandbox == "process" else {}
+            options = _process_options(config) if config.sandbox == "process" else {}
             self._sandbox = create_sandbox(
                 config.sandbox, limits=self.limits, max_frame=config.max_message_size, **options
             )
@@ -239,6 +255,13 @@ class Runtime:
 
     def stubs(self) -> list[StubRecord]:
         return self.registry.stubs()
+
+    def usage(self, domain: str) -> dict[str, Any] | None:
+        """What ``domain``'s stub uses now, from its cgroup: ``memory_bytes``, ``memory_peak_bytes``,
+        ``cpu_seconds``, ``processes`` (None: no stub running, or no cgroup to account it)."""
+        stub = self._stubs.get(domain)
+        component = None if stub is None else stub.component
+        return None if component is None else component.usage()
 
     @property
     def counters(self) -> dict[str, int]:

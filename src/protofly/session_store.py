@@ -108,6 +108,9 @@ class TrackedComponent(Component):
     async def remove(self, grace: float = 2.0) -> None:
         await self.inner.remove(grace)
 
+    def usage(self) -> dict[str, Any] | None:  # defined on Component, so __getattr__ would not pass it on
+        return self.inner.usage()
+
     def __getattr__(self, name: str) -> Any:  # state, exit_reason, ...: the real component's
         return getattr(self.inner, name)
 

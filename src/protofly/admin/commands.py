@@ -328,7 +328,8 @@ def list_stubs(
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
 ) -> None:
-    """List the runtime's stubs: domain, stub URL, status, since, isolation layers, restarts."""
+    """List the runtime's stubs: domain, stub URL, status, since, isolation layers, restarts, and each stub's
+    memory (now and peak), CPU seconds and processes as its cgroup accounts them."""
 
     async def work(client: AdminClient) -> int:
         stubs = await client.stubs()

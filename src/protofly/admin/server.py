@@ -229,7 +229,8 @@ class AdminServer:
         )
 
     async def _get_stubs(self, request: web.Request) -> web.Response:
-        return web.json_response([stub_view(record) for record in self.runtime.stubs()])
+        runtime = self.runtime
+        return web.json_response([stub_view(record, runtime.usage(record.domain)) for record in runtime.stubs()])
 
     async def _deploy_stub(self, request: web.Request) -> web.StreamResponse:
         reference = request.match_info["reference"]

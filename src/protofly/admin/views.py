@@ -45,6 +45,7 @@ __all__ = [
     "stub_table",
     "stub_view",
     "timeline",
+    "usage_cells",
 ]
 
 #: One NDJSON line of a deploy stream, as written and as read back: ``{"event": <kind>, ...}``.
@@ -59,11 +60,13 @@ _STATUS_COLOURS = {"live": "green", "failed": "red", "deployment-failed": "red",
 # -- the server's side: JSON out of runtime objects -----------------------------------------------------------
 
 
-def stub_view(record: StubRecord) -> dict[str, Any]:
-    """A stub as the admin API shows it: the registry's summary, its status history and its process id."""
+def stub_view(record: StubRecord, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A stub as the admin API shows it: the registry's summary, its status history, its process id and what
+    its process tree uses now (``usage``, from its cgroup: :meth:`protofly.Runtime.usage`; null without one)."""
     view = record.summary()
     view["history"] = [dataclasses.asdict(event) for event in record.history]
     view["pid"] = record.info.get("pid")
+    view["usage"] = usage
     return view
 
 
@@ -172,10 +175,14 @@ def history_table(history: list[dict[str, Any]]) -> Table:
 
 
 def stub_table(stubs: list[dict[str, Any]]) -> Table:
-    """``stub list``: domain, stub URL, status (coloured), since, isolation layers, restarts."""
+    """``stub list``: domain, stub URL, status (coloured), since, isolation layers, restarts, and what the
+    stub's cgroup accounts for (memory now and at its peak, CPU seconds, processes)."""
     table = Table()
-    for column in ("domain", "stub URL", "status", "since", "isolation layers", "restarts"):
-        table.add_column(column, justify="right" if column == "restarts" else "left", overflow="fold")
+    right = ("restarts", "memory (peak)", "cpu", "procs")
+    for column in ("domain", "stub URL", "status", "since", "isolation layers", "restarts", *right[1:]):
+        # The URL is what scripts and people copy: it stays whole, the layers fold instead.
+        whole = column in ("domain", "stub URL", "status")
+        table.add_column(column, justify="right" if column in right else "left", overflow="fold", no_wrap=whole)
     now = time.time()
     for stub in stubs:
         isolation = stub.get("isolation") or {}
@@ -190,10 +197,28 @@ def stub_table(stubs: list[dict[str, Any]]) -> Table:
             ago(now - float(stub.get("since") or now)),
             Text(layers),
             str(stub.get("restarts", 0)),
+            *usage_cells(stub.get("usage")),
         )
     if not stubs:
         table.caption = "no stubs loaded"
     return table
+
+
+def usage_cells(usage: dict[str, Any] | None) -> tuple[str, str, str]:
+    """A stub's cgroup accounting as three cells: ``12.3 MiB (40.1 MiB)``, ``0.42 s``, ``3`` (``-``: none)."""
+    if not usage:
+        return "-", "-", "-"
+
+    def mib(value: Any) -> str:
+        return "?" if value is None else f"{value / (1 << 20):.1f} MiB"
+
+    cpu = usage.get("cpu_seconds")
+    processes = usage.get("processes")
+    return (
+        f"{mib(usage.get('memory_bytes'))} ({mib(usage.get('memory_peak_bytes'))})",
+        "?" if cpu is None else f"{cpu:.2f} s",
+        "?" if processes is None else str(processes),
+    )
 
 
 def ago(seconds: float) -> str:

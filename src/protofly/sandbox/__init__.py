@@ -114,6 +114,11 @@ class Component(ABC):
     async def remove(self, grace: float = 2.0) -> None:
         """Ask the stub to disconnect, wait up to ``grace``, then terminate, then kill; always reaps."""
 
+    def usage(self) -> dict[str, Any] | None:
+        """What the stub's process tree uses now, as its cgroup accounts it: ``memory_bytes``,
+        ``memory_peak_bytes``, ``cpu_seconds``, ``processes``; None where there is no cgroup to ask."""
+        return None
+
 
 class Sandbox(ABC):
     """Deploys components; one implementation per isolation strategy."""

@@ -11,7 +11,10 @@ applied from inside, per stub, in this order:
    access only to the private working directory, no TCP ``bind``, and (ABI 6+) no signals to and no
    abstract-socket connections with processes outside the sandbox;
 4. seccomp: a deny-list (mount, ptrace, unshare, setns, bpf, keyctl, module loading, io_uring, ...)
-   answering ``EPERM``, and socket families other than unix/inet/inet6 answering ``EAFNOSUPPORT``.
+   answering ``EPERM``; ``clone`` with a namespace flag (user, mount, network, pid, ipc, uts, cgroup)
+   answering ``EPERM`` and ``clone3`` answering ``ENOSYS`` (its flags live in memory a filter cannot
+   read, so libc falls back to ``clone``, whose flags it can); and socket families other than
+   unix/inet/inet6 answering ``EAFNOSUPPORT``.  x86_64 and aarch64 have their own syscall numbers.
 
 Each layer reports what it did; a layer that cannot be applied is added to ``missing`` with the reason,
 and the host sends the report to the runtime before the stub's code runs, so the stub cannot alter it.
@@ -26,14 +29,16 @@ import os
 import platform
 import resource
 import struct
+import sys
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from protofly.sandbox.limits import Limits
 
-__all__ = ["apply", "set_parent_death_signal"]
+__all__ = ["apply", "drop_user", "set_parent_death_signal"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_SECCOMP = 22
@@ -71,6 +76,21 @@ def set_parent_death_signal(expected_parent: int | None) -> None:
     _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(1)
+
+
+def drop_user(uid: int, gid: int) -> None:
+    """Become ``uid``/``gid`` for good (real, effective and saved ids; no supplementary groups).
+
+    A root runtime's bwrap starts the host as root with only CAP_SETUID and CAP_SETGID: this is the
+    first thing the host does, and changing from uid 0 to another clears every capability.  Checked.
+    """
+    if uid == 0 or gid == 0:
+        raise ValueError("the sandbox user must not be root")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or _effective_caps() != 0:
+        raise OSError(errno.EPERM, "the user switch did not take (ids or capabilities left)")
 
 
 def apply(limits: Limits | None, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -278,6 +298,7 @@ def _allow(ruleset: int, path: str, access: int) -> None:
 # -- seccomp -------------------------------------------------------------------------------------------
 
 _AUDIT_ARCH_X86_64 = 0xC000003E
+_AUDIT_ARCH_AARCH64 = 0xC00000B7
 #: x86_64 syscall numbers denied with EPERM (the docker-default style list, plus io_uring and new mount API).
 _DENIED_X86_64 = {
     "ptrace": 101, "syslog": 103, "uselib": 134, "personality": 135, "ustat": 136, "sysfs": 139,
@@ -293,11 +314,44 @@ _DENIED_X86_64 = {
     "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
 }  # fmt: skip
 _SYS_SOCKET_X86_64 = 41
+#: aarch64 (the generic table): the same list, less the calls that architecture never had.
+_DENIED_AARCH64 = {
+    "ptrace": 117, "syslog": 116, "personality": 92, "vhangup": 58, "pivot_root": 41, "adjtimex": 171,
+    "chroot": 51, "acct": 89, "settimeofday": 170, "mount": 40, "umount2": 39, "swapon": 224, "swapoff": 225,
+    "reboot": 142, "init_module": 105, "delete_module": 106, "quotactl": 60, "nfsservctl": 42,
+    "lookup_dcookie": 18, "clock_settime": 112, "kexec_load": 104, "add_key": 217, "request_key": 218,
+    "keyctl": 219, "unshare": 97, "perf_event_open": 241, "name_to_handle_at": 264, "open_by_handle_at": 265,
+    "clock_adjtime": 266, "setns": 268, "process_vm_readv": 270, "process_vm_writev": 271, "kcmp": 272,
+    "finit_module": 273, "kexec_file_load": 294, "bpf": 280, "userfaultfd": 282, "io_uring_setup": 425,
+    "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+    "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Arch:
+    """One architecture's numbers: its audit value, the deny-list, and the calls filtered on arguments."""
+
+    audit: int
+    denied: Mapping[str, int]
+    socket: int
+    clone: int
+    clone3: int
+    x32: bool  # x86_64: numbers from 0x40000000 up are the x32 ABI, refused as a whole
+
+
+_ARCHES = {
+    "x86_64": _Arch(_AUDIT_ARCH_X86_64, _DENIED_X86_64, _SYS_SOCKET_X86_64, clone=56, clone3=435, x32=True),
+    "aarch64": _Arch(_AUDIT_ARCH_AARCH64, _DENIED_AARCH64, socket=198, clone=220, clone3=435, x32=False),
+}
+#: CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET: a new namespace, refused.
+_CLONE_NEW_NAMESPACES = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
 _ALLOWED_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6
 
 _LD_W_ABS = 0x20
 _JEQ_K = 0x15
 _JGE_K = 0x35
+_JSET_K = 0x45
 _RET_K = 0x06
 _RET_ALLOW = 0x7FFF0000
 _RET_KILL_PROCESS = 0x80000000
@@ -310,35 +364,58 @@ class _SockFprog(ctypes.Structure):
 
 def _seccomp() -> str:
     machine = platform.machine()
-    if machine != "x86_64":
-        raise OSError(errno.ENOSYS, f"no syscall table for {machine}")
-    program = _seccomp_program()
+    arch = _ARCHES.get(machine)
+    if arch is None or sys.byteorder != "little":
+        raise OSError(errno.ENOSYS, f"no syscall table for {machine} ({sys.byteorder}-endian)")
+    program = _seccomp_program(arch)
     code = b"".join(struct.pack("=HBBI", *ins) for ins in program)
     buffer = ctypes.create_string_buffer(code, len(code))
     fprog = _SockFprog(len(program), ctypes.cast(buffer, ctypes.c_void_p))
     _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
-    return f"deny-list of {len(_DENIED_X86_64)} syscalls, socket families unix/inet/inet6 ({fprog.len} instructions)"
+    return (
+        f"{machine}: deny-list of {len(arch.denied)} syscalls, no namespace-creating clone, no clone3, "
+        f"socket families unix/inet/inet6 ({fprog.len} instructions)"
+    )
 
 
-def _seccomp_program() -> list[tuple[int, int, int, int]]:
-    """A classic BPF program over ``struct seccomp_data`` (nr at 0, arch at 4, args at 16)."""
+def _seccomp_program(arch: _Arch) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program over ``struct seccomp_data`` (nr at 0, arch at 4, args at 16, little-endian)."""
     errno_eperm = _RET_ERRNO | errno.EPERM
     program: list[tuple[int, int, int, int]] = [
         (_LD_W_ABS, 0, 0, 4),  # A = arch
-        (_JEQ_K, 1, 0, _AUDIT_ARCH_X86_64),
-        (_RET_K, 0, 0, _RET_KILL_PROCESS),  # a foreign ABI (i386 via int 0x80) could bypass the numbers
+        (_JEQ_K, 1, 0, arch.audit),
+        (_RET_K, 0, 0, _RET_KILL_PROCESS),  # a foreign ABI (i386 via int 0x80, arm32) could bypass the numbers
         (_LD_W_ABS, 0, 0, 0),  # A = nr
-        (_JGE_K, 0, 1, 0x40000000),  # the x32 ABI, likewise
-        (_RET_K, 0, 0, errno_eperm),
     ]
-    for number in sorted(_DENIED_X86_64.values()):
+    if arch.x32:
+        program.append((_JGE_K, 0, 1, 0x40000000))  # the x32 ABI, likewise
+        program.append((_RET_K, 0, 0, errno_eperm))
+    for number in sorted(arch.denied.values()):
         program.append((_JEQ_K, 0, 1, number))
         program.append((_RET_K, 0, 0, errno_eperm))
+    program += _clone_rules(arch)
     families = len(_ALLOWED_FAMILIES)
-    program.append((_JEQ_K, 0, families + 2, _SYS_SOCKET_X86_64))  # not socket(): to the final allow
+    program.append((_JEQ_K, 0, families + 2, arch.socket))  # not socket(): to the final allow
     program.append((_LD_W_ABS, 0, 0, 16))  # A = low 32 bits of args[0] (the family)
     for index, family in enumerate(_ALLOWED_FAMILIES):
         program.append((_JEQ_K, families - index, 0, family))
     program.append((_RET_K, 0, 0, _RET_ERRNO | errno.EAFNOSUPPORT))
     program.append((_RET_K, 0, 0, _RET_ALLOW))
     return program
+
+
+def _clone_rules(arch: _Arch) -> list[tuple[int, int, int, int]]:
+    """``clone3`` → ENOSYS; ``clone`` with a namespace flag → EPERM, any other ``clone`` allowed (A = nr).
+
+    The flags are ``clone``'s first argument on both architectures; every namespace flag is in its low
+    32 bits, the word a classic BPF load reads at offset 16 on a little-endian machine.
+    """
+    return [
+        (_JEQ_K, 0, 1, arch.clone3),
+        (_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS),
+        (_JEQ_K, 0, 4, arch.clone),  # not clone(): past the four below, on to the socket() check
+        (_LD_W_ABS, 0, 0, 16),  # A = low 32 bits of args[0] (the flags)
+        (_JSET_K, 0, 1, _CLONE_NEW_NAMESPACES),
+        (_RET_K, 0, 0, _RET_ERRNO | errno.EPERM),
+        (_RET_K, 0, 0, _RET_ALLOW),
+    ]

@@ -347,6 +347,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write("usage: python -I -m protofly.sandbox.host '{\"fd\": N, ...}'\n")
         sys.stderr.flush()
         os._exit(EXIT_BAD_SETTINGS)
+    _wait_for_placement(settings.get("gate_fd"))
+    user = settings.get("user")
+    if user is not None:
+        try:
+            confine.drop_user(int(user[0]), int(user[1]))
+        except (OSError, TypeError, ValueError, IndexError) as exc:
+            sys.stderr.write(f"cannot become the sandbox user {user!r}: {exc}\n")
+            sys.stderr.flush()
+            os._exit(EXIT_BAD_SETTINGS)
     confine.set_parent_death_signal(settings.get("parent_pid"))
     if settings.get("node_spare"):  # a JavaScript stub's host: confine, then become Node (no return)
         from protofly.sandbox.node_exec import exec_spare
@@ -369,6 +378,19 @@ def main(argv: list[str] | None = None) -> None:
             except (OSError, ValueError):
                 pass
         os._exit(code)
+
+
+def _wait_for_placement(fd: Any) -> None:
+    """Hold until the runtime has put this process in its cgroup (a byte, or EOF if the runtime is gone).
+
+    Under bwrap the hold is bwrap's own ``--block-fd`` and there is no ``gate_fd``; without bwrap the host
+    waits here, before its imports, so that what it allocates is charged to the stub's cgroup.
+    """
+    if isinstance(fd, int):
+        try:
+            os.read(fd, 1)
+        finally:
+            os.close(fd)
 
 
 def _preload(modules: Any) -> None:

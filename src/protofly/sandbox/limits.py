@@ -30,13 +30,25 @@ LIMIT_KEYS: Mapping[str, str] = {
     "cpu_seconds": "cpu_seconds",
     "openFiles": "open_files",
     "open_files": "open_files",
+    "processes": "processes",
 }
 
 #: The descriptor spelling of each attribute (what a summary or a published descriptor shows).
-_WIRE_NAMES = {"memory_mb": "memoryMB", "cpu_seconds": "cpuSeconds", "open_files": "openFiles"}
+_WIRE_NAMES = {
+    "memory_mb": "memoryMB",
+    "cpu_seconds": "cpuSeconds",
+    "open_files": "openFiles",
+    "processes": "processes",
+}
 
-#: Largest value of each limit a descriptor may name (1 TiB of memory, 2^31 CPU seconds, 2^20 files).
-LIMIT_RANGE: Mapping[str, int] = {"memory_mb": 1 << 20, "cpu_seconds": 1 << 31, "open_files": 1 << 20}
+#: Largest value of each limit a descriptor may name (1 TiB of memory, 2^31 CPU seconds, 2^20 files and
+#: 2^16 processes).
+LIMIT_RANGE: Mapping[str, int] = {
+    "memory_mb": 1 << 20,
+    "cpu_seconds": 1 << 31,
+    "open_files": 1 << 20,
+    "processes": 1 << 16,
+}
 
 
 class LimitError(ValueError):
@@ -81,9 +93,10 @@ class SandboxLimits:
     that can be applied.
     """
 
-    memory_mb: int | None = None  # RLIMIT_AS, MiB
+    memory_mb: int | None = None  # RLIMIT_AS and the cgroup's memory limit, MiB
     cpu_seconds: int | None = None  # RLIMIT_CPU
     open_files: int | None = None  # RLIMIT_NOFILE
+    processes: int | None = None  # the cgroup's pids limit (processes and threads of the whole tree)
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -124,9 +137,10 @@ class Limits:
     Pick the default so that this happens only to runaway stubs (an hour of CPU by default).
     """
 
-    memory_mb: int  # RLIMIT_AS (address space, so it also counts mapped but untouched memory)
+    memory_mb: int  # RLIMIT_AS of each process, and the memory limit of the stub's cgroup (its whole tree)
     cpu_seconds: int  # RLIMIT_CPU
     open_files: int  # RLIMIT_NOFILE
+    processes: int = 64  # pids limit of the stub's cgroup: processes and threads of the whole tree
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -152,7 +166,12 @@ class Limits:
 
     def as_dict(self) -> dict[str, int]:
         """The ``sandbox`` body of the host's ``create`` message (and the isolation record's ``rlimits``)."""
-        return {"memory_mb": self.memory_mb, "cpu_seconds": self.cpu_seconds, "open_files": self.open_files}
+        return {
+            "memory_mb": self.memory_mb,
+            "cpu_seconds": self.cpu_seconds,
+            "open_files": self.open_files,
+            "processes": self.processes,
+        }
 
     @classmethod
     def from_dict(cls, value: Mapping[str, Any]) -> Limits:
@@ -170,8 +189,13 @@ class Limits:
                 raise ValueError(f"limits.{name}: must be a positive integer, got {item!r}")
             return item
 
-        return cls(memory_mb=need("memory_mb"), cpu_seconds=need("cpu_seconds"), open_files=need("open_files"))
+        return cls(
+            memory_mb=need("memory_mb"),
+            cpu_seconds=need("cpu_seconds"),
+            open_files=need("open_files"),
+            processes=need("processes"),
+        )
 
 
-#: Defaults for a runtime that configures nothing: 512 MiB of address space, one hour of CPU, 256 files.
-DEFAULT_LIMITS = Limits(memory_mb=512, cpu_seconds=3600, open_files=256)
+#: Defaults for a runtime that configures nothing: 512 MiB, one hour of CPU, 256 files, 64 processes.
+DEFAULT_LIMITS = Limits(memory_mb=512, cpu_seconds=3600, open_files=256, processes=64)

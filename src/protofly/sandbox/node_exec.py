@@ -75,17 +75,47 @@ def exec_spare(settings: Mapping[str, Any]) -> NoReturn:
     os._exit(127)
 
 
-def apply_rlimits(pid: int, limits: Limits) -> dict[str, Any]:
+def apply_rlimits(pid: int, limits: Limits, user: tuple[int, int] | None = None) -> dict[str, Any]:
     """Give the Node host ``pid`` the stub's limits (from outside: Node has no setrlimit of its own).
 
-    CPU seconds count from now, as for a Python stub: the host's start-up is not charged.
+    CPU seconds count from now, as for a Python stub: the host's start-up is not charged.  ``user``: the
+    sandbox user the host runs as (a root runtime's); another user's limits need CAP_SYS_RESOURCE, which
+    root may not have (a container's root often lacks it), so util-linux's ``prlimit`` does it as that user
+    (lowering limits needs no privilege).
     """
     memory = limits.memory_mb << 20
-    resource.prlimit(pid, resource.RLIMIT_DATA, (memory, memory))
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     used = (int(fields[11]) + int(fields[12])) // os.sysconf("SC_CLK_TCK") + 1
     cpu = used + limits.cpu_seconds
-    resource.prlimit(pid, resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-    resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+    values = {
+        resource.RLIMIT_DATA: (memory, memory),
+        resource.RLIMIT_CPU: (cpu, cpu + 1),
+        resource.RLIMIT_NOFILE: (limits.open_files, limits.open_files),
+        resource.RLIMIT_CORE: (0, 0),
+    }
+    if user is None:
+        for which, value in values.items():
+            resource.prlimit(pid, which, value)
+    else:
+        _prlimit_as(user, pid, values)
     return {**limits.as_dict(), "memory": "RLIMIT_DATA under the V8 heap limit"}
+
+
+def _prlimit_as(user: tuple[int, int], pid: int, values: Mapping[int, tuple[int, int]]) -> None:
+    import subprocess
+
+    names = {resource.RLIMIT_DATA: "data", resource.RLIMIT_CPU: "cpu", resource.RLIMIT_NOFILE: "nofile"}
+    names[resource.RLIMIT_CORE] = "core"
+    options = [f"--{names[which]}={soft}:{hard}" for which, (soft, hard) in values.items()]
+    done = subprocess.run(
+        ["prlimit", f"--pid={pid}", *options],
+        capture_output=True,
+        timeout=10,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+        user=user[0],
+        group=user[1],
+        extra_groups=[],
+    )
+    if done.returncode != 0:
+        raise PermissionError(f"prlimit as uid {user[0]}: {done.stderr.decode(errors='replace').strip()}")

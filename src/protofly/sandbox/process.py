@@ -8,7 +8,13 @@ seccomp applied inside before the stub's code runs (see :mod:`~protofly.sandbox.
 * :mod:`~protofly.sandbox.process_component`: one host's channel and life cycle (``ProcessComponent``);
 * :mod:`~protofly.sandbox.proctree`: its process tree, exit watching and reaping;
 * :mod:`~protofly.sandbox.output`: its stdout/stderr log, with the stub's secrets redacted;
-* :mod:`~protofly.sandbox.spares`: the hosts started ahead of the deploys (``prestart``).
+* :mod:`~protofly.sandbox.spares`: the hosts started ahead of the deploys (``prestart``);
+* :mod:`~protofly.sandbox.cgroup`: each host's control group (its whole tree's memory, processes, CPU).
+
+Every host starts in a cgroup of its own (when the machine offers cgroups), with the runtime's limits; a
+deploy narrows them to the stub's before its code runs.  A watcher reads the kernel's limit counters of
+the running stubs: a stub whose tree hit its memory or process limit is killed whole and reported
+``failed`` with that reason (and the runtime restarts it under its backoff, like any crash).
 
 Isolation stays per stub: every host is its own bwrap sandbox and process, and it applies the stub's own
 limits when the stub arrives; a host never serves two stubs.  If the runtime dies, ``bwrap
@@ -35,6 +41,7 @@ from protofly.sandbox import (
     Limits,
     Sandbox,
     SandboxError,
+    cgroup,
 )
 from protofly.sandbox import isolation as iso
 from protofly.sandbox.broker import NO_EGRESS, EgressPolicy
@@ -46,6 +53,8 @@ from protofly.tasks import TaskSet
 __all__ = ["ProcessSandbox"]
 
 _log = get_logger("protofly.sandbox")
+#: Stub URLs whose limit hits are remembered across restarts.
+_MAX_REMEMBERED = 10_000
 
 
 class ProcessSandbox(Sandbox):
@@ -55,7 +64,9 @@ class ProcessSandbox(Sandbox):
     ``use_bwrap`` None uses bwrap where it works (a missing bwrap is a recorded, logged fact), True
     requires it, False never uses it; ``prestart`` is how many idle hosts to keep started, and ``preload``
     the modules each host imports while idle (e.g. ``websockets.asyncio.client``, which costs a stub
-    ~70 ms to import and a host ~5 MB of memory).
+    ~70 ms to import and a host ~5 MB of memory).  ``cgroups`` is ``auto``, ``require`` or ``off`` (see
+    :mod:`~protofly.sandbox.cgroup`; ``cgroup_parent`` places the runtime's group), ``tmp_mb`` the size of
+    each private ``/tmp``, ``sandbox_user`` whom a root runtime runs its hosts as.
     """
 
     kind = "process"
@@ -76,11 +87,20 @@ class ProcessSandbox(Sandbox):
         deploy_timeout: float = 15.0,
         close_grace: float = 1.0,
         workdir_root: str | None = None,
+        cgroups: str = "auto",
+        cgroup_parent: str = "",
+        tmp_mb: int = 64,
+        sandbox_user: str = "nobody",
+        limit_poll: float = 0.25,
     ) -> None:
         if not isinstance(limits, Limits):
             raise TypeError(f"limits must be a Limits, got {type(limits).__name__}")
         if prestart < 0:
             raise ValueError(f"prestart must be 0 or more, got {prestart}")
+        if cgroups not in ("auto", "require", "off"):
+            raise ValueError(f"cgroups must be auto, require or off, got {cgroups!r}")
+        if tmp_mb < 1:
+            raise ValueError(f"tmp_mb must be at least 1, got {tmp_mb}")
         self.limits = limits
         self.use_bwrap = use_bwrap
         self.landlock = landlock
@@ -93,7 +113,19 @@ class ProcessSandbox(Sandbox):
         self.deploy_timeout = deploy_timeout
         self.close_grace = close_grace
         self.workdir_root = workdir_root
+        self.cgroups = cgroups
+        self.cgroup_parent = cgroup_parent
+        self.tmp_mb = tmp_mb
+        self.sandbox_user = sandbox_user
+        self.limit_poll = limit_poll
         self.probe: iso.Probe | None = None
+        #: The runtime's cgroup (None: no cgroup layer; ``cgroup_missing`` says why).
+        self.cgroup_tree: cgroup.CgroupTree | None = None
+        self.cgroup_missing: str | None = None
+        self._user_missing: str | None = None
+        #: Limit hits per stub URL, over its restarts (bounded: the oldest URL is forgotten first).
+        self._limit_hits: dict[str, dict[str, int]] = {}
+        self._watcher: asyncio.Task[None] | None = None
         self._tasks = TaskSet("sandbox")
         self._spares: SparePool[ProcessComponent] = SparePool(prestart, self._new_host, self._tasks)
         #: Node hosts for JavaScript stubs, kept started once a JavaScript stub was deployed (or asked for).
@@ -122,8 +154,39 @@ class ProcessSandbox(Sandbox):
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
             if self.probe is None:
-                self.probe = await iso.probe(self.python, use_bwrap=self.use_bwrap)
+                await self._probe_layers()
         self._spares.refill()
+
+    async def _probe_layers(self) -> None:
+        """Who the hosts run as, what bwrap offers, and the runtime's cgroup (once)."""
+        try:
+            user, self._user_missing = iso.sandbox_user(self.sandbox_user)
+        except ValueError as exc:
+            raise SandboxError(str(exc)) from None
+        probe = await iso.probe(self.python, use_bwrap=self.use_bwrap, user=user)
+        tree, why = await asyncio.to_thread(cgroup.probe, self.cgroups, self.cgroup_parent)
+        if tree is None and self.cgroups == "require":
+            raise SandboxError(f"cgroups are required by configuration but unusable: {why}")
+        if why is not None and self.cgroups != "off":
+            _log.warning("sandbox isolation layer missing", reason=why)
+        for reason in [self._user_missing] if self._user_missing else []:
+            _log.warning("sandbox isolation layer missing", reason=reason)
+        self.cgroup_tree, self.cgroup_missing = tree, why
+        self.probe = probe
+        if tree is not None:
+            self._watcher = self._tasks.spawn(self._watch_limits(), name="sandbox limit watcher")
+
+    async def _watch_limits(self) -> None:
+        """Read the kernel's limit counters of every running stub, every ``limit_poll`` seconds.
+
+        The counters are pseudo-files (two reads per stub, tens of microseconds), and a stub that hit a
+        limit is killed at once: between the hit and the kill, the kernel has kept it within the limit
+        anyway.  A host the kernel OOM-killed is classified at its exit, without waiting for this.
+        """
+        while not self._closed:
+            for component in list(self._components):
+                component.check_limits()
+            await asyncio.sleep(self.limit_poll)
 
     async def wait_ready(self, timeout: float = 30.0, *, javascript: bool = False) -> None:
         """Start the sandbox if needed and wait until its spare hosts are started.
@@ -170,6 +233,7 @@ class ProcessSandbox(Sandbox):
         for attempt in (1, 2):
             component = await spares.take()
             self._components.add(component)
+            component.counters.update(self._limit_hits.get(url, {}))
             try:
                 await component.deploy(
                     url=url,
@@ -191,7 +255,16 @@ class ProcessSandbox(Sandbox):
                     continue
                 raise
             return component
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    def count_limit_hits(self, component: ProcessComponent) -> None:
+        """Keep a component's limit-hit counters for the next component of its stub (after a restart)."""
+        hits = {k: v for k, v in component.counters.items() if k in ("memory_limit", "process_limit") and v}
+        if hits and component.url:
+            self._limit_hits.pop(component.url, None)
+            self._limit_hits[component.url] = hits
+            while len(self._limit_hits) > _MAX_REMEMBERED:
+                del self._limit_hits[next(iter(self._limit_hits))]  # pragma: no cover
 
     def unavailable(self, language: str) -> str | None:
         """Python stubs always run here; JavaScript stubs where Node.js is installed (see :mod:`.node`)."""
@@ -223,11 +296,18 @@ class ProcessSandbox(Sandbox):
             if host.state != "exited":
                 host.kill_now()
         waits = [asyncio.ensure_future(host.wait_exit(KILL_WAIT)) for host in list(self._hosts)]
-        pending = waits + list(self._tasks)
+        pending = waits + [task for task in self._tasks if task is not self._watcher]
         if pending:
             await asyncio.wait(pending, timeout=KILL_WAIT)
+        await self._tasks.close()
+        if self.cgroup_tree is not None:
+            await asyncio.to_thread(self.cgroup_tree.remove)
 
     # -- hosts --------------------------------------------------------------------------------------
+
+    def _reaped(self, component: ProcessComponent) -> None:
+        self._hosts.discard(component)
+        self.count_limit_hits(component)
 
     async def _new_js_host(self) -> ProcessComponent:
         """Start one Node host for a JavaScript stub (a spare, or for a deploy that found none ready)."""
@@ -243,10 +323,15 @@ class ProcessSandbox(Sandbox):
             seccomp=self.seccomp,
             preload=self.preload,
             workdir_root=self.workdir_root,
+            limits=self.limits,
+            tmp_mb=self.tmp_mb,
+            cgroups=self.cgroup_tree,
+            cgroup_missing=self.cgroup_missing,
+            user_missing=self._user_missing,
             node_spare=javascript,
             memory_mb=self.limits.memory_mb,
         )
-        component = ProcessComponent(settings, self.probe, self._tasks, self._hosts.discard)
+        component = ProcessComponent(settings, self.probe, self._tasks, self._reaped)
         self._hosts.add(component)
         await component.start(self.start_timeout)
         return component

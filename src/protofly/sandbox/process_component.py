@@ -31,12 +31,13 @@ from protofly.message import Message, MessageError, error_description, response,
 from protofly.sandbox import Boundary, Component, DeployError, Limits, SandboxError
 from protofly.sandbox import isolation as iso
 from protofly.sandbox.broker import NO_EGRESS, EgressBroker, EgressPolicy
+from protofly.sandbox.cgroup import CgroupError, CgroupTree, StubCgroup
 from protofly.sandbox.channel import SANDBOX_EXTERNAL, SANDBOX_INTERNAL, FrameDecoder, FrameEncoder, FrameError, control
 from protofly.sandbox.egress_channel import EgressChannel
 from protofly.sandbox.fdpass import socket_pair
 from protofly.sandbox.guard import Guard, failed_status, new_counters
 from protofly.sandbox.output import StubOutput
-from protofly.sandbox.proctree import HostProcess, describe_exit
+from protofly.sandbox.proctree import HostProcess, descendants, describe_exit
 from protofly.tasks import TaskSet
 
 __all__ = ["KILL_WAIT", "HostSettings", "ProcessComponent"]
@@ -62,6 +63,15 @@ class HostSettings:
     seccomp: bool
     preload: tuple[str, ...]
     workdir_root: str | None
+    #: The runtime's limits: a spare's cgroup has them until a deploy narrows them to the stub's.
+    limits: Limits
+    #: Size of the private /tmp (bwrap ``--size``).
+    tmp_mb: int = 64
+    #: The runtime's cgroup tree (None: no cgroup layer, ``cgroup_missing`` says why).
+    cgroups: CgroupTree | None = None
+    cgroup_missing: str | None = None
+    #: Why hosts run with the runtime's root ids (None: they do not).
+    user_missing: str | None = None
     #: A JavaScript stub's host: confined, then Node.js (see :mod:`~protofly.sandbox.node_exec`).
     node_spare: bool = False
     #: The sandbox's memory limit, from which a Node host's V8 heap limit is set at its start.
@@ -143,6 +153,9 @@ class ProcessComponent(Component):
         self._net: socket.socket | None = None
         self._broker: EgressBroker | None = None
         self._egress: EgressChannel | None = None
+        self._cgroup: StubCgroup | None = None
+        self._limit_hit: str | None = None
+        self._cleanup: asyncio.Task[None] | None = None
 
     # -- public interface ---------------------------------------------------------------------------
 
@@ -225,6 +238,7 @@ class ProcessComponent(Component):
         finally:
             if self._state != "exited":
                 self.kill_now()
+        await self.wait_cleanup()
 
     # -- used by ProcessSandbox and its spare pool --------------------------------------------------
 
@@ -241,30 +255,93 @@ class ProcessComponent(Component):
         if self._process is not None:
             self._process.kill()
 
+    async def wait_cleanup(self) -> None:
+        """Wait until the host's cgroup is empty and removed (no process of the stub's tree is left)."""
+        cleanup = self._cleanup
+        if cleanup is not None:
+            await asyncio.wait([cleanup], timeout=KILL_WAIT + 1.0)
+
+    @property
+    def cgroup(self) -> StubCgroup | None:
+        """The host's control group (None: the machine offers none, see ``isolation["missing"]``)."""
+        return self._cgroup
+
+    def usage(self) -> dict[str, Any] | None:
+        """What the stub's cgroup accounts for now: memory (current, peak), CPU seconds, processes."""
+        if self._cgroup is None or self._state == "exited":
+            return None
+        return self._cgroup.usage().as_dict()
+
+    def check_limits(self) -> str | None:
+        """A limit the kernel says the tree hit since the deploy: the reason, after killing the whole tree.
+
+        Hitting a cgroup limit is a failure of the stub (the kernel already refused a fork or OOM-killed a
+        process of it); it is counted, the tree is killed, and the exit reports the reason.
+        """
+        if self._cgroup is None or self._state not in ("running", "deploying") or self._limit_hit:
+            return self._limit_hit
+        reason = self._limit_reason()
+        if reason is not None:
+            self._log.warning("stub hit a cgroup limit; killing its process tree", reason=reason)
+            self._cgroup.kill()
+            self._signal_tree(signal.SIGKILL)  # still "running": the exit is reported as the stub's failure
+        return reason
+
+    def _limit_reason(self) -> str | None:
+        """A limit hit since the deploy (the first one found is counted, once), or None."""
+        if self._limit_hit is None and self._cgroup is not None:
+            hit = self._cgroup.hit()
+            if hit is not None:
+                self._limit_hit = hit.reason
+                self.counters[hit.counter] = self.counters.get(hit.counter, 0) + 1
+        return self._limit_hit
+
     def poll_exit(self) -> None:
         """Notice an exit now rather than when the event loop next looks at the pidfd."""
         if self._process is not None:
             self._process.poll()
 
     async def start(self, timeout: float) -> None:
-        """Start the host process and wait until it says ``ready``."""
+        """Start the host process in its own cgroup and wait until it says ``ready``."""
+        settings = self._settings
+        if settings.cgroups is not None:
+            try:
+                self._cgroup = settings.cgroups.new_group(settings.limits.memory_mb << 20, settings.limits.processes)
+            except CgroupError as exc:
+                raise SandboxError(f"cannot start the sandbox host: {exc}") from None
         if not self._bwrap:
-            root = self._settings.workdir_root
-            self._workdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="protofly-stub-", dir=root)
+            self._workdir = await asyncio.to_thread(_make_workdir, settings.workdir_root, self._probe.user)
         parent, child = socket.socketpair()
         self._net, net_child = socket_pair()
+        gate, opener = os.pipe()
         try:
-            self._process = self._spawn(child.fileno(), net_child.fileno())
+            self._process = self._spawn(child.fileno(), net_child.fileno(), gate)
         except OSError as exc:
             parent.close()
             self._close_net()
+            os.close(opener)
             self._remove_workdir()
+            self._remove_cgroup()
             raise SandboxError(f"cannot start the sandbox host: {exc}") from None
         finally:
             child.close()
             net_child.close()
+            os.close(gate)
         process = self._process
         self.pid = process.pid
+        try:
+            if self._cgroup is not None:
+                # A migration waits for an RCU grace period (milliseconds per process and hierarchy): in a
+                # thread, so that a deploy running meanwhile on the loop does not wait for a spare's start.
+                await asyncio.to_thread(self._cgroup.place_tree, process.pid, descendants)
+            os.write(opener, b"g")  # the host may run now: everything it does is charged to its cgroup
+        except BaseException as exc:
+            self.kill_now()
+            if isinstance(exc, OSError):
+                raise SandboxError(f"cannot place the sandbox host in its cgroup: {exc}") from None
+            raise
+        finally:
+            os.close(opener)
         self._log = _log.bind(sandbox_pid=self.pid)
         self._output.bind(sandbox_pid=self.pid)
         try:
@@ -280,9 +357,9 @@ class ProcessComponent(Component):
             raise
         self._state = "ready"
 
-    def _spawn(self, fd: int, egress_fd: int) -> HostProcess:
+    def _spawn(self, fd: int, egress_fd: int, gate: int) -> HostProcess:
         settings = self._settings
-        host_settings = {
+        host_settings: dict[str, Any] = {
             "fd": fd,
             "egress_fd": egress_fd,
             "max_frame": settings.max_frame,
@@ -294,9 +371,20 @@ class ProcessComponent(Component):
             "preload": list(settings.preload),
             **_javascript_settings(settings),
         }
+        if not self._bwrap:
+            host_settings["gate_fd"] = gate
+        if self._probe.host_drops is not None:
+            host_settings["user"] = list(self._probe.host_drops)
         args = ["-m", "protofly.sandbox.host", msgspec.json.encode(host_settings).decode()]
         if self._probe.bwrap is not None:
-            command = iso.bwrap_command(self._probe.bwrap, self._namespaces(), settings.python, args)
+            command = iso.bwrap_command(
+                self._probe.bwrap,
+                self._namespaces(),
+                settings.python,
+                args,
+                containment=iso.containment_options(self._probe, block_fd=gate),
+                tmp_bytes=settings.tmp_mb << 20,
+            )
             env: dict[str, str] = {}
             cwd = "/"
         else:
@@ -308,8 +396,9 @@ class ProcessComponent(Component):
             command,
             env=env,
             cwd=cwd,
-            pass_fds=(fd, egress_fd),
+            pass_fds=(fd, egress_fd, gate),
             bwrap=self._bwrap,
+            user=self._probe.spawn_user,
             tasks=self._tasks,
             on_exit=self._exited_with,
         )
@@ -351,11 +440,17 @@ class ProcessComponent(Component):
         self._log = _log.bind(stub_url=url, sandbox_pid=self.pid)
         self._output.bind(stub_url=url, sandbox_pid=self.pid)
         self._state = "deploying"
+        if self._cgroup is not None:
+            try:  # the stub's own limits, before any of its code runs
+                self._cgroup.set_limits(limits.memory_mb << 20, limits.processes)
+                self._cgroup.arm()
+            except CgroupError as exc:
+                raise DeployError(f"the sandbox could not limit the stub's cgroup: {exc}") from None
         body: dict[str, Any] = {"url": url, "sourceCode": source, "config": config, "sandbox": limits.as_dict()}
         if classname:
             body["sourceCodeClassname"] = classname
         if self._settings.node_spare:
-            self._limit_node(limits)
+            await asyncio.to_thread(self._limit_node, limits)  # as the sandbox user, it runs a tool
         try:
             reply = await self._request(control("create", body, msg_id=self._new_id()), timeout)
         except TimeoutError:
@@ -384,7 +479,7 @@ class ProcessComponent(Component):
         try:
             if pid is None:
                 raise ProcessLookupError("no Node process below the sandbox process")
-            apply_rlimits(pid, limits)
+            apply_rlimits(pid, limits, self._probe.host_drops)
         except (OSError, ValueError, IndexError) as exc:
             self._log.warning("cannot apply the stub's rlimits to its Node host", error=str(exc))
 
@@ -392,6 +487,8 @@ class ProcessComponent(Component):
         """Layers only at the top level (a truthy value means active), details inside each value."""
         report = self._host_report or {}
         missing = list(self._probe.missing) + list(report.get("missing", ()))
+        settings = self._settings
+        missing += [reason for reason in (settings.cgroup_missing, settings.user_missing) if reason]
         if self._host_report is None:
             missing.append("confinement: the host sent no isolation report")
         bwrap: dict[str, Any] | bool = False
@@ -399,7 +496,9 @@ class ProcessComponent(Component):
             bwrap = {
                 "namespaces": iso.namespace_names(self._namespaces()),
                 "network": "own namespace, loopback only" if self._own_network else "shared",
-                "filesystem": "read-only binds of /usr, the interpreter and protofly; private tmpfs /tmp",
+                "filesystem": "read-only binds of /usr, the interpreter and protofly; "
+                f"private tmpfs /tmp of {self._settings.tmp_mb} MiB",
+                "nested_user_namespaces": not self._probe.userns_locked,
             }
         network = self._network_layer(missing)
         return {
@@ -415,6 +514,8 @@ class ProcessComponent(Component):
             "landlock": report.get("landlock", False),
             "seccomp": report.get("seccomp", False),
             "network": network,
+            "cgroup": self._cgroup.report() if self._cgroup is not None else False,
+            "user": self._user_record(),
             "missing": missing,
         }
 
@@ -431,6 +532,15 @@ class ProcessComponent(Component):
         elif not any(item.startswith("network namespace:") for item in missing):
             missing.append("network namespace: none without bwrap; the stub shares the host's network")
         return False
+
+    def _user_record(self) -> dict[str, Any] | bool:
+        """Who the stub is: inside its user namespace and on the host (False: the runtime's root)."""
+        probe = self._probe
+        if probe.user is None and os.geteuid() == 0:
+            return False
+        host_uid = probe.user[0] if probe.user is not None else os.getuid()
+        inside = iso.SANDBOX_UID if self._bwrap and probe.user_namespace else host_uid
+        return {"host_uid": host_uid, "uid": inside}
 
     # -- channel ------------------------------------------------------------------------------------
 
@@ -568,10 +678,11 @@ class ProcessComponent(Component):
 
     def _exited_with(self, returncode: int) -> None:
         """The process was reaped: fail whatever waits on it, clean up, and report a running stub's death."""
-        reason = describe_exit(returncode, bwrap=self._bwrap)
-        if self._host_report is not None and self._host_report.get("host") == "node":
+        limit = self._limit_reason() if self._state in ("running", "deploying", "removing") else None
+        reason = limit or describe_exit(returncode, bwrap=self._bwrap)  # the kernel's word, not the stub's
+        if limit is None and self._host_report is not None and self._host_report.get("host") == "node":
             reason = _node_exit_reason(reason, self._output.recent_stderr())
-        if self._observed is not None:
+        if limit is None and self._observed is not None:
             reason = f"{reason} ({self._observed})"
         if self._last_words is not None:
             self._log.info("the sandbox host's last report before it ended", said=self._last_words, exit=reason)
@@ -589,10 +700,29 @@ class ProcessComponent(Component):
             self._ready.set_exception(SandboxError(f"the sandbox host ended before it was ready: {reason}{tail}"))
             self._ready.exception()  # retrieved: start() reports it
         self._remove_workdir()
+        self._remove_cgroup()
         if previous == "running":
             self._report_failure(reason)
         else:
             self._log.debug("sandbox host ended", reason=reason, state=previous)
+
+    def _remove_cgroup(self) -> None:
+        """Kill whatever of the tree is left (a child the host left behind), then remove the group."""
+        group = self._cgroup
+        if group is not None and self._cleanup is None:
+            try:
+                self._cleanup = self._tasks.spawn(self._remove_group(group), name="remove stub cgroup", shared=True)
+            except RuntimeError:  # the sandbox is closed already: kill now, the group is removed with the tree's
+                group.kill()
+
+    async def _remove_group(self, group: StubCgroup) -> None:
+        try:
+            left = await asyncio.to_thread(group.remove)
+        except CgroupError as exc:
+            self._log.error("stub cgroup not removed", error=str(exc))
+            return
+        if left:  # usually bwrap's helpers still exiting; a stub's orphan shows up here too
+            self._log.debug("killed what was left in the stub's cgroup", count=len(left))
 
     def _remove_workdir(self) -> None:
         if self._workdir is not None:
@@ -610,6 +740,14 @@ class ProcessComponent(Component):
                 on_exit(reason)
             except Exception:
                 self._log.exception("the runtime's on_exit failed")
+
+
+def _make_workdir(root: str | None, user: tuple[int, int] | None) -> str:
+    """The private working directory of a host run without bwrap, owned by the user it runs as."""
+    path = tempfile.mkdtemp(prefix="protofly-stub-", dir=root)
+    if user is not None:
+        os.chown(path, user[0], user[1])
+    return path
 
 
 def _javascript_settings(settings: HostSettings) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from protofly.sandbox.host import EXIT_MEMORY
 from protofly.tasks import TaskSet
 
-__all__ = ["HostProcess", "describe_exit"]
+__all__ = ["HostProcess", "descendants", "describe_exit"]
 
 #: Every host process not yet reaped, so that interpreter exit can kill and reap them.
 _LIVE: set[HostProcess] = set()
@@ -67,6 +67,11 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, nearest first (what a cgroup placement sweeps)."""
+    return _descendants(pid)
+
+
 def _signal_pid(pid: int, sig: int) -> None:
     """Signal a process that is not our child through a pidfd, so a recycled pid is never hit."""
     try:
@@ -92,10 +97,14 @@ class HostProcess:
         cwd: str,
         pass_fds: tuple[int, ...],
         bwrap: bool,
+        user: tuple[int, int] | None = None,
         tasks: TaskSet,
         on_exit: Callable[[int], None],
     ) -> None:
         """Fork and exec ``command`` (raises ``OSError``), then watch its exit.
+
+        ``user`` (uid, gid) is who the process runs as (a root runtime's unprivileged sandbox user): the
+        ids are switched and the supplementary groups emptied in the child before the exec.
 
         Deliberately on the event loop's thread, as asyncio's own subprocess support does:
         PR_SET_PDEATHSIG and bwrap's --die-with-parent fire when the *thread* that forked exits, and the
@@ -116,6 +125,9 @@ class HostProcess:
             start_new_session=True,
             env=dict(env),
             cwd=cwd,
+            user=None if user is None else user[0],
+            group=None if user is None else user[1],
+            extra_groups=None if user is None else [],
         )
         self.pid = self.popen.pid
         _LIVE.add(self)

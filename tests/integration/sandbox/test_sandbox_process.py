@@ -67,7 +67,10 @@ async def test_echo_round_trip_with_layers_recorded(sandbox):
     assert record["no_new_privs"] is True
     assert record["landlock"] and record["seccomp"]
     if sandbox.use_bwrap:
-        assert record["bwrap"]["namespaces"][:2] == ["user", "pid"]
+        # A root runtime's hosts drop to the sandbox user themselves (no user namespace); a user's have one.
+        expected = ["pid", "ipc"] if os.geteuid() == 0 else ["user", "pid"]
+        assert record["bwrap"]["namespaces"][:2] == expected
+        assert record["user"]["host_uid"] != 0
         assert record["network"] == {"namespace": "own, no interface but loopback", "egress": []}
         assert record["missing"] == []
     else:
