@@ -141,6 +141,10 @@ class StubRecord:
     trust_counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TRUST_COUNTERS, 0))
     restarts: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    #: ``time.monotonic()`` of the last ``live`` (applied or repeated: a refresh), for its time to live.
+    live_at: float | None = None
+    #: That ``live`` followed a failure or a disconnection: the shorter time to live applies until a refresh.
+    live_after_error: bool = False
     machine: status.StatusMachine = field(default_factory=status.StatusMachine, repr=False)
     _waiters: list[tuple[frozenset[str], asyncio.Future[None]]] = field(default_factory=list, repr=False)
     _listener: Listener | None = field(default=None, repr=False)
@@ -406,6 +410,9 @@ class RuntimeRegistry:
             transition.applied,
             transition.reason,
         )
+        if transition.new == status.LIVE and (transition.applied or transition.reason == "repeated"):
+            record.live_after_error = transition.applied and transition.old in (status.FAILED, status.DISCONNECTED)
+            record.live_at = time.monotonic()
         if transition.applied:
             record.history.append(event)
             record.count("history_total")
@@ -441,6 +448,8 @@ class RuntimeRegistry:
             reason = "status from a foreign sender"
         elif status.normalize(value) in status.DEPLOYMENT:
             reason = "the deployment status is the runtime's to report"
+        elif status.normalize(value) == status.EXPIRED:
+            reason = "expired is the runtime's to report"
         else:
             self.report(record, value, error_description(body), source="stub")
             return

@@ -41,6 +41,7 @@ from protofly.events import (
 )
 from protofly.hyperty import Handler, Hyperty, allocate_hyperty
 from protofly.identity import IdentityModule
+from protofly.liveness import LivenessMonitor, LivenessPolicy
 from protofly.log import get_logger
 from protofly.message import Message
 from protofly.port import StubPort
@@ -54,6 +55,7 @@ from protofly.supervision import (
     Deployed,
     DeployStarted,
     Enqueue,
+    Event,
     Failure,
     FlushQueue,
     Forward,
@@ -102,6 +104,7 @@ class _Stub:
         )
         self._admit = self.boundary.admit
         self._incoming = runtime._incoming
+        self._perform = runtime._perform
         self._remember_return = runtime.registry.remember_return
         self._post = runtime.bus.post
         self.listener = runtime.bus.add_listener(record.url, self.on_message)
@@ -128,7 +131,16 @@ class _Stub:
 
     @property
     def live(self) -> bool:
-        return self.machine.phase is Phase.LIVE and self.component is not None
+        """Running and taking messages (an ``expired`` status still forwards; only the display differs)."""
+        return self.machine.phase in (Phase.LIVE, Phase.EXPIRED) and self.component is not None
+
+    @property
+    def phase(self) -> Phase:
+        return self.machine.phase
+
+    def lifecycle(self, event: Event) -> None:
+        """Feed the machine an event from outside the runtime's own paths (the liveness monitor)."""
+        self._perform(self, self.machine.handle(event))
 
 
 class Runtime:
@@ -179,6 +191,8 @@ class Runtime:
         self._tasks = TaskSet("runtime")
         self._registry: RuntimeRegistry | None = None
         self._pipeline: DeployPipeline | None = None
+        #: Pings live stubs and expires unrefreshed `live` statuses (:mod:`protofly.liveness`).
+        self.liveness: LivenessMonitor | None = None
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -218,6 +232,14 @@ class Runtime:
                 config.sandbox, limits=self.limits, max_frame=config.max_message_size, **options
             )
         await self._sandbox.start()  # probe isolation and pre-start a host now, not on the first deploy
+        self.liveness = LivenessMonitor(
+            LivenessPolicy(config.ping_interval, config.ping_timeout, config.status_ttl, config.status_ttl_after_error),
+            registry=self._registry,
+            events=self.events,
+            stubs=lambda: list(self._stubs.values()),
+            lookup=self._stubs.get,
+        )
+        self.liveness.start()
         self._pipeline = DeployPipeline(
             config=config,
             registry=self._registry,
@@ -239,6 +261,8 @@ class Runtime:
         if self._closing:
             return
         self._closing = True
+        if self.liveness is not None:
+            await self.liveness.close()
         await asyncio.gather(*(self._unload(stub, "runtime closed") for stub in list(self._stubs.values())))
         self._stubs.clear()
         await self._tasks.close()

@@ -110,6 +110,18 @@ class Component(ABC):
     async def remove(self, grace: float = 2.0) -> None:
         """Ask the stub to disconnect, wait up to ``grace``, then terminate, then kill; always reaps."""
 
+    async def ping(self, timeout: float) -> dict[str, Any] | None:
+        """Ask the stub's event loop for a sign of life; its answer (the SDK's, see :func:`protofly.stub.pong`).
+
+        None: this sandbox cannot tell (an in-process stub shares the runtime's loop).  Raises
+        ``TimeoutError`` when no answer comes within ``timeout`` and :class:`SandboxError` when the component
+        is not running.
+        """
+        return None
+
+    def kill_unresponsive(self, detail: str) -> None:
+        """End a stub whose loop does not answer; its exit is then reported as ``unresponsive: <detail>``."""
+
 
 class Sandbox(ABC):
     """Deploys components; one implementation per isolation strategy."""

@@ -30,7 +30,7 @@ from protofly.log import get_logger
 from protofly.message import Message, MessageError, error_description, response_code
 from protofly.sandbox import Boundary, Component, DeployError, Limits, SandboxError
 from protofly.sandbox import isolation as iso
-from protofly.sandbox.channel import SANDBOX_EXTERNAL, FrameDecoder, FrameEncoder, FrameError, control
+from protofly.sandbox.channel import LIVENESS, SANDBOX_EXTERNAL, FrameDecoder, FrameEncoder, FrameError, control
 from protofly.sandbox.guard import Guard, failed_status, new_counters
 from protofly.sandbox.output import StubOutput
 from protofly.sandbox.proctree import HostProcess, describe_exit
@@ -117,6 +117,8 @@ class ProcessComponent(Component):
         #: A reason the runtime side observed itself (the channel closed before the process ended).
         self._observed: str | None = None
         self._host_report: dict[str, Any] | None = None
+        #: Set by :meth:`kill_unresponsive`: the exit is then reported as ``unresponsive: <detail>``.
+        self._unresponsive: str | None = None
         self._guard: Guard | None = None
         self._on_exit: Callable[[str], None] | None = None
         self._workdir: str | None = None
@@ -204,6 +206,23 @@ class ProcessComponent(Component):
         finally:
             if self._state != "exited":
                 self.kill_now()
+
+    # -- liveness (the runtime's ping; the host answers from the stub's event loop) ------------------
+
+    async def ping(self, timeout: float) -> dict[str, Any] | None:
+        if self._state != "running":
+            raise SandboxError(f"component {self.url} is not running ({self._exit_reason or self._state})")
+        reply = await self._request(control("read", {"resource": LIVENESS}, msg_id=self._new_id()), timeout)
+        body = reply.body or {}
+        value = body.get("value")
+        return value if isinstance(value, dict) else {}
+
+    def kill_unresponsive(self, detail: str) -> None:
+        if self._state == "exited":
+            return
+        self._unresponsive = detail
+        self._log.warning("stub unresponsive: killing it", detail=detail)
+        self._signal_tree(signal.SIGKILL)
 
     # -- used by ProcessSandbox and its spare pool --------------------------------------------------
 
@@ -463,6 +482,8 @@ class ProcessComponent(Component):
         reason = describe_exit(returncode, bwrap=self._bwrap)
         if self._observed is not None:
             reason = f"{reason} ({self._observed})"
+        if self._unresponsive is not None:
+            reason = f"unresponsive: {self._unresponsive} ({reason})"
         if self._last_words is not None:
             self._log.info("the sandbox host's last report before it ended", said=self._last_words, exit=reason)
         self._exit_reason = reason
