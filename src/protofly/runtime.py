@@ -317,6 +317,11 @@ class Runtime:
         stub = self._stubs.get(domain)
         return None if stub is None else stub.machine.phase
 
+    def queued(self, domain: str) -> int:
+        """Messages held in ``domain``'s stub port while it deploys or restarts."""
+        stub = self._stubs.get(domain)
+        return 0 if stub is None else len(stub.port)
+
     # -- the API: hyperties, load, unload, retry -------------------------------------------------
 
     async def new_hyperty(self, handler: Handler | None = None) -> Hyperty:

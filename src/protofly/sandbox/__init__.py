@@ -121,6 +121,7 @@ class Component(ABC):
 
     def kill_unresponsive(self, detail: str) -> None:
         """End a stub whose loop does not answer; its exit is then reported as ``unresponsive: <detail>``."""
+        raise SandboxError(f"this sandbox cannot end an unresponsive stub ({detail})")
 
 
 class Sandbox(ABC):

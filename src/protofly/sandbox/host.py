@@ -11,8 +11,8 @@ whose descriptor number is in ``SETTINGS`` (a JSON object given by the runtime):
 * ``execute`` to the stub's URL with ``{method, params}`` runs ``connect``/``disconnect``/``init``/...
   (``200`` with ``value``, ``404`` for an unknown method, ``500`` with the error);
 * ``delete`` with ``{url}`` answers ``200`` and ends the process;
-* ``read {resource: "liveness"}`` (the runtime's ping) is answered ``200`` from the event loop the stub runs on, with the
-  SDK's view of the stub (:func:`protofly.stub.pong`): no answer means the loop is blocked;
+* ``read {resource: "liveness"}`` (the runtime's ping) is answered ``200`` from the event loop the stub
+  runs on, with the SDK's view of the stub (:func:`protofly.stub.pong`): no answer means the loop is blocked;
 * every other message is the runtime's traffic for the stub and goes to its bus listeners.
 
 When the stub exhausts its memory (``MemoryError`` anywhere) the host sends its last words, ``update

@@ -95,6 +95,7 @@ class ProcessComponent(Component):
         self.pid: int | None = None
         self.isolation: dict[str, Any] = {}
         self.counters = new_counters()
+        self.counters.update(bytes_to_stub=0, bytes_from_stub=0)  # the channel's bytes, both ways (metrics)
         self._settings = settings
         self._probe = probe
         self._tasks = tasks
@@ -392,6 +393,7 @@ class ProcessComponent(Component):
         transport = self._transport
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
+            self.counters["bytes_to_stub"] += len(data)
 
     async def _request(self, msg: Message, timeout: float) -> Message:
         if self._transport is None:
@@ -414,6 +416,7 @@ class ProcessComponent(Component):
             await self._request(msg, remaining)
 
     def _on_data(self, data: bytes) -> None:
+        self.counters["bytes_from_stub"] += len(data)
         guard = self._guard
         for event in self._decoder.feed(data):
             if isinstance(event, FrameError):

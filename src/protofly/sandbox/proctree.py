@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from protofly.sandbox.host import EXIT_MEMORY
 from protofly.tasks import TaskSet
 
-__all__ = ["HostProcess", "describe_exit"]
+__all__ = ["HostProcess", "describe_exit", "tree"]
 
 #: Every host process not yet reaped, so that interpreter exit can kill and reap them.
 _LIVE: set[HostProcess] = set()
@@ -65,6 +65,11 @@ def _descendants(pid: int) -> list[int]:
         found.extend(children)
         queue.extend(children)
     return found
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (what a stub's resource usage is summed over)."""
+    return [pid, *_descendants(pid)]
 
 
 def _signal_pid(pid: int, sig: int) -> None:

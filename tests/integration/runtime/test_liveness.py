@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.polling import wait_until
+
 from protofly.events import RuntimeEvent, StubCrashed
 from protofly.message import Message
 from protofly.supervision import Phase
@@ -29,7 +31,7 @@ async def test_a_stub_that_deadlocks_its_loop_is_failed_unresponsive_and_restart
         handle = await runtime.load_stub("b.test")
         first_pid = handle.record.info.get("pid")
         pongs = runtime.liveness.counters["pongs"]
-        await asyncio.wait_for(_until(lambda: runtime.liveness.counters["pongs"] > pongs), 5)  # it answers
+        await wait_until(lambda: runtime.liveness.counters["pongs"] > pongs, 5)  # its loop answers
         runtime.bus.post(poke("b.test"))  # the stub takes a lock it holds: its loop stops, its process lives on
         record = await runtime.registry.wait_for_status("b.test", ["failed"], 10)
         description = record.last_description() or ""
@@ -68,11 +70,6 @@ async def test_an_sdk_stub_with_a_live_connection_is_refreshed_by_its_pong(domai
         handle = await runtime.load_stub("b.test")
         pongs = runtime.liveness.counters["pongs"]
         # several times the TTL passes; the SDK's answers ({"state": "live"}) keep refreshing it
-        await asyncio.wait_for(_until(lambda: runtime.liveness.counters["pongs"] >= pongs + 8), 10)
+        await wait_until(lambda: runtime.liveness.counters["pongs"] >= pongs + 8, 10)
         assert handle.record.status == "live"
         assert handle.record.counters.get("status_expired", 0) == 0
-
-
-async def _until(condition) -> None:
-    while not condition():
-        await asyncio.sleep(0.05)
