@@ -82,7 +82,7 @@ class MessageNode:
         max_bound: int = 1_000,
         max_subscriptions: int = 10_000,
     ) -> None:
-        self.core = MessageNodeCore(
+        self.core: MessageNodeCore = MessageNodeCore(
             domain,
             session_grace=session_grace,
             auth_tokens=auth_tokens,
@@ -158,6 +158,7 @@ class MessageNode:
         app = web.Application()
         app.router.add_get("/ws", self._handle_ws)
         app.router.add_get("/stats", self._handle_stats)
+        self._add_observation_routes(app)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self.close_timeout, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True, backlog=4096)
@@ -350,6 +351,26 @@ class MessageNode:
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
         return web.json_response({"domain": self.domain, **self.counters})
+
+    def _add_observation_routes(self, app: web.Application) -> None:
+        """``/metrics`` (Prometheus), ``/healthz`` (alive) and ``/readyz`` (taking sessions: not draining)."""
+        from protofly.msgnode.metrics import CONTENT_TYPE, node_metrics
+
+        render = node_metrics(self)
+
+        async def metrics(request: web.Request) -> web.Response:
+            return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE})
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.json_response({"status": "alive", "domain": self.domain})
+
+        async def readyz(request: web.Request) -> web.Response:
+            ready = not (self._stopping or self.core.draining)
+            return web.json_response({"ready": ready, "domain": self.domain}, status=200 if ready else 503)
+
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
 
     # -- actions ------------------------------------------------------------------------------------
 
