@@ -162,8 +162,8 @@ class ObserveServer:
     async def _state(self, request: web.Request) -> web.Response:
         assert self.feed is not None
         state = await self.feed.state()
-        host = self.console_address or ""
-        state["listener"] = {"address": host, "loopback": is_loopback(parse_listen_address(host)[0])}
+        host = parse_listen_address(self.console_address or "")[0]
+        state["listener"] = {"address": self.urls["console"], "loopback": is_loopback(host)}
         return web.json_response(state, dumps=_dumps)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:

@@ -104,9 +104,14 @@ function renderDetails() {
 function showEvent(event) {
   const list = document.getElementById("events");
   const item = el("li", { "data-kind": event.event });
-  item.append(el("span", { class: "dim" }, `${clock(event.t)} `), el("span", { class: "kind" }, event.event), " ");
-  const { seq, t, event: kind, ...fields } = event;
-  item.append(document.createTextNode(JSON.stringify(fields)));
+  item.append(el("span", { class: "dim" }, `${clock(event.t)} `), el("span", { class: "kind" }, event.event));
+  item.append(el("span", { class: "domain" }, event.domain || ""));
+  const { seq, t, event: kind, domain, stub_url, at, ...fields } = event;
+  const text = Object.entries(fields)
+    .filter(([, value]) => value !== null && value !== undefined)
+    .map(([key, value]) => `${key}=${typeof value === "object" ? JSON.stringify(value) : value}`)
+    .join("  ");
+  item.append(document.createTextNode(text));
   list.prepend(item);
   while (list.children.length > 200) list.lastChild.remove();
 }
