@@ -20,7 +20,8 @@ The phases and what moves between them (``TRANSITIONS`` is the whole table)::
 ``expired``: the stub's ``live`` was not refreshed within its time to live (:mod:`protofly.liveness`); it
 is shown as such and messages still go to it.  A stub whose event loop stops answering pings is killed by
 the liveness monitor and arrives here as an ordinary ``Crashed`` (reason ``unresponsive: ...``).
-``auth-failed`` is reserved for credentials refused by a server; nothing enters it yet.
+``auth-failed``: the back-end refused the credentials (the stub's ``connect`` raised
+``AuthenticationFailed``); nothing retries until ``retry_now`` (after ``Runtime.set_credentials``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from protofly.backoff import Backoff, Uniform
 from protofly.catalogue.errors import E_CHANGED, E_DIGEST, E_ROLLBACK, E_SIGNATURE, E_UNSIGNED, E_UNTRUSTED
 
 __all__ = [
+    "AUTH_FAILURE",
+    "PERMANENT_FAILURES",
+    "REQUIREMENTS_FAILURE",
     "TRANSITIONS",
     "VERIFICATION_FAILURES",
     "Action",
@@ -65,8 +69,16 @@ __all__ = [
     "Unload",
 ]
 
+#: The back-end refused the credentials: retrying with the same ones would only be refused again.
+AUTH_FAILURE = "auth"
+
+#: The stub needs Python packages the sandbox's environment does not have: installing them is an operator's job.
+REQUIREMENTS_FAILURE = "requirements"
+
 #: Catalogue failures that another attempt cannot fix: the bytes or the keys are wrong, not the network.
 VERIFICATION_FAILURES = frozenset({E_DIGEST, E_SIGNATURE, E_UNTRUSTED, E_UNSIGNED, E_ROLLBACK, E_CHANGED})
+#: Failures no automatic retry can fix; only ``retry_now`` tries again.
+PERMANENT_FAILURES = VERIFICATION_FAILURES | {REQUIREMENTS_FAILURE}
 
 
 class Phase(enum.Enum):
@@ -91,7 +103,7 @@ class Failure:
 
     @property
     def permanent(self) -> bool:
-        return self.cause in VERIFICATION_FAILURES
+        return self.cause in PERMANENT_FAILURES
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +339,10 @@ class StubLifecycle:
         failure = event.failure
         self.failure = failure
         actions: list[Action] = [AnswerQueued(failure.code, failure.description)]
+        if failure.cause == AUTH_FAILURE:
+            self.phase = Phase.AUTH_FAILED  # until new credentials and retry_now(): no loop against a "no"
+            self.retry_at = math.inf
+            return actions
         if failure.permanent:
             self.phase = Phase.FAILED_PERMANENT
             self.retry_at = math.inf  # the same bytes will fail the same way: only retry_now() tries again
@@ -434,4 +450,8 @@ TRANSITIONS: dict[tuple[Phase, type], _Handler] = {
     (Phase.FAILED_PERMANENT, Trigger): StubLifecycle._retry_if_due,
     (Phase.FAILED_PERMANENT, RetryNow): StubLifecycle._retry_now,
     (Phase.FAILED_PERMANENT, Unload): StubLifecycle._unload,
+    (Phase.AUTH_FAILED, Incoming): StubLifecycle._retry_if_due,
+    (Phase.AUTH_FAILED, Trigger): StubLifecycle._retry_if_due,
+    (Phase.AUTH_FAILED, RetryNow): StubLifecycle._retry_now,
+    (Phase.AUTH_FAILED, Unload): StubLifecycle._unload,
 }

@@ -49,7 +49,7 @@ from protofly.sandbox.channel import (
     control,
 )
 from protofly.sandbox.limits import Limits
-from protofly.stub import Bus, MethodNotFound, pong, summary
+from protofly.stub import AuthenticationFailed, Bus, MethodNotFound, pong, summary
 
 __all__ = ["EXIT_BAD_SETTINGS", "EXIT_MEMORY", "Host", "main"]
 
@@ -243,6 +243,8 @@ class Host(asyncio.Protocol):
             value = await loader.execute(self.stub, method, params)
         except MethodNotFound as exc:
             self._respond(msg, 404, str(exc))
+        except AuthenticationFailed as exc:
+            self._respond(msg, 401, summary(exc))
         except MemoryError:
             self.fatal("memory limit (MemoryError)", EXIT_MEMORY)
         except Exception as exc:

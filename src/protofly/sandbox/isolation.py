@@ -5,7 +5,7 @@ which namespace options work here (a user namespace is tried first and dropped o
 it).  The probe runs the real interpreter under the real profile, so a profile that cannot start Python is
 found once, at start-up, with bwrap's own error text, and not at every deploy.
 
-Profile (peers-and-stack.md §C.2, §C.11): new user/pid/ipc/uts/cgroup namespaces, the network shared
+Profile: new user/pid/ipc/uts/cgroup namespaces, the network shared
 (stubs connect to message nodes, e.g. on 127.0.0.1), every capability dropped, the environment cleared,
 ``/usr``, the Python prefixes and the directory protofly is imported from bound read-only, a few ``/etc``
 files a network client needs (resolver, CA certificates), a fresh ``/proc`` and ``/dev``, and a private
