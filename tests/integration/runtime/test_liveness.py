@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from tests.polling import wait_until
 
 from protofly.events import RuntimeEvent, StubCrashed
@@ -63,10 +64,13 @@ async def test_an_unrefreshed_live_status_expires_and_a_refresh_makes_it_live_ag
         assert record.counters["messages_to_stub"] >= 1
 
 
-async def test_an_sdk_stub_with_a_live_connection_is_refreshed_by_its_pong(domains, runtime_factory, backend) -> None:
+@pytest.mark.parametrize("sandbox", ["process", "in-process"])
+async def test_an_sdk_stub_with_a_live_connection_is_refreshed_by_its_pong(
+    domains, runtime_factory, backend, sandbox
+) -> None:
     domains.publish("b.test", {"host": "127.0.0.1", "port": backend.port})
     await domains.serve("b.test")
-    async with runtime_factory(**FAST, status_ttl=0.6) as runtime:
+    async with runtime_factory(**FAST, status_ttl=0.6, sandbox=sandbox) as runtime:
         handle = await runtime.load_stub("b.test")
         pongs = runtime.liveness.counters["pongs"]
         # several times the TTL passes; the SDK's answers ({"state": "live"}) keep refreshing it
