@@ -188,8 +188,14 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
-    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` → (host, port); ValueError naming the problem."""
-    host, sep, port = text.strip().rpartition(":")
+    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` → (host, port); a bare port is on loopback (127.0.0.1).
+
+    ValueError naming the problem.
+    """
+    text = text.strip()
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host:
         raise ValueError(f"expected HOST:PORT, got {text!r}")

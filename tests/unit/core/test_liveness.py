@@ -68,3 +68,4 @@ def test_liveness_and_listener_settings_are_checked() -> None:
         is None
     )
     assert parse_listen_address("[::1]:0") == ("::1", 0)
+    assert parse_listen_address("9465") == ("127.0.0.1", 9465)  # a bare port: loopback
