@@ -156,9 +156,9 @@ class DeployPipeline:
             raise StubDeploymentError(
                 target.domain, 504, "catalogue did not answer within the deploy timeout"
             ) from None
-        if not verified.descriptor.is_python:
-            language = verified.descriptor.language
-            raise StubDeploymentError(target.domain, 501, f"stub language {language!r} cannot run in a Python sandbox")
+        problem = self.sandbox.unavailable(verified.descriptor.language)
+        if problem is not None:
+            raise StubDeploymentError(target.domain, 501, problem, cause="missing-capability")
         missing = missing_requirements(verified.descriptor.requirements)
         if missing:
             raise StubDeploymentError(
@@ -188,6 +188,7 @@ class DeployPipeline:
                     boundary=boundary,
                     on_message=target.on_message,
                     on_exit=lambda reason: target.on_exit(holder[0], reason) if holder else None,
+                    language=descriptor.language,
                 ),
                 _left(deadline),
             )

@@ -122,6 +122,7 @@ def read_paths() -> list[str]:
     paths = ["/usr", sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix, package_root]
     executable = str(Path(sys.executable).resolve().parent)
     paths.append(executable)
+    paths += _javascript_paths()
     unique: list[str] = []
     for path in paths:
         real = os.path.realpath(path)
@@ -130,6 +131,13 @@ def read_paths() -> list[str]:
             unique.append(real)
     # /etc entries keep their own name: a symlinked resolv.conf must appear where the resolver looks.
     return unique + [path for path in _ETC if os.path.exists(path)]
+
+
+def _javascript_paths() -> list[str]:
+    """Node.js and the pinned JavaScript packages, which a host hands a JavaScript stub to (node_exec)."""
+    from protofly.sandbox.node import node_read_paths
+
+    return node_read_paths()
 
 
 def _within(path: str, prefix: str) -> bool:

@@ -59,6 +59,10 @@ class HostSettings:
     seccomp: bool
     preload: tuple[str, ...]
     workdir_root: str | None
+    #: A JavaScript stub's host: confined, then Node.js (see :mod:`~protofly.sandbox.node_exec`).
+    node_spare: bool = False
+    #: The sandbox's memory limit, from which a Node host's V8 heap limit is set at its start.
+    memory_mb: int | None = None
 
 
 #: Bytes read from a stub's channel per event-loop callback.  asyncio reads up to 256 KiB at once, about
@@ -297,6 +301,7 @@ class ProcessComponent(Component):
             "landlock": settings.landlock,
             "seccomp": settings.seccomp,
             "preload": list(settings.preload),
+            **_javascript_settings(settings),
         }
         args = ["-m", "protofly.sandbox.host", msgspec.json.encode(host_settings).decode()]
         if self._probe.bwrap is not None:
@@ -336,6 +341,8 @@ class ProcessComponent(Component):
         body: dict[str, Any] = {"url": url, "sourceCode": source, "config": config, "sandbox": limits.as_dict()}
         if classname:
             body["sourceCodeClassname"] = classname
+        if self._settings.node_spare:
+            self._limit_node(limits)
         try:
             reply = await self._request(control("create", body, msg_id=self._new_id()), timeout)
         except TimeoutError:
@@ -355,6 +362,19 @@ class ProcessComponent(Component):
         else:
             self._state = "running"
 
+    def _limit_node(self, limits: Limits) -> None:
+        """Node has no setrlimit: apply the stub's limits from here; the host reports what is in force."""
+        from protofly.sandbox.node import host_pid
+        from protofly.sandbox.node_exec import apply_rlimits
+
+        pid = host_pid(self.pid) if self.pid is not None else None
+        try:
+            if pid is None:
+                raise ProcessLookupError("no Node process below the sandbox process")
+            apply_rlimits(pid, limits)
+        except (OSError, ValueError, IndexError) as exc:
+            self._log.warning("cannot apply the stub's rlimits to its Node host", error=str(exc))
+
     def _isolation_record(self) -> dict[str, Any]:
         """Layers only at the top level (a truthy value means active), details inside each value."""
         report = self._host_report or {}
@@ -370,6 +390,7 @@ class ProcessComponent(Component):
             }
         return {
             "process": True,
+            "host": report.get("host", "python"),
             "bwrap": bwrap,
             "env": "scrubbed",
             "workdir": "/tmp (private tmpfs)" if self._bwrap else self._workdir,
@@ -493,6 +514,8 @@ class ProcessComponent(Component):
     def _exited_with(self, returncode: int) -> None:
         """The process was reaped: fail whatever waits on it, clean up, and report a running stub's death."""
         reason = describe_exit(returncode, bwrap=self._bwrap)
+        if self._host_report is not None and self._host_report.get("host") == "node":
+            reason = _node_exit_reason(reason, self._output.recent_stderr())
         if self._observed is not None:
             reason = f"{reason} ({self._observed})"
         if self._unresponsive is not None:
@@ -533,3 +556,23 @@ class ProcessComponent(Component):
                 on_exit(reason)
             except Exception:
                 self._log.exception("the runtime's on_exit failed")
+
+
+def _javascript_settings(settings: HostSettings) -> dict[str, Any]:
+    """What a JavaScript stub's host needs to become Node.js (nothing for a Python stub's host)."""
+    if not settings.node_spare:
+        return {}
+    from protofly.sandbox.node import node_executable, node_modules
+
+    return {
+        "node_spare": True,
+        "node": node_executable(),
+        "node_modules": node_modules(),
+        "memory_mb": settings.memory_mb,
+    }
+
+
+def _node_exit_reason(reason: str, stderr_lines: list[str]) -> str:
+    from protofly.sandbox.node import exit_reason
+
+    return exit_reason(reason, stderr_lines)
