@@ -59,9 +59,6 @@ class Watched(Protocol):
     @property
     def phase(self) -> Phase: ...
 
-    def lifecycle(self, event: Event) -> None:
-        """Feed the stub's lifecycle machine and perform what it returns."""
-
 
 def expiry(record: StubRecord, policy: LivenessPolicy) -> float | None:
     """When (``time.monotonic``) the stub's ``live`` expires; None if it is not ``live`` now."""
@@ -87,12 +84,15 @@ class LivenessMonitor:
         events: EventStream,
         stubs: Callable[[], Iterable[Watched]],
         lookup: Callable[[str], Watched | None],
+        feed: Callable[[Any, Event], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
         self._registry = registry
         self._stubs = stubs
         self._lookup = lookup
+        #: Hands an event to a stub's lifecycle machine and performs what it returns (the runtime's shell).
+        self._feed = feed
         self._clock = clock
         self._tasks = TaskSet("liveness")
         self._in_flight: set[str] = set()
@@ -131,7 +131,7 @@ class LivenessMonitor:
         stub.record.count("status_expired")
         description = f"live not refreshed for {age:.1f} s"
         self._registry.report(stub.record, status.EXPIRED, description, source="runtime")
-        stub.lifecycle(Expired())
+        self._feed(stub, Expired())
 
     async def _ping(self, stub: Watched, component: Component) -> None:
         try:
@@ -155,4 +155,4 @@ class LivenessMonitor:
         if isinstance(event, StatusChanged) and event.value == status.LIVE:
             stub = self._lookup(event.domain)
             if stub is not None and stub.phase is Phase.EXPIRED:
-                stub.lifecycle(Refreshed())
+                self._feed(stub, Refreshed())
