@@ -108,6 +108,12 @@ class TrackedComponent(Component):
     async def remove(self, grace: float = 2.0) -> None:
         await self.inner.remove(grace)
 
+    async def ping(self, timeout: float) -> dict[str, Any] | None:  # liveness: the real component's
+        return await self.inner.ping(timeout)
+
+    def kill_unresponsive(self, detail: str) -> None:
+        self.inner.kill_unresponsive(detail)
+
     def __getattr__(self, name: str) -> Any:  # state, exit_reason, ...: the real component's
         return getattr(self.inner, name)
 
