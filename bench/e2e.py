@@ -212,6 +212,7 @@ async def catalogue(root: Path, node_url: str) -> tuple[CatalogueServer, Path]:
     shutil.copytree(STUB_PACKAGE, package)
     template = json.loads((package / "descriptor.json").read_text())
     template["configuration"]["url"] = node_url
+    template["egress"] = [node_url]  # the only endpoint the stub may reach, opened for it by the runtime
     (package / "descriptor.json").write_text(json.dumps(template))
     publish(package, root / "published", key, DOMAIN)
     server = CatalogueServer(root / "published", default="default")

@@ -5,8 +5,9 @@ literal choices), so that loading a file, the environment or keyword arguments v
 and building one in code checks the same annotations: the constraints live in one place.
 
 A TOML file may group settings in tables (``[sandbox]``, ``[restart]``, ...) for readability; the table
-names are only grouping, every key is a field of :class:`RuntimeConfig`.  The catalogue resolver map is
-the one nested value: ``[catalogues]`` maps a domain to the base URL that serves its catalogue.
+names are only grouping, every key is a field of :class:`RuntimeConfig`.  Two values are maps:
+``[catalogues]`` maps a domain to the base URL that serves its catalogue, and ``[hosts]`` maps a host
+name to the IP address the runtime connects to when a stub asks for an endpoint on that host.
 
 Environment variables override the file: ``PROTOFLY_<FIELD>`` (e.g. ``PROTOFLY_DEPLOY_TIMEOUT=5``,
 ``PROTOFLY_CATALOGUES='{"b.test": "http://127.0.0.1:8081"}'``).  Every value is checked, and a bad one is
@@ -15,6 +16,7 @@ reported with its name and where it came from.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -59,6 +61,11 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     #: Contact no catalogue but those in ``catalogues`` (no DNS look-up of ``catalogue.<domain>``):
     #: for closed networks, tests and the demo.
     resolver_only: bool = False
+    #: Resolver map for the stubs' connections (their descriptor's ``egress``): host name → IP address.
+    #: Looked up before DNS; with ``resolver_only`` a host not in it is refused (tests, the demo, closed networks).
+    hosts: dict[str, str] = {}
+    #: Seconds the runtime gives one connection it opens for a stub (resolution included).
+    egress_connect_timeout: Positive = 5.0
     #: ``process`` (one OS process per stub, the default) or ``in-process`` (trusted code only).
     sandbox: Literal["process", "in-process"] = "process"
     #: Modules each pre-started sandbox host imports while idle, so deploying a stub that uses them is fast.
@@ -146,6 +153,7 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
                     parse_listen_address(value)
                 except ValueError as exc:
                     raise ConfigError(f"{name}: {exc}") from None
+        self.hosts = _check_hosts(self.hosts)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -207,6 +215,24 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _check_hosts(hosts: Mapping[str, Any]) -> dict[str, str]:
+    """Host names (lower-cased) to IP address literals; a bad entry is a :class:`ConfigError` naming it."""
+    checked: dict[str, str] = {}
+    for name, value in hosts.items():
+        host = str(name).lower().removesuffix(".")
+        try:
+            address.validate_domain(host)
+        except address.AddressError as exc:
+            raise ConfigError(f"hosts: {exc}") from None
+        try:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            checked[host] = str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ConfigError(f"hosts: {name} must map to an IP address, got {value!r}") from None
+    return checked
+
+
 def _field_names() -> tuple[str, ...]:
     return RuntimeConfig.__struct_fields__
 
@@ -254,7 +280,7 @@ def _flatten(data: Mapping[str, Any], origin: str) -> dict[str, Any]:
     known = set(_field_names())
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, Mapping) and key != "catalogues":
+        if isinstance(value, Mapping) and key not in _MAPS:
             flat.update(_flatten(value, origin))
         elif key in known:
             flat[key] = value
@@ -263,12 +289,16 @@ def _flatten(data: Mapping[str, Any], origin: str) -> dict[str, Any]:
     return flat
 
 
+_MAPS = ("catalogues", "hosts")
+
+
 def _parse_env(name: str, raw: str) -> Any:
-    if name == "catalogues":
+    if name in _MAPS:
+        what = "domain → base URL" if name == "catalogues" else "host name → IP address"
         try:
             return json.loads(raw)
         except (ValueError, RecursionError):  # JSONDecodeError, 5,000-digit integers, deep nesting
-            raise ConfigError(f"{ENV_PREFIX}CATALOGUES must be a JSON object of domain → base URL") from None
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be a JSON object of {what}") from None
     return raw
 
 

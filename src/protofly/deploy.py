@@ -26,6 +26,7 @@ from protofly.identity import IdentityModule
 from protofly.message import Message, error_description, response_code
 from protofly.registry import RuntimeRegistry, StatusEvent, StatusTimeoutError, StubRecord
 from protofly.sandbox import Boundary, Component, DeployError, Limits, Sandbox, SandboxError, active_layers
+from protofly.sandbox.broker import EgressPolicy
 from protofly.session_store import SessionStore
 from protofly.supervision import AUTH_FAILURE, REQUIREMENTS_FAILURE
 
@@ -195,6 +196,12 @@ class DeployPipeline:
                     boundary=boundary,
                     on_message=target.on_message,
                     on_exit=lambda reason: target.on_exit(holder[0], reason) if holder else None,
+                    egress=EgressPolicy(
+                        descriptor.egress,
+                        hosts=self.config.hosts,
+                        resolver_only=self.config.resolver_only,
+                        connect_timeout=self.config.egress_connect_timeout,
+                    ),
                     language=descriptor.language,
                 ),
                 _left(deadline),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -35,6 +36,8 @@ from protofly.message import Message, MessageError, as_dict, from_dict
 __all__ = [
     "AuthenticationFailed",
     "Bus",
+    "Connector",
+    "EgressError",
     "Message",
     "MessageError",
     "MethodNotFound",
@@ -49,6 +52,8 @@ __all__ = [
 _log = logging.getLogger("protofly.stub")
 
 Listener = Callable[[Message], Any]
+#: What opens a stub's connections: the sandbox's broker, given the URL, returns a connected socket.
+Connector = Callable[[str], Awaitable[socket.socket]]
 
 #: Status values of the connection state group (``docs/architecture.md``, *Status*), emitted in lower case.
 STATUS_VALUES = ("created", "in-progress", "live", "disconnected", "failed")
@@ -73,6 +78,23 @@ def carries_via(body: Mapping[str, Any] | None, url: str) -> bool:
     if isinstance(via, str):
         return via == url
     return isinstance(via, list) and url in via
+
+
+class EgressError(ConnectionError):
+    """The runtime did not open a connection the stub asked for; ``code`` is HTTP-style.
+
+    ``403``: the URL is not in the stub's descriptor's ``egress``; ``400``: the URL is malformed; ``502``:
+    the endpoint refused or cannot be resolved; ``504``: the connect timed out.  A ``ConnectionError``
+    (an ``OSError``), so code that handles a failed connect handles this one too.
+    """
+
+    def __init__(self, code: int, description: str) -> None:
+        super().__init__(description)
+        self.code = code
+        self.description = description
+
+    def __str__(self) -> str:
+        return self.description
 
 
 class MethodNotFound(LookupError):
@@ -100,9 +122,11 @@ class Bus:
         send: Callable[[Message], None],
         *,
         on_fatal: Callable[[BaseException], None] | None = None,
+        connector: Connector | None = None,
     ) -> None:
         self._send = send
         self._on_fatal = on_fatal
+        self._connector = connector
         self._listeners: dict[str, list[Listener]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._next_id = 0
@@ -121,6 +145,16 @@ class Bus:
         return msg.id
 
     post_message = post
+
+    async def open_connection(self, url: str) -> socket.socket:
+        """A connected, non-blocking TCP socket to ``url``, opened by the runtime (:meth:`ProtoStub.open_connection`).
+
+        Raises :class:`EgressError` when the runtime refuses or cannot connect, and when this bus has no
+        network at all (a bus made without a connector).
+        """
+        if self._connector is None:
+            raise EgressError(403, f"egress: {url} refused: this stub has no network (no connection broker)")
+        return await self._connector(url)
 
     def add_listener(self, url: str, listener: Listener) -> Callable[[], None]:
         """Call ``listener(msg)`` for messages to ``url`` (``"*"``: every message with no specific listener).
@@ -271,6 +305,18 @@ class ProtoStub:
         body["via"] = self.url
         self.bus.post(msg)
         return True
+
+    async def open_connection(self, url: str) -> socket.socket:
+        """Open a TCP connection to ``url``, one of the endpoints the stub's descriptor declares (``egress``).
+
+        A stub has no network of its own: the runtime opens the connection and hands over the connected,
+        non-blocking socket, which works as it is with ``websockets.asyncio.client.connect(url, sock=sock)``
+        and ``asyncio.open_connection(sock=sock)``.  For ``wss``, ``https`` and ``tls`` endpoints the
+        stub speaks TLS itself: websockets does so for a ``wss://`` URL, and asyncio with
+        ``ssl=ssl.create_default_context(), server_hostname=host``.  Raises :class:`EgressError` (a
+        ``ConnectionError``) naming the reason when the URL is not declared, malformed or unreachable.
+        """
+        return await self.bus.open_connection(url)
 
     def save_state(self, state: Any, *, handed_over: int | None = None) -> None:
         """Leave ``state`` (JSON, at most 64 KiB) to the next instance of this stub, as :attr:`saved_state`.

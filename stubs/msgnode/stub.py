@@ -15,6 +15,9 @@ Two parts, as every stateful protocol in protofly:
 * :class:`MsgNodeStub`, the asyncio shell: one WebSocket at a time, a reader loop, a writer task that sends
   whatever the session hands it, the open timer and the reconnection sleep, all owned by ``bus.spawn``.
 
+The stub has no network of its own: its WebSocket runs over a socket the runtime opens for it
+(``open_connection``, the SDK's one call for it), to the node URL its descriptor declares in ``egress``.
+
 Configuration (descriptor ``configuration``; the runtime adds ``runtimeURL``), see :class:`Settings`.
 Credentials given to ``connect`` may hold ``accessToken`` for the node's token authentication; the token
 goes into the ``open`` body and nowhere else (never into a log, a status or a ``repr``).
@@ -984,8 +987,14 @@ class MsgNodeStub(ProtoStub):
     async def _one_connection(self) -> float | None:
         settings = self.settings
         try:
+            # The stub has no network of its own: the runtime opens the connection its descriptor declares.
+            sock = await asyncio.wait_for(self.open_connection(settings.url), settings.open_timeout)
+        except (OSError, TimeoutError) as exc:
+            return self._apply(self.session.connect_failed(summary(exc)))
+        try:
             ws = await ws_connect(
                 settings.url,
+                sock=sock,
                 compression=None,
                 proxy=None,
                 open_timeout=settings.open_timeout,
@@ -998,6 +1007,7 @@ class MsgNodeStub(ProtoStub):
                 user_agent_header=None,
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            sock.close()
             return self._apply(self.session.connect_failed(summary(exc)))
         self._ws = ws
         wake = self._wake = asyncio.Event()

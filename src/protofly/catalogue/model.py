@@ -4,7 +4,7 @@ Parsing is tolerant where real reTHINK artefacts disagree with each other (both 
 ``version`` as a number, ``[]`` where an object is meant, a JSON string for ``configuration``, base64 or
 plain source, leading whitespace, fields outside the model) and strict about what the runtime relies on
 (``objectName``, ``language``, ``configuration``, ``constraints``, ``interworking``, the source package,
-``sandbox``, ``signature``).  Every rejection is a :class:`DescriptorError` naming the field, and nothing
+``sandbox``, ``egress``, ``signature``).  Every rejection is a :class:`DescriptorError` naming the field, and nothing
 is dropped: unknown fields stay in ``extra`` and the original object in ``raw``.
 """
 
@@ -21,6 +21,7 @@ import msgspec
 from packaging.requirements import InvalidRequirement, Requirement
 
 from protofly.catalogue.errors import E_TOO_LARGE, CatalogueError, DescriptorError
+from protofly.sandbox.egress import Endpoint, EndpointError, parse_egress
 from protofly.sandbox.limits import LimitError, SandboxLimits
 
 __all__ = [
@@ -65,6 +66,7 @@ KNOWN_FIELDS = frozenset(
         "idpProxy",
         "mutualAuthentication",
         "sandbox",
+        "egress",
         "requirements",
         "publisher",
     }
@@ -145,6 +147,8 @@ class ProtocolStubDescriptor:
     source_package: SourcePackage | None
     signature: str | None
     sandbox_limits: SandboxLimits | None
+    #: The endpoints the stub may connect to (``egress``); empty: no network at all.
+    egress: tuple[Endpoint, ...]
     #: Python packages the stub imports beyond the SDK (PEP 508, e.g. ``"slixmpp>=1.8"``); checked against
     #: the sandbox's environment before the stub runs.
     requirements: tuple[str, ...]
@@ -185,6 +189,7 @@ class ProtocolStubDescriptor:
             "configuration": sorted(self.configuration),
             "constraints": self.constraints,
             "sandbox": self.sandbox_limits.as_wire() if self.sandbox_limits else None,
+            "egress": [str(endpoint) for endpoint in self.egress],
             "requirements": list(self.requirements),
             "sourceCodeClassname": self.source_classname,
             "sourceEmbedded": bool(package and package.embedded),
@@ -277,6 +282,7 @@ def _build(obj: dict[str, Any]) -> ProtocolStubDescriptor:
         source_package=_package(obj.get("sourcePackage"), "sourcePackage"),
         signature=_optional_text(obj, "signature") or None,
         sandbox_limits=_sandbox(obj.get("sandbox")),
+        egress=_egress(obj.get("egress")),
         requirements=_requirements(obj.get("requirements")),
         publisher=_publisher(obj.get("publisher")),
         message_schemas=obj.get(schemas_key),
@@ -411,6 +417,16 @@ def _sandbox(value: Any) -> SandboxLimits | None:
         return SandboxLimits.from_wire(value)
     except LimitError as exc:
         raise DescriptorError(exc.field, exc.problem) from None
+
+
+def _egress(value: Any) -> tuple[Endpoint, ...]:
+    """The ``egress`` field: the endpoints the runtime may connect the stub to (none without the field)."""
+    try:
+        return parse_egress(value)
+    except EndpointError as exc:
+        text = str(exc)
+        field_name, _, problem = text.partition(": ")
+        raise DescriptorError(field_name, problem) from None
 
 
 def _package(value: Any, where: str) -> SourcePackage | None:

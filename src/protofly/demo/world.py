@@ -1,6 +1,10 @@
 """A local reTHINK world on 127.0.0.1: per domain a signing key, a catalogue with the freshly signed message
 node stub, and a message node.  The demo, the quick start and the end-to-end benchmarks build on it.
 
+Each published stub names its node as ``ws://msg-node.<domain>:<port>/ws``, in its configuration and in its
+signed ``egress`` (the only endpoint it may reach); the runtime configurations built here map those names
+to 127.0.0.1 in ``hosts``, as an operator maps real names on a closed network.
+
 Everything binds to 127.0.0.1 on ports chosen by the system, lives in one temporary directory, and is stopped
 (and the directory removed) when the context exits.
 """
@@ -54,7 +58,18 @@ class LocalDomain:
 
     @property
     def node_url(self) -> str:
+        """Where the node listens (what a client in this process connects to)."""
         return f"ws://127.0.0.1:{self.node_port}/ws"
+
+    @property
+    def node_host(self) -> str:
+        """The name the published stub knows its node by (mapped to 127.0.0.1 by the runtime's ``hosts``)."""
+        return f"msg-node.{self.name}"
+
+    @property
+    def published_node_url(self) -> str:
+        """The node's URL in the published stub's configuration and ``egress``."""
+        return f"ws://{self.node_host}:{self.node_port}/ws"
 
     async def start(self, stub_package: Path, stub_settings: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -63,7 +78,12 @@ class LocalDomain:
         shutil.copytree(stub_package, package)
         template = json.loads((package / "descriptor.json").read_text())
         template["objectName"] = "default"
-        template["configuration"] = {**template.get("configuration", {}), **stub_settings, "url": self.node_url}
+        template["configuration"] = {
+            **template.get("configuration", {}),
+            **stub_settings,
+            "url": self.published_node_url,
+        }
+        template["egress"] = [self.published_node_url]
         (package / "descriptor.json").write_text(json.dumps(template, indent=2))
         publish(package, self.root / "catalogue", self.key, self.name)
         await self.catalogue.start()
@@ -133,6 +153,7 @@ class LocalDomains:
             "trust_store": self.trust_file,
             "allow_http_loopback": True,
             "resolver_only": True,
+            "hosts": {d.node_host: "127.0.0.1" for d in self.domains.values()},
         }
         settings.update(overrides)
         return RuntimeConfig(**settings)

@@ -27,6 +27,7 @@ from protofly.sandbox.limits import DEFAULT_LIMITS, LimitError, Limits, SandboxL
 
 if TYPE_CHECKING:
     from protofly.message import Message
+    from protofly.sandbox.broker import EgressPolicy
     from protofly.sandbox.inprocess import InProcessSandbox
     from protofly.sandbox.process import ProcessSandbox
 
@@ -144,9 +145,14 @@ class Sandbox(ABC):
         boundary: Boundary,
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
+        egress: EgressPolicy | None = None,
         language: str = "python",
     ) -> Component:
-        """Run ``source`` as the stub at ``url``; raises :class:`DeployError` if it cannot be started."""
+        """Run ``source`` as the stub at ``url``; raises :class:`DeployError` if it cannot be started.
+
+        ``egress`` is what the stub may connect to through ``open_connection`` (its descriptor's endpoints
+        and the runtime's resolver map); None: nothing.
+        """
 
     def unavailable(self, language: str) -> str | None:
         """Why stubs in ``language`` (a descriptor's ``language``) cannot run here, or None if they can."""

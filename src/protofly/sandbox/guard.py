@@ -28,6 +28,8 @@ COUNTER_NAMES = (
     "dropped_to_stub",
     "log_lines_dropped",
     "forged_control",
+    "egress_opened",
+    "egress_refused",
 )
 
 _SANDBOX_SPACE = "hyperty-runtime://sandbox"

@@ -15,6 +15,11 @@ whose descriptor number is in ``SETTINGS`` (a JSON object given by the runtime):
   runs on, with the SDK's view of the stub (:func:`protofly.stub.pong`): no answer means the loop is blocked;
 * every other message is the runtime's traffic for the stub and goes to its bus listeners.
 
+The host asks the runtime for the stub's connections (the stub has no network of its own): ``execute``
+from ``.../sandbox/internal`` to ``.../sandbox/external`` with ``{method: "open-connection", params:
+[url]}``; the answer is ``200`` with the connected socket passed on the second socketpair (``egress_fd``
+in ``SETTINGS``, :mod:`protofly.sandbox.fdpass`), or an error code with the reason.
+
 When the stub exhausts its memory (``MemoryError`` anywhere) the host sends its last words, ``update
 {value: "failed", description: "memory limit (MemoryError)"}``, and exits with :data:`EXIT_MEMORY`.
 A pre-started host waits with its imports done, so that a deploy costs only the stub's own start.
@@ -48,8 +53,9 @@ from protofly.sandbox.channel import (
     FrameError,
     control,
 )
+from protofly.sandbox.fdpass import SocketInbox
 from protofly.sandbox.limits import Limits
-from protofly.stub import AuthenticationFailed, Bus, MethodNotFound, pong, summary
+from protofly.stub import AuthenticationFailed, Bus, EgressError, MethodNotFound, pong, summary
 
 __all__ = ["EXIT_BAD_SETTINGS", "EXIT_MEMORY", "Host", "main"]
 
@@ -59,6 +65,11 @@ EXIT_MEMORY = 86
 EXIT_BAD_SETTINGS = 2
 #: Messages for the stub accepted before it exists (the runtime sends none; a bound against misuse).
 _MAX_BACKLOG = 10_000
+#: How long the host waits for the runtime's answer to ``open-connection`` (the runtime's connect timeout
+#: is shorter; this bound only covers a runtime that never answers).
+_OPEN_WAIT = 60.0
+#: ``open-connection`` requests a stub may have outstanding at once.
+_MAX_OPENING = 32
 
 _log = logging.getLogger("protofly.sandbox.host")
 
@@ -82,6 +93,10 @@ class Host(asyncio.Protocol):
         self.flush_scheduled = False
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[int] = self.loop.create_future()
+        egress_fd = settings.get("egress_fd")
+        self.inbox = SocketInbox(socket.socket(fileno=int(egress_fd))) if egress_fd is not None else None
+        self.opening: dict[int, asyncio.Future[Message]] = {}
+        self.next_open = 0
 
     async def serve(self) -> int:
         self.loop.set_exception_handler(self._loop_exception)
@@ -166,7 +181,11 @@ class Host(asyncio.Protocol):
     # -- control ------------------------------------------------------------------------------------
 
     def _control(self, msg: Message) -> None:
-        if msg.type == "create":
+        if msg.type == "response":
+            future = self.opening.get(msg.id) if isinstance(msg.id, int) else None
+            if future is not None and not future.done():
+                future.set_result(msg)
+        elif msg.type == "create":
             self._spawn(self._create(msg))
         elif msg.type == "execute":
             self._spawn(self._execute(msg))
@@ -174,8 +193,36 @@ class Host(asyncio.Protocol):
             self._delete(msg)
         elif msg.type == "read" and (msg.body or {}).get("resource") == LIVENESS:
             self._pong(msg)
-        elif msg.type != "response":
+        else:
             self._respond(msg, 400, f"unknown control message type {msg.type!r}")
+
+    async def open_connection(self, url: str) -> socket.socket:
+        """The stub's connector: ask the runtime to connect to ``url`` and take the socket it passes."""
+        if self.inbox is None:
+            raise EgressError(403, f"egress: {url} refused: this sandbox has no socket channel")
+        if len(self.opening) >= _MAX_OPENING:
+            raise EgressError(429, f"egress: {url} refused: {_MAX_OPENING} connections are being opened already")
+        self.next_open += 1
+        request_id = self.next_open
+        future: asyncio.Future[Message] = self.loop.create_future()
+        self.opening[request_id] = future
+        body = {"method": "open-connection", "params": [url]}
+        try:
+            self.send(control("execute", body, msg_id=request_id, sender=SANDBOX_INTERNAL, to=SANDBOX_EXTERNAL))
+            answer = await asyncio.wait_for(future, _OPEN_WAIT)
+        except TimeoutError:
+            raise EgressError(504, f"egress: the runtime did not answer for {url} within {_OPEN_WAIT:g} s") from None
+        finally:
+            self.opening.pop(request_id, None)
+        answer_body = answer.body or {}
+        code = answer_body.get("code")
+        if code != 200:
+            description = str(answer_body.get("description") or f"egress: {url} refused")
+            raise EgressError(code if isinstance(code, int) else 500, description)
+        sock = self.inbox.claim(str(request_id), pending=[str(key) for key in self.opening])
+        if sock is None:
+            raise EgressError(502, f"egress: the runtime answered for {url} without passing a socket")
+        return sock
 
     def _spawn(self, coro: Any) -> None:
         # A hand-written owned set rather than protofly.tasks.TaskSet: TaskSet logs through structlog,
@@ -206,7 +253,11 @@ class Host(asyncio.Protocol):
             control("update", {"value": "isolation", "report": report}, sender=SANDBOX_INTERNAL, to=SANDBOX_EXTERNAL)
         )
         self.flush()
-        self.bus = Bus(self.send, on_fatal=lambda exc: self.fatal("memory limit (MemoryError)", EXIT_MEMORY))
+        self.bus = Bus(
+            self.send,
+            on_fatal=lambda exc: self.fatal("memory limit (MemoryError)", EXIT_MEMORY),
+            connector=self.open_connection,
+        )
         try:
             self.stub = await loader.load(
                 body["sourceCode"],

@@ -3,7 +3,8 @@
 It offers no isolation at all (no limits, no separate memory, the stub can reach everything the runtime
 can) and says so: every component's ``isolation`` lists what is missing, and creating the sandbox logs a
 warning.  What it does keep from the process sandbox is the contract: the same loader, the same stub
-SDK, the same boundary checks and counters, the same size limit, and messages are copied across the
+SDK, the same boundary checks and counters, the same size limit, the same egress checks for
+``open_connection`` (the broker opens the socket and hands it over as it is), and messages are copied across the
 boundary (encoded and decoded), so that neither side can mutate the other's objects and a stub that
 works here behaves the same in a process.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import linecache
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,10 +22,11 @@ from typing import Any
 from protofly.log import get_logger
 from protofly.message import Message, MessageError, decode, encode, response
 from protofly.sandbox import Boundary, Component, DeployError, Limits, Sandbox, SandboxError
+from protofly.sandbox.broker import NO_EGRESS, EgressBroker, EgressPolicy
 from protofly.sandbox.channel import DEFAULT_MAX_FRAME, SANDBOX_EXTERNAL
 from protofly.sandbox.guard import Guard, new_counters
 from protofly.sandbox.loader import STUB_FILENAME, LoadError, execute, load
-from protofly.stub import AuthenticationFailed, Bus, MethodNotFound, pong, summary
+from protofly.stub import AuthenticationFailed, Bus, EgressError, MethodNotFound, pong, summary
 
 __all__ = ["InProcessComponent", "InProcessSandbox"]
 
@@ -37,13 +40,17 @@ _MISSING = [
     "landlock: not applicable in-process",
     "seccomp: not applicable in-process",
     "env: the runtime's environment is visible",
+    "network namespace: not applicable in-process (the stub shares the runtime's network; egress is checked "
+    "only for open_connection)",
 ]
 
 
 class InProcessComponent(Component):
     """A stub instance living in the runtime's event loop."""
 
-    def __init__(self, sandbox: InProcessSandbox, url: str, guard: Guard, module_name: str) -> None:
+    def __init__(
+        self, sandbox: InProcessSandbox, url: str, guard: Guard, module_name: str, egress: EgressPolicy = NO_EGRESS
+    ) -> None:
         self.url = url
         self.pid = None
         self.counters = guard.counters
@@ -56,7 +63,8 @@ class InProcessComponent(Component):
         self.filename = f"{module_name}/{STUB_FILENAME}"
         self._max_frame = sandbox.max_frame
         self._loop = asyncio.get_running_loop()
-        self._bus = Bus(self._from_stub)
+        self._broker = EgressBroker(egress, self.counters, stub_url=url)
+        self._bus = Bus(self._from_stub, connector=self._open_connection)
         self._removed = False
 
     def post(self, msg: Message) -> bool:
@@ -69,6 +77,12 @@ class InProcessComponent(Component):
         self.counters["messages_to_stub"] += 1
         self._loop.call_soon(self._dispatch, copy)
         return True
+
+    async def _open_connection(self, url: str) -> socket.socket:
+        """The stub's connector: the same broker and checks as across a process, the socket handed over as is."""
+        if self._removed:
+            raise EgressError(409, f"egress: {url} refused: the stub is removed")
+        return await self._broker.connector(url)
 
     def _dispatch(self, msg: Message) -> None:
         if not self._removed:
@@ -160,6 +174,7 @@ class InProcessSandbox(Sandbox):
         boundary: Boundary,
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
+        egress: EgressPolicy | None = None,
         language: str = "python",
     ) -> InProcessComponent:
         if self._closed:
@@ -174,7 +189,8 @@ class InProcessSandbox(Sandbox):
         if not isinstance(config, dict):
             raise DeployError(f"TypeError: config must be an object, got {type(config).__name__}")
         module_name = f"protofly_stub_{next(_module_numbers)}"
-        component = InProcessComponent(self, url, Guard(url, boundary, on_message, new_counters()), module_name)
+        guard = Guard(url, boundary, on_message, new_counters())
+        component = InProcessComponent(self, url, guard, module_name, egress or NO_EGRESS)
         self._components.add(component)
         try:
             component.instance = await asyncio.wait_for(

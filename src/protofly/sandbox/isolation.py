@@ -5,8 +5,9 @@ which namespace options work here (a user namespace is tried first and dropped o
 it).  The probe runs the real interpreter under the real profile, so a profile that cannot start Python is
 found once, at start-up, with bwrap's own error text, and not at every deploy.
 
-Profile: new user/pid/ipc/uts/cgroup namespaces, the network shared
-(stubs connect to message nodes, e.g. on 127.0.0.1), every capability dropped, the environment cleared,
+Profile: new user/pid/ipc/uts/cgroup namespaces and a network namespace of its own with no interface but
+loopback (the stub reaches nothing by itself: the runtime opens the connections its descriptor declares
+and passes them in, see :mod:`~protofly.sandbox.broker`), every capability dropped, the environment cleared,
 ``/usr``, the Python prefixes and the directory protofly is imported from bound read-only, a few ``/etc``
 files a network client needs (resolver, CA certificates), a fresh ``/proc`` and ``/dev``, and a private
 tmpfs on ``/tmp`` as the working directory; ``--die-with-parent`` and ``--new-session``.
@@ -27,12 +28,14 @@ from pathlib import Path
 
 from protofly.log import get_logger
 
-__all__ = ["Probe", "bwrap_command", "host_env", "probe", "read_paths"]
+__all__ = ["Probe", "bwrap_command", "host_env", "namespace_names", "probe", "read_paths", "without_network"]
 
 _log = get_logger("protofly.sandbox.isolation")
 
 #: Namespace options, most isolating first; ``--unshare-user`` is the one a kernel may refuse.
 _NAMESPACES = ("--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try")
+#: The network layer, kept apart so that its absence is reported as its own missing layer.
+_NETWORK = ("--unshare-net",)
 #: Files and directories under /etc that a network client may read (DNS, TLS, time zone).
 _ETC = (
     "/etc/resolv.conf",
@@ -59,8 +62,23 @@ class Probe:
     missing: tuple[str, ...] = field(default=())
 
     @property
+    def network(self) -> bool:
+        """Whether each stub gets a network namespace of its own (no interface but loopback)."""
+        return "--unshare-net" in self.namespaces
+
+    @property
     def namespace_names(self) -> list[str]:
-        return [opt.removeprefix("--unshare-").removesuffix("-try") for opt in self.namespaces]
+        return namespace_names(self.namespaces)
+
+
+def namespace_names(namespaces: tuple[str, ...]) -> list[str]:
+    """``("--unshare-user", "--unshare-cgroup-try")`` → ``["user", "cgroup"]``."""
+    return [opt.removeprefix("--unshare-").removesuffix("-try") for opt in namespaces]
+
+
+def without_network(namespaces: tuple[str, ...]) -> tuple[str, ...]:
+    """The same namespaces but the network one (for a host that cannot use brokered connections)."""
+    return tuple(opt for opt in namespaces if opt not in _NETWORK)
 
 
 _cache: dict[tuple[str, str | None], Probe] = {}
@@ -91,7 +109,7 @@ def _probe(python: str, bwrap: str | None) -> Probe:
     _warm_bytecode()
     if bwrap is None:
         return Probe(None, (), ("bwrap: not installed (apt-get install bubblewrap)",))
-    attempts = [_NAMESPACES, _NAMESPACES[1:]]
+    attempts = [_NAMESPACES + _NETWORK, _NAMESPACES[1:] + _NETWORK, _NAMESPACES, _NAMESPACES[1:]]
     errors: list[str] = []
     for namespaces in attempts:
         command = bwrap_command(bwrap, namespaces, python, ["-c", "import protofly.sandbox.host"])
@@ -101,11 +119,20 @@ def _probe(python: str, bwrap: str | None) -> Probe:
             errors.append(f"{type(exc).__name__}: {exc}")
             continue
         if done.returncode == 0:
-            missing = () if namespaces == _NAMESPACES else (f"user namespace: refused by the kernel ({errors[-1]})",)
-            return Probe(bwrap, namespaces, missing)
+            return Probe(bwrap, namespaces, _refused_layers(namespaces, errors))
         lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
         errors.append(lines[-1] if lines else f"exit code {done.returncode}")
     return Probe(None, (), (f"bwrap: present but unusable here ({errors[-1]})",))
+
+
+def _refused_layers(namespaces: tuple[str, ...], errors: list[str]) -> tuple[str, ...]:
+    """The layers the working profile lacks, each with the kernel's reason (never dropped silently)."""
+    missing = []
+    if "--unshare-user" not in namespaces:
+        missing.append(f"user namespace: refused by the kernel ({errors[0]})")
+    if not set(_NETWORK) <= set(namespaces):
+        missing.append(f"network namespace: refused by the kernel ({errors[-1]}); the stub shares the host's network")
+    return tuple(missing)
 
 
 def _warm_bytecode() -> None:

@@ -37,6 +37,7 @@ from protofly.sandbox import (
     SandboxError,
 )
 from protofly.sandbox import isolation as iso
+from protofly.sandbox.broker import NO_EGRESS, EgressPolicy
 from protofly.sandbox.channel import DEFAULT_MAX_FRAME
 from protofly.sandbox.process_component import KILL_WAIT, HostSettings, ProcessComponent
 from protofly.sandbox.spares import SparePool
@@ -147,6 +148,7 @@ class ProcessSandbox(Sandbox):
         boundary: Boundary,
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
+        egress: EgressPolicy | None = None,
         language: str = "python",
     ) -> ProcessComponent:
         if self._closed:
@@ -179,6 +181,7 @@ class ProcessSandbox(Sandbox):
                     on_message=on_message,
                     on_exit=on_exit,
                     timeout=self.deploy_timeout,
+                    egress=egress or NO_EGRESS,
                 )
             except BaseException as exc:
                 self._components.discard(component)

@@ -27,9 +27,10 @@ from typing import Any
 import msgspec
 
 from protofly.log import get_logger
-from protofly.message import Message, MessageError, error_description, response_code
+from protofly.message import Message, MessageError, error_description, response, response_code
 from protofly.sandbox import Boundary, Component, DeployError, Limits, SandboxError
 from protofly.sandbox import isolation as iso
+from protofly.sandbox.broker import NO_EGRESS, EgressBroker, EgressPolicy
 from protofly.sandbox.channel import (
     LIVENESS,
     SANDBOX_EXTERNAL,
@@ -39,6 +40,8 @@ from protofly.sandbox.channel import (
     FrameError,
     control,
 )
+from protofly.sandbox.egress_channel import EgressChannel
+from protofly.sandbox.fdpass import socket_pair
 from protofly.sandbox.guard import Guard, failed_status, new_counters
 from protofly.sandbox.output import StubOutput
 from protofly.sandbox.proctree import HostProcess, describe_exit
@@ -147,6 +150,10 @@ class ProcessComponent(Component):
         self._workdir: str | None = None
         self._output = StubOutput(self.counters)
         self._log = _log
+        #: The runtime's end of the socket-passing pair, and what the stub may connect to.
+        self._net: socket.socket | None = None
+        self._broker: EgressBroker | None = None
+        self._egress: EgressChannel | None = None
 
     # -- public interface ---------------------------------------------------------------------------
 
@@ -273,14 +280,17 @@ class ProcessComponent(Component):
             root = self._settings.workdir_root
             self._workdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="protofly-stub-", dir=root)
         parent, child = socket.socketpair()
+        self._net, net_child = socket_pair()
         try:
-            self._process = self._spawn(child.fileno())
+            self._process = self._spawn(child.fileno(), net_child.fileno())
         except OSError as exc:
             parent.close()
+            self._close_net()
             self._remove_workdir()
             raise SandboxError(f"cannot start the sandbox host: {exc}") from None
         finally:
             child.close()
+            net_child.close()
         process = self._process
         self.pid = process.pid
         self._log = _log.bind(sandbox_pid=self.pid)
@@ -298,10 +308,11 @@ class ProcessComponent(Component):
             raise
         self._state = "ready"
 
-    def _spawn(self, fd: int) -> HostProcess:
+    def _spawn(self, fd: int, egress_fd: int) -> HostProcess:
         settings = self._settings
         host_settings = {
             "fd": fd,
+            "egress_fd": egress_fd,
             "max_frame": settings.max_frame,
             "parent_pid": None if self._bwrap else os.getpid(),
             "read_paths": iso.read_paths(),
@@ -313,7 +324,7 @@ class ProcessComponent(Component):
         }
         args = ["-m", "protofly.sandbox.host", msgspec.json.encode(host_settings).decode()]
         if self._probe.bwrap is not None:
-            command = iso.bwrap_command(self._probe.bwrap, self._probe.namespaces, settings.python, args)
+            command = iso.bwrap_command(self._probe.bwrap, self._namespaces(), settings.python, args)
             env: dict[str, str] = {}
             cwd = "/"
         else:
@@ -322,8 +333,24 @@ class ProcessComponent(Component):
             env = iso.host_env(self._workdir)
             cwd = self._workdir
         return HostProcess(
-            command, env=env, cwd=cwd, pass_fd=fd, bwrap=self._bwrap, tasks=self._tasks, on_exit=self._exited_with
+            command,
+            env=env,
+            cwd=cwd,
+            pass_fds=(fd, egress_fd),
+            bwrap=self._bwrap,
+            tasks=self._tasks,
+            on_exit=self._exited_with,
         )
+
+    def _namespaces(self) -> tuple[str, ...]:
+        """The probe's namespaces; a Node host keeps the network (it has no ``open_connection`` yet)."""
+        if self._settings.node_spare:
+            return iso.without_network(self._probe.namespaces)
+        return self._probe.namespaces
+
+    @property
+    def _own_network(self) -> bool:
+        return self._bwrap and "--unshare-net" in self._namespaces()
 
     async def deploy(
         self,
@@ -337,9 +364,15 @@ class ProcessComponent(Component):
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
         timeout: float,
+        egress: EgressPolicy = NO_EGRESS,
     ) -> None:
         """Run the stub in this started host (``DeployError`` naming the stub's problem if it cannot)."""
         self.url = url
+        self._broker = EgressBroker(egress, self.counters, stub_url=url)
+        if self._net is not None:
+            self._egress = EgressChannel(
+                self._broker, self._net, self._tasks, self._answer, lambda: self._state in ("running", "deploying")
+            )
         self._status_url = f"{url}/status"
         self._guard = Guard(url, boundary, on_message, self.counters)
         self._on_exit = on_exit
@@ -392,10 +425,11 @@ class ProcessComponent(Component):
         bwrap: dict[str, Any] | bool = False
         if self._bwrap:
             bwrap = {
-                "namespaces": self._probe.namespace_names,
-                "network": "shared",
+                "namespaces": iso.namespace_names(self._namespaces()),
+                "network": "own namespace, loopback only" if self._own_network else "shared",
                 "filesystem": "read-only binds of /usr, the interpreter and protofly; private tmpfs /tmp",
             }
+        network = self._network_layer(missing)
         return {
             "process": True,
             "host": report.get("host", "python"),
@@ -408,8 +442,23 @@ class ProcessComponent(Component):
             "capabilities": report.get("capabilities", False),
             "landlock": report.get("landlock", False),
             "seccomp": report.get("seccomp", False),
+            "network": network,
             "missing": missing,
         }
+
+    def _network_layer(self, missing: list[str]) -> dict[str, Any] | bool:
+        """The network layer: an empty namespace plus the brokered ``egress``, or a ``missing`` entry."""
+        declared = self._broker.policy.declared() if self._broker is not None else []
+        if self._own_network:
+            return {"namespace": "own, no interface but loopback", "egress": declared}
+        if self._settings.node_spare and self._probe.network:
+            missing.append(
+                "network namespace: not for JavaScript stubs yet (the Node host has no open_connection); "
+                "the stub shares the host's network"
+            )
+        elif not any(item.startswith("network namespace:") for item in missing):
+            missing.append("network namespace: none without bwrap; the stub shares the host's network")
+        return False
 
     # -- channel ------------------------------------------------------------------------------------
 
@@ -494,6 +543,9 @@ class ProcessComponent(Component):
             # a crash reason: the exit status does.)
             self.counters["forged_control"] = self.counters.get("forged_control", 0) + 1
             return
+        if msg.type == "execute":  # the host asks for the stub's network (open-connection)
+            self._on_execute(msg)
+            return
         body = msg.body or {}
         value = body.get("value")
         if value == "ready":
@@ -503,6 +555,24 @@ class ProcessComponent(Component):
             self._host_report = body["report"]
         elif value == "failed":
             self._last_words = str(body.get("description") or "failed")[:200]
+
+    # -- egress -------------------------------------------------------------------------------------
+
+    def _on_execute(self, msg: Message) -> None:
+        """A request from the host: ``open-connection`` (the stub's network) is the only one."""
+        if self._egress is None or self._state not in ("running", "deploying"):
+            self._answer(msg, 409, "egress: no stub is deployed in this sandbox")
+            return
+        self._egress.handle(msg)
+
+    def _answer(self, request: Message, code: int, description: str | None = None) -> None:
+        with contextlib.suppress(MessageError):
+            self._send(response(request, code, description))
+
+    def _close_net(self) -> None:
+        net, self._net = self._net, None
+        if net is not None:
+            net.close()
 
     def _on_channel_lost(self) -> None:
         self._transport = None
@@ -540,6 +610,7 @@ class ProcessComponent(Component):
         self._exit_reason = reason
         previous, self._state = self._state, "exited"
         self._on_reaped(self)
+        self._close_net()
         if self._transport is not None:
             self._transport.close()
         for future in self._waiters.values():

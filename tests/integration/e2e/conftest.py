@@ -144,6 +144,8 @@ class World:
             "backoffCap": 0.2,
             **extra,
         }
+        # The stub reaches nothing but what its signed descriptor declares (a URL with a path is one endpoint).
+        template["egress"] = [self.nodes[domain].url]
         (package / "descriptor.json").write_text(json.dumps(template))
         return publish(package, self.root / domain, self.keys[domain], domain)
 

@@ -42,6 +42,10 @@ async def test_request_to_another_domain_deploys_its_stub_and_the_reply_returns(
         node_b = world.nodes["b.test"]
         assert node_b.core.owner(hyperty_a.url) is not None  # bound to runtime A's session on b.test's node
         assert node_b.counters["sessions"] == 2 and world.nodes["a.test"].counters["sessions"] == 1
+        # The stub has no network of its own: its WebSocket runs over a socket the runtime opened for it.
+        assert handle.record.counters["egress_opened"] >= 1 and handle.record.counters["egress_refused"] == 0
+        network = handle.isolation["network"]
+        assert network["egress"] == [world.nodes["b.test"].url] and network["namespace"]
 
         answers = await asyncio.gather(
             *(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=20) for n in range(50))

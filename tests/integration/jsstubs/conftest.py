@@ -107,6 +107,7 @@ class JsWorld:
         node = await self.node(domain)
         template = json.loads((MSGNODE_STUB / "descriptor.json").read_text())
         template["configuration"] = {**template["configuration"], "url": node.url}
+        template["egress"] = [node.url]  # the Python stub reaches its node through the runtime's broker
         self.publish_package(catalogue, domain, template, MSGNODE_STUB / "stub.py")
 
     def publish_js(

@@ -41,6 +41,9 @@ async def test_rethinks_vertx_stub_goes_live_in_node_and_carries_a_request_to_a_
         layers = stub_a.isolation
         assert layers["bwrap"] and layers["seccomp"] and layers["landlock"] and layers["no_new_privs"]
         assert layers["rlimits"]["memory_mb"] == 1024 and "RLIMIT_DATA" in layers["rlimits"]["memory"]
+        # The Node host has no brokered connections yet: its stub keeps the host's network, and says so.
+        assert layers["network"] is False and stub_b.isolation["network"]["egress"]
+        assert any(item.startswith("network namespace: not for JavaScript stubs") for item in layers["missing"])
 
         answer = await hyperty_a.request(hyperty_b.url, "execute", {"n": 7}, timeout=20)
         assert response_code(answer) == 200

@@ -119,13 +119,19 @@ class Domains:
         *,
         version: str = "1.0.0",
         stub: str = "lines",
+        egress: list[str] | None = None,
         fields: dict[str, Any] | None = None,
     ) -> Path:
+        """Sign and publish ``stub``; its ``egress`` is ``tcp://host:port`` of its configured back-end by default."""
         package = self.root / "packages" / f"{domain}-{version}"
         shutil.copytree(STUBS / stub, package, dirs_exist_ok=True)
         template = json.loads((package / "descriptor.json").read_text())
         template["configuration"] = configuration
         template["objectName"] = "default"
+        if egress is None and "host" in configuration and "port" in configuration:
+            egress = [f"tcp://{configuration['host']}:{configuration['port']}"]
+        if egress is not None:
+            template["egress"] = egress
         template.update(fields or {})
         (package / "descriptor.json").write_text(json.dumps(template))
         return publish(package, self.root / domain, self.key(domain), domain, version=version)

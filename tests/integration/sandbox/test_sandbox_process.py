@@ -68,10 +68,14 @@ async def test_echo_round_trip_with_layers_recorded(sandbox):
     assert record["landlock"] and record["seccomp"]
     if sandbox.use_bwrap:
         assert record["bwrap"]["namespaces"][:2] == ["user", "pid"]
+        assert record["network"] == {"namespace": "own, no interface but loopback", "egress": []}
         assert record["missing"] == []
     else:
         assert record["bwrap"] is False
         assert "bwrap: disabled by configuration" in record["missing"]
+        # No namespace, no network layer: said, never silent.
+        assert record["network"] is False
+        assert any(item.startswith("network namespace: none without bwrap") for item in record["missing"])
     assert component.counters["messages_to_stub"] == 2
 
 

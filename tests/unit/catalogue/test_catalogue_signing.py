@@ -98,12 +98,22 @@ def test_canonical_bytes_ignore_key_order_and_whitespace(key):
         {"configuration": {"url": "wss://evil/ws"}},
         {"sourcePackage": {"sourceCodeClassname": "EchoStub", "sha256": "0" * 64}},
         {"sandbox": {"memoryMB": 4096}},
+        {"egress": ["ws://evil.test:443/ws"]},
     ],
 )
 def test_any_covered_change_breaks_the_signature(key, trust, change):
     raw = {**signed(key), **change}
     with pytest.raises(CatalogueError) as info:
         verify(raw, trust)
+    assert info.value.code == E_SIGNATURE
+
+
+def test_a_widened_egress_breaks_the_signature(key, trust):
+    raw = signed(key, egress=["ws://node.b.test:443/ws"])
+    assert verify(raw, trust).signer == key.key_id
+    tampered = {**raw, "egress": ["ws://node.b.test:443/ws", "tcp://catalogue.a.test:443"]}
+    with pytest.raises(CatalogueError) as info:
+        verify(tampered, trust)
     assert info.value.code == E_SIGNATURE
 
 

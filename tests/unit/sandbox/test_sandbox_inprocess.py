@@ -9,6 +9,8 @@ import pytest
 
 from protofly.message import Message, MessageError
 from protofly.sandbox import Boundary, DeployError, SandboxError
+from protofly.sandbox.broker import EgressPolicy
+from protofly.sandbox.egress import parse_endpoint
 from protofly.sandbox.inprocess import InProcessSandbox
 
 STUBS = Path(__file__).resolve().parents[2] / "stubs_src"
@@ -159,3 +161,38 @@ async def test_each_stubs_traceback_shows_its_own_source_lines():
             assert f"# raised in stub {name}\n" in trace, trace
             other = "B" if name == "A" else "A"
             assert f"stub {other}" not in trace
+
+
+async def test_open_connection_has_the_same_egress_checks_in_process():
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.put_nowait(await reader.readline())
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    inbox = Inbox()
+    egress = EgressPolicy((parse_endpoint(f"tcp://127.0.0.1:{port}"),))
+    try:
+        async with InProcessSandbox() as sandbox:
+            component = await sandbox.deploy(
+                url=URL,
+                source=(STUBS / "net_probe.py").read_bytes(),
+                config={},
+                classname="NetProbe",
+                limits=None,
+                boundary=BOUNDARY,
+                on_message=inbox,
+                on_exit=lambda reason: None,
+                egress=egress,
+            )
+            component.post(request(1, {"open": [f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"]}))
+            reply = await inbox.next_data()
+            assert reply.body["value"]["open"][0] == "opened"
+            assert reply.body["value"]["open"][1].startswith("EgressError 403: egress: tcp://127.0.0.1:")
+            assert await asyncio.wait_for(received.get(), 5) == f"hello from {URL}\n".encode()
+            assert component.counters["egress_opened"] == 1 and component.counters["egress_refused"] == 1
+    finally:
+        server.close()
+        await server.wait_closed()

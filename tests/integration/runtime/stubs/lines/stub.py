@@ -1,4 +1,5 @@
-"""Test stub: carries messages to a TCP back-end as JSON lines (configuration ``host``/``port``).
+"""Test stub: carries messages to a TCP back-end as JSON lines (configuration ``host``/``port``, declared in
+the descriptor's ``egress`` as ``tcp://host:port``).
 
 ``configuration.mode`` makes it misbehave on purpose: ``raise-in-activate`` (fails while being created),
 ``never-live`` (its connect never finishes).  The back-end can tell it to crash (``{"command": "crash"}``),
@@ -24,7 +25,9 @@ class LineStub(ProtoStub):
     async def connect(self, credentials: dict | None = None) -> None:
         if self.config.get("mode") == "never-live":
             await asyncio.Event().wait()
-        reader, writer = await asyncio.open_connection(self.config["host"], self.config["port"])
+        # No network of its own: the runtime opens the endpoint its descriptor declares and passes the socket.
+        sock = await self.open_connection(f"tcp://{self.config['host']}:{self.config['port']}")
+        reader, writer = await asyncio.open_connection(sock=sock)
         self._writer = writer
         writer.write(json.dumps({"hello": self.url, "credentials": credentials}).encode() + b"\n")
         await writer.drain()
