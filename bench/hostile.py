@@ -103,7 +103,9 @@ async def measure(world: LocalDomains, root: Path) -> dict[str, object]:
     ]
     catalogues.update({"c.test": servers[0].base_url, "evil.test": servers[1].base_url})
     try:
-        async with Runtime(world.config("a.test", catalogues=catalogues, state_dir=root / "runtime")) as runtime:
+        async with Runtime(
+            world.config("a.test", catalogues=catalogues, state_dir=root / "runtime", ping_timeout=120.0)
+        ) as runtime:
             delivered = 0
 
             def count(_msg: object) -> None:

@@ -31,11 +31,16 @@ def _root(
 
 
 @app.command()
-def demo(as_json: bool = typer.Option(False, "--json", help="Print the events as JSON lines.")) -> None:
+def demo(
+    as_json: bool = typer.Option(False, "--json", help="Print the events as JSON lines."),
+    console: bool = typer.Option(
+        False, "--console", help="Serve runtime A's web console on 127.0.0.1 and keep it open until Ctrl-C."
+    ),
+) -> None:
     """Two local domains, two runtimes, a stub deployed on the fly, a message node restart: watch it all."""
     from protofly.demo.run import main as run_demo
 
-    raise typer.Exit(run_demo(as_json))
+    raise typer.Exit(run_demo(as_json, console=console))
 
 
 @app.command()

@@ -28,7 +28,7 @@ import msgspec
 
 from protofly import address
 
-__all__ = ["ConfigError", "RuntimeConfig"]
+__all__ = ["ConfigError", "RuntimeConfig", "parse_listen_address"]
 
 ENV_PREFIX = "PROTOFLY_"
 POLICIES = ("require", "warn", "off")
@@ -121,6 +121,23 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     #: carry a stub's source: hence the 64 KiB floor).
     max_message_size: Annotated[int, msgspec.Meta(ge=64 << 10)] = 1 << 20
 
+    #: Liveness: every ``ping_interval`` seconds the runtime pings each live stub's sandbox host; the answer
+    #: comes from the stub's event loop, so a loop that is blocked (a busy loop, a deadlock) cannot give it.
+    #: No answer within ``ping_timeout`` and the stub is ``failed: unresponsive`` (killed, then restarted
+    #: under backoff): detected at most ``ping_interval + ping_timeout`` seconds after it blocked.
+    ping_interval: Positive = 10.0
+    ping_timeout: Positive = 10.0
+    #: A ``live`` status expires (shown as ``expired``) unless refreshed within this many seconds: by the stub
+    #: publishing ``live`` again, or by the SDK answering a ping while its connection is live.
+    status_ttl: Positive = 240.0
+    #: The shorter time to live of a ``live`` that follows a failure or a disconnection (until refreshed).
+    status_ttl_after_error: Positive = 60.0
+    #: ``HOST:PORT`` of the Prometheus ``/metrics`` and ``/healthz``/``/readyz`` listener; None = off.
+    metrics_address: str | None = None
+    #: ``HOST:PORT`` of the read-only web console; None = off.  Both bind where told (loopback by default
+    #: on the command line); a non-loopback address is logged as a warning.
+    console_address: str | None = None
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -143,6 +160,13 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
             if not isinstance(base, str) or not base.startswith(("http://", "https://")):
                 raise ConfigError(f"catalogues: base URL for {domain} must start with http:// or https://")
         self.catalogues = normalized
+        for name in ("metrics_address", "console_address"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    parse_listen_address(value)
+                except ValueError as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
         self.hosts = _check_hosts(self.hosts)
 
     # -- loading ---------------------------------------------------------------------------------
@@ -186,6 +210,23 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
         """JSON-friendly (paths as strings), for ``runtime info``."""
         plain: dict[str, Any] = msgspec.to_builtins(self, enc_hook=str)
         return {name: plain.get(name) for name in _field_names()}
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` → (host, port); a bare port is on loopback (127.0.0.1).
+
+    ValueError naming the problem.
+    """
+    text = text.strip()
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {port!r}")
+    return host, int(port)
 
 
 def _check_hosts(hosts: Mapping[str, Any]) -> dict[str, str]:
@@ -295,7 +336,7 @@ def _prepare(name: str, value: Any) -> Any:
     """Environment-string forms msgspec does not read by itself: comma lists, empty paths, yes/no."""
     if name == "sandbox_preload" and isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
-    if name in ("state_dir", "trust_store", "credentials_file") and value == "":
+    if name in ("state_dir", "trust_store", "credentials_file", "metrics_address", "console_address") and value == "":
         return None
     if isinstance(value, str) and value.strip().lower() in _WORDS and name in _BOOLEANS:
         return _WORDS[value.strip().lower()]

@@ -69,6 +69,10 @@ class StubRecord:
     trust_counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TRUST_COUNTERS, 0))
     restarts: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    #: ``time.monotonic()`` of the last ``live`` (applied or repeated: a refresh), for its time to live.
+    live_at: float | None = None
+    #: That ``live`` followed a failure or a disconnection: the shorter time to live applies until a refresh.
+    live_after_error: bool = False
     machine: status.StatusMachine = field(default_factory=status.StatusMachine, repr=False)
     _waiters: list[tuple[frozenset[str], asyncio.Future[None]]] = field(default_factory=list, repr=False)
     _listener: Listener | None = field(default=None, repr=False)

@@ -302,6 +302,9 @@ class RuntimeRegistry:
             transition.applied,
             transition.reason,
         )
+        if transition.new == status.LIVE and (transition.applied or transition.reason == "repeated"):
+            record.live_after_error = transition.applied and transition.old in (status.FAILED, status.DISCONNECTED)
+            record.live_at = time.monotonic()
         if transition.applied:
             record.history.append(event)
             record.count("history_total")
@@ -337,6 +340,8 @@ class RuntimeRegistry:
             reason = "status from a foreign sender"
         elif status.normalize(value) in status.DEPLOYMENT:
             reason = "the deployment status is the runtime's to report"
+        elif status.normalize(value) == status.EXPIRED:
+            reason = "expired is the runtime's to report"
         else:
             self.report(record, value, error_description(body), source="stub")
             return

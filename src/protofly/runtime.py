@@ -42,6 +42,7 @@ from protofly.events import (
 )
 from protofly.hyperty import Handler, Hyperty, allocate_hyperty
 from protofly.identity import IdentityModule
+from protofly.liveness import LivenessMonitor, LivenessPolicy
 from protofly.log import get_logger
 from protofly.message import Message
 from protofly.rebind import Rebinder
@@ -150,6 +151,8 @@ class Runtime:
         self._tasks = TaskSet("runtime")
         self._registry: RuntimeRegistry | None = None
         self._pipeline: DeployPipeline | None = None
+        #: Pings live stubs and expires unrefreshed `live` statuses (:mod:`protofly.liveness`).
+        self.liveness: LivenessMonitor | None = None
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -189,6 +192,15 @@ class Runtime:
                 config.sandbox, limits=self.limits, max_frame=config.max_message_size, **options
             )
         await self._sandbox.start()  # probe isolation and pre-start a host now, not on the first deploy
+        self.liveness = LivenessMonitor(
+            LivenessPolicy(config.ping_interval, config.ping_timeout, config.status_ttl, config.status_ttl_after_error),
+            registry=self._registry,
+            events=self.events,
+            stubs=lambda: list(self._stubs.values()),
+            lookup=self._stubs.get,
+            feed=lambda stub, event: self._perform(stub, stub.machine.handle(event)),
+        )
+        self.liveness.start()
         self._pipeline = DeployPipeline(
             config=config,
             registry=self._registry,
@@ -211,6 +223,8 @@ class Runtime:
         if self._closing:
             return
         self._closing = True
+        if self.liveness is not None:
+            await self.liveness.close()
         await asyncio.gather(*(self._unload(stub, "runtime closed") for stub in list(self._stubs.values())))
         self._stubs.clear()
         await self._tasks.close()
@@ -272,6 +286,11 @@ class Runtime:
         """The supervision phase of ``domain``'s stub (None: no stub is loaded for it)."""
         stub = self._stubs.get(domain)
         return None if stub is None else stub.machine.phase
+
+    def queued(self, domain: str) -> int:
+        """Messages held in ``domain``'s stub port while it deploys or restarts."""
+        stub = self._stubs.get(domain)
+        return 0 if stub is None else len(stub.port)
 
     # -- the API: hyperties, load, unload, retry -------------------------------------------------
 

@@ -111,6 +111,12 @@ class TrackedComponent(Component):
     def usage(self) -> dict[str, Any] | None:  # defined on Component, so __getattr__ would not pass it on
         return self.inner.usage()
 
+    async def ping(self, timeout: float) -> dict[str, Any] | None:  # liveness: the real component's
+        return await self.inner.ping(timeout)
+
+    def kill_unresponsive(self, detail: str) -> None:
+        self.inner.kill_unresponsive(detail)
+
     def __getattr__(self, name: str) -> Any:  # state, exit_reason, ...: the real component's
         return getattr(self.inner, name)
 

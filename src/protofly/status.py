@@ -3,7 +3,9 @@
 Two groups of states, owned by different actors:
 
 * deployment, owned by the Runtime UA: ``deploying → deployed | deployment-failed``;
-* connection, published by the stub: ``created → in-progress → live | failed``, ``live ⇄ disconnected``.
+* connection, published by the stub: ``created → in-progress → live | failed``, ``live ⇄ disconnected``;
+  ``live → expired`` is the runtime's when a ``live`` was not refreshed in time (its TTL), and the stub's
+  next ``live`` (or the SDK's answer to a ping on its behalf) makes it ``live`` again.
 
 The machine only says whether a reported value is a legal next state.  Illegal or unknown values are
 returned as rejected transitions with a reason; the registry records them as anomalies instead of
@@ -30,9 +32,10 @@ IN_PROGRESS = "in-progress"
 LIVE = "live"
 FAILED = "failed"
 DISCONNECTED = "disconnected"
+EXPIRED = "expired"
 
 DEPLOYMENT = frozenset({DEPLOYING, DEPLOYED, DEPLOYMENT_FAILED})
-CONNECTION = frozenset({CREATED, IN_PROGRESS, LIVE, FAILED, DISCONNECTED})
+CONNECTION = frozenset({CREATED, IN_PROGRESS, LIVE, FAILED, DISCONNECTED, EXPIRED})
 
 #: reTHINK peers' other spellings: legacy ``connected``, the P2P stubs' ``create``.
 _SYNONYMS = {"connected": LIVE, "create": CREATED, "inprogress": IN_PROGRESS, "in_progress": IN_PROGRESS}
@@ -49,7 +52,8 @@ _CONNECTION_NEXT: dict[str | None, frozenset[str]] = {
     None: frozenset({CREATED, IN_PROGRESS, LIVE, FAILED, DISCONNECTED}),
     CREATED: frozenset({IN_PROGRESS, LIVE, FAILED, DISCONNECTED}),
     IN_PROGRESS: frozenset({LIVE, FAILED, DISCONNECTED}),
-    LIVE: frozenset({DISCONNECTED, FAILED}),
+    LIVE: frozenset({DISCONNECTED, FAILED, EXPIRED}),
+    EXPIRED: frozenset({LIVE, IN_PROGRESS, DISCONNECTED, FAILED}),
     DISCONNECTED: frozenset({IN_PROGRESS, LIVE, FAILED}),
     FAILED: frozenset({IN_PROGRESS}),
 }

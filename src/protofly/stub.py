@@ -45,6 +45,7 @@ __all__ = [
     "as_dict",
     "call_public",
     "carries_via",
+    "pong",
     "summary",
 ]
 
@@ -473,3 +474,16 @@ async def call_public(obj: object, method: str, params: list[Any]) -> Any:
     if inspect.isawaitable(result):
         result = await result
     return result
+
+
+def pong(stub: object | None) -> dict[str, Any]:
+    """The SDK's answer to the runtime's liveness ping, given on the stub's event loop.
+
+    A :class:`ProtoStub` reports its connection state: ``{"state": "live"}`` refreshes the stub's ``live``
+    status on its behalf (its time to live, ``docs/operations.md``), so an SDK stub whose connection is
+    healthy never expires.  A stub without the base class answers ``{}``: it proves its loop runs, and
+    refreshes its status by publishing ``live`` again itself.
+    """
+    if isinstance(stub, ProtoStub):
+        return {"state": stub.state}
+    return {}

@@ -66,7 +66,12 @@ class SupervisedStub:
 
     @property
     def live(self) -> bool:
-        return self.machine.phase is Phase.LIVE and self.component is not None
+        """Running and taking messages (an ``expired`` status still forwards; only the display differs)."""
+        return self.machine.phase in (Phase.LIVE, Phase.EXPIRED) and self.component is not None
+
+    @property
+    def phase(self) -> Phase:
+        return self.machine.phase
 
     def on_message(self, msg: Message) -> None:
         """The stub's port on the bus: a live stub takes the message now, else the lifecycle decides."""

@@ -14,11 +14,14 @@ The phases and what moves between them (``TRANSITIONS`` is the whole table)::
              deploy_failed  │ retry / trigger after retry_at
                          ▼  │
             failed-retryable | failed-permanent (verification failures, crash loops)
+    live ──expired──▶ expired ──refreshed──▶ live     (expired forwards messages; a crash restarts it)
     any ──unload──▶ unloaded (final)
 
+``expired``: the stub's ``live`` was not refreshed within its time to live (:mod:`protofly.liveness`); it
+is shown as such and messages still go to it.  A stub whose event loop stops answering pings is killed by
+the liveness monitor and arrives here as an ordinary ``Crashed`` (reason ``unresponsive: ...``).
 ``auth-failed``: the back-end refused the credentials (the stub's ``connect`` raised
 ``AuthenticationFailed``); nothing retries until ``retry_now`` (after ``Runtime.set_credentials``).
-``expired`` is reserved for a status that was not refreshed in time; nothing enters it yet.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
     "Deployed",
     "Enqueue",
     "Event",
+    "Expired",
     "Failure",
     "FlushQueue",
     "Forward",
@@ -54,6 +58,7 @@ __all__ = [
     "Incoming",
     "Phase",
     "Policy",
+    "Refreshed",
     "Refuse",
     "Reject",
     "RestartScheduled",
@@ -148,6 +153,16 @@ class Crashed:
 
 
 @dataclass(frozen=True, slots=True)
+class Expired:
+    """The stub's ``live`` status was not refreshed within its time to live."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refreshed:
+    """An expired stub said ``live`` again (itself, or its SDK answering a ping)."""
+
+
+@dataclass(frozen=True, slots=True)
 class RetryNow:
     """Forget crashes and backoff; deploy again now, fresh from the catalogue."""
 
@@ -157,7 +172,7 @@ class Unload:
     reason: str
 
 
-Event = Trigger | Incoming | DeployStarted | Deployed | DeployFailed | Crashed | RetryNow | Unload
+Event = Trigger | Incoming | DeployStarted | Deployed | DeployFailed | Crashed | Expired | Refreshed | RetryNow | Unload
 
 
 # -- actions ----------------------------------------------------------------------------------------------
@@ -311,6 +326,14 @@ class StubLifecycle:
         self._live_since = self._clock()
         return [FlushQueue()]
 
+    def _expire(self, _event: Event) -> list[Action]:
+        self.phase = Phase.EXPIRED
+        return []
+
+    def _refresh(self, _event: Event) -> list[Action]:
+        self.phase = Phase.LIVE
+        return []
+
     def _deploy_failed(self, event: Event) -> list[Action]:
         assert isinstance(event, DeployFailed)
         failure = event.failure
@@ -414,6 +437,11 @@ TRANSITIONS: dict[tuple[Phase, type], _Handler] = {
     (Phase.LIVE, Incoming): StubLifecycle._forward,
     (Phase.LIVE, Crashed): StubLifecycle._crashed,
     (Phase.LIVE, Unload): StubLifecycle._unload,
+    (Phase.LIVE, Expired): StubLifecycle._expire,
+    (Phase.EXPIRED, Incoming): StubLifecycle._forward,
+    (Phase.EXPIRED, Refreshed): StubLifecycle._refresh,
+    (Phase.EXPIRED, Crashed): StubLifecycle._crashed,
+    (Phase.EXPIRED, Unload): StubLifecycle._unload,
     (Phase.FAILED_RETRYABLE, Incoming): StubLifecycle._retry_if_due,
     (Phase.FAILED_RETRYABLE, Trigger): StubLifecycle._retry_if_due,
     (Phase.FAILED_RETRYABLE, RetryNow): StubLifecycle._retry_now,

@@ -38,7 +38,9 @@ def rss_mb() -> float:
 
 async def test_a_million_statuses_and_deliveries_leave_the_runtime_flat(world, caplog) -> None:
     await world.publish(EVIL, "hostile_flood.py", "Flood")
-    async with world.runtime() as runtime:
+    # The flood writes with its loop held for as long as the runtime takes to read it all: longer than the
+    # liveness bound on a busy machine, which would (rightly) end it as unresponsive before it reports.
+    async with world.runtime(ping_timeout=120.0) as runtime:
         delivered = 0
 
         def count(_msg: object) -> None:

@@ -31,6 +31,8 @@ from protofly.admin.protocol import ENV_ADMIN, AdminError, AdminUnavailableError
 if TYPE_CHECKING:
     from protofly.admin.client import AdminClient
     from protofly.config import RuntimeConfig
+    from protofly.observe.server import ObserveServer
+    from protofly.runtime import Runtime
 
 __all__ = ["runtime_app", "send", "stub_app"]
 
@@ -114,6 +116,24 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            metavar="HOST:PORT",
+            help="Serve Prometheus /metrics, /healthz and /readyz here (off by default; e.g. 127.0.0.1:9464).",
+            show_default=False,
+        ),
+    ] = None,
+    console: Annotated[
+        str | None,
+        typer.Option(
+            "--console",
+            metavar="HOST:PORT",
+            help="Serve the read-only web console here (off by default; e.g. 127.0.0.1:9465).",
+            show_default=False,
+        ),
+    ] = None,
     admin: AdminOption = None,
 ) -> None:
     """Run a runtime until SIGINT/SIGTERM, serving its admin API on a unix socket.
@@ -129,6 +149,8 @@ def serve(
         "policy": policy,
         "allow_http_loopback": allow_http_loopback,
         "resolver_only": resolver_only,
+        "metrics_address": metrics,
+        "console_address": console,
     }
     settings = load_config(config, overrides, catalogues)
     path = admin_socket(admin=admin, state_dir=settings.state_dir)
@@ -189,18 +211,38 @@ async def _serve(settings: RuntimeConfig, path: Path) -> int:
             with contextlib.suppress(Exception):
                 await runtime.close()
             return EXIT_FAILED
+        observe = None
         try:
             await server.start(runtime)
             typer.echo(f"protofly runtime {runtime.runtime_url} listening on {path}")
+            observe = await start_observation(runtime)
             await stop.wait()
             log.info("stopping the runtime", runtime_url=runtime.runtime_url)
         finally:
+            if observe is not None:
+                await observe.close()
             await server.close()
             await runtime.close()
     finally:
         await server.close()
     log.info("runtime stopped")
     return 0
+
+
+async def start_observation(runtime: Runtime) -> ObserveServer | None:
+    """The metrics and console listeners the configuration asks for (None: neither), each announced in a line."""
+    config = runtime.config
+    if config.metrics_address is None and config.console_address is None:
+        return None
+    from protofly.observe.server import ObserveServer, is_loopback
+
+    observe = ObserveServer(runtime, metrics=config.metrics_address, console=config.console_address)
+    await observe.start()
+    for role, url in sorted(observe.urls.items()):
+        where = "loopback only" if is_loopback(url.rsplit(":", 1)[0].split("//", 1)[1].strip("[]")) else "NOT loopback"
+        what = "/metrics, /healthz, /readyz" if role == "metrics" else "read-only web console"
+        typer.echo(f"{role}: {url}/ ({what}; {where})")
+    return observe
 
 
 @runtime_app.command("info")

@@ -10,15 +10,20 @@ What happens (every line of output is one event; ``--json`` prints them as JSON 
 4. ``b.test``'s message node restarts: the stubs report ``disconnected``, reconnect, and are ``live``
    again; alice's next request gets through;
 5. everything started is stopped; no process is left behind.
+
+With ``--console``, runtime A's web console (:mod:`protofly.observe`) is served on 127.0.0.1 from the start,
+so the deploys are seen as they happen; after step 4 it stays open until Ctrl-C (SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from protofly.demo.world import LocalDomains
@@ -35,8 +40,8 @@ Emit = Callable[[dict[str, Any]], None]
 STEP_TIMEOUT = 10.0
 
 
-async def run_demo(emit: Emit) -> None:
-    """Run the whole story, reporting each event through ``emit``."""
+async def run_demo(emit: Emit, *, console: bool = False) -> None:
+    """Run the whole story, reporting each event through ``emit`` (``console``: serve A's console, wait)."""
     started = time.perf_counter()
 
     def say(event: str, **fields: Any) -> None:
@@ -49,31 +54,61 @@ async def run_demo(emit: Emit) -> None:
             for label, runtime in (("A", a), ("B", b)):
                 _watch(runtime, label, say)
                 say("runtime", runtime=label, runtime_url=runtime.runtime_url)
-
-            def serve(msg: Message) -> dict[str, Any]:
-                say("delivered", at=bob.url, sender=msg.from_, body=msg.body)
-                return {"pong": (msg.body or {}).get("params")}
-
-            bob = await b.new_hyperty(serve)
-            say("hyperty", runtime="B", url=bob.url)
-            alice = await a.new_hyperty()
-            say("hyperty", runtime="A", url=alice.url)
-
-            await _ping(alice, bob.url, 1, say)
-            stub = a.registry.stub("b.test")
-            if stub is not None:
-                say("stub", runtime="A", **stub.summary())
-
-            node = world["b.test"]
-            say("node-stopping", domain="b.test")
-            await node.stop_node()
-            await a.registry.wait_for_status("b.test", ["disconnected", "failed"], STEP_TIMEOUT)
-            await node.start_node()
-            say("node-started", domain="b.test", node=node.node_url)
-            await a.registry.wait_for_status("b.test", ["live"], STEP_TIMEOUT)
-            await b.registry.wait_for_status("b.test", ["live"], STEP_TIMEOUT)
-            await _ping(alice, bob.url, 2, say)
+            async with _console(a, say) if console else contextlib.nullcontext():
+                await _story(world, a, b, say)
     say("done", seconds=round(time.perf_counter() - started, 3))
+
+
+async def _story(world: LocalDomains, a: Runtime, b: Runtime, say: Callable[..., None]) -> None:
+    """Steps 2-4: hyperties, a request that deploys b.test's stub on the fly, a node restart under it."""
+
+    def serve(msg: Message) -> dict[str, Any]:
+        say("delivered", at=bob.url, sender=msg.from_, body=msg.body)
+        return {"pong": (msg.body or {}).get("params")}
+
+    bob = await b.new_hyperty(serve)
+    say("hyperty", runtime="B", url=bob.url)
+    alice = await a.new_hyperty()
+    say("hyperty", runtime="A", url=alice.url)
+
+    await _ping(alice, bob.url, 1, say)
+    stub = a.registry.stub("b.test")
+    if stub is not None:
+        say("stub", runtime="A", **stub.summary())
+
+    node = world["b.test"]
+    say("node-stopping", domain="b.test")
+    await node.stop_node()
+    await a.registry.wait_for_status("b.test", ["disconnected", "failed"], STEP_TIMEOUT)
+    await node.start_node()
+    say("node-started", domain="b.test", node=node.node_url)
+    await a.registry.wait_for_status("b.test", ["live"], STEP_TIMEOUT)
+    await b.registry.wait_for_status("b.test", ["live"], STEP_TIMEOUT)
+    await _ping(alice, bob.url, 2, say)
+
+
+@contextlib.asynccontextmanager
+async def _console(runtime: Runtime, say: Callable[..., None]) -> AsyncIterator[None]:
+    """Runtime A's console for the whole story; after it, wait for SIGINT/SIGTERM before stopping."""
+    from protofly.observe.server import ObserveServer
+
+    observe = ObserveServer(runtime, console="127.0.0.1:0")
+    await observe.start()
+    try:
+        say("console", runtime="A", url=observe.urls["console"] + "/")
+        yield
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        say("console-open", url=observe.urls["console"] + "/", until="Ctrl-C")
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    finally:
+        await observe.close()
 
 
 async def _ping(alice: Any, to: str, n: int, say: Callable[..., None]) -> None:
@@ -112,7 +147,7 @@ def json_lines() -> Emit:
     return emit
 
 
-def console() -> tuple[Emit, Callable[[], None]]:
+def rich_lines() -> tuple[Emit, Callable[[], None]]:
     """A rich rendering: one line per event, and the deploy timeline of b.test's stub in runtime A."""
     from rich.console import Console
 
@@ -152,6 +187,10 @@ def console() -> tuple[Emit, Callable[[], None]]:
                     out.print(_timeline_table(steps))
             case {"event": "node-stopping" | "node-started" as kind, "domain": domain}:
                 out.print(f"{t} [bold magenta]{kind}[/] {domain}")
+            case {"event": "console", "url": url}:
+                out.print(f"{t} [bold]console[/] of runtime A: {url} (127.0.0.1 only, read-only)")
+            case {"event": "console-open", "url": url}:
+                out.print(f"{t} the story is over; the console stays open at {url} until Ctrl-C")
             case {"event": "done", "seconds": seconds}:
                 out.print(f"{t} [bold green]done[/] in {seconds} s; everything started has stopped")
             case _:
@@ -174,10 +213,10 @@ def _timeline_table(steps: list[dict[str, Any]]) -> Table:
     return table
 
 
-def main(as_json: bool = False) -> int:
-    emit = json_lines() if as_json else console()[0]
+def main(as_json: bool = False, *, console: bool = False) -> int:
+    emit = json_lines() if as_json else rich_lines()[0]
     try:
-        asyncio.run(run_demo(emit))
+        asyncio.run(run_demo(emit, console=console))
     except Exception as exc:
         emit({"t": 0, "event": "error", "error": f"{type(exc).__name__}: {exc}"})
         return 1

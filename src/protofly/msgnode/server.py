@@ -91,7 +91,7 @@ class MessageNode:
         #: Durable state (``journal.py``): every change on disk before the node acts on it.
         self.journal = None if state_dir is None else Journal(Path(state_dir), checkpoint_bytes=checkpoint_bytes)
         self.fsync_interval = fsync_interval
-        self.core = MessageNodeCore(
+        self.core: MessageNodeCore = MessageNodeCore(
             domain,
             session_grace=session_grace,
             auth_tokens=auth_tokens,
@@ -171,6 +171,7 @@ class MessageNode:
         app = web.Application()
         app.router.add_get("/ws", self._handle_ws)
         app.router.add_get("/stats", self._handle_stats)
+        self._add_observation_routes(app)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self.close_timeout, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True, backlog=4096)
@@ -411,6 +412,26 @@ class MessageNode:
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
         return web.json_response({"domain": self.domain, **self.counters})
+
+    def _add_observation_routes(self, app: web.Application) -> None:
+        """``/metrics`` (Prometheus), ``/healthz`` (alive) and ``/readyz`` (taking sessions: not draining)."""
+        from protofly.msgnode.metrics import CONTENT_TYPE, node_metrics
+
+        render = node_metrics(self)
+
+        async def metrics(request: web.Request) -> web.Response:
+            return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE})
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.json_response({"status": "alive", "domain": self.domain})
+
+        async def readyz(request: web.Request) -> web.Response:
+            ready = not (self._stopping or self.core.draining)
+            return web.json_response({"ready": ready, "domain": self.domain}, status=200 if ready else 503)
+
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
 
     # -- actions ------------------------------------------------------------------------------------
 

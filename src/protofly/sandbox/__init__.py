@@ -119,6 +119,19 @@ class Component(ABC):
         ``memory_peak_bytes``, ``cpu_seconds``, ``processes``; None where there is no cgroup to ask."""
         return None
 
+    async def ping(self, timeout: float) -> dict[str, Any] | None:
+        """Ask the stub's event loop for a sign of life; its answer (the SDK's, see :func:`protofly.stub.pong`).
+
+        None: this sandbox cannot tell (an in-process stub shares the runtime's loop).  Raises
+        ``TimeoutError`` when no answer comes within ``timeout`` and :class:`SandboxError` when the component
+        is not running.
+        """
+        return None
+
+    def kill_unresponsive(self, detail: str) -> None:
+        """End a stub whose loop does not answer; its exit is then reported as ``unresponsive: <detail>``."""
+        raise SandboxError(f"this sandbox cannot end an unresponsive stub ({detail})")
+
 
 class Sandbox(ABC):
     """Deploys components; one implementation per isolation strategy."""

@@ -20,6 +20,7 @@ from protofly.message import Message, MessageError, decode_frame, encode
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "LIVENESS",
     "SANDBOX_EXTERNAL",
     "SANDBOX_INTERNAL",
     "FrameDecoder",
@@ -32,6 +33,10 @@ __all__ = [
 SANDBOX_EXTERNAL = "hyperty-runtime://sandbox/external"
 #: The host side of the control protocol (reTHINK's ``hyperty-runtime://sandbox/internal``).
 SANDBOX_INTERNAL = "hyperty-runtime://sandbox/internal"
+
+#: The resource of the runtime's liveness ping: ``read {resource: "liveness"}`` to the host, answered from
+#: the stub's event loop (:mod:`protofly.liveness`).
+LIVENESS = "liveness"
 
 #: Largest frame payload accepted or produced unless configured otherwise (1 MiB, as for one message).
 DEFAULT_MAX_FRAME = 1 << 20

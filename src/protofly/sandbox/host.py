@@ -11,6 +11,8 @@ whose descriptor number is in ``SETTINGS`` (a JSON object given by the runtime):
 * ``execute`` to the stub's URL with ``{method, params}`` runs ``connect``/``disconnect``/``init``/...
   (``200`` with ``value``, ``404`` for an unknown method, ``500`` with the error);
 * ``delete`` with ``{url}`` answers ``200`` and ends the process;
+* ``read {resource: "liveness"}`` (the runtime's ping) is answered ``200`` from the event loop the stub
+  runs on, with the SDK's view of the stub (:func:`protofly.stub.pong`): no answer means the loop is blocked;
 * every other message is the runtime's traffic for the stub and goes to its bus listeners.
 
 The host asks the runtime for the stub's connections (the stub has no network of its own): ``execute``
@@ -43,6 +45,7 @@ from protofly.message import Message, MessageError, encode, response
 from protofly.sandbox import confine, loader
 from protofly.sandbox.channel import (
     DEFAULT_MAX_FRAME,
+    LIVENESS,
     SANDBOX_EXTERNAL,
     SANDBOX_INTERNAL,
     FrameDecoder,
@@ -52,7 +55,7 @@ from protofly.sandbox.channel import (
 )
 from protofly.sandbox.fdpass import SocketInbox
 from protofly.sandbox.limits import Limits
-from protofly.stub import AuthenticationFailed, Bus, EgressError, MethodNotFound, summary
+from protofly.stub import AuthenticationFailed, Bus, EgressError, MethodNotFound, pong, summary
 
 __all__ = ["EXIT_BAD_SETTINGS", "EXIT_MEMORY", "Host", "main"]
 
@@ -188,6 +191,8 @@ class Host(asyncio.Protocol):
             self._spawn(self._execute(msg))
         elif msg.type == "delete":
             self._delete(msg)
+        elif msg.type == "read" and (msg.body or {}).get("resource") == LIVENESS:
+            self._pong(msg)
         else:
             self._respond(msg, 400, f"unknown control message type {msg.type!r}")
 
@@ -297,6 +302,11 @@ class Host(asyncio.Protocol):
             self._respond(msg, 500, summary(exc))
         else:
             self._respond(msg, 200, value=value)
+
+    def _pong(self, msg: Message) -> None:
+        """Answer the runtime's liveness ping.  This runs on the stub's event loop, so a stub that blocks the
+        loop (a busy loop, a deadlock) leaves the ping unanswered and the runtime ends it as unresponsive."""
+        self._respond(msg, 200, value=pong(self.stub))
 
     def _delete(self, msg: Message) -> None:
         self._respond(msg, 200)

@@ -26,7 +26,7 @@ from protofly.sandbox.broker import NO_EGRESS, EgressBroker, EgressPolicy
 from protofly.sandbox.channel import DEFAULT_MAX_FRAME, SANDBOX_EXTERNAL
 from protofly.sandbox.guard import Guard, new_counters
 from protofly.sandbox.loader import STUB_FILENAME, LoadError, execute, load
-from protofly.stub import AuthenticationFailed, Bus, EgressError, MethodNotFound, summary
+from protofly.stub import AuthenticationFailed, Bus, EgressError, MethodNotFound, pong, summary
 
 __all__ = ["InProcessComponent", "InProcessSandbox"]
 
@@ -127,6 +127,12 @@ class InProcessComponent(Component):
         except Exception as exc:
             return response(request, 500, summary(exc))
         return response(request, 200, value=value)
+
+    async def ping(self, timeout: float) -> dict[str, Any] | None:
+        """The SDK's answer, at once: an in-process stub shares the runtime's loop (a blocked one blocks both)."""
+        if self._removed or self.instance is None:
+            raise SandboxError(f"component {self.url} is not running")
+        return pong(self.instance)
 
     async def remove(self, grace: float = 2.0) -> None:
         if self._removed:

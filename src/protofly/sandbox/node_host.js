@@ -303,7 +303,15 @@ class Host {
       this.respond(msg, 200);
       this.writer.flush();
       this.exit(0);
-    } else if (msg.type !== 'response') this.respond(msg, 400, `unknown control message type ${JSON.stringify(msg.type)}`);
+    } else if (msg.type === 'read' && msg.body && msg.body.resource === 'liveness') this.pong(msg);
+    else if (msg.type !== 'response') this.respond(msg, 400, `unknown control message type ${JSON.stringify(msg.type)}`);
+  }
+
+  /** The runtime's liveness ping (protofly.liveness), answered on the event loop the stub runs on: a stub that
+   * blocks it leaves the ping unanswered and is ended as unresponsive. A JavaScript stub refreshes its `live`
+   * status itself, so the answer carries no SDK state. */
+  pong(msg) {
+    this.respond(msg, 200, undefined, {});
   }
 
   /** The layers in force, sent before any stub code runs (the stub cannot alter what was reported). */

@@ -32,7 +32,15 @@ from protofly.sandbox import Boundary, Component, DeployError, Limits, SandboxEr
 from protofly.sandbox import isolation as iso
 from protofly.sandbox.broker import NO_EGRESS, EgressBroker, EgressPolicy
 from protofly.sandbox.cgroup import CgroupError, CgroupTree, StubCgroup
-from protofly.sandbox.channel import SANDBOX_EXTERNAL, SANDBOX_INTERNAL, FrameDecoder, FrameEncoder, FrameError, control
+from protofly.sandbox.channel import (
+    LIVENESS,
+    SANDBOX_EXTERNAL,
+    SANDBOX_INTERNAL,
+    FrameDecoder,
+    FrameEncoder,
+    FrameError,
+    control,
+)
 from protofly.sandbox.egress_channel import EgressChannel
 from protofly.sandbox.fdpass import socket_pair
 from protofly.sandbox.guard import Guard, failed_status, new_counters
@@ -122,6 +130,7 @@ class ProcessComponent(Component):
         self.pid: int | None = None
         self.isolation: dict[str, Any] = {}
         self.counters = new_counters()
+        self.counters.update(bytes_to_stub=0, bytes_from_stub=0)  # the channel's bytes, both ways (metrics)
         self._settings = settings
         self._probe = probe
         self._tasks = tasks
@@ -144,6 +153,8 @@ class ProcessComponent(Component):
         #: A reason the runtime side observed itself (the channel closed before the process ended).
         self._observed: str | None = None
         self._host_report: dict[str, Any] | None = None
+        #: Set by :meth:`kill_unresponsive`: the exit is then reported as ``unresponsive: <detail>``.
+        self._unresponsive: str | None = None
         self._guard: Guard | None = None
         self._on_exit: Callable[[str], None] | None = None
         self._workdir: str | None = None
@@ -239,6 +250,23 @@ class ProcessComponent(Component):
             if self._state != "exited":
                 self.kill_now()
         await self.wait_cleanup()
+
+    # -- liveness (the runtime's ping; the host answers from the stub's event loop) ------------------
+
+    async def ping(self, timeout: float) -> dict[str, Any] | None:
+        if self._state != "running":
+            raise SandboxError(f"component {self.url} is not running ({self._exit_reason or self._state})")
+        reply = await self._request(control("read", {"resource": LIVENESS}, msg_id=self._new_id()), timeout)
+        body = reply.body or {}
+        value = body.get("value")
+        return value if isinstance(value, dict) else {}
+
+    def kill_unresponsive(self, detail: str) -> None:
+        if self._state == "exited":
+            return
+        self._unresponsive = detail
+        self._log.warning("stub unresponsive: killing it", detail=detail)
+        self._signal_tree(signal.SIGKILL)
 
     # -- used by ProcessSandbox and its spare pool --------------------------------------------------
 
@@ -563,6 +591,7 @@ class ProcessComponent(Component):
         transport = self._transport
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
+            self.counters["bytes_to_stub"] += len(data)
 
     async def _request(self, msg: Message, timeout: float) -> Message:
         if self._transport is None:
@@ -585,6 +614,7 @@ class ProcessComponent(Component):
             await self._request(msg, remaining)
 
     def _on_data(self, data: bytes | memoryview) -> None:
+        self.counters["bytes_from_stub"] += len(data)
         guard = self._guard
         for event in self._decoder.feed(data):
             if isinstance(event, FrameError):
@@ -684,6 +714,8 @@ class ProcessComponent(Component):
             reason = _node_exit_reason(reason, self._output.recent_stderr())
         if limit is None and self._observed is not None:
             reason = f"{reason} ({self._observed})"
+        if self._unresponsive is not None:
+            reason = f"unresponsive: {self._unresponsive} ({reason})"
         if self._last_words is not None:
             self._log.info("the sandbox host's last report before it ended", said=self._last_words, exit=reason)
         self._exit_reason = reason

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from protofly.sandbox.host import EXIT_MEMORY
 from protofly.tasks import TaskSet
 
-__all__ = ["HostProcess", "descendants", "describe_exit"]
+__all__ = ["HostProcess", "descendants", "describe_exit", "tree"]
 
 #: Every host process not yet reaped, so that interpreter exit can kill and reap them.
 _LIVE: set[HostProcess] = set()
@@ -70,6 +70,11 @@ def _descendants(pid: int) -> list[int]:
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid``, nearest first (what a cgroup placement sweeps)."""
     return _descendants(pid)
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (what a stub's resource usage is summed over)."""
+    return [pid, *_descendants(pid)]
 
 
 def _signal_pid(pid: int, sig: int) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 from tests.processes import alive
 
 PROTOFLY = Path(sys.executable).parent / "protofly"
@@ -54,3 +57,46 @@ def test_demo_console_output() -> None:
     assert "deploy of b.test's stub in runtime A" in done.stdout
     assert "node-started b.test" in done.stdout
     assert "done in" in done.stdout
+
+
+async def test_demo_console_stays_open_until_ctrl_c_and_leaves_nothing() -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(PROTOFLY), "demo", "--json", "--console", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    events: list[dict] = []
+    try:
+        async with asyncio.timeout(60):
+            while not events or events[-1]["event"] != "console-open":
+                line = await process.stdout.readline()
+                assert line, "the demo ended before it said the console is open"
+                events.append(json.loads(line))
+        url = events[-1]["url"]
+        assert url.startswith("http://127.0.0.1:")
+        assert events[first(events, 0, event="console")]["url"] == url  # served from the start of the story
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as page:
+                assert page.status == 200
+                assert "protofly console" in await page.text()
+            async with http.get(url + "api/state") as answer:
+                state = await answer.json()
+        rows = {row["domain"]: row for row in state["stubs"]}
+        assert rows["b.test"]["status"] == "live"  # the story is over, the runtimes are still up
+        assert [s["step"] for s in state["timelines"]["b.test"]["steps"]] == [
+            "registry",
+            "catalogue",
+            "sandbox",
+            "connect",
+            "live",
+        ]
+        assert state["listener"]["loopback"] is True
+        pids = [e["pid"] for e in events if e["event"] == "live" and e.get("pid")]
+        process.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
+    assert json.loads(out.decode().splitlines()[-1])["event"] == "done"
+    assert not [pid for pid in pids if alive(pid)]

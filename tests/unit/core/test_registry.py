@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,27 @@ async def test_many_synchronous_registrations_get_distinct_urls(state_dir: Path)
         more = {(await registry.allocate_url("protostub")) for _ in range(200)}
         assert len(urls) == 30 and len(more) == 200 and not urls & more
         await registry.close()
+
+
+async def test_a_repeated_live_refreshes_its_time_and_expired_is_the_runtimes_to_say() -> None:
+    bus, registry = await open_registry()
+    record = registry.register_stub("b.test")
+    assert record.live_at is None
+    bus.post(status_msg(record.url, "live"))
+    first = record.live_at
+    assert first is not None and record.live_after_error is False
+    bus.post(status_msg(record.url, "live"))  # repeated: not a change, but a refresh
+    assert record.live_at is not None and record.live_at >= first
+    assert record.anomalies == deque() and len(record.history) == 2  # deploying, live
+    bus.post(status_msg(record.url, "expired"))  # a stub may not expire itself
+    assert record.status == "live"
+    assert record.anomalies[-1].reason == "expired is the runtime's to report"
+    bus.post(status_msg(record.url, "failed"))
+    bus.post(status_msg(record.url, "in-progress"))
+    bus.post(status_msg(record.url, "live"))
+    assert record.live_after_error is False  # in-progress came between
+    bus.post(status_msg(record.url, "disconnected"))
+    bus.post(status_msg(record.url, "live"))
+    assert record.live_after_error is True  # straight after an error: the shorter time to live
+    bus.post(status_msg(record.url, "live"))
+    assert record.live_after_error is False  # refreshed

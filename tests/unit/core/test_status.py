@@ -67,3 +67,30 @@ def test_failed_deployment_wins_over_connection() -> None:
     for value in ["deploying", "created", "in-progress", "deployment-failed"]:
         assert machine.report(value).applied
     assert machine.current == "deployment-failed"
+
+
+def test_live_expires_and_a_refresh_makes_it_live_again() -> None:
+    machine = StatusMachine()
+    for value in ("deploying", "deployed", "live"):
+        assert machine.report(value).applied
+    assert machine.report("expired").applied
+    assert machine.current == "expired"
+    assert machine.report("live").applied
+    assert machine.report("live").reason == "repeated"  # a refresh of a live status changes nothing here
+
+
+@pytest.mark.parametrize("before", ["created", "in-progress", "disconnected", "failed"])
+def test_only_a_live_status_can_expire(before: str) -> None:
+    machine = StatusMachine()
+    machine.report("deploying")
+    machine.report(before)
+    transition = machine.report("expired")
+    assert not transition.applied and transition.reason
+    assert machine.current == before
+
+
+@pytest.mark.parametrize("after", ["in-progress", "disconnected", "failed"])
+def test_an_expired_stub_may_go_anywhere_a_live_one_may(after: str) -> None:
+    machine = StatusMachine()
+    for value in ("deploying", "live", "expired", after):
+        assert machine.report(value).applied, value

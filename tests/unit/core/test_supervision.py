@@ -16,6 +16,7 @@ from protofly.supervision import (
     DeployFailed,
     DeployStarted,
     Enqueue,
+    Expired,
     Failure,
     FlushQueue,
     Forward,
@@ -23,6 +24,7 @@ from protofly.supervision import (
     Incoming,
     Phase,
     Policy,
+    Refreshed,
     Refuse,
     Reject,
     RestartScheduled,
@@ -181,7 +183,7 @@ def test_a_crash_while_deploying_is_left_to_the_deployment() -> None:
 def test_every_transition_names_a_phase_and_an_event_the_machine_knows() -> None:
     handled = {phase for phase, _ in TRANSITIONS}
     assert Phase.UNLOADED not in handled  # handled before the table: nothing leaves it
-    assert handled == set(Phase) - {Phase.UNLOADED, Phase.EXPIRED}
+    assert handled == set(Phase) - {Phase.UNLOADED}
 
 
 def test_a_failed_restart_that_spends_the_budget_answers_the_queue_once_with_the_crash_loop() -> None:
@@ -193,6 +195,36 @@ def test_a_failed_restart_that_spends_the_budget_answers_the_queue_once_with_the
     answers = [a for a in actions if isinstance(a, AnswerQueued)]
     assert len(answers) == 1 and "crashed 2 times" in answers[0].description
     assert lifecycle.phase is Phase.FAILED_PERMANENT
+
+
+def test_an_expired_stub_still_forwards_and_a_refresh_makes_it_live() -> None:
+    lifecycle, _ = machine()
+    live(lifecycle)
+    assert lifecycle.handle(Expired()) == []
+    assert lifecycle.phase is Phase.EXPIRED
+    assert lifecycle.handle(Incoming()) == [Forward()]
+    assert lifecycle.handle(Refreshed()) == []
+    assert lifecycle.phase is Phase.LIVE
+
+
+def test_an_expired_stub_that_crashes_restarts_like_a_live_one() -> None:
+    lifecycle, _ = machine()
+    live(lifecycle)
+    lifecycle.handle(Expired())
+    actions = lifecycle.handle(Crashed("unresponsive: no answer to a ping within 10 s (killed by SIGKILL)"))
+    assert lifecycle.phase is Phase.BACKOFF
+    assert isinstance(actions[0], RestartScheduled) and actions[0].reason.startswith("unresponsive")
+    assert lifecycle.restarts == 1
+
+
+@pytest.mark.parametrize("phase_events", [[], [Trigger()], [Trigger(), Deployed(), Crashed("x")]])
+def test_expiry_and_refresh_mean_nothing_outside_live_and_expired(phase_events: list) -> None:
+    lifecycle, _ = machine()
+    for event in phase_events:
+        lifecycle.handle(event)
+    phase = lifecycle.phase
+    assert lifecycle.handle(Expired()) == [] and lifecycle.handle(Refreshed()) == []
+    assert lifecycle.phase is phase
 
 
 def test_credentials_refused_by_the_server_wait_for_retry_now_and_never_loop() -> None:
