@@ -258,5 +258,5 @@ class Mosquitto(_Server):
             os.kill(self.pid, signal.SIGHUP)
 
     def login_attempts(self) -> int:
-        """How many CONNECT packets the broker received (each client connection attempt sends one)."""
-        return self.log_text().count("Received CONNECT from")
+        """How many logins the broker answered (a CONNACK, accepting or refusing, per client connection attempt)."""
+        return self.log_text().count("Sending CONNACK to")
