@@ -1,16 +1,19 @@
 #!/bin/sh
-# System packages the sandbox tests exercise (bubblewrap). Installed when missing and we may (root + apt);
+# System packages the tests exercise: bubblewrap (sandbox isolation), prosody and mosquitto (the back-ends of
+# the interworking stubs, stubs/xmpp and stubs/mqtt, started by their tests and the demo). Installed when missing and we may (root + apt);
 # otherwise say so loudly: the tests that need them then skip with that reason, never silently.
 set -u
 missing=""
 command -v bwrap >/dev/null 2>&1 || missing="$missing bubblewrap"
+command -v prosody >/dev/null 2>&1 || missing="$missing prosody"
+command -v mosquitto >/dev/null 2>&1 || missing="$missing mosquitto"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing system packages:$missing"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null && exit 0
-    echo "WARNING: could not install$missing; sandbox isolation tests will be skipped" >&2
+    echo "WARNING: could not install$missing; the tests that need them will be skipped" >&2
 else
-    echo "WARNING: missing system packages:$missing (install them as root); sandbox isolation tests will be skipped" >&2
+    echo "WARNING: missing system packages:$missing (install them as root); the tests that need them will be skipped" >&2
 fi
 exit 0

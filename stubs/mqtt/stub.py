@@ -306,4 +306,4 @@ def _use_socket(client: aiomqtt.Client, sock: socket.socket) -> None:
     paho = client._client
     if not callable(getattr(paho, "_create_socket_connection", None)):
         raise RuntimeError("this paho-mqtt has no _create_socket_connection; the stub cannot hand it a socket")
-    paho._create_socket_connection = lambda: sock
+    paho._create_socket_connection = lambda: sock  # type: ignore[method-assign]

@@ -82,7 +82,7 @@ class _Outgoing:
     sent_on: int = -1
 
 
-class _Client(slixmpp.ClientXMPP):  # type: ignore[misc]
+class _Client(slixmpp.ClientXMPP):
     """slixmpp over one socket the runtime opened: its connect uses that socket instead of dialling."""
 
     def __init__(self, jid: str, password: str, sock: Any, tls: ssl.SSLContext | None, server_name: str) -> None:
@@ -118,7 +118,9 @@ class XmppStub(ProtoStub):
         cfg = self.config
         self.server = str(cfg.get("server", ""))
         if not self.server.startswith(("tcp://", "tls://")):
-            raise ValueError(f"configuration 'server': expected tcp://host:port or tls://host:port, got {self.server!r}")
+            raise ValueError(
+                f"configuration 'server': expected tcp://host:port or tls://host:port, got {self.server!r}"
+            )
         self.domain = str(cfg.get("domain", "")).lower()
         if not self.domain:
             raise ValueError("configuration 'domain': the XMPP domain this stub serves is missing")
@@ -287,10 +289,10 @@ class XmppStub(ProtoStub):
             if not batch:
                 continue
             for item in batch:
-                client.send_message(mto=item.jid, mbody=item.text, mtype="chat")
+                client.send_message(mto=slixmpp.JID(item.jid), mbody=item.text, mtype="chat")
                 item.sent_on = session
             try:
-                await client.plugin["xep_0199"].ping(jid=self.domain, timeout=self.connect_timeout)
+                await client.plugin["xep_0199"].ping(jid=slixmpp.JID(self.domain), timeout=self.connect_timeout)
             except Exception as exc:  # the stream dropped or the server did not answer: resend after reconnect
                 _log.info("xmpp stub: no acceptance from %s: %s", self.domain, summary(exc))
                 return
@@ -327,7 +329,12 @@ class XmppStub(ProtoStub):
         jid = str(presence["from"].bare).lower()
         if jid == self._own:
             return
-        state = {"jid": jid, "available": available, "show": str(presence["show"] or ""), "status": str(presence["status"] or "")}
+        state = {
+            "jid": jid,
+            "available": available,
+            "show": str(presence["show"] or ""),
+            "status": str(presence["status"] or ""),
+        }
         self._presence[jid] = state
         for target in sorted(self._presence_subscribers):
             self.deliver(Message(type="update", from_=self.presence_url, to=target, body={"value": state}))

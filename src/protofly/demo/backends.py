@@ -60,7 +60,9 @@ async def _wait_port(port: int, process: asyncio.subprocess.Process, log: Path, 
             _reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
         except (OSError, TimeoutError):
             if loop.time() > deadline:
-                raise BackendError(f"server did not listen on 127.0.0.1:{port} within {timeout} s: {_tail(log)}")
+                raise BackendError(
+                    f"server did not listen on 127.0.0.1:{port} within {timeout} s: {_tail(log)}"
+                ) from None
             await asyncio.sleep(0.02)  # nothing signals "listening"; poll the port, bounded by the deadline
             continue
         writer.close()
@@ -170,7 +172,7 @@ class Prosody(_Server):
                     "allow_unencrypted_plain_auth = true",
                     'authentication = "internal_hashed"',
                     'storage = "internal"',
-                    "limits = { c2s = { rate = \"100mb/s\" } }",
+                    'limits = { c2s = { rate = "100mb/s" } }',
                     "modules_enabled = { 'roster', 'saslauth', 'disco', 'ping', 'presence', 'offline', 'posix' }",
                     "modules_disabled = { 's2s', 'tls' }",
                     "daemonize = false",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import slixmpp
 
 from protofly.message import Message
 from protofly.runtime import Runtime
+
+#: The published stub packages of this repository.
+STUBS = Path(__file__).resolve().parents[3] / "stubs"
 
 
 class PlainXmpp(slixmpp.ClientXMPP):
@@ -74,7 +78,9 @@ class LocalHyperty:
         self.inbox.append(msg)
         self.arrived.set()
 
-    async def request(self, to: str, type: str = "create", body: dict[str, Any] | None = None, timeout: float = 10.0) -> Message:
+    async def request(
+        self, to: str, type: str = "create", body: dict[str, Any] | None = None, timeout: float = 10.0
+    ) -> Message:
         return await self.runtime.bus.request(Message(type=type, from_=self.url, to=to, body=body), timeout)
 
     async def wait(self, count: int, timeout: float = 10.0) -> list[Message]:

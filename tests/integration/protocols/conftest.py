@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.integration.protocols.clients import STUBS
 
 from protofly.catalogue import SigningKey, TrustStore, publish
 from protofly.catalogue.server import CatalogueServer
 from protofly.config import RuntimeConfig
 from protofly.demo.backends import Mosquitto, Prosody, missing_servers
 from protofly.runtime import Runtime
-
-STUBS = Path(__file__).resolve().parents[3] / "stubs"
 
 
 def _need(server: str) -> None:
@@ -91,7 +90,9 @@ async def mosquitto(tmp_path: Path) -> AsyncIterator[Mosquitto]:
 
 
 @pytest.fixture
-def runtime_factory(tmp_path: Path, catalogues: Catalogues) -> Callable[..., contextlib.AbstractAsyncContextManager[Runtime]]:
+def runtime_factory(
+    tmp_path: Path, catalogues: Catalogues
+) -> Callable[..., contextlib.AbstractAsyncContextManager[Runtime]]:
     @contextlib.asynccontextmanager
     async def make(credentials: dict[str, Any] | None = None, **overrides: Any) -> AsyncIterator[Runtime]:
         trust = tmp_path / "trust.json"

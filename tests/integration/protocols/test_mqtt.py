@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+from pathlib import Path
 
 import aiomqtt
+from tests.integration.protocols.clients import LocalHyperty
 
+from protofly.admin.server import AdminServer
 from protofly.message import response_code
 from protofly.supervision import Phase
-
-from .clients import LocalHyperty
 
 RUNTIME = {"iot.test": {"username": "runtime", "password": "runtime-pw"}}
 
@@ -43,7 +45,11 @@ async def test_subscribe_and_publish_both_ways_with_a_plain_client(mosquitto, ca
         async with plain(mosquitto, "runtime", identifier="late-reader") as late:
             await late.subscribe("state/#", qos=1)
             message = await asyncio.wait_for(anext(aiter(late.messages)), 5)
-            assert (message.topic.value, json.loads(message.payload), message.retain) == ("state/lamp", {"on": True}, True)
+            assert (message.topic.value, json.loads(message.payload), message.retain) == (
+                "state/lamp",
+                {"on": True},
+                True,
+            )
 
         # bad input gets a clear answer and changes nothing
         answer = await app.request("mqtt://iot.test/sensors/#", type="update", body={"value": 1})
@@ -88,7 +94,9 @@ async def test_broker_restart_loses_no_accepted_publish(mosquitto, catalogues, r
         assert runtime.registry.stub("iot.test").status == "live"
 
 
-async def test_a_refused_password_stops_until_new_credentials(mosquitto, catalogues, runtime_factory) -> None:
+async def test_a_refused_password_stops_until_new_credentials_from_the_cli(
+    mosquitto, catalogues, runtime_factory, tmp_path
+) -> None:
     await catalogues.publish("iot.test", "mqtt", {"server": mosquitto.endpoint})
     wrong = {"iot.test": {"username": "runtime", "password": "wrong"}}
     async with runtime_factory(credentials=wrong) as runtime:
@@ -102,8 +110,24 @@ async def test_a_refused_password_stops_until_new_credentials(mosquitto, catalog
         await asyncio.sleep(0.5)  # a retry loop would show up at the broker within this window
         assert mosquitto.login_attempts() - before == 1
 
-        runtime.set_credentials("iot.test", {"username": "runtime", "password": "runtime-pw"})
-        assert (await runtime.retry_now("iot.test")).status == "live"
+        # the operator's way back: protofly stub credentials DOMAIN --file F --retry, over the admin socket
+        admin = AdminServer(tmp_path / "admin.sock", max_request_size=runtime.config.max_message_size)
+        await admin.claim()
+        try:
+            await admin.start(runtime)
+            fixed = tmp_path / "fixed.json"
+            fixed.write_text(json.dumps({"username": "runtime", "password": "runtime-pw"}))
+            cli = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).with_name("protofly")),
+                *("stub", "credentials", "iot.test", "--file", str(fixed), "--retry", "--admin", str(admin.path)),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            out, _ = await asyncio.wait_for(cli.communicate(), 30)
+            assert cli.returncode == 0, out.decode()
+        finally:
+            await admin.close()
+        assert runtime.phase("iot.test") is Phase.LIVE
         answer = await app.request("mqtt://iot.test/state/x", type="update", body={"value": 2})
         assert response_code(answer) == 200, answer.body
         assert mosquitto.login_attempts() - before == 2

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.integration.protocols.clients import LocalHyperty, PlainXmpp
+
 from protofly.message import response_code
 from protofly.supervision import Phase
-
-from .clients import LocalHyperty, PlainXmpp
 
 ALICE = {"chat.test": {"jid": "alice@chat.test", "password": "alice-pw"}}
 
@@ -77,7 +77,9 @@ async def test_server_restart_mid_stream_loses_no_accepted_line(prosody, catalog
             await prosody.stop(kill=True)  # SIGKILL by pid, mid-stream
             await prosody.start()
             answers = await asyncio.gather(*pending)
-            accepted = {"line 0"} | {f"line {n}" for n, a in zip(range(1, 60), answers, strict=True) if response_code(a) == 200}
+            accepted = {"line 0"} | {
+                f"line {n}" for n, a in zip(range(1, 60), answers, strict=True) if response_code(a) == 200
+            }
             assert len(accepted) == 60, [a.body for a in answers if response_code(a) != 200][:3]
             bob_again = PlainXmpp("bob@chat.test", "bob-pw", prosody.port)
             await bob_again.start()  # lines accepted while bob was offline come from the server's offline store
