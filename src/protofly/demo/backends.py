@@ -21,7 +21,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-__all__ = ["BackendError", "Mosquitto", "Prosody", "free_port", "missing_servers"]
+__all__ = ["INSTALL_HINT", "BackendError", "Mosquitto", "Prosody", "free_port", "missing_servers"]
 
 #: How to get the servers on Debian, for messages that say what is missing.
 INSTALL_HINT = "apt-get install prosody mosquitto (or run scripts/system-deps.sh as root)"
