@@ -124,6 +124,7 @@ class MqttStub(ProtoStub):
             raise AuthenticationFailed(f"no MQTT account for {self.domain} (credentials need 'username', 'password')")
         client_id = str(creds.get("clientId") or f"protofly-{username}")
         sock = await self.open_connection(self.server)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small packets, acknowledged: no Nagle delay
         client = aiomqtt.Client(
             self.host,
             self.port,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import Mapping
@@ -157,6 +158,7 @@ class XmppStub(ProtoStub):
     async def _open(self, jid: str, password: str) -> None:
         """One login: socket from the runtime, stream, SASL, bind, initial presence; raises on failure."""
         sock = await self.open_connection(self.server)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # chat lines are small: no Nagle delay
         parts = urlsplit(self.server)
         tls = ssl.create_default_context() if parts.scheme == "tls" else None
         client = _Client(jid, password, sock, tls, self.domain)

@@ -228,7 +228,6 @@ class Mosquitto(_Server):
                     "persistence true",
                     f"persistence_location {root}/",
                     "autosave_interval 1",
-                    "autosave_on_changes true",
                     "max_queued_messages 100000",
                     "log_dest stderr",
                     "log_type all",
