@@ -157,9 +157,9 @@ class DeployPipeline:
             raise StubDeploymentError(
                 target.domain, 504, "catalogue did not answer within the deploy timeout"
             ) from None
-        if not verified.descriptor.is_python:
-            language = verified.descriptor.language
-            raise StubDeploymentError(target.domain, 501, f"stub language {language!r} cannot run in a Python sandbox")
+        problem = self.sandbox.unavailable(verified.descriptor.language)
+        if problem is not None:
+            raise StubDeploymentError(target.domain, 501, problem, cause="missing-capability")
         missing = missing_requirements(verified.descriptor.requirements)
         if missing:
             raise StubDeploymentError(
@@ -195,6 +195,7 @@ class DeployPipeline:
                         resolver_only=self.config.resolver_only,
                         connect_timeout=self.config.egress_connect_timeout,
                     ),
+                    language=descriptor.language,
                 ),
                 _left(deadline),
             )

@@ -348,6 +348,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(EXIT_BAD_SETTINGS)
     confine.set_parent_death_signal(settings.get("parent_pid"))
+    if settings.get("node_spare"):  # a JavaScript stub's host: confine, then become Node (no return)
+        from protofly.sandbox.node_exec import exec_spare
+
+        exec_spare(settings)
     if isinstance(sys.stdout, io.TextIOWrapper):  # it is, unless something replaced it
         sys.stdout.reconfigure(line_buffering=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

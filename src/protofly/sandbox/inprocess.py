@@ -169,9 +169,13 @@ class InProcessSandbox(Sandbox):
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
         egress: EgressPolicy | None = None,
+        language: str = "python",
     ) -> InProcessComponent:
         if self._closed:
             raise SandboxError("the sandbox is closed")
+        problem = self.unavailable(language)
+        if problem is not None:
+            raise DeployError(problem)
         if not isinstance(url, str) or not url:
             raise ValueError(f"url must be a non-empty string, got {url!r}")
         if not isinstance(boundary, Boundary):

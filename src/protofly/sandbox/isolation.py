@@ -28,7 +28,7 @@ from pathlib import Path
 
 from protofly.log import get_logger
 
-__all__ = ["Probe", "bwrap_command", "host_env", "probe", "read_paths"]
+__all__ = ["Probe", "bwrap_command", "host_env", "namespace_names", "probe", "read_paths", "without_network"]
 
 _log = get_logger("protofly.sandbox.isolation")
 
@@ -68,7 +68,17 @@ class Probe:
 
     @property
     def namespace_names(self) -> list[str]:
-        return [opt.removeprefix("--unshare-").removesuffix("-try") for opt in self.namespaces]
+        return namespace_names(self.namespaces)
+
+
+def namespace_names(namespaces: tuple[str, ...]) -> list[str]:
+    """``("--unshare-user", "--unshare-cgroup-try")`` → ``["user", "cgroup"]``."""
+    return [opt.removeprefix("--unshare-").removesuffix("-try") for opt in namespaces]
+
+
+def without_network(namespaces: tuple[str, ...]) -> tuple[str, ...]:
+    """The same namespaces but the network one (for a host that cannot use brokered connections)."""
+    return tuple(opt for opt in namespaces if opt not in _NETWORK)
 
 
 _cache: dict[tuple[str, str | None], Probe] = {}
@@ -139,6 +149,7 @@ def read_paths() -> list[str]:
     paths = ["/usr", sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix, package_root]
     executable = str(Path(sys.executable).resolve().parent)
     paths.append(executable)
+    paths += _javascript_paths()
     unique: list[str] = []
     for path in paths:
         real = os.path.realpath(path)
@@ -147,6 +158,13 @@ def read_paths() -> list[str]:
             unique.append(real)
     # /etc entries keep their own name: a symlinked resolv.conf must appear where the resolver looks.
     return unique + [path for path in _ETC if os.path.exists(path)]
+
+
+def _javascript_paths() -> list[str]:
+    """Node.js and the pinned JavaScript packages, which a host hands a JavaScript stub to (node_exec)."""
+    from protofly.sandbox.node import node_read_paths
+
+    return node_read_paths()
 
 
 def _within(path: str, prefix: str) -> bool:

@@ -62,6 +62,10 @@ class HostSettings:
     seccomp: bool
     preload: tuple[str, ...]
     workdir_root: str | None
+    #: A JavaScript stub's host: confined, then Node.js (see :mod:`~protofly.sandbox.node_exec`).
+    node_spare: bool = False
+    #: The sandbox's memory limit, from which a Node host's V8 heap limit is set at its start.
+    memory_mb: int | None = None
 
 
 #: Bytes read from a stub's channel per event-loop callback.  asyncio reads up to 256 KiB at once, about
@@ -288,10 +292,11 @@ class ProcessComponent(Component):
             "landlock": settings.landlock,
             "seccomp": settings.seccomp,
             "preload": list(settings.preload),
+            **_javascript_settings(settings),
         }
         args = ["-m", "protofly.sandbox.host", msgspec.json.encode(host_settings).decode()]
         if self._probe.bwrap is not None:
-            command = iso.bwrap_command(self._probe.bwrap, self._probe.namespaces, settings.python, args)
+            command = iso.bwrap_command(self._probe.bwrap, self._namespaces(), settings.python, args)
             env: dict[str, str] = {}
             cwd = "/"
         else:
@@ -308,6 +313,16 @@ class ProcessComponent(Component):
             tasks=self._tasks,
             on_exit=self._exited_with,
         )
+
+    def _namespaces(self) -> tuple[str, ...]:
+        """The probe's namespaces; a Node host keeps the network (it has no ``open_connection`` yet)."""
+        if self._settings.node_spare:
+            return iso.without_network(self._probe.namespaces)
+        return self._probe.namespaces
+
+    @property
+    def _own_network(self) -> bool:
+        return self._bwrap and "--unshare-net" in self._namespaces()
 
     async def deploy(
         self,
@@ -339,6 +354,8 @@ class ProcessComponent(Component):
         body: dict[str, Any] = {"url": url, "sourceCode": source, "config": config, "sandbox": limits.as_dict()}
         if classname:
             body["sourceCodeClassname"] = classname
+        if self._settings.node_spare:
+            self._limit_node(limits)
         try:
             reply = await self._request(control("create", body, msg_id=self._new_id()), timeout)
         except TimeoutError:
@@ -358,6 +375,19 @@ class ProcessComponent(Component):
         else:
             self._state = "running"
 
+    def _limit_node(self, limits: Limits) -> None:
+        """Node has no setrlimit: apply the stub's limits from here; the host reports what is in force."""
+        from protofly.sandbox.node import host_pid
+        from protofly.sandbox.node_exec import apply_rlimits
+
+        pid = host_pid(self.pid) if self.pid is not None else None
+        try:
+            if pid is None:
+                raise ProcessLookupError("no Node process below the sandbox process")
+            apply_rlimits(pid, limits)
+        except (OSError, ValueError, IndexError) as exc:
+            self._log.warning("cannot apply the stub's rlimits to its Node host", error=str(exc))
+
     def _isolation_record(self) -> dict[str, Any]:
         """Layers only at the top level (a truthy value means active), details inside each value."""
         report = self._host_report or {}
@@ -367,13 +397,14 @@ class ProcessComponent(Component):
         bwrap: dict[str, Any] | bool = False
         if self._bwrap:
             bwrap = {
-                "namespaces": self._probe.namespace_names,
-                "network": "own namespace, loopback only" if self._probe.network else "shared",
+                "namespaces": iso.namespace_names(self._namespaces()),
+                "network": "own namespace, loopback only" if self._own_network else "shared",
                 "filesystem": "read-only binds of /usr, the interpreter and protofly; private tmpfs /tmp",
             }
         network = self._network_layer(missing)
         return {
             "process": True,
+            "host": report.get("host", "python"),
             "bwrap": bwrap,
             "env": "scrubbed",
             "workdir": "/tmp (private tmpfs)" if self._bwrap else self._workdir,
@@ -390,9 +421,14 @@ class ProcessComponent(Component):
     def _network_layer(self, missing: list[str]) -> dict[str, Any] | bool:
         """The network layer: an empty namespace plus the brokered ``egress``, or a ``missing`` entry."""
         declared = self._broker.policy.declared() if self._broker is not None else []
-        if self._probe.network:
+        if self._own_network:
             return {"namespace": "own, no interface but loopback", "egress": declared}
-        if not any(item.startswith("network namespace:") for item in missing):
+        if self._settings.node_spare and self._probe.network:
+            missing.append(
+                "network namespace: not for JavaScript stubs yet (the Node host has no open_connection); "
+                "the stub shares the host's network"
+            )
+        elif not any(item.startswith("network namespace:") for item in missing):
             missing.append("network namespace: none without bwrap; the stub shares the host's network")
         return False
 
@@ -526,6 +562,8 @@ class ProcessComponent(Component):
     def _exited_with(self, returncode: int) -> None:
         """The process was reaped: fail whatever waits on it, clean up, and report a running stub's death."""
         reason = describe_exit(returncode, bwrap=self._bwrap)
+        if self._host_report is not None and self._host_report.get("host") == "node":
+            reason = _node_exit_reason(reason, self._output.recent_stderr())
         if self._observed is not None:
             reason = f"{reason} ({self._observed})"
         if self._last_words is not None:
@@ -565,3 +603,23 @@ class ProcessComponent(Component):
                 on_exit(reason)
             except Exception:
                 self._log.exception("the runtime's on_exit failed")
+
+
+def _javascript_settings(settings: HostSettings) -> dict[str, Any]:
+    """What a JavaScript stub's host needs to become Node.js (nothing for a Python stub's host)."""
+    if not settings.node_spare:
+        return {}
+    from protofly.sandbox.node import node_executable, node_modules
+
+    return {
+        "node_spare": True,
+        "node": node_executable(),
+        "node_modules": node_modules(),
+        "memory_mb": settings.memory_mb,
+    }
+
+
+def _node_exit_reason(reason: str, stderr_lines: list[str]) -> str:
+    from protofly.sandbox.node import exit_reason
+
+    return exit_reason(reason, stderr_lines)
