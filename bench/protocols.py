@@ -293,6 +293,7 @@ async def main() -> dict[str, Any]:
                 allow_http_loopback=True,
                 resolver_only=True,
                 credentials_file=root / "credentials.json",
+                **({"sandbox": os.environ["BENCH_SANDBOX"]} if os.environ.get("BENCH_SANDBOX") else {}),
             )
 
         figures: dict[str, Any] = {}

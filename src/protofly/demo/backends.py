@@ -168,6 +168,8 @@ class Prosody(_Server):
                     "legacy_ssl_ports = { }",
                     "http_ports = { }",
                     "https_ports = { }",
+                    # small stanzas answered by small stanzas: Nagle plus the peer's delayed ACK would add 40 ms
+                    "network_settings = { tcp_nodelay = true }",
                     "c2s_require_encryption = false",
                     "allow_unencrypted_plain_auth = true",
                     'authentication = "internal_hashed"',
@@ -223,6 +225,7 @@ class Mosquitto(_Server):
                 [
                     f"listener {self.port} 127.0.0.1",
                     "user root",
+                    "set_tcp_nodelay true",
                     "allow_anonymous false",
                     f"password_file {self.passwords}",
                     "persistence true",
