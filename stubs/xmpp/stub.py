@@ -295,9 +295,15 @@ class XmppStub(ProtoStub):
                 item.sent_on = session
             try:
                 await client.plugin["xep_0199"].ping(jid=slixmpp.JID(self.domain), timeout=self.connect_timeout)
-            except Exception as exc:  # the stream dropped or the server did not answer: resend after reconnect
+            except Exception as exc:  # the stream dropped or the server did not answer: send them again
                 _log.info("xmpp stub: no acceptance from %s: %s", self.domain, summary(exc))
-                return
+                if session != self._session or self._client is None:
+                    return  # the reconnection starts a new flush, which sends them first
+                for item in batch:
+                    item.sent_on = -1
+                await asyncio.sleep(self._backoff.next())  # a live stream that did not answer: not in a tight loop
+                self._wake.set()
+                continue
             accepted = set(map(id, batch))
             kept = deque(item for item in self._outbox if id(item) not in accepted)
             self._outbox = kept
