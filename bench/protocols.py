@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -184,6 +185,7 @@ def mqtt_client(broker: Mosquitto, user: str, identifier: str) -> aiomqtt.Client
         timeout=TIMEOUT,
         max_inflight_messages=1000,
         max_queued_incoming_messages=100_000,
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # as the stub does: no Nagle delay
     )
 
 

@@ -169,7 +169,7 @@ class Prosody(_Server):
                     "http_ports = { }",
                     "https_ports = { }",
                     # small stanzas answered by small stanzas: Nagle plus the peer's delayed ACK would add 40 ms
-                    "network_settings = { tcp_nodelay = true }",
+                    "network_settings = { nagle = false }",
                     "c2s_require_encryption = false",
                     "allow_unencrypted_plain_auth = true",
                     'authentication = "internal_hashed"',
