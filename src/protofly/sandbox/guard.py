@@ -29,6 +29,7 @@ COUNTER_NAMES = (
     "log_lines_dropped",
     "egress_opened",
     "egress_refused",
+    "forged_control",
 )
 
 _SANDBOX_SPACE = "hyperty-runtime://sandbox"
