@@ -27,9 +27,9 @@ COUNTER_NAMES = (
     "forged_from",
     "dropped_to_stub",
     "log_lines_dropped",
+    "forged_control",
     "egress_opened",
     "egress_refused",
-    "forged_control",
 )
 
 _SANDBOX_SPACE = "hyperty-runtime://sandbox"

@@ -499,9 +499,6 @@ class ProcessComponent(Component):
             body["description"] = self._output.redact(body["description"])
 
     def _on_control(self, msg: Message) -> None:
-        if msg.type == "execute":
-            self._on_execute(msg)
-            return
         if msg.type == "response":  # answers a control request of this component's only: its own record
             if self._output.has_secrets:
                 self._scrub(msg)
@@ -515,6 +512,9 @@ class ProcessComponent(Component):
             # cannot be told from the host, as they share the process, which is why nothing said here decides
             # a crash reason: the exit status does.)
             self.counters["forged_control"] = self.counters.get("forged_control", 0) + 1
+            return
+        if msg.type == "execute":  # the host asks for the stub's network (open-connection)
+            self._on_execute(msg)
             return
         body = msg.body or {}
         value = body.get("value")
