@@ -47,6 +47,9 @@ __all__ = ["MqttStub", "topic_of"]
 
 _log = logging.getLogger("protofly.stubs.mqtt")
 
+#: What ``save_state`` may hold (the runtime's limit is 64 KiB).
+_STATE_LIMIT = 60_000
+
 #: CONNACK refusals that are about the credentials (MQTT 3.1.1 codes 4 and 5, and their MQTT 5 reason codes).
 _AUTH_REFUSALS = frozenset({4, 5, 134, 135})
 
@@ -106,6 +109,9 @@ class MqttStub(ProtoStub):
         self._session = 0
         self._pending = 0
         self._filters: dict[str, set[str]] = {}  # topic filter → subscribed hyperties
+        saved = self.saved_state.get("filters") if isinstance(self.saved_state, dict) else None
+        if isinstance(saved, dict):  # a restarted stub: the broker kept the session, this keeps its hyperties
+            self._filters = {str(f): {str(h) for h in hs} for f, hs in saved.items() if isinstance(hs, list)}
         self._loop_task: asyncio.Task[None] | None = None
 
     # -- connection ------------------------------------------------------------------------------
@@ -239,9 +245,18 @@ class MqttStub(ProtoStub):
         else:
             self.bus.post(response(msg, 405, f"mqtt stub: {msg.type} is not mapped (subscribe, create, update)"))
 
+    def _save_filters(self) -> None:
+        """Leave the subscriptions to the next instance (after a crash the broker's session still holds them)."""
+        state = {"filters": {f: sorted(hs) for f, hs in self._filters.items()}}
+        if len(json.dumps(state)) <= _STATE_LIMIT:
+            self.save_state(state)
+        else:
+            _log.warning("mqtt stub: %d subscriptions are too many to hand to a restarted stub", len(self._filters))
+
     async def _subscribe(self, msg: Message, topic: str) -> None:
         first = topic not in self._filters
         self._filters.setdefault(topic, set()).add(msg.from_)
+        self._save_filters()
         client = self._client
         if first and client is not None:
             try:
@@ -253,8 +268,11 @@ class MqttStub(ProtoStub):
     async def _unsubscribe(self, msg: Message, topic: str) -> None:
         hyperties = self._filters.get(topic, set())
         hyperties.discard(msg.from_)
+        if not hyperties:
+            self._filters.pop(topic, None)
+        self._save_filters()
         client = self._client
-        if not hyperties and self._filters.pop(topic, None) is not None and client is not None:
+        if not hyperties and client is not None:
             try:
                 await client.unsubscribe(topic)
             except aiomqtt.MqttError as exc:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import aiomqtt
+from tests.integration.e2e.test_faults import kill_stub
 from tests.integration.protocols.clients import LocalHyperty
 
 from protofly.admin.server import AdminServer
@@ -131,3 +132,23 @@ async def test_a_refused_password_stops_until_new_credentials_from_the_cli(
         answer = await app.request("mqtt://iot.test/state/x", type="update", body={"value": 2})
         assert response_code(answer) == 200, answer.body
         assert mosquitto.login_attempts() - before == 2
+
+
+async def test_a_killed_stub_resumes_its_session_and_its_subscribers(mosquitto, catalogues, runtime_factory) -> None:
+    """SIGKILL of the stub's sandbox: the runtime restarts it, the broker kept the session, the stub its hyperties."""
+    await catalogues.publish("iot.test", "mqtt", {"server": mosquitto.endpoint})
+    async with runtime_factory(credentials=RUNTIME) as runtime:
+        app = LocalHyperty(runtime)
+        assert response_code(await app.request("mqtt://iot.test/sensors/#", type="subscribe")) == 200
+        record = runtime.registry.stub("iot.test")
+        async with plain(mosquitto) as sensor:
+            for n in range(10):
+                await sensor.publish("sensors/count", str(n), qos=1)
+            await app.wait(10)
+            await kill_stub(record.info["pid"])
+            for n in range(10, 30):  # while the runtime restarts the stub: queued at the broker for its session
+                await sensor.publish("sensors/count", str(n), qos=1)
+        async with asyncio.timeout(15):
+            while {m.body["value"] for m in app.inbox} != set(range(30)):
+                await app.wait(len(app.inbox) + 1)
+        assert sum(1 for e in record.history if e.group == "connection" and e.value == "live") == 2
