@@ -184,6 +184,8 @@ def _check_hosts(hosts: Mapping[str, Any]) -> dict[str, str]:
         except address.AddressError as exc:
             raise ConfigError(f"hosts: {exc}") from None
         try:
+            if not isinstance(value, str):
+                raise ValueError(value)
             checked[host] = str(ipaddress.ip_address(value))
         except ValueError:
             raise ConfigError(f"hosts: {name} must map to an IP address, got {value!r}") from None
