@@ -9,7 +9,12 @@ What happens (every line of output is one event; ``--json`` prints them as JSON 
    seed's steps, timed), and the request and bob's reply travel through both domains' stubs and nodes;
 4. ``b.test``'s message node restarts: the stubs report ``disconnected``, reconnect, and are ``live``
    again; alice's next request gets through;
-5. everything started is stopped; no process is left behind.
+5. when Prosody and Mosquitto are installed (else the demo says how to install them), two more domains
+   whose back-ends nobody here wrote: alice sends a chat line to ``xmpp://bob@chat.test``, a plain XMPP
+   user who answers, and subscribes to ``mqtt://iot.test/sensors/#``, where a plain MQTT client publishes
+   readings; runtime A deploys the XMPP and the MQTT stub on the fly (``docs/protocols.md``), so its deploy
+   timeline shows three different stubs;
+6. everything started is stopped; no process is left behind.
 
 With ``--console``, runtime A's web console (:mod:`protofly.observe`) is served on 127.0.0.1 from the start,
 so the deploys are seen as they happen; after step 4 it stays open until Ctrl-C (SIGINT/SIGTERM).
@@ -26,7 +31,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from protofly.demo.world import LocalDomains
+import msgspec
+
+from protofly.demo.backends import INSTALL_HINT, missing_servers
+from protofly.demo.world import LocalDomains, stubs_dir
 from protofly.events import RuntimeEvent, StatusChanged, as_json
 from protofly.message import Message, response_code
 from protofly.runtime import Runtime
@@ -34,6 +42,8 @@ from protofly.sandbox import active_layers
 
 if TYPE_CHECKING:
     from rich.table import Table
+
+    from protofly.demo.interworking import Interworking
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -47,20 +57,29 @@ async def run_demo(emit: Emit, *, console: bool = False) -> None:
     def say(event: str, **fields: Any) -> None:
         emit({"t": round(time.perf_counter() - started, 4), "event": event, **fields})
 
-    async with LocalDomains("a.test", "b.test") as world:
+    async with LocalDomains("a.test", "b.test") as world, _interworking(world, say) as extra:
         for name, domain in world.domains.items():
             say("domain", domain=name, catalogue=domain.catalogue.base_url, node=domain.node_url)
-        async with Runtime(world.config("a.test")) as a, Runtime(world.config("b.test")) as b:
+        config_a = world.config("a.test")
+        if extra is not None:
+            config_a = msgspec.structs.replace(
+                config_a,
+                catalogues={**config_a.catalogues, **extra.catalogue_urls()},
+                credentials_file=extra.credentials_file,
+            )
+        async with Runtime(config_a) as a, Runtime(world.config("b.test")) as b:
             for label, runtime in (("A", a), ("B", b)):
                 _watch(runtime, label, say)
                 say("runtime", runtime=label, runtime_url=runtime.runtime_url)
             async with _console(a, say) if console else contextlib.nullcontext():
-                await _story(world, a, b, say)
+                alice = await _story(world, a, b, say)
+                if extra is not None:
+                    await _chat_and_sensors(alice, extra, say)
     say("done", seconds=round(time.perf_counter() - started, 3))
 
 
-async def _story(world: LocalDomains, a: Runtime, b: Runtime, say: Callable[..., None]) -> None:
-    """Steps 2-4: hyperties, a request that deploys b.test's stub on the fly, a node restart under it."""
+async def _story(world: LocalDomains, a: Runtime, b: Runtime, say: Callable[..., None]) -> Any:
+    """Steps 2-4: hyperties, a request that deploys b.test's stub on the fly, a node restart under it; alice."""
 
     def serve(msg: Message) -> dict[str, Any]:
         say("delivered", at=bob.url, sender=msg.from_, body=msg.body)
@@ -85,6 +104,66 @@ async def _story(world: LocalDomains, a: Runtime, b: Runtime, say: Callable[...,
     await a.registry.wait_for_status("b.test", ["live"], STEP_TIMEOUT)
     await b.registry.wait_for_status("b.test", ["live"], STEP_TIMEOUT)
     await _ping(alice, bob.url, 2, say)
+    return alice
+
+
+@contextlib.asynccontextmanager
+async def _interworking(world: LocalDomains, say: Callable[..., None]) -> AsyncIterator[Interworking | None]:
+    """Prosody and Mosquitto with their catalogues when the servers and clients are installed, else None (said)."""
+    missing = missing_servers()
+    try:
+        from protofly.demo.interworking import Interworking
+    except ImportError as exc:
+        say("interworking-skipped", missing=[exc.name], hint="pip install 'protofly[protocols]'")
+        yield None
+        return
+    if missing:
+        say("interworking-skipped", missing=missing, hint=INSTALL_HINT)
+        yield None
+        return
+    async with Interworking(world.root / "interworking", world.trust, stubs_dir()) as extra:
+        world.trust.save(world.trust_file)
+        for domain, url in extra.catalogue_urls().items():
+            say("domain", domain=domain, catalogue=url, node=None)
+        say("backends", prosody=extra.prosody.endpoint, mosquitto=extra.mosquitto.endpoint, pids=extra.server_pids())
+        yield extra
+
+
+async def _chat_and_sensors(alice: Any, extra: Interworking, say: Callable[..., None]) -> None:
+    """alice chats with a plain XMPP user and reads a plain MQTT sensor; both stubs deploy on the fly."""
+    inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=100)
+    alice.on_message(lambda msg: None if inbox.full() else inbox.put_nowait(msg))
+    bob = extra.bob()
+    await bob.start()
+    try:
+        to = "xmpp://bob@chat.test"
+        body = {"value": {"text": "hello bob, this is a reTHINK hyperty"}}
+        say("chat-send", sender=alice.url, to=to, body=body)
+        sent = time.perf_counter()
+        reply = await alice.request(to, "create", body, timeout=STEP_TIMEOUT)
+        say("chat-accepted", code=response_code(reply), ms=round((time.perf_counter() - sent) * 1000, 3))
+        if response_code(reply) != 200:
+            raise RuntimeError(f"the chat line was refused: {reply.body}")
+        heard = await asyncio.wait_for(bob.heard.get(), STEP_TIMEOUT)
+        say("chat-heard", by="bob@chat.test (plain XMPP client)", sender=heard[0], text=heard[1])
+        answer = await asyncio.wait_for(inbox.get(), STEP_TIMEOUT)
+        say("chat-answer", to=alice.url, sender=answer.from_, text=(answer.body or {}).get("value", {}).get("text"))
+    finally:
+        await bob.stop()
+
+    topic = "mqtt://iot.test/sensors/#"
+    reply = await alice.request(topic, "subscribe", timeout=STEP_TIMEOUT)
+    say("subscribed", sender=alice.url, to=topic, code=response_code(reply))
+    if response_code(reply) != 200:
+        raise RuntimeError(f"the subscription was refused: {reply.body}")
+    readings = [("sensors/kitchen/temperature", 21.5), ("sensors/kitchen/humidity", 48), ("sensors/hall/door", "open")]
+    async with extra.sensor() as sensor:
+        for mqtt_topic, value in readings:
+            await sensor.publish(mqtt_topic, json.dumps(value), qos=1)
+            say("sensor-published", by="sensor (plain MQTT client)", topic=mqtt_topic, value=value)
+    for _ in readings:
+        update = await asyncio.wait_for(inbox.get(), STEP_TIMEOUT)
+        say("sensor-update", to=alice.url, sender=update.from_, value=(update.body or {}).get("value"))
 
 
 @contextlib.asynccontextmanager
@@ -163,7 +242,7 @@ def rich_lines() -> tuple[Emit, Callable[[], None]]:
             case {"event": "runtime", "runtime": label, "runtime_url": url}:
                 out.print(f"{t} runtime {label} is {url}")
             case {"event": "step", "runtime": label, "domain": domain}:
-                if label == "A" and domain == "b.test":
+                if label == "A" and domain != "a.test":
                     steps.append(event)
                 out.print(
                     f"{t} runtime {label} deploying [bold]{domain}[/]: step {event['step']} "
@@ -184,7 +263,27 @@ def rich_lines() -> tuple[Emit, Callable[[], None]]:
             case {"event": "stub", "isolation": isolation, "url": url}:
                 out.print(f"{t} runtime A's stub for b.test: {url} isolation {'+'.join(active_layers(isolation))}")
                 if steps:
-                    out.print(_timeline_table(steps))
+                    out.print(
+                        _timeline_table(
+                            [s for s in steps if s["domain"] == "b.test"], "deploy of b.test's stub in runtime A"
+                        )
+                    )
+            case {"event": "interworking-skipped", "missing": missing, "hint": hint}:
+                out.print(
+                    f"{t} [yellow]chat.test and iot.test skipped[/]: {', '.join(map(str, missing))} missing ({hint})"
+                )
+            case {"event": "backends", "prosody": prosody, "mosquitto": mosquitto}:
+                out.print(f"{t} Prosody (chat.test) at {prosody}, Mosquitto (iot.test) at {mosquitto}")
+            case {"event": "chat-send", "to": to, "body": body}:
+                out.print(f"{t} [bold]chat[/] alice → {to}: {body['value']['text']!r}")
+            case {"event": "chat-heard", "by": by, "text": text}:
+                out.print(f"{t} {by} got {text!r}")
+            case {"event": "chat-answer", "sender": sender, "text": text}:
+                out.print(f"{t} [bold]chat[/] alice ← {sender}: {text!r}")
+            case {"event": "sensor-published", "topic": topic, "value": value}:
+                out.print(f"{t} plain MQTT sensor published {topic} = {value!r}")
+            case {"event": "sensor-update", "sender": sender, "value": value}:
+                out.print(f"{t} [bold]update[/] alice ← {sender}: {value!r}")
             case {"event": "node-stopping" | "node-started" as kind, "domain": domain}:
                 out.print(f"{t} [bold magenta]{kind}[/] {domain}")
             case {"event": "console", "url": url}:
@@ -192,6 +291,8 @@ def rich_lines() -> tuple[Emit, Callable[[], None]]:
             case {"event": "console-open", "url": url}:
                 out.print(f"{t} the story is over; the console stays open at {url} until Ctrl-C")
             case {"event": "done", "seconds": seconds}:
+                if len({s["domain"] for s in steps}) > 1:
+                    out.print(_timeline_table(steps, "runtime A: stubs deployed on the fly"))
                 out.print(f"{t} [bold green]done[/] in {seconds} s; everything started has stopped")
             case _:
                 details = {k: v for k, v in event.items() if k not in ("event", "t")}
@@ -200,16 +301,18 @@ def rich_lines() -> tuple[Emit, Callable[[], None]]:
     return emit, lambda: None
 
 
-def _timeline_table(steps: list[dict[str, Any]]) -> Table:
-    """The deploy of b.test's stub in runtime A, one row per step, with the total."""
+def _timeline_table(steps: list[dict[str, Any]], what: str) -> Table:
+    """Deploys in runtime A, one row per step, with a total per domain."""
     from rich.table import Table
 
-    table = Table(title="deploy of b.test's stub in runtime A")
-    for column in ("step", "seed steps", "ms", "detail"):
+    table = Table(title=what)
+    for column in ("domain", "step", "seed steps", "ms", "detail"):
         table.add_column(column)
-    for step in steps:
-        table.add_row(step["step"], step["seed"], f"{step['ms']:.2f}", str(step.get("detail") or ""))
-    table.add_row("total", "1-12", f"{sum(s['ms'] for s in steps):.2f}", "")
+    for domain in dict.fromkeys(s["domain"] for s in steps):
+        mine = [s for s in steps if s["domain"] == domain]
+        for step in mine:
+            table.add_row(domain, step["step"], step["seed"], f"{step['ms']:.2f}", str(step.get("detail") or ""))
+        table.add_row(domain, "total", "1-12", f"{sum(s['ms'] for s in mine):.2f}", "")
     return table
 
 

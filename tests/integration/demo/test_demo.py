@@ -12,6 +12,8 @@ from pathlib import Path
 import aiohttp
 from tests.processes import alive
 
+from protofly.demo.backends import missing_servers
+
 PROTOFLY = Path(sys.executable).parent / "protofly"
 
 
@@ -45,10 +47,40 @@ def test_demo_json_tells_the_story_in_order() -> None:
     lives = [(e["runtime"], e["domain"]) for e in events if e["event"] == "live"]
     # A: its home stub and b.test's; B: only its home stub -- bob's reply went back through the stub that
     # brought alice's request, so B never deployed a.test's stub
-    assert sorted(lives) == [("A", "a.test"), ("A", "b.test"), ("B", "b.test")]
+    interworking = [] if missing_servers() else [("A", "chat.test"), ("A", "iot.test")]
+    assert sorted(lives) == sorted([("A", "a.test"), ("A", "b.test"), ("B", "b.test"), *interworking])
     pids = [e["pid"] for e in events if e["event"] == "live" and e.get("pid")]
-    assert len(pids) == 3
+    assert len(pids) == 3 + len(interworking)
+    if interworking:
+        backends = next(e for e in events if e["event"] == "backends")
+        pids += list(backends["pids"].values())
     assert not [pid for pid in pids if alive(pid)]
+
+
+def test_demo_reaches_an_xmpp_user_and_an_mqtt_sensor() -> None:
+    done = subprocess.run([str(PROTOFLY), "demo", "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    if missing_servers():
+        skipped = next(e for e in events if e["event"] == "interworking-skipped")
+        assert skipped["missing"] == missing_servers() and "apt-get install" in skipped["hint"]
+        return
+    send = first(events, 0, event="chat-send", to="xmpp://bob@chat.test")
+    deploy = first(events, send, event="step", runtime="A", domain="chat.test", step="registry")
+    heard = first(events, deploy, event="chat-heard")
+    answer = first(events, heard, event="chat-answer", sender="xmpp://bob@chat.test")
+    assert events[answer]["text"] == "hi, alice! you said: " + events[heard]["text"]
+    subscribed = first(events, answer, event="subscribed", code=200)
+    assert first(events, answer, event="step", runtime="A", domain="iot.test", step="registry") < subscribed
+    updates = [e for e in events[subscribed:] if e["event"] == "sensor-update"]
+    published = [e for e in events[subscribed:] if e["event"] == "sensor-published"]
+    assert [(u["sender"], u["value"]) for u in updates] == [
+        (f"mqtt://iot.test/{p['topic']}", p["value"]) for p in published
+    ]
+    assert len(updates) == 3
+    # three different stubs, each deployed on the fly by runtime A
+    deployed = {e["domain"] for e in events if e["event"] == "step" and e["runtime"] == "A" and e["step"] == "live"}
+    assert {"b.test", "chat.test", "iot.test"} <= deployed
 
 
 def test_demo_console_output() -> None:
@@ -57,6 +89,9 @@ def test_demo_console_output() -> None:
     assert "deploy of b.test's stub in runtime A" in done.stdout
     assert "node-started b.test" in done.stdout
     assert "done in" in done.stdout
+    if not missing_servers():
+        assert "runtime A: stubs deployed on the fly" in done.stdout
+        assert "alice ← xmpp://bob@chat.test" in done.stdout
 
 
 async def test_demo_console_stays_open_until_ctrl_c_and_leaves_nothing() -> None:
