@@ -78,6 +78,11 @@ class AddressTable:
 
     def allocate(self, session: Session, msg: Message) -> dict[str, Any]:
         """Allocate the addresses ``msg`` asks for; the ``value`` of the ``200``."""
+        allocated, key = self.plan(session, msg)
+        return self.grant(session, allocated, key)
+
+    def plan(self, session: Session, msg: Message) -> tuple[list[str], str | None]:
+        """Check an allocation request and name its new addresses (nothing is taken yet)."""
         scheme, number, key = self._allocation_request(msg)
         if len(session.addresses) + number > self.max_addresses:
             raise Refused(
@@ -86,7 +91,11 @@ class AddressTable:
                 f"hold at most {self.max_addresses}",
             )
         prefix = f"{scheme}://{self.domain}/"
-        allocated = [prefix + self._new_id() for _ in range(number)]
+        return [prefix + self._new_id() for _ in range(number)], key
+
+    def grant(self, session: Session, allocated: list[str], key: str | None) -> dict[str, Any]:
+        """Give ``allocated`` (planned by :meth:`plan`) to ``session``; the ``value`` of the ``200``."""
+        number = len(allocated)
         session.addresses.update(allocated)
         for address in allocated:
             self._owner[address] = session
@@ -201,6 +210,10 @@ class AddressTable:
         session.keys = {}
         session.bound = {}
         return freed
+
+    def forget(self, address: str) -> None:
+        """Drop ``address`` from the routing map only (its session moved to another node of a cluster)."""
+        self._owner.pop(address, None)
 
     def install(self, owner: dict[str, Session]) -> None:
         """Take the address map of a restore (checked by the snapshot loader) into the empty table."""

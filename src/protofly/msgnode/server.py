@@ -21,12 +21,12 @@ import contextlib
 from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from aiohttp import WSMsgType, web
 
 from protofly.log import get_logger
-from protofly.msgnode.actions import Action, Close, Drained, EnableBatch, Replay, Send, SessionEnded
+from protofly.msgnode.actions import Action, Allocate, Claim, Close, Drained, EnableBatch, Replay, Send, SessionEnded
 from protofly.msgnode.core import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_BUFFER_MESSAGES,
@@ -35,10 +35,14 @@ from protofly.msgnode.core import (
     DEFAULT_SEND_QUEUE_BYTES,
     MessageNodeCore,
 )
+from protofly.msgnode.remote import ClusterUnavailable
 from protofly.msgnode.snapshot import StateError
 from protofly.msgnode.statefile import move_aside, read_state, write_state
 from protofly.msgnode.writer import FrameWriter
 from protofly.tasks import TaskSet
+
+if TYPE_CHECKING:
+    from protofly.msgnode.cluster.link import ClusterLink
 
 __all__ = ["MessageNode"]
 
@@ -81,7 +85,13 @@ class MessageNode:
         max_block: int = 1_000,
         max_bound: int = 1_000,
         max_subscriptions: int = 10_000,
+        cluster: str | None = None,
+        node_id: str | None = None,
     ) -> None:
+        #: NATS servers (comma separated) of the domain's cluster; None: a single-process node, no NATS.
+        self.cluster = cluster
+        self.node_id = node_id
+        self.link: ClusterLink | None = None
         self.core = MessageNodeCore(
             domain,
             session_grace=session_grace,
@@ -153,6 +163,8 @@ class MessageNode:
         if self._runner is not None:
             raise RuntimeError("message node already started")
         loaded = await self._load_state()
+        if self.cluster is not None:
+            await self._join()
         self._tasks = TaskSet("msgnode")
         self._stopping = False
         app = web.Application()
@@ -184,6 +196,7 @@ class MessageNode:
             return
         self._stopping = True
         await self._drain()
+        await self._leave()
         failure: StateError | None = None
         if self.state_file is not None:
             try:
@@ -202,6 +215,49 @@ class MessageNode:
         self._log.info("message node stopped", url=self.url)
         if failure is not None:
             raise failure
+
+    # -- cluster (msgnode/cluster/, imported only when clustered) ---------------------------------------
+
+    async def _join(self) -> None:
+        from protofly.msgnode.cluster.link import ClusterLink
+
+        servers = [server.strip() for server in (self.cluster or "").split(",") if server.strip()]
+        link = ClusterLink(self.core, self._apply, servers, node_id=self.node_id)
+        try:
+            await link.start()
+        except Exception as exc:
+            await link.close()
+            raise ClusterUnavailable(f"cannot join the cluster at {self.cluster}: {exc or type(exc).__name__}") from exc
+        self.link = link
+        self.node_id = link.node_id
+        self.core.remote = link
+
+    async def _leave(self) -> None:
+        """After the drain: hand every session held here to the cluster (buffers to their streams), leave."""
+        link = self.link
+        if link is None:
+            return
+        from protofly.msgnode.cluster.claim import hand_over
+
+        try:
+            handed = await asyncio.wait_for(hand_over(link), timeout=self.drain_timeout)
+            self._log.info("sessions handed to the cluster", sessions=handed)
+        except Exception as exc:
+            self._log.error("sessions not handed to the cluster", error=str(exc) or type(exc).__name__)
+        self.core.remote = None
+        await link.close()
+        self.link = None
+
+    def _cluster_action(self, action: Allocate | Claim) -> None:
+        link = self.link
+        if link is None:  # the node left its cluster while the request was on its way
+            return
+        from protofly.msgnode.cluster import claim
+
+        if isinstance(action, Allocate):
+            self._tasks.spawn(claim.allocate(link, action), name="cluster allocate")
+        else:
+            self._tasks.spawn(claim.claim(link, action), name="cluster claim")
 
     async def _drain(self) -> None:
         """The drain handshake: after it the core is frozen and every connection is closing (1001).
@@ -292,6 +348,9 @@ class MessageNode:
         merged["open_connections"] = len(self._connections)
         merged["sessions"] = self.core.session_count
         merged["addresses"] = self.core.address_count
+        if self.link is not None:
+            merged.update({f"cluster_{name}": value for name, value in self.link.counters.items()})
+            merged["cluster_nodes"] = len(self.link.alive_nodes)
         return merged
 
     # -- handlers -----------------------------------------------------------------------------------
@@ -349,7 +408,7 @@ class MessageNode:
         return ws
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"domain": self.domain, **self.counters})
+        return web.json_response({"domain": self.domain, "node": self.node_id, **self.counters})
 
     # -- actions ------------------------------------------------------------------------------------
 
@@ -369,6 +428,8 @@ class MessageNode:
                         self._drained.set()
                 case SessionEnded(url=url, reason=reason, addresses=addresses):
                     self._log.info("session ended", session=url, reason=reason, addresses=addresses)
+                case Allocate() | Claim():
+                    self._cluster_action(action)
 
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline()

@@ -20,6 +20,7 @@ from protofly.message import Message, MessageError, decode, encode, response
 from protofly.msgnode.actions import (
     CLOSE_SESSION_TAKEN_OVER,
     Action,
+    Claim,
     CloseCode,
     Drained,
     EnableBatch,
@@ -29,6 +30,7 @@ from protofly.msgnode.actions import (
 )
 from protofly.msgnode.addresses import AddressTable
 from protofly.msgnode.answers import Answers
+from protofly.msgnode.remote import Remote
 from protofly.msgnode.session import ConnState, Session, SessionTable
 from protofly.msgnode.subscriptions import SubscriptionTable
 
@@ -75,6 +77,8 @@ class SessionManager:
         self.draining = False
         self.awaiting: set[Hashable] = set()
         self._notice_ids = itertools.count(1)
+        #: The rest of the cluster (None: a single-process node); told of every session transition.
+        self.remote: Remote | None = None
 
     @property
     def auth_required(self) -> bool:
@@ -154,10 +158,15 @@ class SessionManager:
         self.sessions.add(session)
         state.session = session
         self.counters["sessions_opened"] += 1
+        if self.remote is not None:
+            self.remote.session_changed(session, "opened")
         self._granted(state, msg, session, out)
 
     def _reopen(self, state: ConnState, msg: Message, out: list[Action]) -> None:
         session = self.sessions.get(msg.from_)
+        if session is None and self.remote is not None and state.session is None:
+            out.append(Claim(state.conn, msg))  # another node may hold it: the shell asks the cluster
+            return
         if session is None:
             text = (
                 f"re-open: unknown session {msg.from_} (closed, expired or the node "
@@ -180,6 +189,8 @@ class SessionManager:
         session.deadline = None
         state.session = session
         self.counters["sessions_reopened"] += 1
+        if self.remote is not None:
+            self.remote.session_changed(session, "attached")
         self._granted(state, msg, session, out)
 
     def _granted(self, state: ConnState, msg: Message, session: Session, out: list[Action]) -> None:
@@ -247,6 +258,8 @@ class SessionManager:
             self._end(session, "expired", out)
             return
         self.sessions.schedule(session, now + self.session_grace)
+        if self.remote is not None:
+            self.remote.session_changed(session, "detached")
 
     def _end(self, session: Session, reason: str, out: list[Action]) -> None:
         """Free everything the session holds; its connection (if any) stays open but session-less."""
@@ -260,9 +273,52 @@ class SessionManager:
             session.conn = None
         session.deadline = None
         self.counters[f"sessions_{reason}"] += 1
+        if self.remote is not None:
+            self.remote.session_changed(session, "ended")
         out.append(SessionEnded(session.url, session.runtime_url, reason, freed))
         if session.buffer:  # after the tables are freed: no answer can route back into this session
             self._answer_buffer(session, _ENDED[reason], out)
+
+    # -- sessions moving between the nodes of a cluster ------------------------------------------------
+
+    def adopt(self, state: ConnState, msg: Message, session: Session, out: list[Action]) -> None:
+        """Install ``session`` (claimed from another node, its buffer filled) on ``state``'s connection."""
+        if state.closing or state.session is not None or self.sessions.get(session.url) is not None:
+            self.answers.error(state, msg, 409, f"re-open: {session.url} is already held here", out)
+            return
+        self.sessions.add(session)
+        owner = {address: session for address in session.addresses}
+        owner.update((address, session) for address in session.bound)
+        self.addresses.install(owner)
+        self.subscriptions.install((session,))
+        session.conn = state.conn
+        state.session = session
+        self.counters["sessions_reopened"] += 1
+        if self.remote is not None:
+            self.remote.session_changed(session, "attached")
+        self._granted(state, msg, session, out)
+
+    def hand_off(self, url: str, out: list[Action]) -> list[bytes]:
+        """Another node took ``url`` over: drop it here (its cluster state stays), close its connection
+        with 4000, and return what was buffered for it, for the new owner."""
+        session = self.sessions.get(url)
+        if session is None:
+            return []
+        self.sessions.remove(session)
+        owner = self.addresses
+        for address in (*session.addresses, *session.bound):
+            if owner.owner(address) is session:
+                owner.forget(address)
+        self.subscriptions.release(session)
+        conn = session.conn
+        session.conn = None
+        session.deadline = None
+        if conn is not None:
+            state = self.conns.get(conn)
+            if state is not None and state.session is session:
+                state.session = None
+                self.answers.close(state, CLOSE_SESSION_TAKEN_OVER, "session re-opened on another node", out)
+        return session.take_buffer()
 
     # -- what was buffered for a session that ends -------------------------------------------------------
 
@@ -282,12 +338,14 @@ class SessionManager:
                 continue
             self.counters["buffer_answered"] += 1
             text = f"{msg.to}: its session {session.url} {reason} before this message could be delivered"
-            self._deliver(encode(response(msg, 410, text)), msg.from_, out)
+            self.deliver(encode(response(msg, 410, text)), msg.from_, out)
 
-    def _deliver(self, data: bytes, to: str, out: list[Action]) -> None:
+    def deliver(self, data: bytes, to: str, out: list[Action]) -> None:
         """Route one node-made response (no sender session): point to point, buffered if detached."""
         target = self.addresses.owner(to) or self.sessions.route(to)
         if target is None:
+            if self.remote is not None and self.remote.forward(to, data):
+                return
             self.counters["responses_dropped"] += 1
         elif target.conn is not None:
             self.counters["delivered"] += 1
