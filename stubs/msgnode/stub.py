@@ -106,6 +106,7 @@ def close_description(code: int | None, reason: str | None = None) -> str:
 #: Configuration keys: camelCase, as in reTHINK descriptors (and ``runtimeURL`` as the runtime spells it).
 _KEYS = {
     "url": "url",
+    "urls": "urls",
     "runtime_url": "runtimeURL",
     "outbox_messages": "outboxMessages",
     "outbox_bytes": "outboxBytes",
@@ -129,6 +130,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
     """
 
     url: Annotated[str, Meta(pattern=r"^wss?://")]
+    #: The other nodes of the domain's cluster: a lost connection is retried at the next URL of
+    #: ``[url, *urls]`` (round robin), where ``re-open`` claims the session from the cluster.
+    urls: list[Annotated[str, Meta(pattern=r"^wss?://")]] = []
     runtime_url: Annotated[str, Meta(min_length=1)]
     outbox_messages: Annotated[int, Meta(ge=1)] = 100_000
     outbox_bytes: Annotated[int, Meta(ge=1)] = 256 << 20
@@ -144,6 +148,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
     #: What a bad ``url`` or ``runtimeURL`` means, in the words of the deployment's operator.
     _WHAT: ClassVar[dict[str, str]] = {
         "url": "expected the node's ws:// or wss:// URL",
+        "urls": "expected a list of the cluster's other ws:// or wss:// node URLs",
         "runtimeURL": "missing (the runtime adds it when it deploys the stub)",
     }
 
@@ -688,6 +693,8 @@ class MsgNodeStub(ProtoStub):
         self._wake: asyncio.Event | None = None
         self._open_timer: asyncio.TimerHandle | None = None
         self._first: asyncio.Future[None] | None = None
+        #: Connection attempts that failed or ended: picks the node (``_node_url``).
+        self._attempt = 0
 
     # -- the SDK's hooks ------------------------------------------------------------------------
 
@@ -753,11 +760,22 @@ class MsgNodeStub(ProtoStub):
                 return
             await asyncio.sleep(delay)
 
+    def _node_url(self) -> str:
+        """The node to try now: ``url``, then (after each lost or failed connection) the next of ``urls``."""
+        nodes = (self.settings.url, *self.settings.urls)
+        return nodes[self._attempt % len(nodes)]
+
     async def _one_connection(self) -> float | None:
         settings = self.settings
+        delay = await self._connect_once(settings)
+        if delay is not None:
+            self._attempt += 1  # a cluster's next node: the one just tried failed or went away
+        return delay
+
+    async def _connect_once(self, settings: Settings) -> float | None:
         try:
             ws = await ws_connect(
-                settings.url,
+                self._node_url(),
                 compression=None,
                 proxy=None,
                 open_timeout=settings.open_timeout,

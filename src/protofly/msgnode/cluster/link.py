@@ -41,7 +41,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from protofly.log import get_logger
@@ -133,11 +133,25 @@ class ClusterLink:
         self.js = self.nc.jetstream(timeout=self.timeout)
         names = self.names
         for bucket in (names.addresses, names.keys, names.sessions, names.subscriptions):
-            self.kv[bucket] = await self.js.create_key_value(bucket=bucket, history=1, replicas=self.replicas)
-        ttl = max(3 * self.heartbeat, 1.0)
-        self.kv[names.nodes] = await self.js.create_key_value(
-            bucket=names.nodes, history=1, replicas=self.replicas, ttl=ttl
-        )
+            self.kv[bucket] = await self._bucket(bucket)
+        self.kv[names.nodes] = await self._bucket(names.nodes, ttl=max(3 * self.heartbeat, 1.0))
+        await self._setup(self._buffer_stream)
+        await self._setup(self._beat)
+        ready = [asyncio.get_running_loop().create_future() for _ in range(5)]
+        watched = (names.addresses, names.keys, names.sessions, names.subscriptions, names.nodes)
+        for bucket, future in zip(watched, ready, strict=True):
+            self._tasks.spawn(self._watch(bucket, future), name=f"watch {bucket}")
+        await asyncio.wait_for(asyncio.gather(*ready), timeout=self.timeout)
+        await self.nc.subscribe(names.control(self.node_id), cb=self._on_control)
+        await self.nc.subscribe(names.inbox(self.node_id) + ".*", cb=self._on_inbox)
+        self._tasks.spawn(self._writer(), name="cluster publisher")
+        self._tasks.spawn(self._record_writer(), name="cluster records")
+        self._tasks.spawn(self._heartbeats(), name="cluster heartbeats")
+        self._log.info("cluster joined", servers=",".join(self.servers), nodes=len(self.nodes))
+
+    async def _buffer_stream(self) -> None:
+        assert self.js is not None
+        names = self.names
         config = StreamConfig(
             name=names.buffers,
             subjects=[names.buffer_subjects],
@@ -151,18 +165,31 @@ class ClusterLink:
             await self.js.add_stream(config)
         except BadRequestError:  # another node made it (with its own limits): use it as it is
             await self.js.stream_info(names.buffers)
-        await self._beat()
-        ready = [asyncio.get_running_loop().create_future() for _ in range(5)]
-        watched = (names.addresses, names.keys, names.sessions, names.subscriptions, names.nodes)
-        for bucket, future in zip(watched, ready, strict=True):
-            self._tasks.spawn(self._watch(bucket, future), name=f"watch {bucket}")
-        await asyncio.wait_for(asyncio.gather(*ready), timeout=self.timeout)
-        await self.nc.subscribe(names.control(self.node_id), cb=self._on_control)
-        await self.nc.subscribe(names.inbox(self.node_id) + ".*", cb=self._on_inbox)
-        self._tasks.spawn(self._writer(), name="cluster publisher")
-        self._tasks.spawn(self._record_writer(), name="cluster records")
-        self._tasks.spawn(self._heartbeats(), name="cluster heartbeats")
-        self._log.info("cluster joined", servers=",".join(self.servers), nodes=len(self.nodes))
+
+    async def _bucket(self, name: str, ttl: float | None = None) -> KeyValue:
+        """Bind to bucket ``name``, creating it if no node has yet (nodes starting together race here)."""
+
+        async def bind() -> KeyValue:
+            assert self.js is not None
+            try:
+                return await self.js.key_value(name)
+            except BucketNotFoundError:
+                return await self.js.create_key_value(bucket=name, history=1, replicas=self.replicas, ttl=ttl)
+
+        result: KeyValue = await self._setup(bind)
+        return result
+
+    async def _setup(self, step: Callable[[], Any]) -> Any:
+        """Run one setup ``step``, retried (bounded) while JetStream is busy with another node's setup."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3 * self.timeout
+        while True:
+            try:
+                return await step()
+            except Exception:  # e.g. "no response from stream" while another node creates it
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)  # JetStream says nothing when the other node's stream is ready
 
     async def close(self) -> None:
         """Write what is still queued, leave the cluster (heartbeat deleted), close the connection."""
@@ -281,7 +308,7 @@ class ClusterLink:
             return False
         sid = session_id(url)
         record = self.records.get(sid)
-        if record is None or record.owner == self.node_id and sid in self.session_subs:
+        if record is None or (record.owner == self.node_id and sid in self.session_subs):
             return False  # stale: this node would have found it in its own tables
         self.send_to_session(url, data)
         return True
