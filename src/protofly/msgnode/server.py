@@ -351,6 +351,7 @@ class MessageNode:
         if self.link is not None:
             merged.update({f"cluster_{name}": value for name, value in self.link.counters.items()})
             merged["cluster_nodes"] = len(self.link.alive_nodes)
+            merged["cluster_resource_nodes"] = max((len(n) for n in self.link.resource_nodes.values()), default=0)
         return merged
 
     # -- handlers -----------------------------------------------------------------------------------

@@ -72,15 +72,15 @@ async def test_a_thousand_subscribers_on_three_nodes_get_every_update(nodes: lis
         for index, client in enumerate(sessions):
             sources = [f"hyperty://s{index}.test/h{n}" for n in range(per_session)]
             for source in sources:
-                reply = await client.request(
-                    type="subscribe", from_=f"{client.runtime}/sm", to=SM, body={"resources": [resource], "source": source}
-                )
+                body = {"resources": [resource], "source": source}
+                reply = await client.request(type="subscribe", from_=f"{client.runtime}/sm", to=SM, body=body)
                 assert reply["body"]["code"] == 200
         publisher, p = await _runtime(nodes[1].url, "pub")
         sessions.append(publisher)
 
         async def every_node_subscribed() -> bool:
-            return all((await node.stats())["cluster_published"] >= 0 for node in nodes)
+            stats = [await node.stats() for node in nodes]
+            return all(s["cluster_resource_nodes"] == 3 for s in stats)
 
         await _eventually(every_node_subscribed)
         updates = 20
@@ -140,8 +140,8 @@ async def test_node_2_killed_under_traffic_its_sessions_resume_on_another_node_a
                 await asyncio.sleep(0.002)
 
         traffic = asyncio.create_task(send_all())
-        while len(receiver.inbox) < 50:  # traffic flows through node 2 before it dies
-            await receiver.next(lambda m: False, timeout=0.05) if False else await asyncio.sleep(0.01)
+        for _ in range(50):  # traffic flows through node 2 before it dies
+            got.add((await receiver.next(lambda m: m.get("to") == r))["body"]["n"])
         got.update(m["body"]["n"] for m in receiver.inbox if m.get("to") == r)
         killed_at = asyncio.get_running_loop().time()
         nodes[1].kill()
@@ -155,10 +155,11 @@ async def test_node_2_killed_under_traffic_its_sessions_resume_on_another_node_a
         assert reply["body"]["code"] == 200, reply
         live_after = asyncio.get_running_loop().time() - killed_at
         await traffic
-        async with asyncio.timeout(15):
-            while len(got) + len(answered) < total:
-                msg = await moved.next(lambda m: m.get("to") == r, timeout=10)
+        with contextlib.suppress(TimeoutError):
+            while len(got) < total:
+                msg = await moved.next(lambda m: m.get("to") == r, timeout=3)
                 got.add(msg["body"]["n"])
+        print("MISSING", sorted(set(range(total)) - got), await nodes[0].stats(), await nodes[2].stats(), sender.inbox[:3])
         answered.update(m["id"] for m in sender.inbox if m.get("type") == "response")
         assert got == set(range(total)), f"lost {sorted(set(range(total)) - got)[:20]}"
         assert not answered  # nothing was refused either

@@ -28,16 +28,29 @@ from protofly.msgnode.cluster.link import ClusterLink
 from protofly.msgnode.cluster.names import SessionRecord, session_id, token_hash, url_key
 from protofly.msgnode.session import Session
 
-__all__ = ["allocate", "claim", "hand_over"]
+__all__ = ["allocate", "claim", "hand_over", "take_buffer"]
 
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
+#: Transient JetStream failures (a server lost, a leader re-elected) are retried this often, this far apart.
+_TRIES = 10
+_RETRY_DELAY = 0.3
 
 
 async def allocate(link: ClusterLink, action: Allocate) -> None:
     """Carry out an :class:`Allocate`: create the key and the addresses, then let the core answer."""
+    msg: Message = action.msg
+    refused: Refused | None = None
+    for attempt in range(_TRIES):  # a NATS server just lost: the client reconnects, JetStream re-elects
+        refused = await _allocate_once(link, action)
+        if refused is None or refused.code != 503 or attempt == _TRIES - 1:
+            break
+        await asyncio.sleep(_RETRY_DELAY)  # nothing announces JetStream's recovery to a client
+    link.apply(link.core.allocated(action.conn, msg, action.addresses, action.key, refused))
+
+
+async def _allocate_once(link: ClusterLink, action: Allocate) -> Refused | None:
     names = link.names
     refused: Refused | None = None
-    msg: Message = action.msg
     try:
         if action.key is not None:
             keys = link.kv[names.keys]
@@ -59,7 +72,7 @@ async def allocate(link: ClusterLink, action: Allocate) -> None:
     except Exception as exc:
         link.counters["kv_errors"] += 1
         refused = Refused(503, f"the cluster's address table is unavailable ({exc or type(exc).__name__}): retry")
-    link.apply(link.core.allocated(action.conn, msg, action.addresses, action.key, refused))
+    return refused
 
 
 async def claim(link: ClusterLink, action: Claim) -> None:
@@ -69,9 +82,7 @@ async def claim(link: ClusterLink, action: Claim) -> None:
     core = link.core
     sid = session_id(url)
     bucket = link.kv[link.names.sessions]
-    unknown = (
-        f"re-open: unknown session {url} (closed, expired or the node restarted): send 'open' for a new session"
-    )
+    unknown = f"re-open: unknown session {url} (closed, expired or the node restarted): send 'open' for a new session"
     for _ in range(3):  # a record rewritten meanwhile (its owner still writing): read it again
         try:
             entry = await bucket.get(sid)
@@ -100,10 +111,15 @@ async def claim(link: ClusterLink, action: Claim) -> None:
         link.apply(core.claim_failed(action.conn, msg, 409, f"re-open: {url} is being re-opened elsewhere: retry"))
         return
     link.claimed(sid, mine, revision)
-    await link.hold(url)
-    if previous and previous != link.node_id and link.nc is not None:
-        await link.nc.publish(link.names.control(previous), msgspec.json.encode({"takeover": url}))
-    frames = await _take_buffer(link, sid)
+    link.claiming[url] = []
+    try:
+        await link.hold(url)
+        dead = None
+        if previous and previous != link.node_id and link.nc is not None:
+            dead = await _take_over(link, previous, url)
+        frames = await take_buffer(link, sid)
+    finally:
+        early = link.claiming.pop(url, [])
     session = Session(
         runtime_url=record.runtime,
         token=token,
@@ -114,11 +130,22 @@ async def claim(link: ClusterLink, action: Claim) -> None:
         subscriptions={resource: set(sources) for resource, sources in record.subscriptions.items()},
         subscription_count=sum(len(sources) for sources in record.subscriptions.values()),
     )
-    link.apply(core.adopt(action.conn, msg, session, frames))
-    link.counters["takeovers"] += 0  # claims are counted by the core (sessions_claimed)
+    link.apply(core.adopt(action.conn, msg, session, frames + early))
+    if dead is not None and link.nc is not None:  # what the dead node had in flight: sent again by its senders
+        await link.nc.publish(link.names.resend, msgspec.json.encode({"url": url, "dead": dead}))
 
 
-async def _take_buffer(link: ClusterLink, sid: str) -> list[bytes]:
+async def _take_over(link: ClusterLink, previous: str, url: str) -> str | None:
+    """Tell the previous owner; it closes its socket and forwards its buffer.  Returns it if it is dead."""
+    assert link.nc is not None
+    try:
+        await link.nc.request(link.names.control(previous), msgspec.json.encode({"takeover": url}), timeout=1.0)
+    except Exception:  # no responders (its connection is gone) or no answer: it died holding the session
+        return previous
+    return None
+
+
+async def take_buffer(link: ClusterLink, sid: str) -> list[bytes]:
     """Read session ``sid``'s buffer stream in order, then purge what was read."""
     js = link.js
     assert js is not None

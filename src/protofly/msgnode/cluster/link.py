@@ -56,9 +56,9 @@ __all__ = ["ClusterLink"]
 _log = get_logger("protofly.msgnode.cluster")
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
 _encode = msgspec.json.encode
-#: How long a forwarded message waits for "no responders" / "gone" before it counts as taken.
-_PENDING_SECONDS = 2.0
-_PENDING_MAX = 200_000
+#: Forwarded messages kept for a re-send after their node died: at most this many, this many seconds.
+_SENT_MAX = 100_000
+_SENT_SECONDS = 5.0
 
 
 class ClusterLink:
@@ -81,12 +81,14 @@ class ClusterLink:
         self.servers = servers
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.names = Names(core.domain)
+        self._domain_part = f"://{core.domain}/"
         self.replicas = replicas
         self.heartbeat = heartbeat
         self.buffer_age = buffer_age
         self.timeout = timeout
         self.counters: dict[str, int] = dict.fromkeys(
-            ("published", "no_responders", "gone", "to_buffer", "buffer_failed", "takeovers", "kv_errors"), 0
+            ("published", "no_responders", "gone", "to_buffer", "buffer_failed", "takeovers", "kv_errors", "resent"),
+            0,
         )
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
@@ -97,6 +99,7 @@ class ClusterLink:
         self.by_runtime: dict[str, str] = {}  # runtime URL -> session URL
         self.resource_nodes: dict[str, set[str]] = {}  # resource -> nodes with subscribers
         self.nodes: dict[str, float] = {}  # node -> last heartbeat seen (loop time)
+        self.nodes_seen: dict[str, float] = {}  # node -> last heartbeat seen (monotonic, kept after it leaves)
         # what this node holds
         self.session_subs: dict[str, Subscription] = {}  # session id -> subscription
         self.sub_urls: dict[str, str] = {}  # subject -> session URL
@@ -109,9 +112,13 @@ class ClusterLink:
         self._dirty_event = asyncio.Event()
         self._out: collections.deque[tuple[str, bytes, str]] = collections.deque()
         self._out_event = asyncio.Event()
-        self._pending: dict[int, tuple[str, bytes, float]] = {}
-        self._pending_order: collections.deque[tuple[float, int]] = collections.deque()
         self._seq = 0
+        #: What this node forwarded lately, by publish number: (monotonic time, session URL, data).  An entry
+        #: answers a "no responders"/"gone" (then it is buffered and dropped here), and is sent again when
+        #: the node that held its session died with it in flight (``resend``).  Bounded by count and age.
+        self._sent: dict[int, tuple[float, str, bytes]] = {}
+        #: Sessions being claimed here: what arrives for them before the claim completes waits here.
+        self.claiming: dict[str, list[bytes]] = {}
         self._tasks = TaskSet("msgnode-cluster")
         self._closing = False
         self._log = _log.bind(domain=core.domain, node=self.node_id)
@@ -120,16 +127,7 @@ class ClusterLink:
 
     async def start(self) -> None:
         """Connect, make sure the buckets and the buffer stream exist, load the caches, start heartbeats."""
-        self.nc = await nats.connect(
-            self.servers,
-            name=f"protofly-msgnode-{self.node_id}",
-            no_echo=True,
-            connect_timeout=2,
-            reconnect_time_wait=0.2,
-            max_reconnect_attempts=-1,
-            pending_size=64 << 20,
-            error_cb=self._nats_error,
-        )
+        self.nc = await asyncio.wait_for(self._connect(), timeout=2 * self.timeout)
         self.js = self.nc.jetstream(timeout=self.timeout)
         names = self.names
         for bucket in (names.addresses, names.keys, names.sessions, names.subscriptions):
@@ -143,11 +141,50 @@ class ClusterLink:
             self._tasks.spawn(self._watch(bucket, future), name=f"watch {bucket}")
         await asyncio.wait_for(asyncio.gather(*ready), timeout=self.timeout)
         await self.nc.subscribe(names.control(self.node_id), cb=self._on_control)
+        await self.nc.subscribe(names.resend, cb=self._on_resend)
         await self.nc.subscribe(names.inbox(self.node_id) + ".*", cb=self._on_inbox)
         self._tasks.spawn(self._writer(), name="cluster publisher")
         self._tasks.spawn(self._record_writer(), name="cluster records")
         self._tasks.spawn(self._heartbeats(), name="cluster heartbeats")
         self._log.info("cluster joined", servers=",".join(self.servers), nodes=len(self.nodes))
+
+    async def _connect(self) -> Client:
+        """The NATS connection: reconnects for ever once made (its first connect is bounded by the caller)."""
+        return await nats.connect(
+            self.servers,
+            name=f"protofly-msgnode-{self.node_id}",
+            no_echo=True,
+            connect_timeout=2,
+            reconnect_time_wait=0.2,
+            max_reconnect_attempts=-1,
+            pending_size=64 << 20,
+            error_cb=self._nats_error,
+            reconnected_cb=self._reconnected,
+        )
+
+    async def _reconnected(self) -> None:
+        """Back on NATS (another server): what was buffered for our sessions meanwhile is delivered now."""
+        self._log.info("nats reconnected")
+        for url in list(self.sub_urls.values()):
+            self._tasks.spawn(self.deliver_buffer(url), name="deliver buffer")
+
+    async def deliver_buffer(self, url: str) -> None:
+        """Deliver what waits in the buffer stream of session ``url`` (held here) to it, in order."""
+        from protofly.msgnode.cluster.claim import take_buffer
+
+        if session_id(url) not in self.session_subs:
+            return
+        try:
+            frames = await take_buffer(self, session_id(url))
+        except Exception as exc:
+            self._log.warning("buffer not read", error=str(exc) or type(exc).__name__)
+            return
+        for frame in frames:
+            actions = self.core.remote_deliver(url, frame)
+            if actions is None:  # it moved meanwhile: follow it
+                self.send_to_session(url, frame)
+            else:
+                self.apply(actions)
 
     async def _buffer_stream(self) -> None:
         assert self.js is not None
@@ -223,6 +260,15 @@ class ClusterLink:
     # -- caches ---------------------------------------------------------------------------------------
 
     async def _watch(self, bucket: str, ready: asyncio.Future[None]) -> None:
+        """Keep the cache of ``bucket``; a watcher that fails (NATS trouble) is made again."""
+        while True:
+            try:
+                await self._watch_once(bucket, ready)
+            except Exception as exc:
+                self._log.warning("cluster watcher restarted", bucket=bucket, error=str(exc) or type(exc).__name__)
+            await asyncio.sleep(0.5)  # then watch again from the current values
+
+    async def _watch_once(self, bucket: str, ready: asyncio.Future[None]) -> None:
         watcher = await self.kv[bucket].watchall()
         apply = {
             self.names.addresses: self._seen_address,
@@ -274,6 +320,7 @@ class ClusterLink:
             self.nodes.pop(key, None)
         else:
             self.nodes[key] = asyncio.get_running_loop().time()
+            self.nodes_seen[key] = time.monotonic()
 
     async def _heartbeats(self) -> None:
         while True:
@@ -305,7 +352,12 @@ class ClusterLink:
     def forward(self, to: str, data: bytes) -> bool:
         url = self.session_url_of(to)
         if url is None:
-            return False
+            if self._domain_part not in to:
+                return False
+            # an address of this domain unknown to the cache (just allocated, or a watcher catching up
+            # after NATS trouble): ask the table itself before answering 404
+            self._tasks.spawn(self._look_up(to, data), name="address look-up")
+            return True
         sid = session_id(url)
         record = self.records.get(sid)
         if record is None or (record.owner == self.node_id and sid in self.session_subs):
@@ -313,17 +365,39 @@ class ClusterLink:
         self.send_to_session(url, data)
         return True
 
+    async def _look_up(self, to: str, data: bytes) -> None:
+        try:
+            entry = await self.kv[self.names.addresses].get(url_key(to))
+            url = None if entry.value is None else entry.value.decode()
+        except KeyNotFoundError:
+            url = None
+        except Exception as exc:
+            self.counters["kv_errors"] += 1
+            self.apply(self.core.undeliverable(data, 503, f"no route to {to} now: the cluster is unavailable ({exc})"))
+            return
+        if url is None:
+            text = f"no route to {to}: not an allocated address, runtime or subscribed resource in {self.core.domain}"
+            self.apply(self.core.undeliverable(data, 404, text))
+            return
+        self.owner_of[to] = url
+        actions = self.core.remote_deliver(url, data)  # it may be ours after all
+        if actions is not None:
+            self.apply(actions)
+        else:
+            self.send_to_session(url, data)
+
     def send_to_session(self, url: str, data: bytes) -> None:
         """Publish ``data`` to session ``url``'s subject; "no responders"/"gone" send it to its buffer."""
         self._seq += 1
         seq = self._seq
         now = time.monotonic()
-        pending = self._pending
-        order = self._pending_order
-        while order and (now - order[0][0] > _PENDING_SECONDS or len(pending) >= _PENDING_MAX):
-            pending.pop(order.popleft()[1], None)
-        pending[seq] = (url, data, now)
-        order.append((now, seq))
+        sent = self._sent
+        while sent:
+            first = next(iter(sent))
+            if now - sent[first][0] <= _SENT_SECONDS and len(sent) < _SENT_MAX:
+                break
+            del sent[first]
+        sent[seq] = (now, url, data)
         self._queue(self.names.session(session_id(url)), data, f"{self.names.inbox(self.node_id)}.{seq}")
 
     def fan_out(self, resource: str, data: bytes) -> bool:
@@ -358,12 +432,12 @@ class ClusterLink:
                 out.popleft()
 
     async def _on_inbox(self, msg: Msg) -> None:
-        """"No responders" (NATS status 503) or "gone" for a forwarded message: buffer it instead."""
+        """ "No responders" (NATS status 503) or "gone" for a forwarded message: buffer it instead."""
         seq = int(msg.subject.rpartition(".")[2])
-        entry = self._pending.pop(seq, None)
+        entry = self._sent.pop(seq, None)  # bounced: not to be re-sent later
         if entry is None:
             return
-        url, data, _ = entry
+        _, url, data = entry
         headers = msg.headers or {}
         if headers.get("Status") == "503":
             self.counters["no_responders"] += 1
@@ -397,9 +471,32 @@ class ClusterLink:
             self.apply(self.core.undeliverable(data, 503, text))
             return
         self.counters["to_buffer"] += 1
+        owner = record.owner
+        if owner and self.nc is not None:  # its node may only have been away from NATS for a moment
+            with contextlib.suppress(Exception):
+                await self.nc.publish(self.names.control(owner), _encode({"deliver": url}))
+
+    async def _on_resend(self, msg: Msg) -> None:
+        """A session's node died and another claimed it: send again what went to it lately (at least once)."""
+        try:
+            notice = msgspec.json.decode(msg.data)
+            url, dead = notice["url"], notice["dead"]
+        except (msgspec.DecodeError, KeyError, TypeError):
+            return
+        seen = self.nodes_seen.get(dead)
+        now = time.monotonic()
+        # from a heartbeat interval before the dead node's last sign of life (all of the window if unknown)
+        since = now - _SENT_SECONDS if seen is None else max(now - _SENT_SECONDS, seen - 2 * self.heartbeat)
+        again = [data for when, url_, data in list(self._sent.values()) if url_ == url and when >= since]
+        self.counters["resent"] += len(again)
+        for data in again:
+            self.send_to_session(url, data)
 
     async def _on_session(self, msg: Msg) -> None:
         url = self.sub_urls.get(msg.subject)
+        if url is not None and url in self.claiming:
+            self.claiming[url].append(msg.data)
+            return
         actions = None if url is None else self.core.remote_deliver(url, msg.data)
         if actions is None:
             if msg.reply:
@@ -569,10 +666,15 @@ class ClusterLink:
     async def _on_control(self, msg: Msg) -> None:
         try:
             notice = msgspec.json.decode(msg.data)
+            if "deliver" in notice:
+                await self.deliver_buffer(str(notice["deliver"]))
+                return
             url = notice["takeover"]
         except (msgspec.DecodeError, KeyError, TypeError):
             return
         await self.handed(url)
+        if msg.reply:
+            await msg.respond(b"handed")
 
     async def handed(self, url: str) -> None:
         """Another node claimed ``url``: let it go here and send it what was buffered for it, in order."""

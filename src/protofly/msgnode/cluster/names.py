@@ -60,6 +60,7 @@ class Names:
         self.nodes = f"pf_{token}_nodes"
         self.buffers = f"PF_{token}_BUFFERS"
         self.buffer_subjects = f"pf.{token}.b.*"
+        self.resend = f"pf.{token}.resend"
 
     def session(self, sid: str) -> str:
         return f"pf.{self.token}.s.{sid}"
