@@ -767,12 +767,12 @@ class MsgNodeStub(ProtoStub):
 
     async def _one_connection(self) -> float | None:
         settings = self.settings
-        delay = await self._connect_once(settings)
+        delay = await self._serve_node(settings)
         if delay is not None:
             self._attempt += 1  # a cluster's next node: the one just tried failed or went away
         return delay
 
-    async def _connect_once(self, settings: Settings) -> float | None:
+    async def _serve_node(self, settings: Settings) -> float | None:
         try:
             ws = await ws_connect(
                 self._node_url(),

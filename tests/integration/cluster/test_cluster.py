@@ -32,7 +32,7 @@ async def _runtime(url: str, name: str) -> tuple[Client, str]:
 async def _eventually(predicate: Any, timeout: float = WAIT) -> None:
     """Poll a remote counter (a node's /stats) until ``predicate()`` holds; bounded."""
     async with asyncio.timeout(timeout):
-        while not await predicate():
+        while not await predicate():  # noqa: ASYNC110 - another process's counters: nothing to await
             await asyncio.sleep(0.05)
 
 
@@ -155,11 +155,10 @@ async def test_node_2_killed_under_traffic_its_sessions_resume_on_another_node_a
         assert reply["body"]["code"] == 200, reply
         live_after = asyncio.get_running_loop().time() - killed_at
         await traffic
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError):  # a lost message fails the assertion below, naming it
             while len(got) < total:
-                msg = await moved.next(lambda m: m.get("to") == r, timeout=3)
+                msg = await moved.next(lambda m: m.get("to") == r, timeout=5)
                 got.add(msg["body"]["n"])
-        print("MISSING", sorted(set(range(total)) - got), await nodes[0].stats(), await nodes[2].stats(), sender.inbox[:3])
         answered.update(m["id"] for m in sender.inbox if m.get("type") == "response")
         assert got == set(range(total)), f"lost {sorted(set(range(total)) - got)[:20]}"
         assert not answered  # nothing was refused either

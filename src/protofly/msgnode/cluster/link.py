@@ -243,10 +243,10 @@ class ClusterLink:
 
     async def _flush(self) -> None:
         """Wait (bounded by the caller) until the publish queue and the record writes are done."""
-        while self._out or self._dirty:
-            await asyncio.sleep(0.01)  # the writers signal nothing back; the queues are short
+        while self._out or self._dirty:  # noqa: ASYNC110 - the writers signal nothing back; the queues are short
+            await asyncio.sleep(0.01)
         if self.nc is not None:
-            await self.nc.flush(timeout=self.timeout)
+            await self.nc.flush(timeout=int(self.timeout))
 
     async def _nats_error(self, exc: Exception) -> None:
         self._log.warning("nats", error=str(exc) or type(exc).__name__)

@@ -126,7 +126,7 @@ class NatsCluster:
 
     async def start_server(self, server: NatsServer) -> None:
         """(Re)start one member with its config (a restarted member keeps its ports and store)."""
-        log = open(server.directory / "nats.log", "ab")
+        log = open(server.directory / "nats.log", "ab")  # noqa: ASYNC230 - a local log file, handed to the child
         try:
             server.process = await asyncio.create_subprocess_exec(
                 self.binary, "-c", str(server.directory / "nats.conf"), stdout=log, stderr=log
