@@ -147,7 +147,8 @@ async def throughput(nodes: list[Node]) -> float:
         task = asyncio.create_task(receive())
         for n in range(per_pair):
             await credit.acquire()
-            frame = f'{{"id":{n},"type":"update","from":"{sender.address}","to":"{receiver.address}","body":{{"n":{n},"p":"{pad}"}}}}'
+            head = f'{{"id":{n},"type":"update","from":"{sender.address}","to":"{receiver.address}"'
+            frame = f'{head},"body":{{"n":{n},"p":"{pad}"}}}}'
             await sender.ws.send(frame)
         await task
 

@@ -171,7 +171,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
         """msgspec's "Expected `int` >= 1 - at `$.outboxMessages`" in the stub's words, naming the key."""
         detail, sep, where = text.rpartition(" - at `$.")
         if sep:
-            key = where.rstrip("`")
+            key = where.rstrip("`").split("[", 1)[0]  # urls[1] -> urls
         elif text.startswith("Object missing required field `"):
             key = text.split("`")[1]
         else:

@@ -51,7 +51,7 @@ class Names:
     """Bucket, stream and subject names of one domain's cluster."""
 
     def __init__(self, domain: str) -> None:
-        token = re.sub(r"[^A-Za-z0-9]", "_", domain)
+        token = re.sub(r"[^A-Za-z0-9-]", "_", domain)  # a domain has no "_": one name per domain
         self.token = token
         self.addresses = f"pf_{token}_addresses"
         self.keys = f"pf_{token}_keys"
