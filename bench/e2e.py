@@ -24,6 +24,12 @@ hyperty B in runtime B.  Four OS processes on the machine: this one, two stub ho
 run, split by process: ``runtimes`` (this process: both runtimes, buses, hyperties, sandbox channels),
 ``stubs`` (both stub hosts together), ``node``.  That is where the time goes.
 
+``--js``: the same topology with reTHINK's own JavaScript stub (``default.ps.js`` from dev-protostubs,
+vendored under ``tests/conformance/data``, unmodified, in a Node sandbox host) as runtime A's stub, and
+protofly's Python stub on runtime B's side: round trip and one-way figures (no fan-out), plus
+``cold_deploy_js_ms_p50/p95``: ``load_stub`` of the JavaScript stub in a new runtime (empty state
+directory, its pre-started Node host ready) until ``live``, 25 rounds after 2 unmeasured, with its steps.
+
 Prints one JSON object.
 """
 
@@ -53,6 +59,8 @@ from protofly.sandbox import active_layers  # noqa: E402
 
 DOMAIN = "b.test"
 STUB_PACKAGE = ROOT / "stubs" / "msgnode"
+RETHINK = ROOT / "tests" / "conformance" / "data"
+COLD_ROUNDS = 25
 ROUNDTRIP_WARMUP = 100
 ROUNDTRIPS = 1_000
 ONEWAY = 10_000
@@ -87,7 +95,8 @@ def stub_hosts() -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"protofly.sandbox.host" not in argv or b"bwrap" in argv[0]:
+        is_host = b"protofly.sandbox.host" in argv or any(arg.endswith(b"node_host.js") for arg in argv)
+        if not is_host or b"bwrap" in argv[0]:
             continue
         ancestor = int(entry.name)
         for _ in range(6):
@@ -154,6 +163,44 @@ class NodeProcess:
                 await asyncio.wait_for(self.proc.wait(), timeout=5)
 
 
+async def rethink_catalogue(root: Path, node_url: str, key: SigningKey) -> CatalogueServer:
+    """Publish reTHINK's JavaScript stub for b.test (signed by b.test, its descriptor pointed at the node)."""
+    package = root / "package-js"
+    package.mkdir()
+    (package / "default.ps.js").write_bytes((RETHINK / "default.ps.js").read_bytes())
+    template = json.loads((RETHINK / "default.ps.json").read_text())
+    template["configuration"]["url"] = node_url
+    template.update({"version": "1.0.0", "sourceFile": "default.ps.js"})
+    (package / "descriptor.json").write_text(json.dumps(template))
+    publish(package, root / "published-js", key, DOMAIN)
+    server = CatalogueServer(root / "published-js", default="default")
+    await server.start()
+    return server
+
+
+async def cold_deploys_js(root: Path, server: CatalogueServer, trust_file: Path) -> dict[str, float]:
+    """Cold deploys of the JavaScript stub: a new runtime each, its pre-started host ready."""
+    totals: list[float] = []
+    steps: dict[str, list[float]] = {}
+    for index in range(-2, COLD_ROUNDS):
+        async with Runtime(config(root, f"cold-{index}", server, trust_file)) as runtime:
+            await runtime.sandbox.wait_ready(javascript=True)  # type: ignore[attr-defined]
+            started = time.perf_counter()
+            handle = await runtime.load_stub(DOMAIN)
+            total = (time.perf_counter() - started) * 1000
+        if index >= 0:
+            totals.append(total)
+            for step in handle.steps:
+                steps.setdefault(step.name, []).append(step.ms)
+    figures = {
+        "cold_deploy_js_ms_p50": round(statistics.median(totals), 2),
+        "cold_deploy_js_ms_p95": round(percentile(totals, 0.95), 2),
+    }
+    for name, values in steps.items():
+        figures[f"cold_deploy_js_step_{name}_ms_p50"] = round(statistics.median(values), 3)
+    return figures
+
+
 async def catalogue(root: Path, node_url: str) -> tuple[CatalogueServer, Path]:
     """Publish the stub for b.test (signed, configured with the node's URL) and serve it."""
     key = SigningKey.generate(DOMAIN)
@@ -169,7 +216,12 @@ async def catalogue(root: Path, node_url: str) -> tuple[CatalogueServer, Path]:
     publish(package, root / "published", key, DOMAIN)
     server = CatalogueServer(root / "published", default="default")
     await server.start()
+    KEYS[DOMAIN] = key
     return server, trust_file
+
+
+#: The signing key of each domain published by :func:`catalogue` (the JavaScript variant signs with it too).
+KEYS: dict[str, SigningKey] = {}
 
 
 def config(root: Path, name: str, server: CatalogueServer, trust_file: Path) -> RuntimeConfig:
@@ -331,15 +383,16 @@ async def fan_out(rt_a: Runtime, rt_b: Runtime) -> dict[str, float | int]:
     }
 
 
-async def main() -> dict[str, Any]:
+async def main(js: bool = False) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="protofly-bench-e2e-"))
     node = NodeProcess()
-    server = None
+    server = server_a = None
     try:
         await node.start()
         server, trust_file = await catalogue(root, node.url)
+        server_a = await rethink_catalogue(root, node.url, KEYS[DOMAIN]) if js else server
         async with (
-            Runtime(config(root, "a", server, trust_file)) as rt_a,
+            Runtime(config(root, "a", server_a, trust_file)) as rt_a,
             Runtime(config(root, "b", server, trust_file)) as rt_b,
         ):
             receiver = Receiver()
@@ -356,12 +409,18 @@ async def main() -> dict[str, Any]:
                 figures[f"cpu_us_per_msg_{key}"] = meter.per_message(ONEWAY)
                 figures[f"oneway_msgs_per_s_{key}"] = round(rate)
                 figures[f"oneway_{key}_bad"] = bad
-            figures.update(await fan_out(rt_a, rt_b))
+            if not js:
+                figures.update(await fan_out(rt_a, rt_b))
             record = rt_a.registry.stub(DOMAIN)
+            figures["stub_a_host"] = record.isolation.get("host", "python")
             figures["stub_isolation"] = "+".join(active_layers(record.isolation))
             figures["stub_isolation_missing"] = len(record.isolation.get("missing", []))
-            return figures
+        if js:
+            figures.update(await cold_deploys_js(root, server_a, trust_file))
+        return figures
     finally:
+        if server_a is not None and server_a is not server:
+            await server_a.stop()
         if server is not None:
             await server.stop()
         await node.stop()
@@ -369,4 +428,4 @@ async def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main())))
+    print(json.dumps(asyncio.run(main(js="--js" in sys.argv[1:]))))

@@ -1,17 +1,20 @@
 #!/bin/sh
-# System packages the tests exercise: bubblewrap (sandbox), nats-server (message node cluster). Installed when missing and we may (root + apt);
+# System packages the tests exercise (bubblewrap for the sandbox; Node.js and npm for JavaScript stubs; nats-server
+# for the message node cluster). Installed when missing and we may (root + apt);
 # otherwise say so loudly: the tests that need them then skip with that reason, never silently.
 set -u
 missing=""
 command -v bwrap >/dev/null 2>&1 || missing="$missing bubblewrap"
+command -v node >/dev/null 2>&1 || command -v nodejs >/dev/null 2>&1 || missing="$missing nodejs"
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing="$missing nats-server"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing system packages:$missing"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null && exit 0
-    echo "WARNING: could not install$missing; the tests needing them (sandbox isolation, message node cluster) will be skipped" >&2
+    echo "WARNING: could not install$missing; the tests needing them (sandbox isolation, JavaScript stubs, message node cluster) will be skipped" >&2
 else
-    echo "WARNING: missing system packages:$missing (install them as root); the tests needing them (sandbox isolation, message node cluster) will be skipped" >&2
+    echo "WARNING: missing system packages:$missing (install them as root); the tests needing them (sandbox isolation, JavaScript stubs, message node cluster) will be skipped" >&2
 fi
 exit 0

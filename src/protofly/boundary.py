@@ -37,6 +37,10 @@ __all__ = ["BoundaryPolicy", "StubBoundary"]
 
 log = get_logger("protofly.boundary")
 
+#: Types that are notifications (nobody waits for their answer): a refusal is counted, not answered, so a
+#: flood of them does not turn into a flood of answers into the flooding stub's own channel.
+_NOT_ANSWERED = frozenset({"response", "update"})
+
 #: The sandbox control protocol's addresses: never a stub's destination.
 _CONTROL_SPACE = "hyperty-runtime://sandbox"
 
@@ -80,7 +84,7 @@ class StubBoundary:
         if to == self._status_url:
             if self._statuses.take():
                 return True
-            return self._refuse(msg, "status_rate_limited", 429, "status updates over the stub's rate")
+            return self._refuse(msg, "status_rate_limited", 0, "status updates over the stub's rate")  # a notification
         if msg.type == "response":
             outcome = self._bus.settle_from(msg, self.url)
             if outcome == SETTLED:
@@ -122,6 +126,6 @@ class StubBoundary:
             sender=msg.from_[:200],
             total=total,
         )
-        if code and msg.type != "response":
+        if code and msg.type not in _NOT_ANSWERED:
             self._bus.reply_error(msg, code, f"{description} ({counter})")
         return False

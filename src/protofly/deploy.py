@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
+
+from packaging.requirements import Requirement
 
 from protofly.catalogue import CatalogueClient, CatalogueError, VerifiedStub
 from protofly.config import RuntimeConfig
@@ -23,6 +26,7 @@ from protofly.identity import IdentityModule
 from protofly.message import Message, error_description, response_code
 from protofly.registry import RuntimeRegistry, StatusEvent, StatusTimeoutError, StubRecord
 from protofly.sandbox import Boundary, Component, DeployError, Limits, Sandbox, SandboxError, active_layers
+from protofly.supervision import AUTH_FAILURE, REQUIREMENTS_FAILURE
 
 __all__ = ["DeployPipeline", "Step", "StubDeploymentError", "StubHandle"]
 
@@ -152,9 +156,14 @@ class DeployPipeline:
             raise StubDeploymentError(
                 target.domain, 504, "catalogue did not answer within the deploy timeout"
             ) from None
-        if not verified.descriptor.is_python:
-            language = verified.descriptor.language
-            raise StubDeploymentError(target.domain, 501, f"stub language {language!r} cannot run in a Python sandbox")
+        problem = self.sandbox.unavailable(verified.descriptor.language)
+        if problem is not None:
+            raise StubDeploymentError(target.domain, 501, problem, cause="missing-capability")
+        missing = missing_requirements(verified.descriptor.requirements)
+        if missing:
+            raise StubDeploymentError(
+                target.domain, 424, f"requirements: {'; '.join(missing)}", cause=REQUIREMENTS_FAILURE
+            )
         return verified
 
     async def _instantiate(self, target: Target, verified: VerifiedStub, deadline: float) -> Component:
@@ -179,6 +188,7 @@ class DeployPipeline:
                     boundary=boundary,
                     on_message=target.on_message,
                     on_exit=lambda reason: target.on_exit(holder[0], reason) if holder else None,
+                    language=descriptor.language,
                 ),
                 _left(deadline),
             )
@@ -207,6 +217,9 @@ class DeployPipeline:
             reason = target.record.last_description() or str(exc)
             raise StubDeploymentError(target.domain, 503, f"stub stopped while connecting: {reason}") from None
         code = response_code(answer)
+        if code in (401, 403):
+            reason = error_description(answer.body) or f"code {code}"
+            raise StubDeploymentError(target.domain, 401, f"credentials refused: {reason}", cause=AUTH_FAILURE)
         if code is None or code >= 300:
             reason = error_description(answer.body) or f"code {code}"
             raise StubDeploymentError(target.domain, 503, f"stub's connect failed: {reason}")
@@ -224,6 +237,21 @@ class DeployPipeline:
         if record.connection != "live":
             reason = record.last_description() or "no reason given"
             raise StubDeploymentError(target.domain, 503, f"stub failed to connect: {reason}")
+
+
+def missing_requirements(requirements: Iterable[str]) -> list[str]:
+    """What the sandbox's environment lacks of ``requirements`` (the stub's host runs this interpreter)."""
+    problems = []
+    for text in requirements:
+        requirement = Requirement(text)
+        try:
+            installed = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            problems.append(f"{requirement.name} is not installed in the sandbox environment (the stub needs {text})")
+            continue
+        if requirement.specifier and not requirement.specifier.contains(installed, prereleases=True):
+            problems.append(f"{requirement.name} {installed} is installed; the stub needs {text}")
+    return problems
 
 
 def _left(deadline: float) -> float:

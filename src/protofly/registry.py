@@ -192,6 +192,7 @@ class StubRecord:
             "name": self.name,
             "status": self.status,
             "description": self.last_description(),
+            "cause": self.info.get("cause"),
             "since": self.since,
             "isolation": self.isolation,
             "counters": self.counters,

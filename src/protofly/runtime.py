@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
+from typing import Any
 
 from protofly import address
 from protofly.admission import DeployAdmission, Refusal
@@ -341,6 +342,13 @@ class Runtime:
         self._perform(stub, stub.machine.handle(RetryNow()))
         return await self._outcome(stub)
 
+    def set_credentials(self, domain: str, credentials: Mapping[str, Any]) -> None:
+        """Replace the credentials handed to ``domain``'s stub when it connects (never logged).
+
+        A stub whose back-end refused the old ones stays ``auth-failed`` until :meth:`retry_now`.
+        """
+        self.identity.set(address.validate_domain(domain), credentials)
+
     async def _outcome(self, stub: _Stub) -> StubHandle:
         if stub.task is None:
             failure = stub.machine.failure or Failure(503, f"stub for {stub.domain} is not being deployed")
@@ -453,12 +461,14 @@ class Runtime:
             if stub.task is asyncio.current_task():
                 stub.task = None
         stub.handle = handle
+        stub.record.info.pop("cause", None)
         self._perform(stub, stub.machine.handle(Deployed()))
         pid = stub.record.info.get("pid")
         self.events.emit(StubLive(stub.domain, stub.record.url, round(handle.total_ms, 3), pid))
         return handle
 
     def _deploy_failed(self, stub: _Stub, error: StubDeploymentError) -> None:
+        stub.record.info["cause"] = error.cause
         self.registry.report(stub.record, "deployment-failed", error.description)
         log.warning("stub deployment failed", domain=stub.domain, stub_url=stub.record.url, reason=error.description)
         self.events.emit(DeployFailed(stub.domain, stub.record.url, error.code, error.description))

@@ -16,8 +16,9 @@ The phases and what moves between them (``TRANSITIONS`` is the whole table)::
             failed-retryable | failed-permanent (verification failures, crash loops)
     any ──unload──▶ unloaded (final)
 
-``auth-failed`` and ``expired`` are reserved for credentials refused by a server and a status that was not
-refreshed in time; nothing enters them yet.
+``auth-failed``: the back-end refused the credentials (the stub's ``connect`` raised
+``AuthenticationFailed``); nothing retries until ``retry_now`` (after ``Runtime.set_credentials``).
+``expired`` is reserved for a status that was not refreshed in time; nothing enters it yet.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from protofly.backoff import Backoff, Uniform
 from protofly.catalogue.errors import E_CHANGED, E_DIGEST, E_ROLLBACK, E_SIGNATURE, E_UNSIGNED, E_UNTRUSTED
 
 __all__ = [
+    "AUTH_FAILURE",
+    "PERMANENT_FAILURES",
+    "REQUIREMENTS_FAILURE",
     "TRANSITIONS",
     "VERIFICATION_FAILURES",
     "Action",
@@ -60,8 +64,16 @@ __all__ = [
     "Unload",
 ]
 
+#: The back-end refused the credentials: retrying with the same ones would only be refused again.
+AUTH_FAILURE = "auth"
+
+#: The stub needs Python packages the sandbox's environment does not have: installing them is an operator's job.
+REQUIREMENTS_FAILURE = "requirements"
+
 #: Catalogue failures that another attempt cannot fix: the bytes or the keys are wrong, not the network.
 VERIFICATION_FAILURES = frozenset({E_DIGEST, E_SIGNATURE, E_UNTRUSTED, E_UNSIGNED, E_ROLLBACK, E_CHANGED})
+#: Failures no automatic retry can fix; only ``retry_now`` tries again.
+PERMANENT_FAILURES = VERIFICATION_FAILURES | {REQUIREMENTS_FAILURE}
 
 
 class Phase(enum.Enum):
@@ -86,7 +98,7 @@ class Failure:
 
     @property
     def permanent(self) -> bool:
-        return self.cause in VERIFICATION_FAILURES
+        return self.cause in PERMANENT_FAILURES
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +316,10 @@ class StubLifecycle:
         failure = event.failure
         self.failure = failure
         actions: list[Action] = [AnswerQueued(failure.code, failure.description)]
+        if failure.cause == AUTH_FAILURE:
+            self.phase = Phase.AUTH_FAILED  # until new credentials and retry_now(): no loop against a "no"
+            self.retry_at = math.inf
+            return actions
         if failure.permanent:
             self.phase = Phase.FAILED_PERMANENT
             self.retry_at = math.inf  # the same bytes will fail the same way: only retry_now() tries again
@@ -406,4 +422,8 @@ TRANSITIONS: dict[tuple[Phase, type], _Handler] = {
     (Phase.FAILED_PERMANENT, Trigger): StubLifecycle._retry_if_due,
     (Phase.FAILED_PERMANENT, RetryNow): StubLifecycle._retry_now,
     (Phase.FAILED_PERMANENT, Unload): StubLifecycle._unload,
+    (Phase.AUTH_FAILED, Incoming): StubLifecycle._retry_if_due,
+    (Phase.AUTH_FAILED, Trigger): StubLifecycle._retry_if_due,
+    (Phase.AUTH_FAILED, RetryNow): StubLifecycle._retry_now,
+    (Phase.AUTH_FAILED, Unload): StubLifecycle._unload,
 }

@@ -59,6 +59,11 @@ class AdminClient:
         """Unload ``domain``'s stub; returns the stub as it was last seen."""
         return cast(dict[str, Any], await self._json("DELETE", f"/stubs/{quote(domain, safe='')}"))
 
+    async def set_credentials(self, domain: str, credentials: Mapping[str, Any]) -> dict[str, Any]:
+        """Give ``domain``'s stub new credentials (used from its next connect; ``retry`` reconnects now)."""
+        path = f"/stubs/{quote(domain, safe='')}/credentials"
+        return cast(dict[str, Any], await self._json("PUT", path, json=dict(credentials)))
+
     async def send(self, msg: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         """Send a message (``from`` defaults to ``<runtimeURL>/cli``) and return the response message."""
         params = {} if timeout is None else {"timeout": str(timeout)}

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -120,7 +121,7 @@ def serve(
     Settings come from the file, then PROTOFLY_* variables, then these options. Prints one line once the
     admin API listens; on SIGINT/SIGTERM every stub is stopped and the socket removed (exit 0).
     """
-    catalogues = _catalogue_flags(catalogue or [])
+    catalogues = catalogue_flags(catalogue or [])
     overrides = {
         "domain": domain,
         "state_dir": state_dir,
@@ -129,7 +130,7 @@ def serve(
         "allow_http_loopback": allow_http_loopback,
         "resolver_only": resolver_only,
     }
-    settings = _load_config(config, overrides, catalogues)
+    settings = load_config(config, overrides, catalogues)
     path = admin_socket(admin=admin, state_dir=settings.state_dir)
     if path is None:
         raise _fail(
@@ -139,7 +140,7 @@ def serve(
     raise typer.Exit(asyncio.run(_serve(settings, path)))
 
 
-def _catalogue_flags(values: list[str]) -> dict[str, str]:
+def catalogue_flags(values: list[str]) -> dict[str, str]:
     catalogues: dict[str, str] = {}
     for value in values:
         domain, sep, url = value.partition("=")
@@ -149,7 +150,7 @@ def _catalogue_flags(values: list[str]) -> dict[str, str]:
     return catalogues
 
 
-def _load_config(config: Path | None, overrides: dict[str, Any], catalogues: dict[str, str]) -> RuntimeConfig:
+def load_config(config: Path | None, overrides: dict[str, Any], catalogues: dict[str, str]) -> RuntimeConfig:
     """File, then environment, then flags; ``--catalogue`` adds to (or replaces entries of) the file's map."""
     from protofly.config import ConfigError, RuntimeConfig
 
@@ -338,6 +339,34 @@ def list_stubs(
 
             console().print(stub_table(stubs))
         return 0
+
+    _run_client(admin, config, state_dir, work)
+
+
+@stub_app.command("credentials")
+def credentials(
+    domain: Annotated[str, typer.Argument(help="The domain whose credentials to replace.", show_default=False)],
+    file: Annotated[
+        Path | None, typer.Option("--file", help="A JSON object of credentials (default: read standard input).")
+    ] = None,
+    retry_now: Annotated[bool, typer.Option("--retry", help="Then deploy the stub again now (stub retry).")] = False,
+    admin: AdminOption = None,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Replace a domain's credentials (e.g. after its server refused them: status failed, cause auth)."""
+    try:
+        text = file.read_text(encoding="utf-8") if file is not None else sys.stdin.read()
+        given = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise _fail(f"credentials: cannot read a JSON object ({exc})", EXIT_USAGE) from None
+    if not isinstance(given, dict):
+        raise _fail("credentials: expected a JSON object", EXIT_USAGE)
+
+    async def work(client: AdminClient) -> int:
+        await client.set_credentials(domain, given)
+        typer.echo(f"credentials for {domain} set")
+        return await _follow(client.retry(domain), domain, False) if retry_now else 0
 
     _run_client(admin, config, state_dir, work)
 

@@ -162,6 +162,7 @@ class AdminServer:
         app.router.add_get("/runtime", self._get_runtime)
         app.router.add_get("/stubs", self._get_stubs)
         app.router.add_post("/stubs/{domain:[^/]+}/retry", self._retry_stub)
+        app.router.add_put("/stubs/{domain:[^/]+}/credentials", self._set_credentials)
         app.router.add_post("/stubs/{reference:.+}", self._deploy_stub)
         app.router.add_delete("/stubs/{domain:[^/]+}", self._unload_stub)
         app.router.add_post("/send", self._send)
@@ -239,6 +240,18 @@ class AdminServer:
         if self.runtime.registry.stub(domain) is None:
             raise AdminError(f"no stub is loaded for {domain}; deploy it with 'protofly stub deploy'", 404, "domain")
         return await self._stream(request, domain, lambda: self.runtime.retry_now(domain))
+
+    async def _set_credentials(self, request: web.Request) -> web.Response:
+        """New credentials for a domain (a JSON object); the stub uses them from its next connect."""
+        domain = _domain(request.match_info["domain"])
+        try:
+            data = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise AdminError(f"body: not valid JSON ({type(exc).__name__})", field="body") from None
+        if not isinstance(data, dict):
+            raise AdminError("body: expected a JSON object of credentials", field="body")
+        self.runtime.set_credentials(domain, data)
+        return web.json_response({"domain": domain, "credentials": "set"})
 
     async def _unload_stub(self, request: web.Request) -> web.Response:
         runtime = self.runtime

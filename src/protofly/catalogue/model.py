@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from packaging.requirements import InvalidRequirement, Requirement
 
 from protofly.catalogue.errors import E_TOO_LARGE, CatalogueError, DescriptorError
 from protofly.sandbox.limits import LimitError, SandboxLimits
@@ -39,6 +40,9 @@ __all__ = [
 DEFAULT_MAX_DESCRIPTOR_SIZE = 8 << 20
 
 #: Descriptor fields this model interprets; everything else is kept in ``extra``.
+#: More requirements than this in one descriptor is refused (a descriptor is not a lock file).
+MAX_REQUIREMENTS = 32
+
 KNOWN_FIELDS = frozenset(
     {
         "cguid",
@@ -61,6 +65,7 @@ KNOWN_FIELDS = frozenset(
         "idpProxy",
         "mutualAuthentication",
         "sandbox",
+        "requirements",
         "publisher",
     }
 )
@@ -118,7 +123,7 @@ class SourcePackage:
 
 @dataclass(frozen=True, slots=True)
 class ProtocolStubDescriptor:
-    """A protocol stub descriptor (``reference/rethink-wire.md`` §2), normalised.
+    """A protocol stub descriptor as reTHINK catalogues serve it (`docs/catalogue.md`), normalised.
 
     ``version`` is always a string (``""`` when the descriptor has none, as in reTHINK's static files);
     ``configuration`` and ``constraints`` are always dicts; ``extra`` holds the fields outside the model
@@ -138,6 +143,9 @@ class ProtocolStubDescriptor:
     source_package: SourcePackage | None
     signature: str | None
     sandbox_limits: SandboxLimits | None
+    #: Python packages the stub imports beyond the SDK (PEP 508, e.g. ``"slixmpp>=1.8"``); checked against
+    #: the sandbox's environment before the stub runs.
+    requirements: tuple[str, ...]
     publisher: str | None
     message_schemas: Any
     data_objects: Any
@@ -175,6 +183,7 @@ class ProtocolStubDescriptor:
             "configuration": sorted(self.configuration),
             "constraints": self.constraints,
             "sandbox": self.sandbox_limits.as_wire() if self.sandbox_limits else None,
+            "requirements": list(self.requirements),
             "sourceCodeClassname": self.source_classname,
             "sourceEmbedded": bool(package and package.embedded),
             "sourcePackageURL": self.source_package_url,
@@ -258,6 +267,7 @@ def _build(obj: dict[str, Any]) -> ProtocolStubDescriptor:
         source_package=_package(obj.get("sourcePackage"), "sourcePackage"),
         signature=_optional_text(obj, "signature") or None,
         sandbox_limits=_sandbox(obj.get("sandbox")),
+        requirements=_requirements(obj.get("requirements")),
         publisher=_publisher(obj.get("publisher")),
         message_schemas=obj.get(schemas_key),
         data_objects=obj.get("dataObjects"),
@@ -359,6 +369,22 @@ def _publisher(value: Any) -> str | None:
     if not isinstance(value, str) or not _DOMAIN.match(value):
         raise DescriptorError("publisher", f"expected a lower-case domain name, got {value!r}")
     return value
+
+
+def _requirements(value: Any) -> tuple[str, ...]:
+    """``requirements``: a list of PEP 508 requirement strings, each of which must parse."""
+    if value is None or value == []:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_REQUIREMENTS:
+        raise DescriptorError("requirements", f"expected a list of at most {MAX_REQUIREMENTS} strings")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise DescriptorError(f"requirements[{index}]", f"expected a string, got {_type(item)}")
+        try:
+            Requirement(item)
+        except InvalidRequirement as exc:
+            raise DescriptorError(f"requirements[{index}]", f"not a requirement ({exc})") from None
+    return tuple(value)
 
 
 def _sandbox(value: Any) -> SandboxLimits | None:

@@ -63,8 +63,11 @@ class Boundary:
 
 
 def active_layers(isolation: Mapping[str, Any]) -> list[str]:
-    """The names of the layers a :attr:`Component.isolation` record says are active (a truthy value)."""
-    return [name for name, value in isolation.items() if value and name != "missing"]
+    """The names of the layers a :attr:`Component.isolation` record says are active (a truthy value).
+
+    ``host`` is not a layer: it names the program that runs the stub (``python`` or ``node``).
+    """
+    return [name for name, value in isolation.items() if value and name not in ("missing", "host")]
 
 
 class SandboxError(Exception):
@@ -128,8 +131,15 @@ class Sandbox(ABC):
         boundary: Boundary,
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
+        language: str = "python",
     ) -> Component:
         """Run ``source`` as the stub at ``url``; raises :class:`DeployError` if it cannot be started."""
+
+    def unavailable(self, language: str) -> str | None:
+        """Why stubs in ``language`` (a descriptor's ``language``) cannot run here, or None if they can."""
+        if language.strip().lower() in ("python", "python3"):
+            return None
+        return f"stub language {language!r} cannot run in the {self.kind} sandbox"
 
     @abstractmethod
     async def close(self) -> None:

@@ -46,7 +46,7 @@ from protofly.sandbox.channel import (
     control,
 )
 from protofly.sandbox.limits import Limits
-from protofly.stub import Bus, MethodNotFound, summary
+from protofly.stub import AuthenticationFailed, Bus, MethodNotFound, summary
 
 __all__ = ["EXIT_BAD_SETTINGS", "EXIT_MEMORY", "Host", "main"]
 
@@ -238,6 +238,8 @@ class Host(asyncio.Protocol):
             value = await loader.execute(self.stub, method, params)
         except MethodNotFound as exc:
             self._respond(msg, 404, str(exc))
+        except AuthenticationFailed as exc:
+            self._respond(msg, 401, summary(exc))
         except MemoryError:
             self.fatal("memory limit (MemoryError)", EXIT_MEMORY)
         except Exception as exc:
@@ -295,6 +297,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(EXIT_BAD_SETTINGS)
     confine.set_parent_death_signal(settings.get("parent_pid"))
+    if settings.get("node_spare"):  # a JavaScript stub's host: confine, then become Node (no return)
+        from protofly.sandbox.node_exec import exec_spare
+
+        exec_spare(settings)
     if isinstance(sys.stdout, io.TextIOWrapper):  # it is, unless something replaced it
         sys.stdout.reconfigure(line_buffering=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

@@ -23,7 +23,7 @@ from protofly.sandbox import Boundary, Component, DeployError, Limits, Sandbox, 
 from protofly.sandbox.channel import DEFAULT_MAX_FRAME, SANDBOX_EXTERNAL
 from protofly.sandbox.guard import Guard, new_counters
 from protofly.sandbox.loader import STUB_FILENAME, LoadError, execute, load
-from protofly.stub import Bus, MethodNotFound, summary
+from protofly.stub import AuthenticationFailed, Bus, MethodNotFound, summary
 
 __all__ = ["InProcessComponent", "InProcessSandbox"]
 
@@ -106,6 +106,8 @@ class InProcessComponent(Component):
             value = await asyncio.wait_for(execute(self.instance, method, list(params or [])), timeout)
         except MethodNotFound as exc:
             return response(request, 404, str(exc))
+        except AuthenticationFailed as exc:
+            return response(request, 401, summary(exc))
         except TimeoutError:
             raise
         except Exception as exc:
@@ -152,9 +154,13 @@ class InProcessSandbox(Sandbox):
         boundary: Boundary,
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
+        language: str = "python",
     ) -> InProcessComponent:
         if self._closed:
             raise SandboxError("the sandbox is closed")
+        problem = self.unavailable(language)
+        if problem is not None:
+            raise DeployError(problem)
         if not isinstance(url, str) or not url:
             raise ValueError(f"url must be a non-empty string, got {url!r}")
         if not isinstance(boundary, Boundary):

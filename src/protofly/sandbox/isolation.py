@@ -5,7 +5,7 @@ which namespace options work here (a user namespace is tried first and dropped o
 it).  The probe runs the real interpreter under the real profile, so a profile that cannot start Python is
 found once, at start-up, with bwrap's own error text, and not at every deploy.
 
-Profile (peers-and-stack.md §C.2, §C.11): new user/pid/ipc/uts/cgroup namespaces, the network shared
+Profile: new user/pid/ipc/uts/cgroup namespaces, the network shared
 (stubs connect to message nodes, e.g. on 127.0.0.1), every capability dropped, the environment cleared,
 ``/usr``, the Python prefixes and the directory protofly is imported from bound read-only, a few ``/etc``
 files a network client needs (resolver, CA certificates), a fresh ``/proc`` and ``/dev``, and a private
@@ -122,6 +122,7 @@ def read_paths() -> list[str]:
     paths = ["/usr", sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix, package_root]
     executable = str(Path(sys.executable).resolve().parent)
     paths.append(executable)
+    paths += _javascript_paths()
     unique: list[str] = []
     for path in paths:
         real = os.path.realpath(path)
@@ -130,6 +131,13 @@ def read_paths() -> list[str]:
             unique.append(real)
     # /etc entries keep their own name: a symlinked resolv.conf must appear where the resolver looks.
     return unique + [path for path in _ETC if os.path.exists(path)]
+
+
+def _javascript_paths() -> list[str]:
+    """Node.js and the pinned JavaScript packages, which a host hands a JavaScript stub to (node_exec)."""
+    from protofly.sandbox.node import node_read_paths
+
+    return node_read_paths()
 
 
 def _within(path: str, prefix: str) -> bool:

@@ -107,6 +107,10 @@ class StubOutput:
         self._tokens -= 1.0
         return True
 
+    def recent_stderr(self) -> list[str]:
+        """The last stderr lines (up to 20), e.g. to classify a crash by what the process wrote last."""
+        return list(self._recent_stderr)
+
     def stderr_tail(self) -> str:
         """``"; stderr: a | b"``, the last stderr lines for an error message, or ``""``."""
         if not self._recent_stderr:

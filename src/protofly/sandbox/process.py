@@ -67,6 +67,7 @@ class ProcessSandbox(Sandbox):
         landlock: bool = True,
         seccomp: bool = True,
         prestart: int = 1,
+        prestart_js: int = 1,
         preload: tuple[str, ...] | list[str] = (),
         python: str | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
@@ -94,6 +95,8 @@ class ProcessSandbox(Sandbox):
         self.probe: iso.Probe | None = None
         self._tasks = TaskSet("sandbox")
         self._spares: SparePool[ProcessComponent] = SparePool(prestart, self._new_host, self._tasks)
+        #: Node hosts for JavaScript stubs, kept started once a JavaScript stub was deployed (or asked for).
+        self._js_spares: SparePool[ProcessComponent] = SparePool(prestart_js, self._new_js_host, self._tasks)
         self._components: set[ProcessComponent] = set()
         #: Every host started and not yet reaped (spares, deployed, discarded).
         self._hosts: set[ProcessComponent] = set()
@@ -121,9 +124,16 @@ class ProcessSandbox(Sandbox):
                 self.probe = await iso.probe(self.python, use_bwrap=self.use_bwrap)
         self._spares.refill()
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Start the sandbox if needed and wait until its spare hosts are started."""
+    async def wait_ready(self, timeout: float = 30.0, *, javascript: bool = False) -> None:
+        """Start the sandbox if needed and wait until its spare hosts are started.
+
+        With ``javascript``, the spare Node hosts too (they are otherwise started after the first
+        JavaScript deploy, so that a runtime serving only Python stubs runs no Node process).
+        """
         await self.start()
+        if javascript and self.unavailable("javascript") is None:
+            self._js_spares.refill()
+            await self._js_spares.wait_ready(timeout)
         await self._spares.wait_ready(timeout)
 
     async def deploy(
@@ -137,10 +147,15 @@ class ProcessSandbox(Sandbox):
         boundary: Boundary,
         on_message: Callable[[Message], None],
         on_exit: Callable[[str], None],
+        language: str = "python",
     ) -> ProcessComponent:
         if self._closed:
             raise SandboxError("the sandbox is closed")
-        text = _check_deploy_args(url, source, config, classname, boundary, on_message, on_exit)
+        problem = self.unavailable(language)
+        if problem is not None:
+            raise DeployError(problem)
+        javascript = _is_javascript(language)
+        text = _check_deploy_args(url, source, config, classname, boundary, on_message, on_exit, javascript)
         if limits is not None and not isinstance(limits, Limits):
             raise TypeError(f"limits must be a Limits or None, got {type(limits).__name__}")
         effective = limits if limits is not None else self.limits
@@ -149,8 +164,9 @@ class ProcessSandbox(Sandbox):
                 f"ValueError: the stub source ({len(source)} bytes) does not fit the {self.max_frame}-byte frame limit"
             )
         await self.start()
+        spares = self._js_spares if javascript else self._spares
         for attempt in (1, 2):
-            component = await self._spares.take()
+            component = await spares.take()
             self._components.add(component)
             try:
                 await component.deploy(
@@ -174,6 +190,14 @@ class ProcessSandbox(Sandbox):
             return component
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def unavailable(self, language: str) -> str | None:
+        """Python stubs always run here; JavaScript stubs where Node.js is installed (see :mod:`.node`)."""
+        from protofly.sandbox.node import is_javascript, missing
+
+        if is_javascript(language):
+            return missing(language)
+        return super().unavailable(language)
+
     async def _reap_failed(self, component: ProcessComponent) -> None:
         """A failed or cancelled deploy leaves nothing worth a grace period: kill now and wait for the reap."""
         component.kill_now()
@@ -186,6 +210,7 @@ class ProcessSandbox(Sandbox):
             self._closed = True
             removals = [c.remove(self.close_grace) for c in self._components]
             removals.append(self._spares.close(self.close_grace, self.start_timeout))
+            removals.append(self._js_spares.close(self.close_grace, self.start_timeout))
             await asyncio.gather(*removals, return_exceptions=True)
             self._components.clear()
         # Whatever else was started (spares cancelled while starting, discarded deploys) is killed already;
@@ -201,7 +226,11 @@ class ProcessSandbox(Sandbox):
 
     # -- hosts --------------------------------------------------------------------------------------
 
-    async def _new_host(self) -> ProcessComponent:
+    async def _new_js_host(self) -> ProcessComponent:
+        """Start one Node host for a JavaScript stub (a spare, or for a deploy that found none ready)."""
+        return await self._new_host(javascript=True)
+
+    async def _new_host(self, *, javascript: bool = False) -> ProcessComponent:
         """Start one host (a spare, or the host of a deploy that found no spare ready)."""
         assert self.probe is not None
         settings = HostSettings(
@@ -211,6 +240,8 @@ class ProcessSandbox(Sandbox):
             seccomp=self.seccomp,
             preload=self.preload,
             workdir_root=self.workdir_root,
+            node_spare=javascript,
+            memory_mb=self.limits.memory_mb,
         )
         component = ProcessComponent(settings, self.probe, self._tasks, self._hosts.discard)
         self._hosts.add(component)
@@ -226,6 +257,7 @@ def _check_deploy_args(
     boundary: Any,
     on_message: Any,
     on_exit: Any,
+    javascript: bool = False,
 ) -> str:
     """Validate what deploy() was given; the stub's own problems are DeployErrors, the caller's TypeErrors."""
     if not isinstance(url, str) or not url:
@@ -247,6 +279,14 @@ def _check_deploy_args(
     try:
         return bytes(source).decode("utf-8")
     except UnicodeDecodeError as exc:
+        if javascript:  # reTHINK's own gen-1 packages are ISO-8859-1 (a licence comment): read them as such
+            return bytes(source).decode("latin-1")
         raise DeployError(
             f"UnicodeDecodeError: stub source is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
+
+
+def _is_javascript(language: str) -> bool:
+    from protofly.sandbox.node import is_javascript
+
+    return is_javascript(language)

@@ -59,18 +59,32 @@ class HostSettings:
     seccomp: bool
     preload: tuple[str, ...]
     workdir_root: str | None
+    #: A JavaScript stub's host: confined, then Node.js (see :mod:`~protofly.sandbox.node_exec`).
+    node_spare: bool = False
+    #: The sandbox's memory limit, from which a Node host's V8 heap limit is set at its start.
+    memory_mb: int | None = None
 
 
-class _Channel(asyncio.Protocol):
+#: Bytes read from a stub's channel per event-loop callback.  asyncio reads up to 256 KiB at once, about
+#: 2,000 small messages checked in one go; a stub that floods would then hold the loop for milliseconds
+#: while other stubs' messages wait.  16 KiB keeps each turn short at a negligible cost per byte.
+READ_CHUNK = 16 * 1024
+
+
+class _Channel(asyncio.BufferedProtocol):
     def __init__(self, component: ProcessComponent) -> None:
         self.component = component
+        self._view = memoryview(bytearray(READ_CHUNK))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.component._on_data(self._view[:nbytes])  # the decoder copies what it keeps
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.component._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.component._on_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.component._on_channel_lost()
@@ -267,6 +281,7 @@ class ProcessComponent(Component):
             "landlock": settings.landlock,
             "seccomp": settings.seccomp,
             "preload": list(settings.preload),
+            **_javascript_settings(settings),
         }
         args = ["-m", "protofly.sandbox.host", msgspec.json.encode(host_settings).decode()]
         if self._probe.bwrap is not None:
@@ -306,6 +321,8 @@ class ProcessComponent(Component):
         body: dict[str, Any] = {"url": url, "sourceCode": source, "config": config, "sandbox": limits.as_dict()}
         if classname:
             body["sourceCodeClassname"] = classname
+        if self._settings.node_spare:
+            self._limit_node(limits)
         try:
             reply = await self._request(control("create", body, msg_id=self._new_id()), timeout)
         except TimeoutError:
@@ -325,6 +342,19 @@ class ProcessComponent(Component):
         else:
             self._state = "running"
 
+    def _limit_node(self, limits: Limits) -> None:
+        """Node has no setrlimit: apply the stub's limits from here; the host reports what is in force."""
+        from protofly.sandbox.node import host_pid
+        from protofly.sandbox.node_exec import apply_rlimits
+
+        pid = host_pid(self.pid) if self.pid is not None else None
+        try:
+            if pid is None:
+                raise ProcessLookupError("no Node process below the sandbox process")
+            apply_rlimits(pid, limits)
+        except (OSError, ValueError, IndexError) as exc:
+            self._log.warning("cannot apply the stub's rlimits to its Node host", error=str(exc))
+
     def _isolation_record(self) -> dict[str, Any]:
         """Layers only at the top level (a truthy value means active), details inside each value."""
         report = self._host_report or {}
@@ -340,6 +370,7 @@ class ProcessComponent(Component):
             }
         return {
             "process": True,
+            "host": report.get("host", "python"),
             "bwrap": bwrap,
             "env": "scrubbed",
             "workdir": "/tmp (private tmpfs)" if self._bwrap else self._workdir,
@@ -394,7 +425,7 @@ class ProcessComponent(Component):
         with contextlib.suppress(TimeoutError, SandboxError, MessageError):
             await self._request(msg, remaining)
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | memoryview) -> None:
         guard = self._guard
         for event in self._decoder.feed(data):
             if isinstance(event, FrameError):
@@ -461,6 +492,8 @@ class ProcessComponent(Component):
     def _exited_with(self, returncode: int) -> None:
         """The process was reaped: fail whatever waits on it, clean up, and report a running stub's death."""
         reason = describe_exit(returncode, bwrap=self._bwrap)
+        if self._host_report is not None and self._host_report.get("host") == "node":
+            reason = _node_exit_reason(reason, self._output.recent_stderr())
         if self._observed is not None:
             reason = f"{reason} ({self._observed})"
         if self._last_words is not None:
@@ -499,3 +532,23 @@ class ProcessComponent(Component):
                 on_exit(reason)
             except Exception:
                 self._log.exception("the runtime's on_exit failed")
+
+
+def _javascript_settings(settings: HostSettings) -> dict[str, Any]:
+    """What a JavaScript stub's host needs to become Node.js (nothing for a Python stub's host)."""
+    if not settings.node_spare:
+        return {}
+    from protofly.sandbox.node import node_executable, node_modules
+
+    return {
+        "node_spare": True,
+        "node": node_executable(),
+        "node_modules": node_modules(),
+        "memory_mb": settings.memory_mb,
+    }
+
+
+def _node_exit_reason(reason: str, stderr_lines: list[str]) -> str:
+    from protofly.sandbox.node import exit_reason
+
+    return exit_reason(reason, stderr_lines)

@@ -182,3 +182,20 @@ def test_socket_location_rule(tmp_path):
     assert admin_socket(state_dir=tmp_path, environ=env) == Path("/run/pf.sock")
     assert admin_socket(state_dir=tmp_path, environ={}) == tmp_path / "admin.sock"
     assert admin_socket(environ={}) is None
+
+
+async def test_credentials_are_replaced_through_the_api_and_bad_bodies_are_named(world, tmp_path):
+    async with serving(world, tmp_path) as (runtime, server), AdminClient(server.path) as client:
+        assert not runtime.identity.has("b.test")
+        assert await client.set_credentials("b.test", {"password": "s3cret"}) == {
+            "domain": "b.test",
+            "credentials": "set",
+        }
+        assert runtime.identity.credentials_for("b.test") == {"password": "s3cret"}
+        async with raw(server.path) as session:
+            for body, problem in ((b"[1, 2]", "JSON object"), (b"{nope", "not valid JSON"), (b"[" * 5000, "not valid")):
+                status, answer = await call(session, "PUT", "/stubs/b.test/credentials", data=body)
+                assert status == 400 and problem in answer["error"], answer
+            status, answer = await call(session, "PUT", "/stubs/not a domain/credentials", json={})
+            assert status == 400 and "domain" in answer["error"]
+        assert runtime.identity.credentials_for("b.test") == {"password": "s3cret"}

@@ -240,8 +240,8 @@ def test_flags_win_over_environment_and_file_and_catalogues_merge(tmp_path, monk
     )
     monkeypatch.setenv("PROTOFLY_POLICY", "off")
     monkeypatch.setenv("PROTOFLY_DEPLOY_TIMEOUT", "3")
-    settings = commands._load_config(
-        config, {"policy": "require", "domain": None}, commands._catalogue_flags(["C.test=http://127.0.0.1:3"])
+    settings = commands.load_config(
+        config, {"policy": "require", "domain": None}, commands.catalogue_flags(["C.test=http://127.0.0.1:3"])
     )
     assert settings.domain == "a.test" and settings.policy == "require" and settings.deploy_timeout == 3.0
     assert settings.catalogues == {"b.test": "http://127.0.0.1:1", "c.test": "http://127.0.0.1:3"}

@@ -113,13 +113,20 @@ class Domains:
         return self.keys[domain]
 
     def publish(
-        self, domain: str, configuration: dict[str, Any], *, version: str = "1.0.0", stub: str = "lines"
+        self,
+        domain: str,
+        configuration: dict[str, Any],
+        *,
+        version: str = "1.0.0",
+        stub: str = "lines",
+        fields: dict[str, Any] | None = None,
     ) -> Path:
         package = self.root / "packages" / f"{domain}-{version}"
         shutil.copytree(STUBS / stub, package, dirs_exist_ok=True)
         template = json.loads((package / "descriptor.json").read_text())
         template["configuration"] = configuration
         template["objectName"] = "default"
+        template.update(fields or {})
         (package / "descriptor.json").write_text(json.dumps(template))
         return publish(package, self.root / domain, self.key(domain), domain, version=version)
 

@@ -141,6 +141,10 @@ def test_sandbox_memory_limit_in_every_documented_spelling(key):
         ({"sandbox": {"cpuSeconds": True}}, "sandbox.cpuSeconds", "positive integer"),
         ({"sandbox": {"openFiles": "8"}}, "sandbox.openFiles", "positive integer"),
         ({"publisher": "B TEST"}, "publisher", "domain"),
+        ({"requirements": "slixmpp"}, "requirements", "list"),
+        ({"requirements": [3]}, "requirements[0]", "expected a string"),
+        ({"requirements": ["slixmpp", "not a requirement!"]}, "requirements[1]", "not a requirement"),
+        ({"requirements": ["x"] * 33}, "requirements", "at most 32"),
         ({"cguid": [1]}, "cguid", "string or a number"),
     ],
 )
@@ -250,3 +254,9 @@ def test_compare_versions_matches_numeric_tuples(a, b):
 
     expected = (key(a) > key(b)) - (key(a) < key(b))
     assert compare_versions(a, b) == expected
+
+
+def test_requirements_are_kept_in_order():
+    parsed = parse_descriptor(descriptor(requirements=["slixmpp>=1.8", "aiomqtt"]))
+    assert parsed.requirements == ("slixmpp>=1.8", "aiomqtt")
+    assert parse_descriptor(descriptor()).requirements == ()

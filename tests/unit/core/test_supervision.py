@@ -181,7 +181,7 @@ def test_a_crash_while_deploying_is_left_to_the_deployment() -> None:
 def test_every_transition_names_a_phase_and_an_event_the_machine_knows() -> None:
     handled = {phase for phase, _ in TRANSITIONS}
     assert Phase.UNLOADED not in handled  # handled before the table: nothing leaves it
-    assert handled == set(Phase) - {Phase.UNLOADED, Phase.AUTH_FAILED, Phase.EXPIRED}
+    assert handled == set(Phase) - {Phase.UNLOADED, Phase.EXPIRED}
 
 
 def test_a_failed_restart_that_spends_the_budget_answers_the_queue_once_with_the_crash_loop() -> None:
@@ -193,3 +193,20 @@ def test_a_failed_restart_that_spends_the_budget_answers_the_queue_once_with_the
     answers = [a for a in actions if isinstance(a, AnswerQueued)]
     assert len(answers) == 1 and "crashed 2 times" in answers[0].description
     assert lifecycle.phase is Phase.FAILED_PERMANENT
+
+
+def test_credentials_refused_by_the_server_wait_for_retry_now_and_never_loop() -> None:
+    lifecycle, clock = machine()
+    lifecycle.handle(Incoming())
+    refused = Failure(401, "credentials refused: not authorized", "auth")
+    assert lifecycle.handle(DeployFailed(refused)) == [AnswerQueued(401, "credentials refused: not authorized")]
+    assert lifecycle.phase is Phase.AUTH_FAILED
+    clock.now += 1e9
+    assert lifecycle.handle(Incoming()) == [Reject(401, "credentials refused: not authorized")]
+    assert lifecycle.handle(Trigger()) == [Refuse(refused)]
+    assert lifecycle.handle(RetryNow()) == [StartDeploy(refresh=True)]
+    lifecycle.handle(Deployed())
+    lifecycle.handle(Crashed("exit 1"))
+    lifecycle.handle(DeployStarted())
+    lifecycle.handle(DeployFailed(refused))  # the server revoked the credentials while it was live
+    assert lifecycle.phase is Phase.AUTH_FAILED
