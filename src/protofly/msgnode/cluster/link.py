@@ -58,6 +58,7 @@ _decode_record = msgspec.json.Decoder(SessionRecord).decode
 _encode = msgspec.json.encode
 #: Forwarded messages kept for a re-send after their node died: at most this many, this many seconds.
 _SENT_MAX = 100_000
+_SENT_BYTES = 64 << 20
 _SENT_SECONDS = 5.0
 
 
@@ -117,6 +118,7 @@ class ClusterLink:
         #: answers a "no responders"/"gone" (then it is buffered and dropped here), and is sent again when
         #: the node that held its session died with it in flight (``resend``).  Bounded by count and age.
         self._sent: dict[int, tuple[float, str, bytes]] = {}
+        self._sent_bytes = 0
         #: Sessions being claimed here: what arrives for them before the claim completes waits here.
         self.claiming: dict[str, list[bytes]] = {}
         self._tasks = TaskSet("msgnode-cluster")
@@ -394,10 +396,13 @@ class ClusterLink:
         sent = self._sent
         while sent:
             first = next(iter(sent))
-            if now - sent[first][0] <= _SENT_SECONDS and len(sent) < _SENT_MAX:
+            when, _, old = sent[first]
+            if now - when <= _SENT_SECONDS and len(sent) < _SENT_MAX and self._sent_bytes < _SENT_BYTES:
                 break
             del sent[first]
+            self._sent_bytes -= len(old)
         sent[seq] = (now, url, data)
+        self._sent_bytes += len(data)
         self._queue(self.names.session(session_id(url)), data, f"{self.names.inbox(self.node_id)}.{seq}")
 
     def fan_out(self, resource: str, data: bytes) -> bool:
@@ -438,6 +443,7 @@ class ClusterLink:
         if entry is None:
             return
         _, url, data = entry
+        self._sent_bytes -= len(data)
         headers = msg.headers or {}
         if headers.get("Status") == "503":
             self.counters["no_responders"] += 1
