@@ -83,6 +83,18 @@ async def test_a_thousand_subscribers_on_three_nodes_get_every_update(nodes: lis
             return all(s["cluster_resource_nodes"] == 3 for s in stats)
 
         await _eventually(every_node_subscribed)
+        # NATS propagates a new subscription between its servers asynchronously: probe until every
+        # session hears the resource (the probes are not counted), then count
+        async with asyncio.timeout(WAIT):
+            pending = list(sessions[:-1])
+            probe = 0
+            while pending:
+                probe += 1
+                await publisher.send(id=-probe, type="update", from_=p, to=resource, body={"probe": probe})
+                await asyncio.sleep(0.05)
+                pending = [c for c in pending if not any("probe" in m.get("body", {}) for m in c.inbox)]
+        for client in sessions[:-1]:
+            client.inbox = [m for m in client.inbox if "probe" not in m.get("body", {})]
         updates = 20
         for n in range(updates):
             await publisher.send(id=n, type="update", from_=p, to=resource, body={"n": n})

@@ -354,8 +354,8 @@ class ClusterLink:
     def forward(self, to: str, data: bytes) -> bool:
         url = self.session_url_of(to)
         if url is None:
-            if self._domain_part not in to:
-                return False
+            if self._domain_part not in to or to in self.resource_nodes or self.core.subscriptions.subscribers(to):
+                return False  # not an address of this domain, or a resource someone subscribed to
             # an address of this domain unknown to the cache (just allocated, or a watcher catching up
             # after NATS trouble): ask the table itself before answering 404
             self._tasks.spawn(self._look_up(to, data), name="address look-up")
