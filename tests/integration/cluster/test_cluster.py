@@ -11,7 +11,7 @@ import contextlib
 from typing import Any
 
 from tests.integration.cluster.conftest import NodeProcess, serve_node
-from tests.integration.msgnode.msgnode_helpers import SM, WAIT, Client
+from tests.integration.msgnode.msgnode_helpers import ALLOC, SM, WAIT, Client
 from websockets.asyncio.client import connect
 
 from protofly.msgnode.cluster.natsrun import NatsCluster
@@ -207,8 +207,14 @@ async def test_a_nats_server_killed_the_service_continues(nats: NatsCluster, nod
             await alice.send(id=n, type="update", from_=a, to=b, body={"n": n})
         got = [(await bob.next(lambda m: m.get("to") == b, timeout=15))["body"]["n"] for _ in range(50)]
         assert sorted(got) == list(range(50))
-        # the shared tables still work (two of three JetStream replicas): a new allocation routes
-        carol, c = await _runtime(nodes[1].url, "carol")
+        # the shared tables still work (two of three JetStream replicas): a new allocation routes, once
+        # JetStream has re-elected the leaders the killed server held (seconds on a loaded machine)
+        carol = await _client(nodes[1].url)
+        await carol.open("hyperty-runtime://carol.test/rt")
+        sent = await carol.send(id=1, type="create", from_=f"{carol.runtime}/registry", to=ALLOC, body={})
+        reply = await carol.next(lambda m: m.get("type") == "response" and m.get("id") == sent["id"], timeout=30)
+        assert reply["body"]["code"] == 200, reply
+        [c] = reply["body"]["value"]["allocated"]
         await alice.send(id=99, type="update", from_=a, to=c, body={"n": 99})
         assert (await carol.next(lambda m: m.get("to") == c, timeout=15))["body"]["n"] == 99
         await carol.aclose()

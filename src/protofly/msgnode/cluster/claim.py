@@ -32,8 +32,8 @@ __all__ = ["allocate", "claim", "hand_over", "take_buffer"]
 
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
 #: Transient JetStream failures (a server lost, a leader re-elected) are retried this often, this far apart.
-_TRIES = 10
-_RETRY_DELAY = 0.3
+_TRIES = 20
+_RETRY_DELAY = 0.5
 
 
 async def allocate(link: ClusterLink, action: Allocate) -> None:

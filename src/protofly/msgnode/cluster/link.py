@@ -59,6 +59,8 @@ _encode = msgspec.json.encode
 #: Forwarded messages kept for a re-send after their node died: at most this many, this many seconds.
 _SENT_MAX = 100_000
 _SENT_BYTES = 64 << 20
+#: How long a message bound for a buffer stream waits for JetStream (a leader re-elected) before a 503.
+_BUFFER_RETRY_SECONDS = 10.0
 _SENT_SECONDS = 5.0
 
 
@@ -362,7 +364,7 @@ class ClusterLink:
             return True
         sid = session_id(url)
         record = self.records.get(sid)
-        if record is None or (record.owner == self.node_id and sid in self.session_subs):
+        if record is not None and record.owner == self.node_id and sid in self.session_subs:
             return False  # stale: this node would have found it in its own tables
         self.send_to_session(url, data)
         return True
@@ -469,18 +471,29 @@ class ClusterLink:
                 self.apply(actions)
                 return
         assert self.js is not None
-        try:
-            await self.js.publish(self.names.buffer(sid), data, timeout=self.timeout)
-        except Exception as exc:
-            self.counters["buffer_failed"] += 1
-            text = f"the session {url} is between nodes and its buffer is unavailable ({exc or type(exc).__name__})"
-            self.apply(self.core.undeliverable(data, 503, text))
-            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _BUFFER_RETRY_SECONDS
+        while True:
+            try:
+                await self.js.publish(self.names.buffer(sid), data, timeout=self.timeout)
+                break
+            except Exception as exc:  # a JetStream leader lost with its server: retried while it is re-elected
+                if loop.time() < deadline:
+                    await asyncio.sleep(0.25)  # nothing announces the new leader to a client
+                    continue
+                self.counters["buffer_failed"] += 1
+                text = f"the session {url} is between nodes and its buffer is unavailable ({exc or type(exc).__name__})"
+                self.apply(self.core.undeliverable(data, 503, text))
+                return
         self.counters["to_buffer"] += 1
         owner = record.owner
         if owner and self.nc is not None:  # its node may only have been away from NATS for a moment
-            with contextlib.suppress(Exception):
-                await self.nc.publish(self.names.control(owner), _encode({"deliver": url}))
+            for _ in range(5):
+                try:
+                    await self.nc.request(self.names.control(owner), _encode({"deliver": url}), timeout=1.0)
+                    break
+                except Exception:  # not back yet (or gone: then a claim replays the buffer)
+                    await asyncio.sleep(0.2)
 
     async def _on_resend(self, msg: Msg) -> None:
         """A session's node died and another claimed it: send again what went to it lately (at least once)."""
@@ -608,9 +621,12 @@ class ClusterLink:
                         await self._forget(sid)
                     else:
                         await self._write(sid, session)
-                except Exception as exc:
+                except Exception as exc:  # JetStream busy (a leader re-elected): written again shortly
                     self.counters["kv_errors"] += 1
-                    self._log.warning("session record not written", error=str(exc) or type(exc).__name__)
+                    self._log.warning("session record not written yet", error=str(exc) or type(exc).__name__)
+                    if not self._closing:
+                        self._dirty.setdefault(sid, session)
+                        await asyncio.sleep(0.25)
 
     async def _write(self, sid: str, session: Session) -> None:
         bucket = self.kv[self.names.sessions]
@@ -621,10 +637,16 @@ class ClusterLink:
                 revision = await bucket.create(sid, _encode(record))
             else:
                 revision = await bucket.update(sid, _encode(record), last=last)
-        except KeyWrongLastSequenceError:  # another node took it over: it is theirs now
-            self.revisions.pop(sid, None)
-            self.written.pop(sid, None)
-            return
+        except KeyWrongLastSequenceError:
+            entry = await bucket.get(sid)
+            current = None if entry.value is None else _decode_record(entry.value)
+            if current is not None and current.owner == self.node_id and entry.revision is not None:
+                self.revisions[sid] = entry.revision  # our own earlier write, whose answer was lost: again
+                revision = await bucket.update(sid, _encode(record), last=entry.revision)
+            else:  # another node took it over: it is theirs now
+                self.revisions.pop(sid, None)
+                self.written.pop(sid, None)
+                return
         self.revisions[sid] = revision
         self.records[sid] = record
         self.by_runtime[record.runtime] = record.url
@@ -674,6 +696,8 @@ class ClusterLink:
             notice = msgspec.json.decode(msg.data)
             if "deliver" in notice:
                 await self.deliver_buffer(str(notice["deliver"]))
+                if msg.reply:
+                    await msg.respond(b"delivered")
                 return
             url = notice["takeover"]
         except (msgspec.DecodeError, KeyError, TypeError):
