@@ -25,8 +25,8 @@ from typing import Any
 
 from protofly import address
 from protofly.admission import DeployAdmission, Refusal
-from protofly.boundary import BoundaryPolicy, StubBoundary
-from protofly.bus import BusClosedError, MessageBus, Rejected
+from protofly.boundary import BoundaryPolicy
+from protofly.bus import MessageBus, Rejected
 from protofly.catalogue import CatalogueClient
 from protofly.catalogue.keys import TrustStore
 from protofly.config import RuntimeConfig
@@ -44,9 +44,9 @@ from protofly.hyperty import Handler, Hyperty, allocate_hyperty
 from protofly.identity import IdentityModule
 from protofly.log import get_logger
 from protofly.message import Message
-from protofly.port import StubPort
 from protofly.registry import Local, NeedsStub, RegistryError, RuntimeRegistry, StubRecord, ToStub
 from protofly.sandbox import Component, Limits, Sandbox, create_sandbox
+from protofly.supervised import SupervisedStub
 from protofly.supervision import (
     Action,
     AnswerQueued,
@@ -78,58 +78,6 @@ from protofly.throttle import LogThrottle
 __all__ = ["Runtime", "Step", "StubDeploymentError", "StubHandle"]
 
 log = get_logger("protofly.runtime")
-
-
-class _Stub:
-    """One domain's stub as the shell sees it: its machine, record, port, component and deployment task."""
-
-    def __init__(self, runtime: Runtime, domain: str, name: str, reference: str, record: StubRecord) -> None:
-        self.domain = domain
-        self.name = name
-        self.reference = reference
-        self.record = record
-        self.machine = StubLifecycle(domain, runtime.policy, clock=runtime.clock, uniform=runtime.uniform)
-        self.port = StubPort(runtime.bus, domain, runtime.config.queue_limit)
-        self.component: Component | None = None
-        self.task: asyncio.Task[StubHandle] | None = None
-        self.handle: StubHandle | None = None
-        self.boundary = StubBoundary(
-            record,
-            bus=runtime.bus,
-            registry=runtime.registry,
-            policy=runtime.boundary_policy,
-            warnings=runtime.warnings,
-            clock=runtime.clock,
-        )
-        self._admit = self.boundary.admit
-        self._incoming = runtime._incoming
-        self._remember_return = runtime.registry.remember_return
-        self._post = runtime.bus.post
-        self.listener = runtime.bus.add_listener(record.url, self.on_message)
-
-    def on_message(self, msg: Message) -> None:
-        """The stub's port on the bus: a live stub takes the message now, else the machine decides."""
-        component = self.component
-        if component is not None and self.machine.phase is Phase.LIVE:
-            if not component.post(msg):
-                self.port.forward_failed(msg)
-            return
-        self._incoming(self, msg)
-
-    def from_stub(self, msg: Message) -> None:
-        """What the stub sends: through the trust boundary (:mod:`protofly.boundary`), then onto the bus."""
-        if not self._admit(msg):
-            return
-        if msg.type != "response":
-            self._remember_return(msg, self.record.url)  # its answer goes back the same way
-        try:
-            self._post(msg)
-        except BusClosedError:
-            pass
-
-    @property
-    def live(self) -> bool:
-        return self.machine.phase is Phase.LIVE and self.component is not None
 
 
 class Runtime:
@@ -176,7 +124,7 @@ class Runtime:
         self._sandbox = sandbox
         self._catalogue = catalogue
         self._identity = identity
-        self._stubs: dict[str, _Stub] = {}
+        self._stubs: dict[str, SupervisedStub] = {}
         self._tasks = TaskSet("runtime")
         self._registry: RuntimeRegistry | None = None
         self._pipeline: DeployPipeline | None = None
@@ -349,7 +297,7 @@ class Runtime:
         """
         self.identity.set(address.validate_domain(domain), credentials)
 
-    async def _outcome(self, stub: _Stub) -> StubHandle:
+    async def _outcome(self, stub: SupervisedStub) -> StubHandle:
         if stub.task is None:
             failure = stub.machine.failure or Failure(503, f"stub for {stub.domain} is not being deployed")
             raise StubDeploymentError(stub.domain, failure.code, failure.description, cause=failure.cause)
@@ -389,7 +337,7 @@ class Runtime:
             self._evict(victim)
         return refusal
 
-    def _evict(self, stub: _Stub) -> None:
+    def _evict(self, stub: SupervisedStub) -> None:
         """Forget a failed stub (no process, no task) and answer its domain from the negative cache."""
         failure = stub.machine.failure or Failure(503, f"stub for {stub.domain} failed")
         self.admission.remember_failure(stub.domain, failure.code, failure.description)
@@ -400,13 +348,13 @@ class Runtime:
             self.registry.unregister_stub(stub.domain)
         self.events.emit(StubUnloaded(stub.domain, stub.record.url, "evicted after failing"))
 
-    def _incoming(self, stub: _Stub, msg: Message) -> None:
+    def _incoming(self, stub: SupervisedStub, msg: Message) -> None:
         """A message at a stub's port that is not live: the machine says forward, hold or refuse."""
         self._perform(stub, stub.machine.handle(Incoming()), msg)
 
     # -- performing the machine's actions ----------------------------------------------------------
 
-    def _perform(self, stub: _Stub, actions: list[Action], msg: Message | None = None) -> None:
+    def _perform(self, stub: SupervisedStub, actions: list[Action], msg: Message | None = None) -> None:
         for action in actions:
             match action:
                 case Forward() if msg is not None and stub.component is not None:
@@ -432,7 +380,7 @@ class Runtime:
                 case Refuse() | CancelDeploy():
                     pass  # load_stub raises the failure; cancellation is awaited by the caller
 
-    async def _deployment(self, stub: _Stub, delay: float, refresh: bool) -> StubHandle:
+    async def _deployment(self, stub: SupervisedStub, delay: float, refresh: bool) -> StubHandle:
         if delay:
             self.events.emit(RestartScheduled(stub.domain, stub.record.url, round(delay, 3)))
             await asyncio.sleep(delay)
@@ -467,7 +415,7 @@ class Runtime:
         self.events.emit(StubLive(stub.domain, stub.record.url, round(handle.total_ms, 3), pid))
         return handle
 
-    def _deploy_failed(self, stub: _Stub, error: StubDeploymentError) -> None:
+    def _deploy_failed(self, stub: SupervisedStub, error: StubDeploymentError) -> None:
         stub.record.info["cause"] = error.cause
         self.registry.report(stub.record, "deployment-failed", error.description)
         log.warning("stub deployment failed", domain=stub.domain, stub_url=stub.record.url, reason=error.description)
@@ -475,7 +423,7 @@ class Runtime:
         failure = Failure(error.code, error.description, error.cause)
         self._perform(stub, stub.machine.handle(DeployFailedEvent(failure)))
 
-    def _on_exit(self, stub: _Stub, component: Component, reason: str) -> None:
+    def _on_exit(self, stub: SupervisedStub, component: Component, reason: str) -> None:
         """The stub's process ended (the sandbox already published ``failed`` with ``reason``)."""
         if stub.component is not component or self._closing:
             return
@@ -487,26 +435,39 @@ class Runtime:
 
     # -- stub table ------------------------------------------------------------------------------
 
-    def _new_stub(self, domain: str, name: str, reference: str) -> _Stub:
+    def _new_stub(self, domain: str, name: str, reference: str) -> SupervisedStub:
         record = self.registry.register_stub(domain, name=name, descriptor_url=reference)
-        stub = _Stub(self, domain, name, reference, record)
+        stub = SupervisedStub(
+            domain,
+            name,
+            reference,
+            record,
+            bus=self.bus,
+            registry=self.registry,
+            lifecycle=StubLifecycle(domain, self.policy, clock=self.clock, uniform=self.uniform),
+            queue_limit=self.config.queue_limit,
+            boundary_policy=self.boundary_policy,
+            warnings=self.warnings,
+            clock=self.clock,
+            on_idle_message=self._incoming,
+        )
         self._stubs[domain] = stub
         return stub
 
-    async def _cancel_deploy(self, stub: _Stub) -> None:
+    async def _cancel_deploy(self, stub: SupervisedStub) -> None:
         task, stub.task = stub.task, None
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, StubDeploymentError):
                 await task
 
-    async def _discard_component(self, stub: _Stub) -> None:
+    async def _discard_component(self, stub: SupervisedStub) -> None:
         component, stub.component = stub.component, None
         if component is not None:
             with contextlib.suppress(Exception):
                 await component.remove(grace=0.2)
 
-    async def _unload(self, stub: _Stub, reason: str) -> None:
+    async def _unload(self, stub: SupervisedStub, reason: str) -> None:
         await self._cancel_deploy(stub)
         component, stub.component = stub.component, None
         if component is not None:

@@ -27,6 +27,7 @@ COUNTER_NAMES = (
     "forged_from",
     "dropped_to_stub",
     "log_lines_dropped",
+    "forged_control",
 )
 
 _SANDBOX_SPACE = "hyperty-runtime://sandbox"

@@ -30,7 +30,7 @@ from protofly.log import get_logger
 from protofly.message import Message, MessageError, error_description, response_code
 from protofly.sandbox import Boundary, Component, DeployError, Limits, SandboxError
 from protofly.sandbox import isolation as iso
-from protofly.sandbox.channel import SANDBOX_EXTERNAL, FrameDecoder, FrameEncoder, FrameError, control
+from protofly.sandbox.channel import SANDBOX_EXTERNAL, SANDBOX_INTERNAL, FrameDecoder, FrameEncoder, FrameError, control
 from protofly.sandbox.guard import Guard, failed_status, new_counters
 from protofly.sandbox.output import StubOutput
 from protofly.sandbox.proctree import HostProcess, describe_exit
@@ -450,12 +450,19 @@ class ProcessComponent(Component):
             body["description"] = self._output.redact(body["description"])
 
     def _on_control(self, msg: Message) -> None:
-        if msg.type == "response":
+        if msg.type == "response":  # answers a control request of this component's only: its own record
             if self._output.has_secrets:
                 self._scrub(msg)
             future = self._waiters.get(msg.id) if isinstance(msg.id, int) else None
             if future is not None and not future.done():
                 future.set_result(msg)
+            return
+        if msg.from_ != SANDBOX_INTERNAL:
+            # The host reports only from its own control address; anything else sent to the runtime's control
+            # side is the stub writing there: counted, without effect.  (From the host's address the stub
+            # cannot be told from the host, as they share the process, which is why nothing said here decides
+            # a crash reason: the exit status does.)
+            self.counters["forged_control"] = self.counters.get("forged_control", 0) + 1
             return
         body = msg.body or {}
         value = body.get("value")
