@@ -174,6 +174,7 @@ async def hand_over(link: ClusterLink) -> int:
     js = link.js
     assert js is not None
     bucket = link.kv[link.names.sessions]
+    link.leaving = True
     count = 0
     for session in list(core.sessions):
         sid = session_id(session.url)
@@ -184,8 +185,16 @@ async def hand_over(link: ClusterLink) -> int:
         for frame in session.take_buffer():
             await js.publish(link.names.buffer(sid), frame, timeout=link.timeout)
         record = msgspec.structs.replace(link.record_of(session), owner="")
-        with contextlib.suppress(KeyWrongLastSequenceError):
-            await bucket.update(sid, msgspec.json.encode(record), last=last)
-            count += 1
+        for _ in range(3):  # a record write of ours may have been under way: read it back and retry
+            try:
+                await bucket.update(sid, msgspec.json.encode(record), last=last)
+                count += 1
+                break
+            except KeyWrongLastSequenceError:
+                entry = await bucket.get(sid)
+                current = None if entry.value is None else _decode_record(entry.value)
+                if current is None or current.owner != link.node_id or entry.revision is None:
+                    break  # claimed by another node meanwhile: it is theirs
+                last = entry.revision
         link.revisions.pop(sid, None)
     return count

@@ -125,6 +125,8 @@ class ClusterLink:
         self.claiming: dict[str, list[bytes]] = {}
         self._tasks = TaskSet("msgnode-cluster")
         self._closing = False
+        #: Set by the graceful stop's hand-over: no more record writes of its own.
+        self.leaving = False
         self._log = _log.bind(domain=core.domain, node=self.node_id)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -487,13 +489,19 @@ class ClusterLink:
                 return
         self.counters["to_buffer"] += 1
         owner = record.owner
-        if owner and self.nc is not None:  # its node may only have been away from NATS for a moment
-            for _ in range(5):
-                try:
-                    await self.nc.request(self.names.control(owner), _encode({"deliver": url}), timeout=1.0)
-                    break
-                except Exception:  # not back yet (or gone: then a claim replays the buffer)
-                    await asyncio.sleep(0.2)
+        if owner and owner in self.alive_nodes:  # its node may only have been away from NATS for a moment
+            self._tasks.spawn(self._nudge(owner, url), name="buffer nudge")
+
+    async def _nudge(self, owner: str, url: str) -> None:
+        """Tell ``owner`` to deliver what waits in ``url``'s buffer (retried while it is reconnecting)."""
+        for _ in range(5):
+            if self.nc is None:
+                return
+            try:
+                await self.nc.request(self.names.control(owner), _encode({"deliver": url}), timeout=1.0)
+                return
+            except Exception:  # not back yet (or gone: then a claim replays the buffer)
+                await asyncio.sleep(0.2)
 
     async def _on_resend(self, msg: Msg) -> None:
         """A session's node died and another claimed it: send again what went to it lately (at least once)."""
@@ -548,6 +556,8 @@ class ClusterLink:
     # -- what the core tells (Remote) -----------------------------------------------------------------
 
     def session_changed(self, session: Session, event: str) -> None:
+        if self.leaving:  # the graceful stop's hand-over writes the last records itself
+            return
         sid = session_id(session.url)
         if event in ("opened", "attached") and sid not in self.session_subs:
             self._tasks.spawn(self.hold(session.url), name="hold session")
