@@ -316,6 +316,17 @@ class MessageBus:
         self._settle_pending(pending, msg)
         return SETTLED
 
+    def fail_route(self, route: str, code: int, description: str) -> int:
+        """Answer now every request waiting for an answer only ``route`` could bring (a stub gone for good).
+
+        Returns how many; used when a stub's process died and no instance will come back for its session,
+        so that no sender waits for its request timeout.
+        """
+        failed = [p for p in self._pending.values() if p.route == route and not p.future.done()]
+        for pending in failed:
+            self._settle_pending(pending, response(pending.request, code, description))
+        return len(failed)
+
     def _settle(self, msg: Message) -> bool:
         """Hand a response to the request waiting for it; False if nobody waits (route it normally)."""
         pending = self._find_pending(msg)

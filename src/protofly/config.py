@@ -145,8 +145,11 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
                 data = _flatten(tomllib.loads(Path(path).read_text(encoding="utf-8")), str(path))
             except OSError as exc:
                 raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"configuration file {path} is not UTF-8 (invalid byte at {exc.start})") from None
+            except (ValueError, RecursionError) as exc:  # TOMLDecodeError, an integer of 5,000 digits, deep arrays
+                reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                raise ConfigError(f"configuration file {path} is not valid TOML: {reason}") from None
         env = os.environ if environ is None else environ
         for name in _field_names():
             raw = env.get(ENV_PREFIX + name.upper())
@@ -182,11 +185,11 @@ def _constraint_violations(config: RuntimeConfig) -> list[tuple[str, str]]:
         if not isinstance(kind, msgspec.inspect.IntType | msgspec.inspect.FloatType):
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
-            found.append((field.name, f"expected a number, got {value!r}"))
+            found.append((field.name, f"expected a number, got {_shown(value)}"))
         elif kind.ge is not None and value < kind.ge:
-            found.append((field.name, f"must be at least {kind.ge}, got {value}"))
+            found.append((field.name, f"must be at least {kind.ge}, got {_shown(value)}"))
         elif kind.gt is not None and value <= kind.gt:
-            found.append((field.name, f"must be positive, got {value}"))
+            found.append((field.name, f"must be positive, got {_shown(value)}"))
     return found
 
 
@@ -223,7 +226,7 @@ def _parse_env(name: str, raw: str) -> Any:
     if name == "catalogues":
         try:
             return json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, 5,000-digit integers, deep nesting
             raise ConfigError(f"{ENV_PREFIX}CATALOGUES must be a JSON object of domain → base URL") from None
     return raw
 
@@ -232,7 +235,16 @@ _CHOICES = {"policy": POLICIES, "sandbox": SANDBOXES}
 
 
 def _not_a_choice(name: str, value: Any) -> str:
-    return f"must be one of {', '.join(_CHOICES[name])}, got {value!r}"
+    return f"must be one of {', '.join(_CHOICES[name])}, got {_shown(value)}"
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for an error message: cut short, and safe for integers Python refuses to print."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "an integer of more than 4,300 digits"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _prepare(name: str, value: Any) -> Any:
@@ -255,4 +267,4 @@ _BOOLEANS = ("allow_http_loopback", "resolver_only")
 def _decode_path(kind: type, value: Any) -> Any:
     if kind is Path and isinstance(value, str | Path):
         return Path(value).expanduser()
-    raise NotImplementedError(f"cannot read {kind.__name__} from {type(value).__name__}")
+    raise TypeError(f"expected a path, got {type(value).__name__}")  # msgspec turns it into ValidationError

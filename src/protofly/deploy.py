@@ -26,6 +26,7 @@ from protofly.identity import IdentityModule
 from protofly.message import Message, error_description, response_code
 from protofly.registry import RuntimeRegistry, StatusEvent, StatusTimeoutError, StubRecord
 from protofly.sandbox import Boundary, Component, DeployError, Limits, Sandbox, SandboxError, active_layers
+from protofly.session_store import SessionStore
 from protofly.supervision import AUTH_FAILURE, REQUIREMENTS_FAILURE
 
 __all__ = ["DeployPipeline", "Step", "StubDeploymentError", "StubHandle"]
@@ -106,7 +107,10 @@ class DeployPipeline:
         identity: IdentityModule,
         limits: Limits,
         events: EventStream,
+        sessions: SessionStore | None = None,
     ) -> None:
+        #: Saved stub state in, new instances tracked (``session_store.py``); None: neither.
+        self.sessions = sessions
         self.config = config
         self.registry = registry
         self.catalogue = catalogue
@@ -170,6 +174,9 @@ class DeployPipeline:
         descriptor = verified.descriptor
         config = dict(descriptor.configuration)
         config["runtimeURL"] = self.registry.runtime_url
+        saved = self.sessions.saved(target.domain) if self.sessions is not None else None
+        if saved is not None:
+            config["savedState"] = saved
         boundary = Boundary(
             runtime_url=self.registry.runtime_url,
             runtime_domain=self.config.domain,
@@ -196,6 +203,8 @@ class DeployPipeline:
             raise StubDeploymentError(target.domain, 503, f"stub failed to start: {exc.summary}") from None
         except (TimeoutError, SandboxError, ValueError) as exc:
             raise StubDeploymentError(target.domain, 503, f"sandbox failed: {exc or type(exc).__name__}") from None
+        if self.sessions is not None:
+            component = self.sessions.track(target.domain, component)
         holder.append(component)
         record = target.record
         record.isolation = component.isolation

@@ -9,6 +9,7 @@ with ``200`` and that value, so a service is one function; one that raises gets 
 from __future__ import annotations
 
 import inspect
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,8 +42,14 @@ class Hyperty:
         config: RuntimeConfig,
         url: str,
         handler: Handler | None = None,
+        allocation_key: str | None = None,
     ) -> None:
         self.bus = bus
+        #: The secret this address was allocated under: proves it is ours when a node that lost our session
+        #: is asked for it again (``protofly.rebind``).
+        self.allocation_key = allocation_key or secrets.token_urlsafe(16)
+        #: Who asks the node for (and gives back) this address.
+        self.allocation_sender = f"{registry.runtime_url}/address-allocation"
         self.registry = registry
         self.config = config
         self.url = url
@@ -86,6 +93,10 @@ class Hyperty:
         if response_code(answer) != 200:
             log.warning("address release failed", hyperty=self.url, reason=error_description(answer.body))
 
+    @property
+    def closed(self) -> bool:
+        return self._listener is None
+
     def _check_open(self) -> None:
         if self._listener is None:
             raise HypertyError(f"hyperty {self.url} is closed")
@@ -117,11 +128,12 @@ async def allocate_hyperty(
 ) -> Hyperty:
     """Ask the home domain's message node for a hyperty address (deploying the home stub if needed)."""
     domain = config.domain
+    key = secrets.token_urlsafe(16)
     request = Message(
         type="create",
         from_=f"{registry.runtime_url}/address-allocation",
         to=f"domain://msg-node.{domain}/address-allocation",
-        body={"scheme": "hyperty", "value": {"number": 1}},
+        body={"scheme": "hyperty", "value": {"number": 1, "allocationKey": key}},
     )
     answer = await bus.request(request, config.deploy_timeout + config.request_timeout)
     code = response_code(answer)
@@ -136,4 +148,4 @@ async def allocate_hyperty(
         raise HypertyError(f"message node answered the allocation with no usable address ({exc!r})") from None
     if parsed.scheme != "hyperty" or address.serving_domain(url) != domain:
         raise HypertyError(f"message node allocated {url!r}, not a hyperty address of {domain}")
-    return Hyperty(bus, registry, config, url, handler)
+    return Hyperty(bus, registry, config, url, handler, allocation_key=key)

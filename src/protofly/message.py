@@ -11,6 +11,7 @@ payload and the runtime only ever adds ``via``.
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import msgspec
@@ -28,11 +29,14 @@ __all__ = [
     "error_description",
     "from_dict",
     "is_provisional",
+    "loads",
     "response",
     "response_code",
 ]
 
-#: Types a runtime exchanges; ``open``/``re-open``/``close`` belong to the message node session.
+#: Types protofly gives semantics to; ``open``/``re-open``/``close`` belong to the message node session.
+#: Any other token is a valid type too (reTHINK's conformance tests send ``ping``/``pong``): the bus, the
+#: stubs and the node route such a message untouched, by its ``to`` alone.
 TYPES = frozenset(
     {
         "create",
@@ -49,6 +53,10 @@ TYPES = frozenset(
         "close",
     }
 )
+
+#: What any other type must look like: an HTTP token (RFC 9110 ``tchar``), 1-64 ASCII characters, compared
+#: case-insensitively and emitted in lower case.
+_TYPE_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}\Z")
 
 #: Largest encoded message accepted by :func:`decode` unless the caller says otherwise (1 MiB).
 DEFAULT_MAX_SIZE = 1 << 20
@@ -82,10 +90,11 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True, rename={"from_":
     def __post_init__(self) -> None:
         kind = self.type
         if kind not in TYPES:
-            kind = kind.lower()
-            if kind not in TYPES:
-                raise MessageError(f"type: unknown message type {self.type!r}")
-            self.type = kind
+            if not _TYPE_TOKEN.match(kind):
+                raise MessageError(
+                    f"type: {kind[:70]!r} is not a message type (1-64 ASCII letters, digits or !#$%&'*+.^_`|~-)"
+                )
+            self.type = kind.lower()
         if not self.from_:
             raise MessageError("from: must be a non-empty address")
         if not self.to:
@@ -128,48 +137,104 @@ _encoder = msgspec.json.Encoder()
 
 
 def decode(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE) -> Message:
-    """Parse and validate one JSON message, or raise :class:`MessageError` naming what is wrong."""
+    """Parse and validate one JSON message, or raise :class:`MessageError` naming what is wrong.
+
+    Nothing else escapes: invalid UTF-8, a ``str`` holding lone surrogates, nesting deeper than msgspec's
+    limit, numbers out of range and wrong types all become a :class:`MessageError`.
+    """
+    if isinstance(data, str):
+        data = _utf8(data)
     if len(data) > max_size:
         raise MessageError(f"size: message of {len(data)} bytes is over the {max_size}-byte limit")
     try:
         return _decoder.decode(data)
     except msgspec.ValidationError:
         pass  # perhaps one of reTHINK's variants: the tolerant form says so, or names the field
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise MessageError(f"json: not a valid JSON message ({exc})") from None
+    except _JSON_ERRORS as exc:
+        raise _json_error(exc, "message") from None
     try:
         return _wire_decoder.decode(data).to_message()
     except msgspec.ValidationError as exc:
         raise MessageError(_validation_text(exc)) from None
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except _JSON_ERRORS as exc:
         # the strict pass stopped at a field before it reached the malformed JSON; the tolerant one did not
-        raise MessageError(f"json: not a valid JSON message ({exc})") from None
+        raise _json_error(exc, "message") from None
 
 
 def decode_batch(data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_SIZE) -> list[Message]:
     """Parse a JSON array of messages in one call (the batched framing of channels that allow it)."""
+    if isinstance(data, str):
+        data = _utf8(data)
     if len(data) > max_size:
         raise MessageError(f"size: batch of {len(data)} bytes is over the {max_size}-byte limit")
     try:
         return _batch_decoder.decode(data)
     except msgspec.ValidationError:
         pass
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise MessageError(f"json: not a valid JSON message batch ({exc})") from None
+    except _JSON_ERRORS as exc:
+        raise _json_error(exc, "message batch") from None
     try:
         return [wire.to_message() for wire in _wire_batch_decoder.decode(data)]
     except msgspec.ValidationError as exc:
-        raise MessageError(_validation_text(exc)) from None
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise MessageError(f"json: not a valid JSON message batch ({exc})") from None
+        raise MessageError(_validation_text(exc, "batch")) from None
+    except _JSON_ERRORS as exc:
+        raise _json_error(exc, "message batch") from None
 
 
-def from_dict(obj: Any) -> Message:
-    """Validate an already-parsed JSON object (for callers that hold Python data, not bytes)."""
+def from_dict(obj: Any, *, max_size: int | None = None) -> Message:
+    """Validate Python data (for callers that hold a dict, not bytes) by the very rules of :func:`decode`.
+
+    The data goes through JSON once, so whatever is accepted here can also be sent: a lone surrogate, an
+    integer id out of range, a value JSON cannot hold or a cycle is a :class:`MessageError` now, not an
+    encoding failure later on some other task.
+    """
     try:
-        return msgspec.convert(obj, WireMessage).to_message()
-    except msgspec.ValidationError as exc:
-        raise MessageError(_validation_text(exc)) from None
+        data = _encoder.encode(obj)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        raise MessageError(f"message: cannot be written as JSON ({_reason(exc)})") from None
+    return decode(data, max_size=len(data) if max_size is None else max_size)
+
+
+def loads(data: bytes | bytearray | memoryview | str, *, what: str = "body", max_size: int = DEFAULT_MAX_SIZE) -> Any:
+    """Plain JSON → Python data under the same rules as :func:`decode` (for bodies that are not yet messages).
+
+    JSON's own edge cases that Python's ``json`` accepts (``NaN``, ``Infinity``) or crashes on (deep nesting
+    raises ``RecursionError``) are a :class:`MessageError` naming ``what``.
+    """
+    if isinstance(data, str):
+        data = _utf8(data, what)
+    if len(data) > max_size:
+        raise MessageError(f"{what}: {len(data)} bytes is over the {max_size}-byte limit")
+    try:
+        return msgspec.json.decode(data)
+    except (*_JSON_ERRORS, msgspec.ValidationError) as exc:
+        raise _json_error(exc, "value", what) from None
+
+
+#: What msgspec raises for bytes that are not JSON (its depth limit included), besides ValidationError.
+_JSON_ERRORS = (msgspec.DecodeError, UnicodeError, RecursionError)
+
+
+def _utf8(text: str, what: str = "json") -> bytes:
+    """A ``str`` as UTF-8, or a :class:`MessageError`: only lone surrogates make this fail."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MessageError(f"{what}: text holds a lone surrogate at character {exc.start} (not Unicode)") from None
+
+
+def _json_error(exc: BaseException, kind: str, what: str = "json") -> MessageError:
+    return MessageError(f"{what}: not a valid JSON {kind} ({_reason(exc)})")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):  # msgspec's offsets are within the string, not the input
+        return f"invalid UTF-8 (byte 0x{exc.object[exc.start]:02x} in a string)"
+    if isinstance(exc, UnicodeEncodeError):
+        return f"lone surrogate at character {exc.start}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)
 
 
 def encode(msg: Message | list[Message]) -> bytes:
@@ -235,18 +300,18 @@ def error_description(body: dict[str, Any] | None) -> str | None:
     return None if text is None else str(text)
 
 
-def _validation_text(exc: msgspec.ValidationError) -> str:
+def _validation_text(exc: msgspec.ValidationError, whole: str = "message") -> str:
     """Turn msgspec's "... - at `$.from`" into "from: ..." so the field comes first, as everywhere else."""
     text = str(exc)
     detail, sep, where = text.rpartition(" - at `")
     if sep:
-        field = where.rstrip("`").removeprefix("$").lstrip(".") or "message"
+        field = where.rstrip("`").removeprefix("$").lstrip(".") or whole
         return f"{field}: {detail}"
     if text.startswith("Object missing required field `"):
         field = text.split("`")[1]
         return f"{field}: missing required field"
-    if text.startswith("Expected `object`"):
-        return f"message: {text}"
+    if text.startswith("Expected `"):
+        return f"{whole}: {text}"
     return text
 
 
@@ -284,13 +349,14 @@ def decode_frame(
     array is then decoded in one call, and only a batch with a bad element is taken apart item by item;
     ``raw`` is then the whole frame.
     """
+    if isinstance(data, str):
+        data = _utf8(data)
     size = len(data)
     if size > max_size:
         raise MessageError(f"size: frame of {size} bytes is over the {max_size}-byte limit")
-    head = data[:64]
-    start = (head.encode() if isinstance(head, str) else bytes(head)).lstrip(_JSON_SPACE)
+    start = bytes(data[:64]).lstrip(_JSON_SPACE)
     if not start and size > 64:  # rare: a long run of whitespace
-        start = (data.encode() if isinstance(data, str) else bytes(data)).lstrip(_JSON_SPACE)
+        start = bytes(data).lstrip(_JSON_SPACE)
     if not start:
         raise MessageError("empty frame")
     if start[0] != 0x5B:  # not '[': a single message
@@ -301,12 +367,12 @@ def decode_frame(
     if not keep_raw:
         try:
             return [FrameItem(msg, data, index) for index, msg in enumerate(_batch_decoder.decode(data))]
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        except (*_JSON_ERRORS, msgspec.ValidationError):
             pass  # a reTHINK variant or a bad element: item by item below says which
     try:
         parts = _raw_items.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
-        raise MessageError(f"batch: not a JSON array ({exc})") from None
+    except (*_JSON_ERRORS, msgspec.ValidationError) as exc:
+        raise MessageError(f"batch: not a JSON array ({_reason(exc)})") from None
     items: list[FrameItem] = []
     for index, part in enumerate(parts):
         try:

@@ -31,7 +31,7 @@ from protofly.events import EventStream, StatusChanged
 from protofly.log import get_logger
 from protofly.message import Message, error_description
 from protofly.record import MAX_DESCRIPTION, StatusEvent, StubRecord
-from protofly.state import STATE_FILE, StateStore
+from protofly.state import STATE_FILE, StateDirError, StateStore, check_private_dir
 from protofly.throttle import LogThrottle
 
 __all__ = [
@@ -134,7 +134,10 @@ class RuntimeRegistry:
             return registry
         store = StateStore(Path(state_dir) / STATE_FILE)
         try:
-            await asyncio.to_thread(Path(state_dir).mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(check_private_dir, Path(state_dir))
+        except StateDirError as exc:
+            raise RegistryError(str(exc)) from None
+        try:
             stored = await asyncio.to_thread(store.set_default, f"runtime_url:{domain}", proposed)
         except (OSError, sqlite3.Error) as exc:
             raise RegistryError(f"cannot use state directory {state_dir}: {exc}") from exc

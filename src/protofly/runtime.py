@@ -44,8 +44,10 @@ from protofly.hyperty import Handler, Hyperty, allocate_hyperty
 from protofly.identity import IdentityModule
 from protofly.log import get_logger
 from protofly.message import Message
+from protofly.rebind import Rebinder
 from protofly.registry import Local, NeedsStub, RegistryError, RuntimeRegistry, StubRecord, ToStub
 from protofly.sandbox import Component, Limits, Sandbox, create_sandbox
+from protofly.session_store import SessionStore
 from protofly.supervised import SupervisedStub
 from protofly.supervision import (
     Action,
@@ -97,6 +99,10 @@ class Runtime:
         self.bus = MessageBus(request_timeout=config.request_timeout)
         #: Every deploy step, status change, restart and unload, as typed events (:mod:`protofly.events`).
         self.events = EventStream()
+        #: Stub state and messages that outlive a stub's process (``session_store.py``).
+        self.sessions = SessionStore(self.bus)
+        #: Re-claims the hyperties' addresses when the home node lost the session (``rebind.py``).
+        self.rebinder = Rebinder(self.bus, self.events, config.domain, config.request_timeout)
         self.limits = Limits(memory_mb=config.memory_mb, cpu_seconds=config.cpu_seconds, open_files=config.open_files)
         self.policy = Policy(
             backoff_base=config.backoff_base,
@@ -175,6 +181,7 @@ class Runtime:
             identity=self._identity,
             limits=self.limits,
             events=self.events,
+            sessions=self.sessions,
         )
         log.info("runtime started", runtime_url=self.runtime_url, sandbox=config.sandbox)
 
@@ -191,6 +198,7 @@ class Runtime:
         await asyncio.gather(*(self._unload(stub, "runtime closed") for stub in list(self._stubs.values())))
         self._stubs.clear()
         await self._tasks.close()
+        await self.rebinder.close()
         if self._sandbox is not None:
             await self._sandbox.close()
         if self._catalogue is not None:
@@ -250,7 +258,9 @@ class Runtime:
         The home stub is deployed on demand by the allocation request itself (the seed's "deployment of a
         Hyperty" trigger).  ``handler`` gets incoming messages; a non-None return value answers with 200.
         """
-        return await allocate_hyperty(self.bus, self.registry, self.config, handler)
+        hyperty = await allocate_hyperty(self.bus, self.registry, self.config, handler)
+        self.rebinder.add(hyperty)
+        return hyperty
 
     async def load_stub(self, reference: str) -> StubHandle:
         """Deploy the stub of a domain (or named by a catalogue URL) and wait until it is ``live``.
@@ -355,6 +365,7 @@ class Runtime:
     # -- performing the machine's actions ----------------------------------------------------------
 
     def _perform(self, stub: SupervisedStub, actions: list[Action], msg: Message | None = None) -> None:
+        gave_up: str | None = None
         for action in actions:
             match action:
                 case Forward() if msg is not None and stub.component is not None:
@@ -377,8 +388,12 @@ class Runtime:
                 case GaveUp(reason, crashes):
                     log.error("stub crash loop: giving up", domain=stub.domain, stub_url=stub.record.url)
                     self.events.emit(CrashLoop(stub.domain, stub.record.url, reason, crashes))
+                    # after the queue's answer (the next action): what the dead instance held or waits for
+                    gave_up = f"the stub for {stub.domain} crashed for good: {reason}"
                 case Refuse() | CancelDeploy():
                     pass  # load_stub raises the failure; cancellation is awaited by the caller
+        if gave_up is not None:
+            self.sessions.abandon(stub.domain, gave_up)
 
     async def _deployment(self, stub: SupervisedStub, delay: float, refresh: bool) -> StubHandle:
         if delay:
@@ -410,6 +425,7 @@ class Runtime:
                 stub.task = None
         stub.handle = handle
         stub.record.info.pop("cause", None)
+        self.sessions.redeliver(stub.domain, stub.component)  # what a dead instance left, before the queue
         self._perform(stub, stub.machine.handle(Deployed()))
         pid = stub.record.info.get("pid")
         self.events.emit(StubLive(stub.domain, stub.record.url, round(handle.total_ms, 3), pid))
@@ -422,6 +438,8 @@ class Runtime:
         self.events.emit(DeployFailed(stub.domain, stub.record.url, error.code, error.description))
         failure = Failure(error.code, error.description, error.cause)
         self._perform(stub, stub.machine.handle(DeployFailedEvent(failure)))
+        # after the queue got its answer: what a dead instance held, or waits for through it
+        self.sessions.abandon(stub.domain, f"the stub for {stub.domain} could not be restarted: {error.description}")
 
     def _on_exit(self, stub: SupervisedStub, component: Component, reason: str) -> None:
         """The stub's process ended (the sandbox already published ``failed`` with ``reason``)."""
@@ -450,6 +468,7 @@ class Runtime:
             warnings=self.warnings,
             clock=self.clock,
             on_idle_message=self._incoming,
+            save_state=self.sessions.save,
         )
         self._stubs[domain] = stub
         return stub
@@ -477,6 +496,7 @@ class Runtime:
                 log.error("removing stub failed", stub_url=stub.record.url, error=str(exc))
         stub.listener.remove()
         self._perform(stub, stub.machine.handle(Unload(reason)))
+        self.sessions.abandon(stub.domain, f"the stub for {stub.domain} was unloaded: {reason}")
         with contextlib.suppress(RegistryError):
             self.registry.unregister_stub(stub.domain)
         self.events.emit(StubUnloaded(stub.domain, stub.record.url, reason))

@@ -223,6 +223,8 @@ class ProtoStub:
         self.status_url = f"{url}/status"
         self.bus = bus
         self.config: dict[str, Any] = dict(config or {})
+        #: What the previous instance of this stub saved with :meth:`save_state` (None on a first deploy).
+        self.saved_state: Any = self.config.pop("savedState", None)
         self.state = "created"
         #: reTHINK's keep-open flag is "not explicitly disconnected": messages reconnect until disconnect().
         self._disconnected_on_request = False
@@ -268,6 +270,20 @@ class ProtoStub:
         body["via"] = self.url
         self.bus.post(msg)
         return True
+
+    def save_state(self, state: Any, *, handed_over: int | None = None) -> None:
+        """Leave ``state`` (JSON, at most 64 KiB) to the next instance of this stub, as :attr:`saved_state`.
+
+        The runtime keeps the latest state per domain and hands it to the stub it deploys after a crash
+        or an unload, so that a session with a back-end can outlive the process.  ``handed_over``: how
+        many of the messages the runtime handed to this stub (counted from 1 in arrival order) are done
+        with -- delivered for good or answered; after a crash the runtime gives the rest to the next
+        instance again instead of letting their senders wait.
+        """
+        body: dict[str, Any] = {"value": state}
+        if handed_over is not None:
+            body["handedOver"] = handed_over
+        self.bus.post(Message(type="update", from_=self.url, to=f"{self.url}/state", body=body))
 
     def status(self, value: str, description: str | None = None) -> None:
         """Publish a connection status: ``update`` from ``url`` to ``url/status`` with ``{value, description}``."""

@@ -42,6 +42,7 @@ class SupervisedStub:
         warnings: LogThrottle,
         clock: Callable[[], float],
         on_idle_message: Callable[[SupervisedStub, Message], None],
+        save_state: Callable[[str, Message], None],
     ) -> None:
         self.domain = domain
         self.name = name
@@ -56,6 +57,8 @@ class SupervisedStub:
             record, bus=bus, registry=registry, policy=boundary_policy, warnings=warnings, clock=clock
         )
         self._admit = self.boundary.admit
+        self._state_url = f"{record.url}/state"
+        self._save_state = save_state
         self._idle = on_idle_message
         self._remember_return = registry.remember_return
         self._post = bus.post
@@ -76,6 +79,9 @@ class SupervisedStub:
 
     def from_stub(self, msg: Message) -> None:
         """What the stub sends: through the trust boundary (:mod:`protofly.boundary`), then onto the bus."""
+        if msg.to == self._state_url:  # ProtoStub.save_state: kept for this domain's next stub, not posted
+            self._save_state(self.domain, msg)
+            return
         if not self._admit(msg):
             return
         if msg.type != "response":

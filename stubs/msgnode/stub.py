@@ -52,6 +52,7 @@ __all__ = [
     "MsgNodeStub",
     "NodeSession",
     "Retry",
+    "SaveState",
     "Settings",
     "Status",
     "Wake",
@@ -89,6 +90,9 @@ CLOSE_CODES: dict[int, str] = {
 
 #: Splits a packed frame of this stub's own messages back into them (see :meth:`NodeSession.unsent`).
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+#: The node's numbered frames (ack extension): one ``[seq,m]``, or several packed in one array.
+_numbered_one = msgspec.json.Decoder(tuple[int, Message])
+_numbered_packed = msgspec.json.Decoder(list[tuple[int, Message]])
 
 
 def close_description(code: int | None, reason: str | None = None) -> str:
@@ -115,6 +119,7 @@ _KEYS = {
     "batch": "batch",
     "batch_bytes": "batchBytes",
     "drain": "drain",
+    "ack": "ack",
     "open_timeout": "openTimeout",
     "max_message": "maxMessage",
     "ping_interval": "pingInterval",
@@ -141,6 +146,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
     batch: bool = True
     batch_bytes: Annotated[int, Meta(ge=2)] = 256 << 10
     drain: bool = True
+    ack: bool = True
     open_timeout: Annotated[float, Meta(ge=0.001)] = 3.0
     max_message: Annotated[int, Meta(ge=64)] = 1 << 20
     ping_interval: Annotated[float, Meta(ge=0.0)] = 20.0
@@ -268,7 +274,19 @@ class Failed:
     description: str
 
 
-Action = Status | Wake | Deliver | Answer | CloseSocket | Retry | Live | Failed
+@dataclass(frozen=True, slots=True)
+class SaveState:
+    """Hand the runtime what a restarted stub needs to take this session over (``ProtoStub.save_state``).
+
+    ``state`` is the session URL and the last number received from the node; ``handed_over`` how many of
+    the messages the runtime handed to this stub are done with (acknowledged by the node, or answered).
+    """
+
+    state: dict[str, Any]
+    handed_over: int
+
+
+Action = Status | Wake | Deliver | Answer | CloseSocket | Retry | Live | Failed | SaveState
 
 # phases of NodeSession
 IDLE = "idle"  # no socket (before the first connect, or between attempts)
@@ -277,6 +295,10 @@ LIVE = "live"  # session granted: the outbox flows
 DRAINING = "draining"  # the node is stopping gracefully: nothing more is sent after 'drained'
 CLOSING = "closing"  # disconnect() sent 'close': waiting for the socket to go
 STOPPED = "stopped"  # disconnected on request, or refused for good: no reconnection
+
+#: Ids of the subscriptions the stub sends again on a new session, and how many resources it remembers.
+_RESUBSCRIBE = "resubscribe-"
+_MAX_RESUBSCRIBE = 10_000
 
 #: Open refusals that another attempt cannot fix (the credentials or the request are wrong).
 _PERMANENT = frozenset({400, 401, 403})
@@ -302,6 +324,7 @@ class NodeSession:
         stub_url: str,
         *,
         rng: Callable[[float, float], float] = random.uniform,
+        saved: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.stub_url = stub_url
@@ -330,9 +353,28 @@ class NodeSession:
                 "reopen_fallbacks",
                 "drains",
                 "disconnects",
+                "duplicates",
+                "resent",
+                "acks",
+                "resubscribed",
             ),
             0,
         )
+        #: What the runtime subscribed to at the node: ``(sm URL, subscriber, source)`` -> resources.  Sent
+        #: again on a new session (the node forgot the old one), so no subscription is lost with it.
+        self.subscriptions: dict[tuple[str, str, str], set[str]] = {}
+        #: Acknowledged delivery (docs/msgnode.md): granted on this socket; the last number sent and the
+        #: sent messages the node has not acknowledged ``(seq, data)``; the last number received from the
+        #: node; an ``ack`` to send.  Messages stay counted in ``outbox_size`` until acknowledged.
+        self.ack_granted = False
+        self.sent_seq = 0
+        self.inflight: deque[tuple[int, bytes]] = deque()
+        self.delivered = 0
+        self._ack_due = False
+        #: How many messages the runtime handed over (``submit``); the hand-over number of every message
+        #: still pending (outbox and in flight, in order), for :class:`SaveState`.
+        self.handed = 0
+        self._marks: deque[int] = deque()
         self._token: str | None = None
         self._control: deque[bytes] = deque()
         self._pending: tuple[int, str] | None = None  # (id, "open" | "re-open")
@@ -341,6 +383,13 @@ class NodeSession:
         self._had_session = False
         #: live at least once since start(): before that a failure fails connect() instead of retrying
         self._established = False
+        if saved:
+            session = saved.get("session")
+            received = saved.get("received")
+            if isinstance(session, str) and session.startswith(self.runtime_url + "/"):
+                self.session_url = session
+                self._had_session = True
+                self.delivered = received if type(received) is int and received >= 0 else 0
 
     def __repr__(self) -> str:  # never shows the access token
         return f"NodeSession(phase={self.phase!r}, session={self.session_url!r}, outbox={len(self.outbox)})"
@@ -365,6 +414,7 @@ class NodeSession:
 
     def submit(self, msg: Message) -> Answer | None:
         """Accept a message for the node (stamping ``body.via``), or say why not as an error response."""
+        self.handed += 1
         if self.phase in (STOPPED, CLOSING):
             return self._refuse(msg, 503, f"the stub for {self.settings.url} is disconnected; connect() it first")
         body = msg.body
@@ -390,8 +440,47 @@ class NodeSession:
             )
         self.outbox.append(data)
         self.outbox_size += size
+        self._marks.append(self.handed)
         self.counters["accepted"] += 1
+        if msg.type in ("subscribe", "unsubscribe") and msg.to.endswith("/sm"):
+            self._note_subscription(msg)
         return None
+
+    def _note_subscription(self, msg: Message) -> None:
+        body = msg.body or {}
+        resources = [r for key in ("resources", msg.type) for r in (body.get(key) or ()) if isinstance(r, str)]
+        source = body.get("source")
+        key = (msg.to, msg.from_, source if isinstance(source, str) else "")
+        if msg.type == "subscribe":
+            if sum(len(r) for r in self.subscriptions.values()) + len(resources) <= _MAX_RESUBSCRIBE:
+                self.subscriptions.setdefault(key, set()).update(resources)
+            return
+        for (to, sender, src), held in list(self.subscriptions.items()):
+            if to == msg.to and sender == msg.from_ and (not key[2] or src == key[2]):
+                held.difference_update(resources)
+                if not held:
+                    del self.subscriptions[(to, sender, src)]
+
+    def _resubscribe(self) -> None:
+        """A new session: subscribe again to everything the runtime had subscribed to, before anything else."""
+        mark = self.handed_over + 1
+        for number, ((to, sender, source), resources) in enumerate(reversed(list(self.subscriptions.items()))):
+            body: dict[str, Any] = {"resources": sorted(resources), "via": self.stub_url}
+            if source:
+                body["source"] = source
+            data = encode(Message(id=f"{_RESUBSCRIBE}{number}", type="subscribe", from_=sender, to=to, body=body))
+            self.outbox.appendleft(data)
+            self.outbox_size += len(data)
+            self._marks.appendleft(mark)
+
+    @property
+    def handed_over(self) -> int:
+        """Every message the runtime handed over up to this number is acknowledged or answered."""
+        return self._marks[0] - 1 if self._marks else self.handed
+
+    def saved_state(self) -> SaveState:
+        state: dict[str, Any] = {"session": self.session_url, "received": self.delivered}
+        return SaveState(state, self.handed_over)
 
     @property
     def can_send(self) -> bool:
@@ -406,8 +495,14 @@ class NodeSession:
         outbox = self.outbox
         if self._control and not (self.phase == CLOSING and outbox):  # 'close' goes after the outbox
             return self._control.popleft(), 0
+        if self._ack_due and self.session_url is not None and self.phase in (LIVE, DRAINING, CLOSING):
+            self._ack_due = False
+            self.counters["acks"] += 1
+            return self._session_message("update", self.session_url, {"ack": self.delivered}), 0
         if self.phase not in (LIVE, CLOSING) or not outbox:
             return None
+        if self.ack_granted:
+            return self._numbered_frame()
         first = outbox.popleft()
         if not self.batch_granted or not outbox:
             self.outbox_size -= len(first)
@@ -424,6 +519,44 @@ class NodeSession:
             return first, 1
         return b"[" + b",".join(parts) + b"]", len(parts)
 
+    def _numbered_frame(self) -> tuple[bytes, int]:
+        """``[seq,m1,m2,...]``: outbox messages numbered and kept in flight until the node's ``ack``."""
+        outbox = self.outbox
+        limit = self.frame_limit if self.batch_granted else 0
+        first = outbox.popleft()
+        seq = self.sent_seq + 1
+        parts = [first]
+        size = len(first) + 24
+        while outbox and size + len(outbox[0]) + 1 <= limit:
+            data = outbox.popleft()
+            parts.append(data)
+            size += len(data) + 1
+        for offset, data in enumerate(parts):
+            self.inflight.append((seq + offset, data))
+        self.sent_seq = seq + len(parts) - 1
+        return b"[%d," % seq + b",".join(parts) + b"]", len(parts)
+
+    def _released(self, seq: int, actions: list[Action]) -> None:
+        """The node acknowledged everything up to ``seq``: forget it (and let the runtime know)."""
+        inflight = self.inflight
+        released = 0
+        while inflight and inflight[0][0] <= seq:
+            self.outbox_size -= len(inflight.popleft()[1])
+            self._marks.popleft()
+            released += 1
+        if released:
+            actions.append(self.saved_state())
+
+    def _resync(self, received: int, actions: list[Action]) -> None:
+        """After open/re-open: the node has everything up to ``received``; what is left goes again, in order."""
+        self._released(received, actions)
+        if self.inflight:
+            self.counters["resent"] += len(self.inflight)
+            for _, data in reversed(self.inflight):
+                self.outbox.appendleft(data)
+            self.inflight.clear()
+        self.sent_seq = received
+
     def written(self, count: int) -> None:
         """A frame carrying ``count`` outbox messages reached the socket."""
         self.counters["sent"] += count
@@ -432,8 +565,15 @@ class NodeSession:
     def unsent(self, frame: bytes, count: int) -> None:
         """A frame from :meth:`next_frame` could not be written: put its messages back at the front."""
         if count == 0:
+            if frame.endswith(b'"ack":%d}}' % self.delivered):
+                self._ack_due = True  # an ack that did not go: the next socket sends it
             return  # a session message belongs to the socket that is gone
         self.counters["requeued"] += count
+        if self.ack_granted:  # numbered: back from in flight to the outbox, numbers given back
+            for _ in range(count):
+                self.outbox.appendleft(self.inflight.pop()[1])
+            self.sent_seq -= count
+            return
         if count == 1:
             parts = [frame]
         else:
@@ -467,6 +607,8 @@ class NodeSession:
         self._why = None
         self.batch_granted = False
         self.drain_granted = False
+        self.ack_granted = False
+        self._ack_due = False
         self.frame_limit = self.settings.batch_bytes
         self.phase = OPENING
         if self.session_url is not None:
@@ -477,7 +619,8 @@ class NodeSession:
 
     def received(self, data: bytes) -> list[Action]:
         """One text frame from the node: a message or (batching) an array of messages."""
-        messages = self._decode(data)
+        before = self.delivered
+        messages = self._decode_numbered(data) if self.ack_granted and data[:1] == b"[" else self._decode(data)
         actions: list[Action] = []
         batch: list[Message] = []
         for msg in messages:
@@ -487,13 +630,76 @@ class NodeSession:
                     batch = []
                 self._session_event(msg, actions)
             elif self.phase in (LIVE, DRAINING, CLOSING):
+                if msg.type == "response" and isinstance(msg.id, str) and msg.id.startswith(_RESUBSCRIBE):
+                    self.counters["resubscribed"] += 1  # the answer to our own re-subscription: not the runtime's
+                    continue
                 batch.append(msg)
             else:
                 self.counters["invalid"] += 1  # nothing but the session's answer may come before it
         if batch:
             actions.append(Deliver(batch))
         self.counters["received"] += sum(len(a.messages) for a in actions if type(a) is Deliver)
+        if self.delivered != before:  # the runtime has them (in order, after the Deliver): tell both sides
+            actions.append(self.saved_state())
+            self._ack_due = True
+            actions.append(Wake())
         return actions
+
+    def _decode_numbered(self, data: bytes) -> list[Message]:
+        """A frame of the ack extension: ``[seq,m...]``, or a packed array of such frames and plain messages.
+
+        Numbered messages already delivered (a replay after a reconnection) are dropped here, by number.
+        The common frames (``[seq,m]``, or the node's packing of them) are decoded in one call.
+        """
+        try:
+            pairs = [_numbered_one.decode(data)] if data[1:2].isdigit() else _numbered_packed.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return self._decode_numbered_slowly(data)
+        fresh: list[Message] = []
+        for seq, msg in pairs:
+            if seq <= self.delivered:
+                self.counters["duplicates"] += 1
+                continue
+            self.delivered = seq
+            fresh.append(msg)
+        return fresh
+
+    def _decode_numbered_slowly(self, data: bytes) -> list[Message]:
+        """Item by item: a frame mixing plain and numbered messages, or with a bad element."""
+        try:
+            items = _raw_list.decode(data)
+        except msgspec.DecodeError:
+            self.counters["invalid"] += 1
+            return []
+        if items and bytes(items[0])[:1].isdigit():
+            groups = [items]
+        else:
+            groups = []
+            for item in items:
+                raw = bytes(item)
+                if raw[:1] == b"[":
+                    try:
+                        groups.append(_raw_list.decode(raw))
+                    except msgspec.DecodeError:
+                        self.counters["invalid"] += 1
+                else:
+                    groups.append([msgspec.Raw(b"0"), item])  # a plain message (number 0: never a duplicate)
+        messages: list[Message] = []
+        for group in groups:
+            try:
+                seq = int(bytes(group[0]))
+            except ValueError:
+                self.counters["invalid"] += 1
+                continue
+            for offset, raw in enumerate(group[1:]):
+                if seq:
+                    number = seq + offset
+                    if number <= self.delivered:
+                        self.counters["duplicates"] += 1
+                        continue
+                    self.delivered = number
+                messages.extend(self._decode(bytes(raw)))
+        return messages
 
     def open_timed_out(self) -> list[Action]:
         """No answer to ``open``/``re-open`` in time: give this socket up (reTHINK: "Timeout from mn:/session")."""
@@ -553,6 +759,10 @@ class NodeSession:
             body["batch"] = True
         if self.settings.drain:
             body["drain"] = True
+        if self.settings.ack:
+            body["ack"] = True
+            if kind == "re-open":
+                body["received"] = self.delivered
         if kind == "open" and self._token is not None:
             body["accessToken"] = self._token
         msg_id = self._next_id()
@@ -570,6 +780,8 @@ class NodeSession:
         body = msg.body or {}
         if msg.type == "update" and body.get("value") == "draining":
             self._draining(actions)
+        elif msg.type == "update" and type(body.get("ack")) is int and self.ack_granted:
+            self._released(body["ack"], actions)
 
     def _answered(self, kind: str, msg: Message, actions: list[Action]) -> None:
         code = response_code(msg)
@@ -585,14 +797,22 @@ class NodeSession:
                 fresh = self._had_session
                 self.session_url = f"{self.runtime_url}/{token}"
                 self._had_session = True
+                self.delivered = 0  # a new session: the node numbers from 1 again
             self.phase = LIVE
             self.backoff.reset()
             self._established = True
             self.batch_granted = body.get("batch") is True
             self.drain_granted = body.get("drain") is True
+            self.ack_granted = body.get("ack") is True
+            received = body.get("received")
+            self._resync(received if self.ack_granted and type(received) is int and received > 0 else 0, actions)
+            if kind == "open" and self.settings.ack:
+                actions.append(self.saved_state())
             limit = body.get("maxFrame")
             if self.batch_granted and type(limit) is int and limit > 2:
                 self.frame_limit = min(self.settings.batch_bytes, limit)
+            if fresh:
+                self._resubscribe()
             description = "new session: the node did not know the previous one" if fresh else None
             actions.append(Status("live", description))
             actions.append(Live(fresh))
@@ -650,6 +870,10 @@ class NodeSession:
 
     def _refuse_outbox(self, description: str) -> list[Action]:
         actions: list[Action] = []
+        for _, data in reversed(self.inflight):  # never acknowledged: answered with the rest
+            self.outbox.appendleft(data)
+        self.inflight.clear()
+        self._marks.clear()
         while self.outbox:
             data = self.outbox.popleft()
             try:
@@ -660,6 +884,8 @@ class NodeSession:
             if answer is not None:
                 actions.append(answer)
         self.outbox_size = 0
+        if self.settings.ack:
+            actions.append(self.saved_state())
         return actions
 
     def _state_words(self) -> str:
@@ -687,12 +913,14 @@ class MsgNodeStub(ProtoStub):
         settings = Settings.load(config or {})
         super().__init__(url, bus, config)
         self.settings = settings
-        self.session = NodeSession(settings, url)
+        saved = self.saved_state if isinstance(self.saved_state, Mapping) else None
+        self.session = NodeSession(settings, url, saved=saved)
         self._loop_task: asyncio.Task[None] | None = None
         self._ws: ClientConnection | None = None
         self._wake: asyncio.Event | None = None
         self._open_timer: asyncio.TimerHandle | None = None
         self._first: asyncio.Future[None] | None = None
+        self._saving: asyncio.Handle | None = None
         #: Connection attempts that failed or ended: picks the node (``_node_url``).
         self._attempt = 0
 
@@ -875,7 +1103,23 @@ class MsgNodeStub(ProtoStub):
                     self._close_socket(code, reason)
                 case Failed(description=description):
                     self._settle_first(ConnectionError(description))
+                case SaveState():
+                    self._save_soon()
         return delay
+
+    def _save_soon(self) -> None:
+        """Hand the runtime the session's latest state once per loop iteration, however many frames came.
+
+        Posted after this iteration's deliveries (the host sends them in order), so the runtime never
+        holds a ``received`` ahead of the messages it has, nor a ``handedOver`` ahead of the node's acks.
+        """
+        if self._saving is None:
+            self._saving = asyncio.get_running_loop().call_soon(self._save_now)
+
+    def _save_now(self) -> None:
+        self._saving = None
+        save = self.session.saved_state()
+        self.save_state(save.state, handed_over=save.handed_over)
 
     def _settle_first(self, error: BaseException | None) -> bool:
         """Resolve ``connect()``'s wait; True if it was still waiting (so this was the first attempt)."""

@@ -6,6 +6,7 @@ server's NDJSON stream line by line, so the caller sees each runtime event as it
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
@@ -17,6 +18,7 @@ from urllib.parse import quote
 import aiohttp
 
 from protofly.admin.protocol import DEPLOY_GRACE, MAX_EVENT_LINE, AdminError, AdminUnavailableError
+from protofly.state import StateDirError, check_socket
 
 __all__ = ["AdminClient"]
 
@@ -111,11 +113,25 @@ class AdminClient:
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
-        """Turn transport failures into the two errors the CLI knows how to explain."""
+        """Turn transport failures into the two errors the CLI knows how to explain.
+
+        The socket is checked first (:func:`protofly.state.check_socket`): a socket another user owns, or
+        could have swapped in, is never connected to, so root's CLI cannot be shown a fake runtime.
+        """
+        try:
+            await asyncio.to_thread(check_socket, self.path)
+        except StateDirError as exc:
+            raise AdminError(str(exc), 403) from None
         try:
             yield
         except aiohttp.ClientConnectorError as exc:
             reason = exc.os_error.strerror if exc.os_error is not None else str(exc)
+            if isinstance(exc.os_error, PermissionError):
+                raise AdminError(
+                    f"permission denied on {self.path}: {reason} (the runtime's socket is reachable only by the "
+                    "user running it: run the command as that user)",
+                    403,
+                ) from None
             raise AdminUnavailableError(
                 f"no protofly runtime is listening on {self.path} ({reason}); start one with 'protofly runtime serve'",
                 503,

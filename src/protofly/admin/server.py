@@ -35,12 +35,13 @@ from protofly.bus import BusClosedError
 from protofly.deploy import StubDeploymentError, StubHandle
 from protofly.events import RuntimeEvent
 from protofly.log import get_logger
+from protofly.state import StateDirError, check_private_dir
 from protofly.tasks import TaskSet
 
 if TYPE_CHECKING:
     from protofly.runtime import Runtime
 
-__all__ = ["STREAM_BACKLOG", "AdminServer"]
+__all__ = ["STREAM_BACKLOG", "AdminServer", "send_body"]
 
 log = get_logger("protofly.admin")
 
@@ -69,6 +70,10 @@ async def claim_socket(path: Path) -> tuple[socket.socket, int]:
             "of unix sockets; give a shorter one with --admin",
             field="admin",
         )
+    try:  # first the directory: a socket found in a directory others control proves nothing
+        await asyncio.to_thread(check_private_dir, path.parent, what="admin socket directory")
+    except StateDirError as exc:
+        raise AdminError(str(exc), status=500, field="admin") from None
     kind = await asyncio.to_thread(_file_kind, path)
     if kind == "other":
         raise AdminError(f"{path} exists and is not a socket; refusing to replace it", field="admin")
@@ -89,7 +94,6 @@ def _file_kind(path: Path) -> str | None:
 def _bind(path: Path, stale: bool) -> tuple[socket.socket, int]:
     if stale:
         path.unlink(missing_ok=True)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # born 0600: no window in which another user could connect
     try:
@@ -244,10 +248,10 @@ class AdminServer:
     async def _set_credentials(self, request: web.Request) -> web.Response:
         """New credentials for a domain (a JSON object); the stub uses them from its next connect."""
         domain = _domain(request.match_info["domain"])
-        try:
-            data = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise AdminError(f"body: not valid JSON ({type(exc).__name__})", field="body") from None
+        try:  # the message decoder's rules: what is accepted here can be sent to the stub later
+            data = message.loads(await request.read(), what="body", max_size=self.max_request_size)
+        except message.MessageError as exc:
+            raise AdminError(str(exc), field="body") from None
         if not isinstance(data, dict):
             raise AdminError("body: expected a JSON object of credentials", field="body")
         self.runtime.set_credentials(domain, data)
@@ -267,21 +271,7 @@ class AdminServer:
     async def _send(self, request: web.Request) -> web.Response:
         runtime = self.runtime
         timeout = _timeout_parameter(request, runtime.config.request_timeout)
-        raw = await request.read()
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise AdminError(f"body: not valid JSON ({exc})", field="body") from None
-        if not isinstance(data, dict):
-            raise AdminError("body: expected a JSON object (a reTHINK message)", field="body")
-        data.setdefault("from", self.cli_url)
-        try:
-            msg = message.from_dict(data)
-        except message.MessageError as exc:
-            text = str(exc)
-            raise AdminError(text, field=text.split(":", 1)[0]) from None
-        if msg.type == "response":
-            raise AdminError("type: /send sends requests; a response cannot be sent from here", field="type")
+        msg = send_body(await request.read(), self.cli_url, self.max_request_size)
         try:
             answer = await asyncio.wait_for(runtime.bus.request(msg, timeout=timeout), timeout + DEPLOY_GRACE)
         except ValueError as exc:  # the same (from, id) is already waiting for its response
@@ -359,6 +349,26 @@ async def _json_errors(
     except Exception as exc:
         log.error("admin request failed", path=request.path, exc_info=exc)
         return web.json_response({"error": f"internal error: {exc}", "code": 500}, status=500)
+
+
+def send_body(raw: bytes, sender: str, max_size: int = message.DEFAULT_MAX_SIZE) -> message.Message:
+    """The message a ``/send`` body asks for, ``from`` defaulting to ``sender``; or a ``400`` naming the field.
+
+    Parsed by the message decoder's own rules (:func:`protofly.message.loads`), so invalid UTF-8, ``NaN``,
+    nesting deeper than the decoder's limit and numbers out of range are a ``400``, never a ``500``.
+    """
+    try:
+        data = message.loads(raw, what="body", max_size=max_size)
+        if not isinstance(data, dict):
+            raise message.MessageError("body: expected a JSON object (a reTHINK message)")
+        data.setdefault("from", sender)
+        msg = message.from_dict(data, max_size=max_size)
+    except message.MessageError as exc:
+        text = str(exc)
+        raise AdminError(text, field=text.split(":", 1)[0]) from None
+    if msg.type == "response":
+        raise AdminError("type: /send sends requests; a response cannot be sent from here", field="type")
+    return msg
 
 
 def _domain(text: str) -> str:

@@ -75,6 +75,8 @@ _CLASSNAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.\-]{0,127}\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 _DOMAIN = re.compile(r"(?!-)[a-z0-9_\-]{1,63}(?<!-)(\.(?!-)[a-z0-9_\-]{1,63}(?<!-))*\Z")
 _BOM = b"\xef\xbb\xbf"
+#: Integers from here on are refused where they would be printed (Python refuses to print 4,300 digits).
+_HUGE = 10**64
 _VERSION_PART = re.compile(r"\d+|[^\d.\-+_]+")
 
 
@@ -199,14 +201,22 @@ class ProtocolStubDescriptor:
 
 def decode_json(data: bytes | str, *, what: str, url: str | None = None, max_size: int) -> Any:
     """JSON text → Python objects, with the size limit and a message that says where it broke."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+    except UnicodeEncodeError as exc:
+        raise DescriptorError("", f"{what} text holds a lone surrogate at character {exc.start}", url=url) from None
     if len(raw) > max_size:
         raise CatalogueError(E_TOO_LARGE, f"{what} of {len(raw)} bytes is over the {max_size}-byte limit", url=url)
     raw = raw.removeprefix(_BOM)
     try:
         return msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
+    except msgspec.DecodeError as exc:  # out-of-range numbers included
         raise DescriptorError("", f"{what} is not valid JSON: {exc}", url=url) from None
+    except RecursionError:
+        raise DescriptorError("", f"{what} is not valid JSON: nested too deeply", url=url) from None
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise DescriptorError("", f"{what} is not valid UTF-8 (byte 0x{byte:02x} in a string)", url=url) from None
 
 
 def parse_descriptor(
@@ -307,6 +317,8 @@ def _version(value: Any) -> str:
         return ""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise DescriptorError("version", f"expected a string or a number, got {_type(value)}")
+    if isinstance(value, int) and not -_HUGE < value < _HUGE:
+        raise DescriptorError("version", "a number of more than 64 digits is not a version")
     text = value.strip() if isinstance(value, str) else repr(value)
     if len(text) > 64 or any(c.isspace() or ord(c) < 32 for c in text):
         raise DescriptorError("version", f"{text[:70]!r} is not a version (at most 64 characters, no spaces)")
@@ -360,6 +372,8 @@ def _cguid(value: Any) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise DescriptorError("cguid", f"expected a string or a number, got {_type(value)}")
+    if isinstance(value, int) and not -_HUGE < value < _HUGE:
+        raise DescriptorError("cguid", "a number of more than 64 digits is not a cguid")
     return value if isinstance(value, str) else repr(value)
 
 

@@ -77,13 +77,27 @@ class AddressTable:
     # -- allocation ---------------------------------------------------------------------------------
 
     def allocate(self, session: Session, msg: Message) -> dict[str, Any]:
-        """Allocate the addresses ``msg`` asks for; the ``value`` of the ``200``."""
+        """Allocate the addresses ``msg`` asks for; the ``value`` of the ``200``.
+
+        ``value.addresses`` (with an ``allocationKey``) asks for those exact addresses again: a runtime
+        whose session this node lost re-claims its hyperties' addresses on its new session.  Granted for
+        addresses of this domain and scheme that no other session holds (see docs/msgnode.md).
+        """
+        asked = (msg.body or {}).get("value")
+        if isinstance(asked, dict) and "addresses" in asked:
+            scheme, _, key = self._allocation_request(msg)
+            return self._reclaim(session, scheme, asked["addresses"], key)
         allocated, key = self.plan(session, msg)
         return self.grant(session, allocated, key)
 
     def plan(self, session: Session, msg: Message) -> tuple[list[str], str | None]:
-        """Check an allocation request and name its new addresses (nothing is taken yet)."""
+        """Check an allocation request and name its new addresses (nothing is taken yet): a cluster's way."""
         scheme, number, key = self._allocation_request(msg)
+        asked = (msg.body or {}).get("value")
+        if isinstance(asked, dict) and "addresses" in asked:
+            raise Refused(
+                501, "body.value.addresses: a clustered node does not re-claim addresses (re-open the session)"
+            )
         if len(session.addresses) + number > self.max_addresses:
             raise Refused(
                 403,
@@ -106,6 +120,36 @@ class AddressTable:
         if key is not None:
             value["allocationKey"] = key
         return value
+
+    def _reclaim(self, session: Session, scheme: str, requested: Any, key: str | None) -> dict[str, Any]:
+        if key is None:
+            raise Refused(400, "body.value.allocationKey: required to re-claim addresses")
+        if (
+            not isinstance(requested, list)
+            or not requested
+            or len(requested) > self.max_block
+            or not all(isinstance(a, str) for a in requested)
+        ):
+            raise Refused(400, f"body.value.addresses: expected a list of 1 to {self.max_block} addresses")
+        prefix = f"{scheme}://{self.domain}/"
+        for address in requested:
+            rest = address.removeprefix(prefix)
+            if rest == address or not rest or "/" in rest:
+                raise Refused(400, f"body.value.addresses: {address} is not a {scheme} address of {self.domain}")
+            owner = self._owner.get(address)
+            if owner is not None and owner is not session:
+                raise Refused(409, f"body.value.addresses: {address} is allocated to another session")
+        new = [a for a in requested if a not in session.addresses]
+        if len(session.addresses) + len(new) > self.max_addresses:
+            raise Refused(403, f"addresses: this session may hold at most {self.max_addresses} addresses")
+        for address in new:
+            session.addresses.add(address)
+            session.bound.pop(address, None)
+            self._owner[address] = session
+        block = session.keys.setdefault(key, [])
+        block.extend(a for a in requested if a not in block)
+        self._counters["addresses_allocated"] += len(new)
+        return {"allocated": list(requested), "allocationKey": key}
 
     def _allocation_request(self, msg: Message) -> tuple[str, int, str | None]:
         """``(scheme, number, allocationKey)`` from either the spec layout (``body.value``) or a flat body."""

@@ -51,7 +51,7 @@ class Answers:
         self._counters["invalid"] += 1
         try:
             obj = msgspec.json.decode(raw)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, UnicodeError, RecursionError):  # invalid UTF-8 too: close 1007
             obj = None
         sender = obj.get("from") if isinstance(obj, dict) else None
         if not isinstance(sender, str) or not sender:

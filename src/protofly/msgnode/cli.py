@@ -70,6 +70,22 @@ def serve(
             "exists; it is then renamed <name>.loaded) and write them there at a graceful stop.",
         ),
     ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            help="Durable state: every change is journaled in this directory before the node acts on it, so a "
+            "node killed (even with SIGKILL) and restarted with the same directory loses nothing it acknowledged.",
+        ),
+    ] = None,
+    fsync_interval: Annotated[
+        float,
+        typer.Option(
+            "--fsync-interval",
+            help="With --state-dir: seconds between fsyncs of the journal (power-loss window; 0: every write, "
+            "-1: never).",
+        ),
+    ] = 1.0,
     drain_timeout: Annotated[
         float, typer.Option("--drain-timeout", help="Seconds a stop waits for drain clients to say 'drained'.")
     ] = 5.0,
@@ -111,6 +127,8 @@ def serve(
             hint = "--auth-tokens-file"
             raise typer.BadParameter(f"cannot read {auth_tokens_file}: {exc}", param_hint=hint) from None
         tokens.extend(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if state_dir is not None and state_file is not None:
+        raise typer.BadParameter("use --state-dir or --state-file, not both", param_hint="--state-dir")
     from protofly.msgnode.server import MessageNode  # aiohttp is imported only when a node runs
 
     node = MessageNode(
@@ -124,6 +142,8 @@ def serve(
         send_queue_bytes=send_queue_bytes,
         ping_interval=ping_interval or None,
         state_file=state_file,
+        state_dir=state_dir,
+        fsync_interval=None if fsync_interval < 0 else fsync_interval,
         drain_timeout=drain_timeout,
         drain_grace=drain_grace,
         buffer_messages=buffer_messages,
@@ -131,8 +151,9 @@ def serve(
         cluster=cluster,
         node_id=node_id,
     )
-    if cluster is not None and state_file is not None:
-        raise typer.BadParameter("a clustered node keeps its state in the cluster", param_hint="--state-file")
+    if cluster is not None and (state_file is not None or state_dir is not None):
+        hint = "--state-file" if state_file is not None else "--state-dir"
+        raise typer.BadParameter("a clustered node keeps its state in the cluster", param_hint=hint)
     try:
         asyncio.run(_serve(node))
     except StateError as exc:

@@ -48,8 +48,11 @@ import uuid
 from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
+import msgspec
+
 from protofly.address import validate_domain
 from protofly.message import Message, MessageError, decode, decode_frame, encode, response
+from protofly.msgnode import acks
 from protofly.msgnode import snapshot as state_snapshot
 from protofly.msgnode.actions import Action, Allocate, CloseCode, Refused, Send
 from protofly.msgnode.addresses import AddressTable
@@ -88,8 +91,11 @@ _COUNTERS = (
     *("sessions_opened", "sessions_reopened", "sessions_closed", "sessions_expired", "sessions_replaced"),
     *("addresses_allocated", "addresses_freed", "bound", "bound_evicted", "ignored_after_close"),
     *("drain_notices", "drained", "drain_timeouts", "sessions_restored"),
+    *("duplicates", "acks_sent", "acks_received", "slow_consumers_detached", "slow_answered"),
     *("forwarded", "remote_in", "sessions_claimed", "sessions_handed_off"),
 )
+
+encode_any = msgspec.json.encode
 
 Handler = Callable[[ConnState, Message, list[Action]], None]
 
@@ -119,9 +125,15 @@ class MessageNodeCore:
         buffer_messages: int = DEFAULT_BUFFER_MESSAGES,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        journal: bool = False,
     ) -> None:
         self.domain = validate_domain(domain)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        #: With ``journal``: what changed since the shell last took it (``take_journal``), for the durable
+        #: state (``journal.py``): ``("q", session, seq, data)`` a numbered message kept, ``("a", session, seq)``
+        #: acknowledged by the runtime, ``("r", session, seq)`` received from it, ``("x",)`` anything else
+        #: (sessions, allocations, subscriptions, bindings: the shell writes a full checkpoint then).
+        self.journal: list[Any] | None = [] if journal else None
 
         node = f"domain://msg-node.{self.domain}"
         self.allocation_url = f"{node}/address-allocation"
@@ -157,6 +169,7 @@ class MessageNodeCore:
             buffer_messages=buffer_messages,
             buffer_bytes=buffer_bytes,
             new_id=new_id,
+            journal=self.journal,
         )
         self._components: dict[str, Handler] = {
             SESSION_URL: self.manager.handle,
@@ -268,7 +281,11 @@ class MessageNodeCore:
         return []
 
     def received(self, conn: Hashable, data: bytes | bytearray | memoryview | str | Message) -> list[Action]:
-        """One text frame (or an already-decoded message) arrived on ``conn``."""
+        """One text frame (or an already-decoded message) arrived on ``conn``.
+
+        Whatever the bytes, the answer is actions: a ``400`` response to a sender that can be read, else a
+        close with ``1007`` (invalid data: bad JSON, invalid UTF-8) or ``1009`` (too big); never an exception.
+        """
         state = self.manager.state(conn)
         counters = self.counters
         if state.closing:
@@ -280,12 +297,26 @@ class MessageNodeCore:
                 counters["messages_in"] += 1
                 self._route(state, data, None, out)
                 return out
-            data = data.encode() if isinstance(data, str) else bytes(data)
+            if isinstance(data, str):  # a shell that decoded the text frame itself
+                try:
+                    data = data.encode()
+                except UnicodeEncodeError as exc:
+                    counters["invalid"] += 1
+                    text = f"text frame is not valid Unicode (lone surrogate at character {exc.start})"
+                    self._answers.close(state, CloseCode.INVALID_DATA, text, out)
+                    return out
+            else:
+                data = bytes(data)
         if len(data) > self.max_frame:
             counters["invalid"] += 1
             text = f"frame of {len(data)} bytes is over the {self.max_frame}-byte limit"
             self._answers.close(state, CloseCode.MESSAGE_TOO_BIG, text, out)
             return out
+        if state.ack and data[:1] == b"[":
+            numbered = acks.split(data)
+            if numbered is not None:
+                self._numbered(state, numbered[0], numbered[1], out)
+                return out
         if not state.batch:  # the common case: one message per frame
             counters["messages_in"] += 1
             try:
@@ -311,6 +342,39 @@ class MessageNodeCore:
                 self._route(state, item, raw, out)
         return out
 
+    def _numbered(self, state: ConnState, seq: int, rest: bytes, out: list[Action]) -> None:
+        """A numbered frame (ack extension): route what is new, drop duplicates, acknowledge the last."""
+        counters = self.counters
+        session = state.session
+        if session is None:
+            counters["invalid"] += 1
+            self._answers.close(state, CloseCode.PROTOCOL_ERROR, "numbered frame before a session was opened", out)
+            return
+        try:
+            items = decode_frame(rest, max_size=self.max_frame)
+        except MessageError as exc:
+            counters["invalid"] += 1
+            self._answers.close(state, CloseCode.INVALID_DATA, str(exc), out)
+            return
+        for index, (item, raw, _) in enumerate(items):
+            if state.closing:
+                break
+            number = seq + index
+            if number <= session.received:
+                counters["duplicates"] += 1
+                continue
+            session.received = number
+            counters["messages_in"] += 1
+            if isinstance(item, MessageError):
+                self._answers.invalid(state, raw, str(item), out)
+            else:
+                self._route(state, item, raw, out)
+        if self.journal is not None:
+            self.journal.append(("r", session.url, session.received))
+        if not state.closing and state.session is session:
+            counters["acks_sent"] += 1
+            out.append(Send(state.conn, acks.ack_message(session.url, session.received)))
+
     def received_binary(self, conn: Hashable) -> list[Action]:
         """reTHINK carries JSON in text frames only; a binary frame means a confused peer."""
         state = self.manager.state(conn)
@@ -332,7 +396,57 @@ class MessageNodeCore:
     def tick(self, now: float) -> list[Action]:
         """Expire the detached sessions whose grace period is over, freeing their addresses."""
         out: list[Action] = []
+        ended = self.counters["sessions_expired"]
         self.manager.expire(now, out)
+        if self.journal is not None and self.counters["sessions_expired"] != ended:
+            self.journal.append(("x",))
+        return out
+
+    def take_journal(self) -> list[Any]:
+        """What changed since the last call (see :attr:`journal`); empty without ``journal``."""
+        journal = self.journal
+        if not journal:
+            return []
+        taken = journal.copy()
+        journal.clear()
+        return taken
+
+    def slow_consumer(self, conn: Hashable, pending: list[Any], now: float) -> list[Action]:
+        """The shell cut ``conn`` off (it did not read): detach its session and keep what it did not get.
+
+        ``pending`` is what was queued for the connection and never written.  A session with
+        acknowledged delivery still holds all of it (numbered, unacknowledged), so nothing is to do but
+        detach.  A plain session keeps the messages in its buffer, up to its bounds; each one beyond
+        them is answered ``503`` to its sender, so no message disappears without an answer (messages
+        already in the socket's kernel buffer are beyond the node's reach: docs/msgnode.md).
+        """
+        out: list[Action] = []
+        state = self.manager.conns.get(conn)
+        session = None if state is None else state.session
+        if state is None or session is None or session.conn is not conn:
+            return out
+        self.counters["slow_consumers_detached"] += 1
+        state.session = None
+        self.manager.detach(session, now, out)
+        if session.ack:
+            return out
+        for data in pending:
+            raw = bytes(data)
+            if raw[:1] != b"{":
+                continue  # a numbered frame or a packed array: not a message of this plain session
+            if session.keep(raw, self.buffer_messages, self.buffer_bytes):
+                self.counters["buffered"] += 1
+                continue
+            try:
+                msg = decode(raw, max_size=len(raw))
+            except MessageError:
+                continue
+            if msg.type == "response" or msg.from_ == SESSION_URL:
+                self.counters["buffer_discarded"] += 1
+                continue
+            self.counters["slow_answered"] += 1
+            text = f"{msg.to}: its session {session.url} stopped reading and its buffer is full"
+            self.manager.deliver(encode(response(msg, 503, text)), msg.from_, out)
         return out
 
     # -- graceful stop (drain extension) --------------------------------------------------------------
@@ -391,6 +505,31 @@ class MessageNodeCore:
         self.counters["sessions_restored"] += len(sessions)
         return len(sessions)
 
+    def apply_journal(self, records: list[list[Any]]) -> int:
+        """Replay journal records (``journal.py``) onto the state just restored; returns how many applied.
+
+        Idempotent: a record the restored checkpoint already reflects changes nothing.  Records of
+        sessions the checkpoint does not hold (ended since) are skipped.
+        """
+        applied = 0
+        for record in records:
+            kind = record[0] if record else None
+            session = self.sessions.get(record[1]) if kind in ("q", "a", "r") and len(record) > 2 else None
+            if session is None or not isinstance(record[2], int):
+                continue
+            seq = record[2]
+            if kind == "q" and len(record) == 4 and seq > session.sent:
+                data = encode_any(record[3])
+                session.sent = seq - 1
+                if session.number(data, 1 << 62, 1 << 62):
+                    applied += 1
+            elif kind == "a" and session.acknowledged(seq):
+                applied += 1
+            elif kind == "r" and seq > session.received:
+                session.received = seq
+                applied += 1
+        return applied
+
     # -- routing -----------------------------------------------------------------------------------
 
     def _route(self, state: ConnState, msg: Message, raw: Any, out: list[Action]) -> None:
@@ -398,6 +537,8 @@ class MessageNodeCore:
         component = self._components.get(to)
         if component is not None:
             component(state, msg, out)
+            if self.journal is not None and msg.type != "update" and msg.type != "response":
+                self.journal.append(("x",))  # a session, an allocation or a subscription may have changed
             return
         session = state.session
         if session is None:
@@ -408,11 +549,17 @@ class MessageNodeCore:
         if msg.type in _SESSION_TYPES:
             self._answers.error(state, msg, 400, f"type: '{msg.type}' is only valid to {SESSION_URL}", out)
             return
+        bound = self.counters["bound"]
         if not self.addresses.claim(session, msg.from_):
             self._answers.error(state, msg, 403, f"from: {msg.from_} is allocated to another session", out)
             return
+        if self.journal is not None and self.counters["bound"] != bound:
+            self.journal.append(("x",))
         target = self.addresses.owner(to) or self.sessions.route(to)
         if target is not None:
+            if target.ack:
+                self._number(state, target, msg, raw, out)
+                return
             conn = target.conn
             if conn is None:
                 self._hold(state, target, msg, raw, out)
@@ -448,9 +595,15 @@ class MessageNodeCore:
     ) -> None:
         delivered = 0
         full: list[Session] = []
+        limits = (self.buffer_messages, self.buffer_bytes)
         for session in subscribers:
             conn = session.conn
-            if conn is None:
+            if session.ack:
+                if acks.number(session, bytes(data), out, self.journal, limits):
+                    delivered += 1
+                else:
+                    full.append(session)
+            elif conn is None:
                 if session.keep(bytes(data), self.buffer_messages, self.buffer_bytes):
                     self.counters["buffered"] += 1
                 else:
@@ -469,6 +622,19 @@ class MessageNodeCore:
             self._answers.error(state, msg, 503, text, out)
 
     # -- buffers of detached sessions ----------------------------------------------------------------
+
+    def _number(self, state: ConnState, target: Session, msg: Message, raw: Any, out: list[Action]) -> None:
+        """Point to point to an ack session: numbered and kept until acknowledged, or ``503`` when full."""
+        data = encode(msg) if raw is None else bytes(raw)
+        if acks.number(target, data, out, self.journal, (self.buffer_messages, self.buffer_bytes)):
+            self.counters["delivered" if target.conn is not None else "buffered"] += 1
+            return
+        self.counters["buffer_full"] += 1
+        text = (
+            f"{msg.to}: its session holds {len(target.unacked)} messages ({target.unacked_bytes} bytes) "
+            "its runtime has not acknowledged yet; the node takes no more until it does"
+        )
+        self._answers.error(state, msg, 503, text, out)
 
     def _hold(self, state: ConnState, target: Session, msg: Message, raw: Any, out: list[Action]) -> None:
         """Keep a point-to-point message for a detached session, or tell the sender its buffer is full."""

@@ -35,6 +35,7 @@ from protofly.msgnode.core import (
     DEFAULT_SEND_QUEUE_BYTES,
     MessageNodeCore,
 )
+from protofly.msgnode.journal import Journal
 from protofly.msgnode.remote import ClusterUnavailable
 from protofly.msgnode.snapshot import StateError
 from protofly.msgnode.statefile import move_aside, read_state, write_state
@@ -85,9 +86,17 @@ class MessageNode:
         max_block: int = 1_000,
         max_bound: int = 1_000,
         max_subscriptions: int = 10_000,
+        state_dir: Path | str | None = None,
+        fsync_interval: float | None = 1.0,
+        checkpoint_bytes: int = 64 << 20,
         cluster: str | None = None,
         node_id: str | None = None,
     ) -> None:
+        if state_dir is not None and state_file is not None:
+            raise ValueError("state_dir (durable state) and state_file (graceful-stop state) exclude each other")
+        #: Durable state (``journal.py``): every change on disk before the node acts on it.
+        self.journal = None if state_dir is None else Journal(Path(state_dir), checkpoint_bytes=checkpoint_bytes)
+        self.fsync_interval = fsync_interval
         #: NATS servers (comma separated) of the domain's cluster; None: a single-process node, no NATS.
         self.cluster = cluster
         self.node_id = node_id
@@ -103,6 +112,7 @@ class MessageNode:
             max_subscriptions=max_subscriptions,
             buffer_messages=buffer_messages,
             buffer_bytes=buffer_bytes,
+            journal=state_dir is not None,
         )
         self.domain = self.core.domain
         self.host = host
@@ -142,6 +152,7 @@ class MessageNode:
         #: Writers' drain waits and closes; a new set per start (a stopped set refuses new tasks).
         self._tasks = TaskSet("msgnode")
         self._timer: asyncio.TimerHandle | None = None
+        self._syncing: asyncio.Task[None] | None = None
         self._log = _log.bind(domain=self.domain)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -163,6 +174,8 @@ class MessageNode:
         if self._runner is not None:
             raise RuntimeError("message node already started")
         loaded = await self._load_state()
+        if self.journal is not None:
+            loaded = self._recover()
         if self.cluster is not None:
             await self._join()
         self._tasks = TaskSet("msgnode")
@@ -180,8 +193,10 @@ class MessageNode:
             raise
         self._runner = runner
         self.port = runner.addresses[0][1]
-        if loaded is not None:
+        if loaded is not None and self.journal is None:
             await self._consume_state()
+        if self.journal is not None and self.fsync_interval:
+            self._syncing = self._tasks.spawn(self._sync_periodically(self.journal, self.fsync_interval))
         self._arm_timer()
         self._log.info("message node listening", url=self.url, auth=self.core.auth_required, sessions_restored=loaded)
 
@@ -198,6 +213,13 @@ class MessageNode:
         await self._drain()
         await self._leave()
         failure: StateError | None = None
+        if self.journal is not None:
+            syncing, self._syncing = self._syncing, None
+            if syncing is not None:
+                syncing.cancel()
+                await asyncio.wait([syncing], timeout=self.close_timeout)
+            self._persist(final=True)
+            self.journal.close()
         if self.state_file is not None:
             try:
                 await self._save_state()
@@ -310,6 +332,44 @@ class MessageNode:
         self._log.info("message node state loaded", state_file=str(path), sessions=count)
         return count
 
+    def _recover(self) -> int | None:
+        """Load the checkpoint and replay the journal (durable state), then checkpoint afresh."""
+        journal = self.journal
+        assert journal is not None
+        snapshot, records = journal.load()
+        count = None
+        if snapshot is not None:
+            try:
+                count = self.core.restore(snapshot, asyncio.get_running_loop().time())
+            except StateError as exc:
+                raise StateError(f"state directory {journal.directory}: {exc}") from None
+            replayed = self.core.apply_journal(records)
+            self._log.info("message node state recovered", sessions=count, journal_records=replayed)
+        self.core.take_journal()
+        journal.open()
+        journal.checkpoint(self.core.snapshot(), sync=self.fsync_interval is not None)
+        return count
+
+    def _persist(self, *, final: bool = False) -> None:
+        """Write what the core changed before acting on it: journal records, or a checkpoint."""
+        journal = self.journal
+        assert journal is not None
+        records = self.core.take_journal()
+        if not records and not final:
+            return
+        if final or journal.due or any(record[0] == "x" for record in records):
+            journal.checkpoint(self.core.snapshot(), sync=self.fsync_interval == 0 or final)
+            return
+        journal.append(records)
+        if self.fsync_interval == 0:
+            journal.sync()
+
+    async def _sync_periodically(self, journal: Journal, interval: float) -> None:
+        """fsync the journal every ``interval`` seconds (a machine crash loses at most that much)."""
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.to_thread(journal.sync)
+
     async def _consume_state(self) -> None:
         """Move the loaded file aside: after a crash the next start must not replay a stale state."""
         path = self.state_file
@@ -381,6 +441,7 @@ class MessageNode:
             send_queue_bytes=self.send_queue_bytes,
             write_timeout=self.write_timeout,
             close_timeout=self.close_timeout,
+            on_slow=self._slow_consumer,
         )
         self._connections.add(conn)
         core = self.core
@@ -414,6 +475,8 @@ class MessageNode:
     # -- actions ------------------------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
+        if self.journal is not None and self.core.journal:
+            self._persist()  # on disk before anything leaves the node
         for action in actions:
             match action:
                 case Send(conn=FrameWriter() as conn, data=data):
@@ -431,6 +494,11 @@ class MessageNode:
                     self._log.info("session ended", session=url, reason=reason, addresses=addresses)
                 case Allocate() | Claim():
                     self._cluster_action(action)
+
+    def _slow_consumer(self, conn: FrameWriter, pending: list[object]) -> None:
+        """The writer cut ``conn`` off: its session detaches and keeps (or answers) what was queued."""
+        self._apply(self.core.slow_consumer(conn, pending, asyncio.get_running_loop().time()))
+        self._arm_timer()
 
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline()

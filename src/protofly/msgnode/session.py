@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -42,6 +43,35 @@ class Session:
     #: Messages routed here while detached (the raw frames), oldest first.
     buffer: list[bytes] = field(default_factory=list)
     buffer_bytes: int = 0
+    #: Acknowledged delivery (``docs/msgnode.md``): the last connection negotiated ``"ack": true``.
+    ack: bool = False
+    #: The highest sequence number accepted from the runtime (what arrives again is a duplicate).
+    received: int = 0
+    #: The sequence number of the last message the node numbered for this session.
+    sent: int = 0
+    #: Messages numbered for the runtime and not acknowledged by it yet: ``(seq, data)``, oldest first.
+    #: Connected or not, they stay here until the runtime's ``ack`` (a re-open replays them).
+    unacked: deque[tuple[int, bytes]] = field(default_factory=deque)
+    unacked_bytes: int = 0
+
+    def number(self, data: bytes, max_messages: int, max_bytes: int) -> int:
+        """Number ``data`` and keep it until acknowledged; 0 (nothing kept) when the window is full."""
+        size = len(data)
+        if len(self.unacked) >= max_messages or self.unacked_bytes + size > max_bytes:
+            return 0
+        self.sent += 1
+        self.unacked.append((self.sent, data))
+        self.unacked_bytes += size
+        return self.sent
+
+    def acknowledged(self, seq: int) -> int:
+        """The runtime has everything up to ``seq``: forget it; returns how many messages were released."""
+        released = 0
+        unacked = self.unacked
+        while unacked and unacked[0][0] <= seq:
+            self.unacked_bytes -= len(unacked.popleft()[1])
+            released += 1
+        return released
 
     def keep(self, data: bytes, max_messages: int, max_bytes: int) -> bool:
         """Buffer ``data`` for the re-open; False (nothing kept) when the buffer is full."""
@@ -67,6 +97,8 @@ class ConnState:
     batch: bool = False
     #: The drain extension was granted on this connection.
     drain: bool = False
+    #: The acknowledged-delivery extension was granted on this connection (numbered frames both ways).
+    ack: bool = False
     #: A Close was issued: frames still arriving before the socket goes are ignored (and counted).
     closing: bool = False
 

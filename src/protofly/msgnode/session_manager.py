@@ -17,6 +17,7 @@ from typing import Any
 
 from protofly.address import AddressError, parse
 from protofly.message import Message, MessageError, decode, encode, response
+from protofly.msgnode import acks
 from protofly.msgnode.actions import (
     CLOSE_SESSION_TAKEN_OVER,
     Action,
@@ -60,6 +61,7 @@ class SessionManager:
         buffer_messages: int,
         buffer_bytes: int,
         new_id: Callable[[], str],
+        journal: list[Any] | None = None,
     ) -> None:
         self.sessions = sessions
         self.addresses = addresses
@@ -72,6 +74,7 @@ class SessionManager:
         self.buffer_bytes = buffer_bytes
         self._auth = None if auth_tokens is None else tuple(t.encode() for t in auth_tokens)
         self._new_id = new_id
+        self.journal = journal
         self.conns: dict[Hashable, ConnState] = {}
         #: Set by begin_drain; the drain connections that have not said ``drained`` yet.
         self.draining = False
@@ -101,7 +104,7 @@ class SessionManager:
             out.append(Drained(conn, len(self.awaiting)))
         if state is None or state.session is None or state.session.conn is not conn:
             return
-        self._detach(state.session, now, out)
+        self.detach(state.session, now, out)
 
     def expire(self, now: float, out: list[Action]) -> None:
         for session in self.sessions.expired(now):
@@ -119,7 +122,10 @@ class SessionManager:
         elif kind == "close":
             self._close(state, msg, out)
         elif kind == "update":
-            self._drained(state, msg, out)
+            if isinstance((msg.body or {}).get("ack"), int):
+                self._acknowledged(state, msg)
+            else:
+                self._drained(state, msg, out)
         elif kind == "response":
             self.counters["responses_dropped"] += 1
         else:
@@ -207,6 +213,7 @@ class SessionManager:
             extra["drain"] = True
         session.drain = state.drain
         session.batch = state.batch or asked
+        numbered = self._negotiate_ack(state, body, session, extra)
         self.answers.reply(state, response(msg, 200, **extra), out)
         if asked and not state.batch:
             state.batch = True
@@ -215,8 +222,54 @@ class SessionManager:
             frames = session.take_buffer()
             self.counters["replayed"] += len(frames)
             out.append(Replay(state.conn, frames))
+        if numbered:
+            self.counters["replayed"] += len(numbered)
+            out.append(Replay(state.conn, numbered))
         if self.draining and state.drain and state.conn not in self.awaiting:
             self._notify_draining(state, out)
+
+    def _negotiate_ack(
+        self, state: ConnState, body: dict[str, Any], session: Session, extra: dict[str, Any]
+    ) -> list[bytes]:
+        """The ack extension at open/re-open; returns the numbered frames the runtime has not acknowledged.
+
+        With ``"ack": true`` the runtime's ``"received"`` releases what it already has and the answer says
+        what the node last received from it, so that each side re-sends exactly the rest.  A connection
+        without the extension (a plain reTHINK client taking the session over) gets the unacknowledged
+        messages as plain frames, once, and the session stops numbering.
+        """
+        if body.get("ack") is True:
+            state.ack = session.ack = True
+            received = body.get("received")
+            if type(received) is int and received > 0:
+                self._released(session, received)
+            extra["ack"] = True
+            extra["received"] = session.received
+            return [acks.frame(seq, data) for seq, data in session.unacked]
+        state.ack = False
+        if not session.ack:
+            return []
+        session.ack = False
+        frames = [data for _, data in session.unacked]
+        self._released(session, session.sent)
+        return frames
+
+    def _released(self, session: Session, seq: int) -> None:
+        if session.acknowledged(seq) and self.journal is not None:
+            self.journal.append(("a", session.url, seq))
+
+    def _acknowledged(self, state: ConnState, msg: Message) -> None:
+        """``update {"ack": n}`` from the runtime: it has every numbered message up to ``n`` (no answer)."""
+        session = state.session
+        if session is None or not state.ack:
+            self.counters["invalid"] += 1
+            return
+        self.counters["acks_received"] += 1
+        seq = (msg.body or {})["ack"]
+        if seq > session.sent:
+            self.counters["invalid"] += 1
+            seq = session.sent
+        self._released(session, seq)
 
     def _authenticated(self, state: ConnState, msg: Message, out: list[Action]) -> bool:
         if self._auth is None:
@@ -251,7 +304,7 @@ class SessionManager:
         self._end(session, "closed", out)
         self.answers.close(state, CloseCode.NORMAL_CLOSURE, "session closed", out)
 
-    def _detach(self, session: Session, now: float, out: list[Action]) -> None:
+    def detach(self, session: Session, now: float, out: list[Action]) -> None:
         """The session's socket is gone (or going): it waits ``session_grace`` seconds for a re-open."""
         session.conn = None
         if self.session_grace <= 0:
@@ -276,6 +329,10 @@ class SessionManager:
         if self.remote is not None:
             self.remote.session_changed(session, "ended")
         out.append(SessionEnded(session.url, session.runtime_url, reason, freed))
+        if session.unacked:  # numbered and never acknowledged: answered like the buffer
+            session.buffer.extend(data for _, data in session.unacked)
+            session.unacked.clear()
+            session.unacked_bytes = 0
         if session.buffer:  # after the tables are freed: no answer can route back into this session
             self._answer_buffer(session, _ENDED[reason], out)
 
@@ -347,6 +404,12 @@ class SessionManager:
             if self.remote is not None and self.remote.forward(to, data):
                 return
             self.counters["responses_dropped"] += 1
+        elif target.ack:
+            if acks.number(target, data, out, self.journal, (self.buffer_messages, self.buffer_bytes)):
+                self.counters["delivered"] += 1
+            else:
+                self.counters["buffer_full"] += 1
+                self.counters["responses_dropped"] += 1
         elif target.conn is not None:
             self.counters["delivered"] += 1
             out.append(Send(target.conn, data))
@@ -392,7 +455,7 @@ class SessionManager:
         session = state.session
         if session is not None and session.conn is state.conn:
             state.session = None
-            self._detach(session, now, out)
+            self.detach(session, now, out)
         self.answers.close(state, CloseCode.GOING_AWAY, _SHUTDOWN_REASON, out)
 
     def _drained(self, state: ConnState, msg: Message, out: list[Action]) -> None:

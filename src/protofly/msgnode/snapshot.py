@@ -37,6 +37,12 @@ class _BufferedState(msgspec.Struct, omit_defaults=True):
     base64: str | None = None
 
 
+class _NumberedState(_BufferedState, omit_defaults=True):
+    """One numbered message of an ack session, not acknowledged yet."""
+
+    seq: int = 0
+
+
 class _SessionState(msgspec.Struct, omit_defaults=True, rename={"runtime_url": "runtimeURL"}):
     runtime_url: str
     token: str
@@ -49,6 +55,11 @@ class _SessionState(msgspec.Struct, omit_defaults=True, rename={"runtime_url": "
     #: resource -> the sources subscribed to it
     subscriptions: dict[str, list[str]] = {}
     buffer: list[_BufferedState] = []
+    #: acknowledged delivery: the last number received from the runtime, the last numbered for it, and
+    #: what it has not acknowledged
+    received: int = 0
+    sent: int = 0
+    unacked: list[_NumberedState] = []
 
 
 class _State(msgspec.Struct):
@@ -91,22 +102,28 @@ def load(snapshot: Any, domain: str) -> tuple[list[Session], dict[str, Session]]
     return sessions, owner
 
 
+def _text(data: bytes) -> tuple[str | None, str | None]:
+    try:
+        return data.decode(), None
+    except UnicodeDecodeError:  # forwarded verbatim from a peer that sent invalid UTF-8
+        return None, base64.b64encode(data).decode()
+
+
 def _export(session: Session) -> _SessionState:
-    buffer = []
-    for data in session.buffer:
-        try:
-            buffer.append(_BufferedState(data=data.decode()))
-        except UnicodeDecodeError:  # forwarded verbatim from a peer that sent invalid UTF-8
-            buffer.append(_BufferedState(base64=base64.b64encode(data).decode()))
+    buffer = [_BufferedState(*_text(data)) for data in session.buffer]
+    unacked = [_NumberedState(*_text(data), seq=seq) for seq, data in session.unacked]
     return _SessionState(
         runtime_url=session.runtime_url,
         token=session.token,
-        flags={"drain": session.drain, "batch": session.batch},
+        flags={"drain": session.drain, "batch": session.batch, "ack": session.ack},
         addresses=sorted(session.addresses),
         keys={key: list(block) for key, block in session.keys.items()},
         bound=list(session.bound),
         subscriptions={resource: sorted(sources) for resource, sources in session.subscriptions.items()},
         buffer=buffer,
+        received=session.received,
+        sent=session.sent,
+        unacked=unacked,
     )
 
 
@@ -121,6 +138,17 @@ def _import(saved: _SessionState, where: str, owner: dict[str, Session]) -> Sess
     session = Session(runtime_url=saved.runtime_url, token=saved.token, url=f"{saved.runtime_url}/{saved.token}")
     session.drain = saved.flags.get("drain", False)
     session.batch = saved.flags.get("batch", False)
+    session.ack = saved.flags.get("ack", False)
+    if saved.received < 0 or saved.sent < 0:
+        raise StateError(f"{where}.received/sent: sequence numbers are never negative")
+    session.received = saved.received
+    session.sent = saved.sent
+    for index, numbered in enumerate(saved.unacked):
+        data = _frame(numbered, f"{where}.unacked[{index}]")
+        if not 0 < numbered.seq <= saved.sent or (session.unacked and numbered.seq <= session.unacked[-1][0]):
+            raise StateError(f"{where}.unacked[{index}].seq: expected increasing numbers up to {saved.sent}")
+        session.unacked.append((numbered.seq, data))
+        session.unacked_bytes += len(data)
     for name, addresses in (("addresses", saved.addresses), ("bound", saved.bound)):
         for address in addresses:
             try:

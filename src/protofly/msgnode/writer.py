@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -59,6 +60,7 @@ class FrameWriter:
         "_drain_task",
         "_flush_handle",
         "_loop",
+        "_on_slow",
         "_request",
         "_stats",
         "_tasks",
@@ -87,8 +89,11 @@ class FrameWriter:
         send_queue_bytes: int,
         write_timeout: float,
         close_timeout: float,
+        on_slow: Callable[[FrameWriter, list[Any]], None] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        #: Told what was still queued when this connection is cut off as a slow consumer (the node keeps it).
+        self._on_slow = on_slow
         self._request = request
         self._stats = stats
         self._tasks = tasks
@@ -268,7 +273,15 @@ class FrameWriter:
     def _slow(self, why: str) -> None:
         self._stats["slow_consumers"] += 1
         _log.warning("slow consumer disconnected", peer=self.peer, reason=why, queued=len(self.pending))
-        self._discard()
+        pending = self.pending
+        self.pending = []
+        self.pending_bytes = 0
+        self.closing = True  # nothing more is queued here: the session is detached first
+        if self._on_slow is not None:
+            self._on_slow(self, pending)
+        else:
+            self._stats["dropped_closing"] += len(pending)
+        self.closing = False
         # the close frame waits behind data the peer is not reading: give it a second, not close_timeout
         self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer: " + why, timeout=min(1.0, self.close_timeout))
 

@@ -8,6 +8,7 @@ import json
 
 import aiohttp
 import pytest
+from tests.polling import wait_until
 
 from protofly.catalogue import (
     E_DIGEST,
@@ -112,6 +113,83 @@ async def test_other_methods_are_405(catalogue_dir, start_server, http):
             assert (await resp.json())["error"] == "method not allowed"
 
 
+async def raw_exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``request`` as is on a fresh connection and read until the server closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [b"CONNECT example.com:443", b"OPTIONS *", b"OPTIONS /", b"BREW /.well-known/protocolstub/echo", b"TRACE /x"],
+)
+async def test_every_other_method_is_405_with_allow_even_connect_and_unknown_ones(
+    catalogue_dir, start_server, request_line
+):
+    server = await start_server(catalogue_dir)
+    answer = await raw_exchange(server.port, request_line + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 "), answer
+    assert b"\r\nAllow: GET, HEAD\r\n" in head + b"\r\n"
+    error = json.loads(body)
+    assert error["code"] == 405 and request_line.split()[0].decode() in error["description"]
+    assert server.responses["(unknown)", 405] + server.responses[f"{PS}/echo", 405] == 1
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        (b"F@O / HTTP/1.1\r\nHost: x", b"400"),  # a method that is not a token
+        (b"GET / HTTP/2.0\r\nHost: x", b"505"),
+        (b"GET / HTTP/1.1\r\n folded: x", b"400"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5x", b"400"),
+        (b"GET / HTTP/1.1\r\nBad\x01: x", b"400"),
+        (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 100 + b"Host: x", b"431"),
+    ],
+)
+async def test_a_malformed_request_head_is_answered_and_counted(catalogue_dir, start_server, request_head, status):
+    server = await start_server(catalogue_dir)
+    answer = await raw_exchange(server.port, request_head + b"\r\n\r\n")
+    assert answer.split(b" ", 2)[1] == status, answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["code"] == int(status)
+    assert server.responses["(unknown)", int(status)] == 1
+
+
+async def test_half_sent_requests_are_answered_408_and_closed_after_the_header_timeout(catalogue_dir, start_server):
+    server = await start_server(catalogue_dir, header_timeout=0.3)
+    halves = [b"G", b"GET /.well-known HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a"]
+    conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3 * len(halves))]
+    for index, (_, writer) in enumerate(conns):
+        writer.write(halves[index % len(halves)])
+        await writer.drain()
+    try:
+        # The server closes every one of them by itself: read() returns at EOF, well before this bound.
+        answers = await asyncio.wait_for(asyncio.gather(*(reader.read() for reader, _ in conns)), 10)
+    finally:
+        for _, writer in conns:
+            writer.close()
+    assert all(answer.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in answer for answer in answers)
+    assert server.responses["(unknown)", 408] == len(conns)
+    await wait_until(lambda: server.connections == 0)
+
+
+async def test_an_idle_keep_alive_connection_is_closed_silently(catalogue_dir, start_server):
+    server = await start_server(catalogue_dir, idle_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /.well-known HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)  # one response, then EOF once idle
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'["protocolstub","sourcepackage"]')
+    assert server.responses["/.well-known", 200] == 1
+
+
 async def test_head(catalogue_dir, start_server, http):
     server = await start_server(catalogue_dir)
     async with http.head(f"{server.base_url}{PS}/echo") as resp:
@@ -175,3 +253,16 @@ async def test_binary_source_is_embedded_as_base64(tmp_path, keys, start_server,
     server = await start_server(tmp_path / "pub")
     package = json.loads((await get(http, f"{server.base_url}{PS}/echo"))[2])["sourcePackage"]
     assert package["encoding"] == "base64" and base64.b64decode(package["sourceCode"]) == b"\xff\xfe binary"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [b"[" * 100_000, b'{"maxAge": ' + b"9" * 5000 + b"}", b'{"default": "\xff"}', b'{"default": ["echo"]}'],
+    ids=["deep", "huge", "utf8", "wrong-type"],
+)
+async def test_a_broken_catalogue_config_is_a_problem_not_a_crash(catalogue_dir, start_server, http, config):
+    (catalogue_dir / "catalogue.json").write_bytes(config)
+    server = await start_server(catalogue_dir, default=None)
+    assert (await get(http, f"{server.base_url}{PS}/echo"))[0] == 200  # the stubs are served all the same
+    if config != b'{"default": ["echo"]}':
+        assert any("catalogue.json: unreadable config" in problem for problem in server.problems), server.problems

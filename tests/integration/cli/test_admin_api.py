@@ -18,6 +18,7 @@ from protofly.admin.client import AdminClient
 from protofly.admin.protocol import AdminError, AdminUnavailableError, admin_socket
 from protofly.admin.server import AdminServer
 from protofly.config import RuntimeConfig
+from protofly.message import response
 from protofly.runtime import Runtime
 
 
@@ -68,10 +69,23 @@ async def test_every_error_is_json_naming_the_problem(world, tmp_path):
             ("DELETE", "/stubs/b.test", {}, 404, "domain", "no stub is loaded for b.test"),
             ("POST", "/stubs/x.test/retry", {}, 404, "domain", "no stub is loaded for x.test"),
             ("POST", "/stubs/" + quote("https://b.test/somewhere/else", safe=""), {}, 400, "reference", "protocolstub"),
-            ("POST", "/send", {"data": b"{nope"}, 400, "body", "not valid JSON"),
+            ("POST", "/send", {"data": b"{nope"}, 400, "body", "not a valid JSON"),
+            ("POST", "/send", {"data": b'{"type":"read","to":"x://y","body":' + b"[" * 5000}, 400, "body", "deep"),
+            ("POST", "/send", {"data": b'{"type":"read","to":"x://\xff"}'}, 400, "body", "invalid UTF-8"),
+            ("POST", "/send", {"data": b'{"type":"read","to":"x://y","body":{"n":NaN}}'}, 400, "body", "JSON"),
+            (
+                "POST",
+                "/send",
+                {"data": b'{"type":"read","to":"x://y","id":1' + b"0" * 5000 + b"}"},
+                400,
+                "body",
+                "range",
+            ),
+            ("POST", "/send", {"data": b'{"type":"read","to":"x://y","body":' + b"9" * 5000 + b"}"}, 400, "body", ""),
             ("POST", "/send", {"data": b"[1]"}, 400, "body", "expected a JSON object"),
             ("POST", "/send", {"json": {"type": "read"}}, 400, "to", "to: missing"),
-            ("POST", "/send", {"json": {"type": "shout", "to": "x://y"}}, 400, "type", "unknown message type"),
+            ("POST", "/send", {"json": {"type": "sh out", "to": "x://y"}}, 400, "type", "not a message type"),
+            ("POST", "/send", {"json": {"type": 5, "to": "x://y"}}, 400, "type", "Expected `str`"),
             ("POST", "/send", {"json": {"type": "response", "to": "x://y"}}, 400, "type", "cannot be sent"),
             ("POST", "/send", {"json": {"to": "x://y"}}, 400, "type", "type: missing"),
             ("POST", "/send?timeout=abc", {"json": {}}, 400, "timeout", "not a number"),
@@ -94,6 +108,19 @@ async def test_send_is_bounded_and_answers_with_the_response(world, tmp_path, ma
         assert silent[0].from_ == f"{runtime.runtime_url}/cli"
         answer = await client.send({"type": "create", "to": "hyperty://b.test/x", "body": {"k": 1}, "id": 7})
         assert answer["id"] == 7 and answer["body"]["code"] == 200 and answer["body"]["value"] == {"k": 1}
+
+
+async def test_send_routes_any_message_type(world, tmp_path):
+    async with serving(world, tmp_path) as (runtime, server), AdminClient(server.path) as client:
+        seen = []
+
+        def pong(msg):
+            seen.append(msg.type)
+            runtime.bus.post(response(msg, 200, value={"pong": msg.body["n"]}))
+
+        runtime.bus.add_listener("hyperty://a.test/pinged", pong)
+        answer = await client.send({"type": "PING", "to": "hyperty://a.test/pinged", "body": {"n": 3}})
+        assert answer["body"] == {"code": 200, "value": {"pong": 3}} and seen == ["ping"]
 
 
 async def test_deploy_stream_reports_steps_and_statuses_in_order(world, tmp_path):
@@ -193,7 +220,14 @@ async def test_credentials_are_replaced_through_the_api_and_bad_bodies_are_named
         }
         assert runtime.identity.credentials_for("b.test") == {"password": "s3cret"}
         async with raw(server.path) as session:
-            for body, problem in ((b"[1, 2]", "JSON object"), (b"{nope", "not valid JSON"), (b"[" * 5000, "not valid")):
+            bodies = [
+                (b"[1, 2]", "JSON object"),
+                (b"{nope", "not a valid JSON"),
+                (b"[" * 5000, "nested too deeply"),
+                (b'{"password": NaN}', "not a valid JSON"),  # nothing the stub could not be sent later
+                (b'{"password": "\\ud800"}', "not a valid JSON"),
+            ]
+            for body, problem in bodies:
                 status, answer = await call(session, "PUT", "/stubs/b.test/credentials", data=body)
                 assert status == 400 and problem in answer["error"], answer
             status, answer = await call(session, "PUT", "/stubs/not a domain/credentials", json={})

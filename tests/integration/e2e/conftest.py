@@ -9,9 +9,14 @@ areas: this is the same approach as ``tests/integration/runtime/conftest.py``, w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
+import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,60 @@ STUB_PACKAGE = Path(__file__).resolve().parents[3] / "stubs" / "msgnode"
 DOMAINS = ("a.test", "b.test")
 
 
+class NodeProcess:
+    """A message node in its own process (``protofly msg-node serve --state-dir``), to be SIGKILLed.
+
+    Same ``url``/``port``/``stop()`` as :class:`MessageNode` for :class:`World`; :meth:`kill` sends SIGKILL
+    to its pid and :meth:`restart` starts a new process on the same port with the same state directory.
+    """
+
+    def __init__(self, domain: str, state_dir: Path, port: int, **options: Any) -> None:
+        self.domain = domain
+        self.state_dir = state_dir
+        self.port = port
+        self.options = options
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def start(self) -> None:
+        args = [f"--{key.replace('_', '-')}={value}" for key, value in self.options.items()]
+        self.proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", self.domain),
+            *("--port", str(self.port), "--state-dir", str(self.state_dir), "--ping-interval", "0", *args),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=15)
+        assert line.decode().strip() == self.url, line
+
+    async def kill(self) -> None:
+        proc = self.proc
+        assert proc is not None and proc.returncode is None
+        os.kill(proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=10)
+            except TimeoutError:
+                os.kill(proc.pid, signal.SIGKILL)
+                await proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 class World:
     """The two domains: keys, published catalogues, catalogue servers and message nodes."""
 
@@ -36,7 +95,7 @@ class World:
         self.trust = TrustStore()
         self.keys: dict[str, SigningKey] = {}
         self.catalogues: dict[str, CatalogueServer] = {}
-        self.nodes: dict[str, MessageNode] = {}
+        self.nodes: dict[str, Any] = {}
         self._runtimes = 0
 
     async def start(
@@ -44,11 +103,22 @@ class World:
         *,
         stub_config: dict[str, Any] | None = None,
         per_domain: dict[str, dict[str, Any]] | None = None,
+        processes: tuple[str, ...] = (),
         **node_options: Any,
     ) -> None:
-        """Nodes (``node_options`` for both, ``per_domain`` for one), keys, published stubs, catalogues."""
+        """Nodes (``node_options`` for both, ``per_domain`` for one), keys, published stubs, catalogues.
+
+        The nodes of ``processes`` run as separate processes with durable state (:class:`NodeProcess`).
+        """
         for domain in DOMAINS:
-            await self.start_node(domain, **node_options, **(per_domain or {}).get(domain, {}))
+            if domain in processes:
+                state_dir = self.root / f"node-{domain}"
+                state_dir.mkdir(parents=True, exist_ok=True)
+                node = NodeProcess(domain, state_dir, free_port(), **(per_domain or {}).get(domain, {}))
+                await node.start()
+                self.nodes[domain] = node
+            else:
+                await self.start_node(domain, **node_options, **(per_domain or {}).get(domain, {}))
             self.keys[domain] = key = SigningKey.generate(domain)
             self.trust.add(domain, key.public_raw)
             self.publish(domain, stub_config or {})

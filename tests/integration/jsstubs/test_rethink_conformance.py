@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from protofly.message import TYPES, Message, response_code
+from protofly.message import Message, response_code
 from protofly.msgnode import MessageNode
 from protofly.sandbox import Boundary
 from protofly.sandbox.process import ProcessSandbox
@@ -132,9 +132,6 @@ async def test_connect_allocate_carry_subscribe_disconnect(sides: tuple[Side, Si
     assert one.statuses()[-1] == "disconnected"  # reported before disconnect() was answered
 
 
-@pytest.mark.xfail(
-    "ping" not in TYPES, reason="the runtime's bus and channel do not carry unknown types such as ping yet", strict=True
-)
 async def test_a_ping_between_hyperties_behind_two_stubs_arrives_with_via_the_receiving_stub(
     sides: tuple[Side, Side],
 ) -> None:

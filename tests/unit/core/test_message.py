@@ -73,7 +73,9 @@ def test_seed_phase1_message_routes_to_resource() -> None:
         (b'{"type":"read","to":"c:d"}', "from"),
         (b'{"from":"a:b","to":"c:d"}', "type"),
         (b'{"type":"read","from":"a:b"}', "to"),
-        (b'{"type":"bogus","from":"a:b","to":"c:d"}', "type"),
+        (b'{"type":"no spaces","from":"a:b","to":"c:d"}', "type"),
+        (b'{"type":"","from":"a:b","to":"c:d"}', "type"),
+        (b'{"type":"\\u212a","from":"a:b","to":"c:d"}', "type"),
         (b'{"type":"read","from":5,"to":"c:d"}', "from"),
         (b'{"type":"read","from":"a:b","to":["c:d","e:f"]}', "to"),
         (b'{"type":"read","from":"a:b","to":[]}', "to"),
@@ -132,8 +134,21 @@ def test_response_code_tolerates_string_codes() -> None:
 
 def test_constructor_validates_like_the_decoder() -> None:
     with pytest.raises(MessageError, match="^type:"):
-        Message(type="nope", from_="a:b", to="c:d")
+        Message(type="no pe", from_="a:b", to="c:d")
     assert Message(type="EXECUTE", from_="a:b", to="c:d").type == "execute"
+
+
+@pytest.mark.parametrize("kind", ["ping", "PONG", "Handshake", "x-custom.v2", "a" * 64])
+def test_any_token_is_a_type_compared_case_insensitively_and_emitted_lower_case(kind: str) -> None:
+    msg = decode(json.dumps({"type": kind, "from": "a:b", "to": "c:d"}))
+    assert msg.type == kind.lower()
+    assert json.loads(encode(msg))["type"] == kind.lower()
+
+
+def test_types_protofly_gives_semantics_to() -> None:
+    assert {"create", "read", "update", "delete", "subscribe", "unsubscribe", "response"} < TYPES
+    assert {"forward", "execute", "open", "re-open", "close"} < TYPES
+    assert "ping" not in TYPES
 
 
 def test_batch_and_dict_forms() -> None:
@@ -176,7 +191,7 @@ def test_random_json_objects_decode_or_raise_message_error(obj: dict) -> None:
         msg = decode(json.dumps(obj))
     except MessageError:
         return
-    assert msg.type in TYPES
+    assert msg.type == obj["type"].lower() and msg.type.isascii()
     assert isinstance(msg.to, str) and msg.to
     assert isinstance(msg.from_, str) and msg.from_
 

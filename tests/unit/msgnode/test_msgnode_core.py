@@ -347,7 +347,7 @@ def test_a_batch_connection_may_send_arrays_each_element_routed_or_answered_alon
     [theirs] = node.allocate(peer)
     batch = (
         b' [{"id":1,"type":"update","from":"%s","to":"%s","body":{"n":1}},'
-        b'{"id":2,"type":"bogus","from":"%s","to":"%s"},'
+        b'{"id":2,"type":"bo gus","from":"%s","to":"%s"},'
         b'{"id":3,"type":"update","from":"%s","to":"%s","body":{"n":3}}]' % ((mine.encode(), theirs.encode()) * 3)
     )
     actions = node.core.received(conn, batch)
@@ -849,7 +849,7 @@ def test_a_message_without_from_closes_1007(node):
     ("data", "field"),
     [
         (b'{"id":5,"type":"update","from":"hyperty://a.test/x"}', "to"),
-        (b'{"id":"5","type":"frobnicate","from":"hyperty://a.test/x","to":"hyperty://b.test/y"}', "type"),
+        (b'{"id":"5","type":"frob nicate","from":"hyperty://a.test/x","to":"hyperty://b.test/y"}', "type"),
         (b'{"id":5,"from":"hyperty://a.test/x","to":"hyperty://b.test/y"}', "type"),
         (b'{"id":5,"type":"update","from":"hyperty://a.test/x","to":"hyperty://b.test/y","body":[1]}', "body"),
     ],

@@ -16,7 +16,8 @@ SECRET = "s3cret-access-token"
 
 
 def settings(mn, **extra):
-    config = {"url": "ws://127.0.0.1:9/ws", "runtimeURL": RUNTIME, **extra}
+    # the plain protocol (and its batching and drain extensions); acknowledged delivery: test_msgnode_acks.py
+    config = {"url": "ws://127.0.0.1:9/ws", "runtimeURL": RUNTIME, "ack": False, **extra}
     return mn.Settings.load(config)
 
 

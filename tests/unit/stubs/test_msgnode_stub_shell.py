@@ -127,7 +127,11 @@ class Runtime:
         return [value for value, _ in self.statuses()]
 
     def deliveries(self) -> list[Message]:
-        return [m for m in self.posted if m.to != STUB + "/status"]
+        return [m for m in self.posted if m.to not in (STUB + "/status", STUB + "/state")]
+
+    def saved(self) -> list[dict[str, Any]]:
+        """What the stub saved for its next instance (``ProtoStub.save_state``), oldest first."""
+        return [m.body or {} for m in self.posted if m.to == STUB + "/state"]
 
     async def wait(self, predicate, timeout: float = 5.0) -> None:
         async with asyncio.timeout(timeout):

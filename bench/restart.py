@@ -1,0 +1,206 @@
+"""Recovery after crashes, and what acknowledged delivery and durable node state cost.
+
+Topology as ``bench/e2e.py``: one message node for ``b.test`` in its own process, two runtimes of ``b.test``
+in this process, each with its home stub (signed, served by a catalogue, process sandbox); hyperty A in
+runtime A sends to hyperty B in runtime B.
+
+* ``oneway_msgs_per_s_100b``: 10,000 one-way messages of 100 B (after 3,000 unmeasured), for three
+  set-ups: ``plain`` (stubs without the ack extension, node without state), ``ack`` (acknowledged
+  delivery) and ``ack_durable`` (acknowledged delivery, node with ``--state-dir``, fsync every second);
+  ``ack_cost_pct`` and ``durable_cost_pct``: the throughput lost against ``plain``, in per cent;
+* ``stub_kill_recovery_ms``: runtime A's stub process is SIGKILLed; a request is posted at once; the time
+  until its reply is back (the runtime notices the death, restarts the stub, which re-opens its session
+  and carries the request); median of 5;
+* ``node_kill_recovery_ms``: the node process is SIGKILLed and started again on its port with its state
+  directory; a request posted at the kill; the time until its reply (node start-up included); median of 3.
+
+Each set-up runs ``ROUNDS`` times, interleaved, and the best rate of each is kept: on a shared machine the
+load changes by a factor of two between runs, far more than what is measured.
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from e2e import DOMAIN, STUB_PACKAGE, Receiver, config, one_way, parent_of
+from protofly.catalogue import SigningKey, TrustStore, publish
+from protofly.catalogue.server import CatalogueServer
+from protofly.message import Message, response_code
+from protofly.runtime import Runtime
+
+ONEWAY = 10_000
+WARMUP = 3_000
+ROUNDS = 3
+TIMEOUT = 30.0
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a stub's sandbox host and its children (the confined process below bwrap)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*"):
+        try:
+            if parent_of(int(stat.name)) == pid:
+                children.append(int(stat.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    for each in [*children, pid]:
+        try:
+            os.kill(each, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Node:
+    """The node in its own process, restartable on its port (with ``--state-dir`` when durable)."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        self.state_dir = state_dir
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def start(self) -> None:
+        args = ["--state-dir", str(self.state_dir)] if self.state_dir is not None else []
+        self.proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN),
+            *("--port", str(self.port), "--ping-interval", "0", *args),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        line = (await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)).decode().strip()
+        if not line.startswith("ws://"):
+            raise RuntimeError(f"node did not start: {line!r}")
+        self.port = int(line.rsplit(":", 1)[1].split("/")[0])
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout=15)
+            except TimeoutError:
+                await self.kill()
+
+
+async def catalogue(root: Path, node_url: str, ack: bool) -> tuple[CatalogueServer, Path]:
+    key = SigningKey.generate(DOMAIN)
+    trust = TrustStore()
+    trust.add(DOMAIN, key.public_raw)
+    trust_file = root / "trust.json"
+    trust.save(trust_file)
+    package = root / "package"
+    shutil.copytree(STUB_PACKAGE, package)
+    template = json.loads((package / "descriptor.json").read_text())
+    template["configuration"].update(url=node_url, ack=ack, backoffBase=0.02, backoffCap=0.2)
+    (package / "descriptor.json").write_text(json.dumps(template))
+    publish(package, root / "published", key, DOMAIN)
+    server = CatalogueServer(root / "published", default="default")
+    await server.start()
+    return server, trust_file
+
+
+async def timed_request(hyperty_a: Any, target: str, started: float) -> float:
+    answer = await hyperty_a.request(target, "execute", {"seq": -1}, timeout=TIMEOUT)
+    if response_code(answer) != 200:
+        raise RuntimeError(f"request after a kill failed: {answer.body}")
+    return (time.perf_counter() - started) * 1000
+
+
+async def setup(name: str, *, ack: bool, durable: bool, recovery: bool) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix=f"protofly-bench-restart-{name}-"))
+    state_dir = root / "node" if durable else None
+    if state_dir is not None:
+        state_dir.mkdir()
+    node = Node(state_dir)
+    server = None
+    figures: dict[str, Any] = {}
+    try:
+        await node.start()
+        server, trust_file = await catalogue(root, node.url, ack)
+        async with (
+            Runtime(msgspec.structs.replace(config(root, "a", server, trust_file), crash_budget=100)) as rt_a,
+            Runtime(msgspec.structs.replace(config(root, "b", server, trust_file), crash_budget=100)) as rt_b,
+        ):
+            receiver = Receiver()
+            errors: list[Message] = []
+            hyperty_b = await rt_b.new_hyperty(receiver)
+            hyperty_a = await rt_a.new_hyperty(lambda msg: errors.append(msg) if response_code(msg) != 200 else None)
+            await one_way(hyperty_a, hyperty_b.url, receiver, errors, 100, WARMUP)
+            rate, bad = await one_way(hyperty_a, hyperty_b.url, receiver, errors, 100, ONEWAY)
+            figures["oneway_msgs_per_s_100b"] = round(rate)
+            figures["oneway_bad"] = bad
+            if recovery:
+                stub_samples = []
+                for attempt in range(5):
+                    record = rt_a.registry.stub(DOMAIN)
+                    pid = record.info["pid"]
+                    started = time.perf_counter()
+                    kill_tree(pid)
+                    try:
+                        stub_samples.append(await timed_request(hyperty_a, hyperty_b.url, started))
+                    except RuntimeError as exc:
+                        raise RuntimeError(
+                            f"attempt {attempt}: {exc}; {[(e.value, e.description) for e in record.history][-6:]}"
+                        ) from None
+                    await rt_a.registry.wait_for_status(record, ["live"], TIMEOUT)
+                figures["stub_kill_recovery_ms"] = round(statistics.median(stub_samples), 1)
+                node_samples = []
+                for _ in range(3):
+                    started = time.perf_counter()
+                    await node.kill()
+                    pending = asyncio.ensure_future(timed_request(hyperty_a, hyperty_b.url, started))
+                    await node.start()
+                    node_samples.append(await pending)
+                figures["node_kill_recovery_ms"] = round(statistics.median(node_samples), 1)
+    finally:
+        if server is not None:
+            await server.stop()
+        await node.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return figures
+
+
+async def main() -> dict[str, Any]:
+    """Each set-up ROUNDS times, interleaved (the machine's load changes), best rate of each."""
+    rates: dict[str, list[int]] = {"plain": [], "ack": [], "ack_durable": []}
+    bad = 0
+    recovery: dict[str, Any] = {}
+    for round_ in range(ROUNDS):
+        for name, ack, durable in (("plain", False, False), ("ack", True, False), ("ack_durable", True, True)):
+            figures = await setup(name, ack=ack, durable=durable, recovery=durable and round_ == 0)
+            rates[name].append(figures["oneway_msgs_per_s_100b"])
+            bad += figures["oneway_bad"]
+            recovery.update({k: v for k, v in figures.items() if k.endswith("recovery_ms")})
+    best = {name: max(values) for name, values in rates.items()}
+    return {
+        "oneway_msgs_per_s_100b": best,
+        "ack_cost_pct": round(100 * (1 - best["ack"] / best["plain"]), 1),
+        "durable_cost_pct": round(100 * (1 - best["ack_durable"] / best["plain"]), 1),
+        "bad": bad,
+        **recovery,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main())))

@@ -1,0 +1,6 @@
+"""atheris harness: ``python fuzz/http_head.py -max_total_time=60`` (see fuzz/harness.py)."""
+
+from harness import main
+
+if __name__ == "__main__":
+    main("http_head")
