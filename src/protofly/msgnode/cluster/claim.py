@@ -130,6 +130,9 @@ async def claim(link: ClusterLink, action: Claim) -> None:
         subscriptions={resource: set(sources) for resource, sources in record.subscriptions.items()},
         subscription_count=sum(len(sources) for sources in record.subscriptions.values()),
     )
+    seen = (msg.body or {}).get("received")
+    if type(seen) is int and seen > 0:  # acknowledged delivery: number on from what the runtime already has
+        session.sent = seen
     link.apply(core.adopt(action.conn, msg, session, frames + early))
     if dead is not None and link.nc is not None:  # what the dead node had in flight: sent again by its senders
         await link.nc.publish(link.names.resend, msgspec.json.encode({"url": url, "dead": dead}))
