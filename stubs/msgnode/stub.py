@@ -113,6 +113,7 @@ def close_description(code: int | None, reason: str | None = None) -> str:
 #: Configuration keys: camelCase, as in reTHINK descriptors (and ``runtimeURL`` as the runtime spells it).
 _KEYS = {
     "url": "url",
+    "urls": "urls",
     "runtime_url": "runtimeURL",
     "outbox_messages": "outboxMessages",
     "outbox_bytes": "outboxBytes",
@@ -137,6 +138,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
     """
 
     url: Annotated[str, Meta(pattern=r"^wss?://")]
+    #: The other nodes of the domain's cluster: a lost connection is retried at the next URL of
+    #: ``[url, *urls]`` (round robin), where ``re-open`` claims the session from the cluster.
+    urls: list[Annotated[str, Meta(pattern=r"^wss?://")]] = []
     runtime_url: Annotated[str, Meta(min_length=1)]
     outbox_messages: Annotated[int, Meta(ge=1)] = 100_000
     outbox_bytes: Annotated[int, Meta(ge=1)] = 256 << 20
@@ -153,6 +157,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
     #: What a bad ``url`` or ``runtimeURL`` means, in the words of the deployment's operator.
     _WHAT: ClassVar[dict[str, str]] = {
         "url": "expected the node's ws:// or wss:// URL",
+        "urls": "expected a list of the cluster's other ws:// or wss:// node URLs",
         "runtimeURL": "missing (the runtime adds it when it deploys the stub)",
     }
 
@@ -175,7 +180,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
         """msgspec's "Expected `int` >= 1 - at `$.outboxMessages`" in the stub's words, naming the key."""
         detail, sep, where = text.rpartition(" - at `$.")
         if sep:
-            key = where.rstrip("`")
+            key = where.rstrip("`").split("[", 1)[0]  # urls[1] -> urls
         elif text.startswith("Object missing required field `"):
             key = text.split("`")[1]
         else:
@@ -919,6 +924,8 @@ class MsgNodeStub(ProtoStub):
         self._open_timer: asyncio.TimerHandle | None = None
         self._first: asyncio.Future[None] | None = None
         self._saving: asyncio.Handle | None = None
+        #: Connection attempts that failed or ended: picks the node (``_node_url``).
+        self._attempt = 0
 
     # -- the SDK's hooks ------------------------------------------------------------------------
 
@@ -984,16 +991,28 @@ class MsgNodeStub(ProtoStub):
                 return
             await asyncio.sleep(delay)
 
+    def _node_url(self) -> str:
+        """The node to try now: ``url``, then (after each lost or failed connection) the next of ``urls``."""
+        nodes = (self.settings.url, *self.settings.urls)
+        return nodes[self._attempt % len(nodes)]
+
     async def _one_connection(self) -> float | None:
         settings = self.settings
+        delay = await self._serve_node(settings)
+        if delay is not None:
+            self._attempt += 1  # a cluster's next node: the one just tried failed or went away
+        return delay
+
+    async def _serve_node(self, settings: Settings) -> float | None:
         try:
             # The stub has no network of its own: the runtime opens the connection its descriptor declares.
-            sock = await asyncio.wait_for(self.open_connection(settings.url), settings.open_timeout)
+            url = self._node_url()
+            sock = await asyncio.wait_for(self.open_connection(url), settings.open_timeout)
         except (OSError, TimeoutError) as exc:
             return self._apply(self.session.connect_failed(summary(exc)))
         try:
             ws = await ws_connect(
-                settings.url,
+                url,
                 sock=sock,
                 compression=None,
                 proxy=None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from websockets.frames import CloseCode
@@ -18,6 +19,8 @@ from websockets.frames import CloseCode
 __all__ = [
     "CLOSE_SESSION_TAKEN_OVER",
     "Action",
+    "Allocate",
+    "Claim",
     "Close",
     "CloseCode",
     "Drained",
@@ -94,7 +97,31 @@ class Drained:
     remaining: int
 
 
-Action = Send | Close | EnableBatch | SessionEnded | Replay | Drained
+@dataclass(slots=True)
+class Allocate:
+    """Clustered node only: make ``addresses`` (and ``key``) owned by ``session`` across the cluster.
+
+    The shell creates them (create-if-absent) in the shared address table, then calls
+    :meth:`~protofly.msgnode.core.MessageNodeCore.allocated`, which answers the request.
+    """
+
+    conn: Hashable
+    msg: Any
+    session: str
+    addresses: list[str]
+    key: str | None
+
+
+@dataclass(slots=True)
+class Claim:
+    """Clustered node only: ``re-open`` of a session this node does not hold; the shell claims it from the
+    cluster and calls :meth:`~protofly.msgnode.core.MessageNodeCore.adopt` (or ``claim_failed``)."""
+
+    conn: Hashable
+    msg: Any
+
+
+Action = Send | Close | EnableBatch | SessionEnded | Replay | Drained | Allocate | Claim
 
 
 class Refused(Exception):

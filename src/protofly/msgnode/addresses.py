@@ -83,10 +83,21 @@ class AddressTable:
         whose session this node lost re-claims its hyperties' addresses on its new session.  Granted for
         addresses of this domain and scheme that no other session holds (see docs/msgnode.md).
         """
+        asked = (msg.body or {}).get("value")
+        if isinstance(asked, dict) and "addresses" in asked:
+            scheme, _, key = self._allocation_request(msg)
+            return self._reclaim(session, scheme, asked["addresses"], key)
+        allocated, key = self.plan(session, msg)
+        return self.grant(session, allocated, key)
+
+    def plan(self, session: Session, msg: Message) -> tuple[list[str], str | None]:
+        """Check an allocation request and name its new addresses (nothing is taken yet): a cluster's way."""
         scheme, number, key = self._allocation_request(msg)
         asked = (msg.body or {}).get("value")
         if isinstance(asked, dict) and "addresses" in asked:
-            return self._reclaim(session, scheme, asked["addresses"], key)
+            raise Refused(
+                501, "body.value.addresses: a clustered node does not re-claim addresses (re-open the session)"
+            )
         if len(session.addresses) + number > self.max_addresses:
             raise Refused(
                 403,
@@ -94,7 +105,11 @@ class AddressTable:
                 f"hold at most {self.max_addresses}",
             )
         prefix = f"{scheme}://{self.domain}/"
-        allocated = [prefix + self._new_id() for _ in range(number)]
+        return [prefix + self._new_id() for _ in range(number)], key
+
+    def grant(self, session: Session, allocated: list[str], key: str | None) -> dict[str, Any]:
+        """Give ``allocated`` (planned by :meth:`plan`) to ``session``; the ``value`` of the ``200``."""
+        number = len(allocated)
         session.addresses.update(allocated)
         for address in allocated:
             self._owner[address] = session
@@ -239,6 +254,10 @@ class AddressTable:
         session.keys = {}
         session.bound = {}
         return freed
+
+    def forget(self, address: str) -> None:
+        """Drop ``address`` from the routing map only (its session moved to another node of a cluster)."""
+        self._owner.pop(address, None)
 
     def install(self, owner: dict[str, Session]) -> None:
         """Take the address map of a restore (checked by the snapshot loader) into the empty table."""

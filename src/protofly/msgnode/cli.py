@@ -17,6 +17,7 @@ from protofly.msgnode.core import (
     DEFAULT_SEND_QUEUE,
     DEFAULT_SEND_QUEUE_BYTES,
 )
+from protofly.msgnode.remote import ClusterUnavailable
 from protofly.msgnode.snapshot import StateError
 
 app = typer.Typer(help="The reference reTHINK message node (Vert.x protocol over WebSocket).", no_args_is_help=True)
@@ -97,6 +98,17 @@ def serve(
     buffer_bytes: Annotated[
         int, typer.Option("--buffer-bytes", help="Bytes kept per detached session for its re-open.")
     ] = DEFAULT_BUFFER_BYTES,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            help="Join the domain's node cluster through these NATS servers (nats://host:port, comma separated; "
+            "JetStream on). Without it the node is a single process and needs no NATS.",
+        ),
+    ] = None,
+    node_id: Annotated[
+        str | None, typer.Option("--node-id", help="This node's name in the cluster (default: a random one).")
+    ] = None,
 ) -> None:
     """Serve the message node until SIGINT or SIGTERM; prints its ws:// URL on stdout once listening.
 
@@ -136,10 +148,18 @@ def serve(
         drain_grace=drain_grace,
         buffer_messages=buffer_messages,
         buffer_bytes=buffer_bytes,
+        cluster=cluster,
+        node_id=node_id,
     )
+    if cluster is not None and (state_file is not None or state_dir is not None):
+        hint = "--state-file" if state_file is not None else "--state-dir"
+        raise typer.BadParameter("a clustered node keeps its state in the cluster", param_hint=hint)
     try:
         asyncio.run(_serve(node))
     except StateError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except ClusterUnavailable as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 

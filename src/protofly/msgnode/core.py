@@ -54,9 +54,10 @@ from protofly.address import validate_domain
 from protofly.message import Message, MessageError, decode, decode_frame, encode, response
 from protofly.msgnode import acks
 from protofly.msgnode import snapshot as state_snapshot
-from protofly.msgnode.actions import Action, CloseCode, Refused, Send
+from protofly.msgnode.actions import Action, Allocate, CloseCode, Refused, Send
 from protofly.msgnode.addresses import AddressTable
 from protofly.msgnode.answers import Answers
+from protofly.msgnode.remote import Remote
 from protofly.msgnode.session import ConnState, Session, SessionTable
 from protofly.msgnode.session_manager import SESSION_URL, SessionManager
 from protofly.msgnode.snapshot import StateError
@@ -91,6 +92,7 @@ _COUNTERS = (
     *("addresses_allocated", "addresses_freed", "bound", "bound_evicted", "ignored_after_close"),
     *("drain_notices", "drained", "drain_timeouts", "sessions_restored"),
     *("duplicates", "acks_sent", "acks_received", "slow_consumers_detached", "slow_answered"),
+    *("forwarded", "remote_in", "sessions_claimed", "sessions_handed_off"),
 )
 
 encode_any = msgspec.json.encode
@@ -180,6 +182,18 @@ class MessageNodeCore:
             "global://registry": self._registry_component,
             "global://registry/": self._registry_component,
         }
+
+    # -- the rest of a cluster (None: a single-process node) ----------------------------------------------
+
+    @property
+    def remote(self) -> Remote | None:
+        return self.manager.remote
+
+    @remote.setter
+    def remote(self, remote: Remote | None) -> None:
+        """Plug a cluster in (``msgnode/cluster/``): routing misses, session and subscription changes go to it."""
+        self.manager.remote = remote
+        self.subscriptions.on_change = None if remote is None else remote.resource_changed
 
     # -- configuration and introspection (tests, stats) ------------------------------------------------
 
@@ -553,7 +567,16 @@ class MessageNodeCore:
             self.counters["delivered"] += 1
             out.append(Send(conn, encode(msg) if raw is None else raw))
             return
+        remote = self.remote
+        if remote is not None and remote.forward(to, encode(msg) if raw is None else bytes(raw)):
+            self.counters["forwarded"] += 1
+            return
         subscribers = self.subscriptions.subscribers(to)
+        if remote is not None and remote.fan_out(to, encode(msg) if raw is None else bytes(raw)):
+            self.counters["forwarded"] += 1
+            if subscribers:
+                self._fan_out(state, msg, subscribers, encode(msg) if raw is None else raw, out)
+            return
         if subscribers:
             self._fan_out(state, msg, subscribers, encode(msg) if raw is None else raw, out)
             return
@@ -644,10 +667,16 @@ class MessageNodeCore:
         if session is None:
             return
         try:
+            if kind == "create" and self.remote is not None:  # atomic across the cluster: the shell asks it
+                addresses, key = self.addresses.plan(session, msg)
+                out.append(Allocate(state.conn, msg, session.url, addresses, key))
+                return
             if kind == "create":
                 value: Any = self.addresses.allocate(session, msg)
             elif kind == "delete":
                 value = {"deallocated": self.addresses.deallocate(session, msg)}
+                if self.remote is not None:
+                    self.remote.session_changed(session, "updated")
             else:
                 raise Refused(405, f"type: {msg.to} accepts create and delete, not '{kind}'")
         except Refused as exc:
@@ -667,6 +696,8 @@ class MessageNodeCore:
         except Refused as exc:
             self._answers.error(state, msg, exc.code, exc.description, out)
             return
+        if self.remote is not None:
+            self.remote.session_changed(session, "updated")
         self._answers.reply(state, response(msg, 200), out)
 
     def _registry_component(self, state: ConnState, msg: Message, out: list[Action]) -> None:
@@ -674,3 +705,106 @@ class MessageNodeCore:
             self.counters["responses_dropped"] += 1
             return
         self._answers.error(state, msg, 501, f"{msg.to}: no registry is connected to this message node", out)
+
+    # -- calls back from a cluster's shell (``msgnode/cluster/``) ------------------------------------------
+
+    def allocated(
+        self, conn: Hashable, msg: Message, addresses: list[str], key: str | None, refused: Refused | None
+    ) -> list[Action]:
+        """The cluster took ``addresses`` (and ``key``) for the session of ``conn``, or ``refused`` says why not."""
+        out: list[Action] = []
+        state = self.manager.conns.get(conn)
+        session = None if state is None else state.session
+        if state is None or state.closing:
+            return out
+        if refused is None and session is None:
+            refused = Refused(410, "the session went away while its addresses were allocated")
+        if refused is not None or session is None:
+            assert refused is not None
+            self._answers.error(state, msg, refused.code, refused.description, out)
+            return out
+        value = self.addresses.grant(session, addresses, key)
+        if self.remote is not None:
+            self.remote.session_changed(session, "updated")
+        self._answers.reply(state, response(msg, 200, value=value), out)
+        return out
+
+    def adopt(self, conn: Hashable, msg: Message, session: Session, frames: list[bytes]) -> list[Action]:
+        """A ``re-open`` claimed ``session`` from the cluster: hold it here, ``200``, then replay ``frames``."""
+        out: list[Action] = []
+        state = self.manager.conns.get(conn)
+        if state is None:
+            return out
+        session.buffer = list(frames)
+        session.buffer_bytes = sum(len(frame) for frame in frames)
+        self.counters["sessions_claimed"] += 1
+        self.manager.adopt(state, msg, session, out)
+        return out
+
+    def claim_failed(self, conn: Hashable, msg: Message, code: int, text: str) -> list[Action]:
+        out: list[Action] = []
+        state = self.manager.conns.get(conn)
+        if state is not None and not state.closing:
+            self._answers.error(state, msg, code, text, out)
+        return out
+
+    def hand_off(self, url: str) -> tuple[list[Action], list[bytes]]:
+        """Another node claimed session ``url``: let it go (close 4000) and return its buffered frames."""
+        out: list[Action] = []
+        frames = self.manager.hand_off(url, out)
+        if frames or out:
+            self.counters["sessions_handed_off"] += 1
+        return out, frames
+
+    def remote_deliver(self, url: str, data: bytes) -> list[Action] | None:
+        """A message for local session ``url`` came from another node; None when that session is not here."""
+        session = self.sessions.get(url)
+        if session is None:
+            return None
+        self.counters["remote_in"] += 1
+        out: list[Action] = []
+        if session.conn is not None:
+            self.counters["delivered"] += 1
+            out.append(Send(session.conn, data))
+        elif session.keep(data, self.buffer_messages, self.buffer_bytes):
+            self.counters["buffered"] += 1
+        else:
+            self.counters["buffer_full"] += 1
+            return self.undeliverable(data, 503, f"the session {url} is detached and its buffer is full")
+        return out
+
+    def remote_fan_out(self, resource: str, data: bytes) -> list[Action]:
+        """A publication to ``resource`` came from another node: hand it to this node's subscribers."""
+        out: list[Action] = []
+        subscribers = self.subscriptions.subscribers(resource)
+        self.counters["remote_in"] += 1
+        if not subscribers:
+            return out
+        delivered = 0
+        for session in subscribers:
+            conn = session.conn
+            if conn is None:
+                if session.keep(data, self.buffer_messages, self.buffer_bytes):
+                    self.counters["buffered"] += 1
+                else:
+                    self.counters["buffer_full"] += 1
+            else:
+                out.append(Send(conn, data))
+                delivered += 1
+        self.counters["fanout_deliveries"] += delivered
+        return out
+
+    def undeliverable(self, data: bytes, code: int, text: str) -> list[Action]:
+        """A message this node accepted could not be delivered by the cluster: ``code`` to its sender."""
+        out: list[Action] = []
+        try:
+            msg = decode(data, max_size=max(len(data), self.max_frame))
+        except MessageError:
+            self.counters["responses_dropped"] += 1
+            return out
+        if msg.type == "response":
+            self.counters["responses_dropped"] += 1
+            return out
+        self.counters["errors_sent"] += 1
+        self.manager.deliver(encode(response(msg, code, text)), msg.from_, out)
+        return out

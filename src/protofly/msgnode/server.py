@@ -21,12 +21,12 @@ import contextlib
 from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from aiohttp import WSMsgType, web
 
 from protofly.log import get_logger
-from protofly.msgnode.actions import Action, Close, Drained, EnableBatch, Replay, Send, SessionEnded
+from protofly.msgnode.actions import Action, Allocate, Claim, Close, Drained, EnableBatch, Replay, Send, SessionEnded
 from protofly.msgnode.core import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_BUFFER_MESSAGES,
@@ -36,10 +36,14 @@ from protofly.msgnode.core import (
     MessageNodeCore,
 )
 from protofly.msgnode.journal import Journal
+from protofly.msgnode.remote import ClusterUnavailable
 from protofly.msgnode.snapshot import StateError
 from protofly.msgnode.statefile import move_aside, read_state, write_state
 from protofly.msgnode.writer import FrameWriter
 from protofly.tasks import TaskSet
+
+if TYPE_CHECKING:
+    from protofly.msgnode.cluster.link import ClusterLink
 
 __all__ = ["MessageNode"]
 
@@ -85,12 +89,18 @@ class MessageNode:
         state_dir: Path | str | None = None,
         fsync_interval: float | None = 1.0,
         checkpoint_bytes: int = 64 << 20,
+        cluster: str | None = None,
+        node_id: str | None = None,
     ) -> None:
         if state_dir is not None and state_file is not None:
             raise ValueError("state_dir (durable state) and state_file (graceful-stop state) exclude each other")
         #: Durable state (``journal.py``): every change on disk before the node acts on it.
         self.journal = None if state_dir is None else Journal(Path(state_dir), checkpoint_bytes=checkpoint_bytes)
         self.fsync_interval = fsync_interval
+        #: NATS servers (comma separated) of the domain's cluster; None: a single-process node, no NATS.
+        self.cluster = cluster
+        self.node_id = node_id
+        self.link: ClusterLink | None = None
         self.core: MessageNodeCore = MessageNodeCore(
             domain,
             session_grace=session_grace,
@@ -166,6 +176,8 @@ class MessageNode:
         loaded = await self._load_state()
         if self.journal is not None:
             loaded = self._recover()
+        if self.cluster is not None:
+            await self._join()
         self._tasks = TaskSet("msgnode")
         self._stopping = False
         app = web.Application()
@@ -200,6 +212,7 @@ class MessageNode:
             return
         self._stopping = True
         await self._drain()
+        await self._leave()
         failure: StateError | None = None
         if self.journal is not None:
             syncing, self._syncing = self._syncing, None
@@ -225,6 +238,49 @@ class MessageNode:
         self._log.info("message node stopped", url=self.url)
         if failure is not None:
             raise failure
+
+    # -- cluster (msgnode/cluster/, imported only when clustered) ---------------------------------------
+
+    async def _join(self) -> None:
+        from protofly.msgnode.cluster.link import ClusterLink
+
+        servers = [server.strip() for server in (self.cluster or "").split(",") if server.strip()]
+        link = ClusterLink(self.core, self._apply, servers, node_id=self.node_id)
+        try:
+            await link.start()
+        except Exception as exc:
+            await link.close()
+            raise ClusterUnavailable(f"cannot join the cluster at {self.cluster}: {exc or type(exc).__name__}") from exc
+        self.link = link
+        self.node_id = link.node_id
+        self.core.remote = link
+
+    async def _leave(self) -> None:
+        """After the drain: hand every session held here to the cluster (buffers to their streams), leave."""
+        link = self.link
+        if link is None:
+            return
+        from protofly.msgnode.cluster.claim import hand_over
+
+        try:
+            handed = await asyncio.wait_for(hand_over(link), timeout=self.drain_timeout)
+            self._log.info("sessions handed to the cluster", sessions=handed)
+        except Exception as exc:
+            self._log.error("sessions not handed to the cluster", error=str(exc) or type(exc).__name__)
+        self.core.remote = None
+        await link.close()
+        self.link = None
+
+    def _cluster_action(self, action: Allocate | Claim) -> None:
+        link = self.link
+        if link is None:  # the node left its cluster while the request was on its way
+            return
+        from protofly.msgnode.cluster import claim
+
+        if isinstance(action, Allocate):
+            self._tasks.spawn(claim.allocate(link, action), name="cluster allocate")
+        else:
+            self._tasks.spawn(claim.claim(link, action), name="cluster claim")
 
     async def _drain(self) -> None:
         """The drain handshake: after it the core is frozen and every connection is closing (1001).
@@ -353,6 +409,10 @@ class MessageNode:
         merged["open_connections"] = len(self._connections)
         merged["sessions"] = self.core.session_count
         merged["addresses"] = self.core.address_count
+        if self.link is not None:
+            merged.update({f"cluster_{name}": value for name, value in self.link.counters.items()})
+            merged["cluster_nodes"] = len(self.link.alive_nodes)
+            merged["cluster_resource_nodes"] = max((len(n) for n in self.link.resource_nodes.values()), default=0)
         return merged
 
     # -- handlers -----------------------------------------------------------------------------------
@@ -411,7 +471,7 @@ class MessageNode:
         return ws
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"domain": self.domain, **self.counters})
+        return web.json_response({"domain": self.domain, "node": self.node_id, **self.counters})
 
     def _add_observation_routes(self, app: web.Application) -> None:
         """``/metrics`` (Prometheus), ``/healthz`` (alive) and ``/readyz`` (taking sessions: not draining)."""
@@ -453,6 +513,8 @@ class MessageNode:
                         self._drained.set()
                 case SessionEnded(url=url, reason=reason, addresses=addresses):
                     self._log.info("session ended", session=url, reason=reason, addresses=addresses)
+                case Allocate() | Claim():
+                    self._cluster_action(action)
 
     def _slow_consumer(self, conn: FrameWriter, pending: list[object]) -> None:
         """The writer cut ``conn`` off: its session detaches and keeps (or answers) what was queued."""

@@ -21,6 +21,7 @@ from protofly.msgnode import acks
 from protofly.msgnode.actions import (
     CLOSE_SESSION_TAKEN_OVER,
     Action,
+    Claim,
     CloseCode,
     Drained,
     EnableBatch,
@@ -30,6 +31,7 @@ from protofly.msgnode.actions import (
 )
 from protofly.msgnode.addresses import AddressTable
 from protofly.msgnode.answers import Answers
+from protofly.msgnode.remote import Remote
 from protofly.msgnode.session import ConnState, Session, SessionTable
 from protofly.msgnode.subscriptions import SubscriptionTable
 
@@ -78,6 +80,8 @@ class SessionManager:
         self.draining = False
         self.awaiting: set[Hashable] = set()
         self._notice_ids = itertools.count(1)
+        #: The rest of the cluster (None: a single-process node); told of every session transition.
+        self.remote: Remote | None = None
 
     @property
     def auth_required(self) -> bool:
@@ -160,10 +164,15 @@ class SessionManager:
         self.sessions.add(session)
         state.session = session
         self.counters["sessions_opened"] += 1
+        if self.remote is not None:
+            self.remote.session_changed(session, "opened")
         self._granted(state, msg, session, out)
 
     def _reopen(self, state: ConnState, msg: Message, out: list[Action]) -> None:
         session = self.sessions.get(msg.from_)
+        if session is None and self.remote is not None and state.session is None:
+            out.append(Claim(state.conn, msg))  # another node may hold it: the shell asks the cluster
+            return
         if session is None:
             text = (
                 f"re-open: unknown session {msg.from_} (closed, expired or the node "
@@ -186,6 +195,8 @@ class SessionManager:
         session.deadline = None
         state.session = session
         self.counters["sessions_reopened"] += 1
+        if self.remote is not None:
+            self.remote.session_changed(session, "attached")
         self._granted(state, msg, session, out)
 
     def _granted(self, state: ConnState, msg: Message, session: Session, out: list[Action]) -> None:
@@ -300,6 +311,8 @@ class SessionManager:
             self._end(session, "expired", out)
             return
         self.sessions.schedule(session, now + self.session_grace)
+        if self.remote is not None:
+            self.remote.session_changed(session, "detached")
 
     def _end(self, session: Session, reason: str, out: list[Action]) -> None:
         """Free everything the session holds; its connection (if any) stays open but session-less."""
@@ -313,6 +326,8 @@ class SessionManager:
             session.conn = None
         session.deadline = None
         self.counters[f"sessions_{reason}"] += 1
+        if self.remote is not None:
+            self.remote.session_changed(session, "ended")
         out.append(SessionEnded(session.url, session.runtime_url, reason, freed))
         if session.unacked:  # numbered and never acknowledged: answered like the buffer
             session.buffer.extend(data for _, data in session.unacked)
@@ -320,6 +335,47 @@ class SessionManager:
             session.unacked_bytes = 0
         if session.buffer:  # after the tables are freed: no answer can route back into this session
             self._answer_buffer(session, _ENDED[reason], out)
+
+    # -- sessions moving between the nodes of a cluster ------------------------------------------------
+
+    def adopt(self, state: ConnState, msg: Message, session: Session, out: list[Action]) -> None:
+        """Install ``session`` (claimed from another node, its buffer filled) on ``state``'s connection."""
+        if state.closing or state.session is not None or self.sessions.get(session.url) is not None:
+            self.answers.error(state, msg, 409, f"re-open: {session.url} is already held here", out)
+            return
+        self.sessions.add(session)
+        owner = {address: session for address in session.addresses}
+        owner.update((address, session) for address in session.bound)
+        self.addresses.install(owner)
+        self.subscriptions.install((session,))
+        session.conn = state.conn
+        state.session = session
+        self.counters["sessions_reopened"] += 1
+        if self.remote is not None:
+            self.remote.session_changed(session, "attached")
+        self._granted(state, msg, session, out)
+
+    def hand_off(self, url: str, out: list[Action]) -> list[bytes]:
+        """Another node took ``url`` over: drop it here (its cluster state stays), close its connection
+        with 4000, and return what was buffered for it, for the new owner."""
+        session = self.sessions.get(url)
+        if session is None:
+            return []
+        self.sessions.remove(session)
+        owner = self.addresses
+        for address in (*session.addresses, *session.bound):
+            if owner.owner(address) is session:
+                owner.forget(address)
+        self.subscriptions.release(session)
+        conn = session.conn
+        session.conn = None
+        session.deadline = None
+        if conn is not None:
+            state = self.conns.get(conn)
+            if state is not None and state.session is session:
+                state.session = None
+                self.answers.close(state, CLOSE_SESSION_TAKEN_OVER, "session re-opened on another node", out)
+        return session.take_buffer()
 
     # -- what was buffered for a session that ends -------------------------------------------------------
 
@@ -345,6 +401,8 @@ class SessionManager:
         """Route one node-made response (no sender session): point to point, buffered if detached."""
         target = self.addresses.owner(to) or self.sessions.route(to)
         if target is None:
+            if self.remote is not None and self.remote.forward(to, data):
+                return
             self.counters["responses_dropped"] += 1
         elif target.ack:
             if acks.number(target, data, out, self.journal, (self.buffer_messages, self.buffer_bytes)):

@@ -7,7 +7,7 @@ Matching is exact, as in reTHINK: no prefixes, no ``/changes`` magic.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from protofly.address import AddressError, parse
 from protofly.message import Message
@@ -20,10 +20,13 @@ __all__ = ["SubscriptionTable"]
 class SubscriptionTable:
     """Subscribe and unsubscribe requests, and the subscribers of a resource (in subscription order)."""
 
-    __slots__ = ("_subscribers", "max_subscriptions")
+    __slots__ = ("_subscribers", "max_subscriptions", "on_change")
 
     def __init__(self, max_subscriptions: int) -> None:
         self.max_subscriptions = max_subscriptions
+        #: Told when a resource gets its first subscriber here (True) or loses its last (False): a
+        #: clustered node subscribes to the resource's subject once per node, not once per session.
+        self.on_change: Callable[[str, bool], None] | None = None
         #: resource -> its subscribed sessions (a dict as an insertion-ordered set).
         self._subscribers: dict[str, dict[Session, None]] = {}
 
@@ -81,7 +84,7 @@ class SubscriptionTable:
             if source not in sources:
                 sources.add(source)
                 session.subscription_count += 1
-            self._subscribers.setdefault(resource, {})[session] = None
+            self._add(resource, session)
 
     def _unsubscribe(self, session: Session, resources: list[str], source: str | None) -> None:
         """Without ``source`` the session stops receiving the resource; with it, only that source leaves."""
@@ -110,7 +113,15 @@ class SubscriptionTable:
         """Index the subscriptions of restored sessions."""
         for session in sessions:
             for resource in session.subscriptions:
-                self._subscribers.setdefault(resource, {})[session] = None
+                self._add(resource, session)
+
+    def _add(self, resource: str, session: Session) -> None:
+        subscribers = self._subscribers.get(resource)
+        if subscribers is None:
+            subscribers = self._subscribers[resource] = {}
+            if self.on_change is not None:
+                self.on_change(resource, True)
+        subscribers[session] = None
 
     def _drop(self, resource: str, session: Session) -> None:
         subscribers = self._subscribers.get(resource)
@@ -118,3 +129,5 @@ class SubscriptionTable:
             subscribers.pop(session, None)
             if not subscribers:
                 del self._subscribers[resource]
+                if self.on_change is not None:
+                    self.on_change(resource, False)

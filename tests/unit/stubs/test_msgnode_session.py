@@ -85,6 +85,8 @@ def test_settings_defaults_and_overrides(mn) -> None:
         ({"url": None}, "configuration.url"),
         ({"url": "http://127.0.0.1/ws"}, "configuration.url"),
         ({"runtimeURL": ""}, "configuration.runtimeURL"),
+        ({"urls": ["ws://127.0.0.1:8/ws", "http://x/ws"]}, "configuration.urls: expected a list of the cluster"),
+        ({"urls": "ws://127.0.0.1:8/ws"}, "configuration.urls: expected a list of the cluster"),
         ({"outboxMessages": 0}, "configuration.outboxMessages: must be at least 1"),
         ({"outboxMessages": 2.5}, "configuration.outboxMessages: expected an integer"),
         ({"openTimeout": "3"}, "configuration.openTimeout: expected a number"),
