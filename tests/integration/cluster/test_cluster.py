@@ -191,8 +191,13 @@ async def test_a_graceful_stop_hands_sessions_over(nats: NatsCluster, nodes: lis
             await sender.send(id=n, type="update", from_=s, to=r, body={"n": n})
         moved = await _client(nodes[2].url)
         assert (await moved.reopen(receiver.session_url))["body"]["code"] == 200
-        got = [(await moved.next(lambda m: m.get("to") == r))["body"]["n"] for _ in range(20)]
-        assert sorted(got) == list(range(20))
+        # No gap: every one of the 20 arrives.  Delivery across a hand-over is at least once (docs/msgnode.md),
+        # so a message the stopping node had already forwarded may come twice; no more than once more each.
+        got: list[int] = []
+        while set(got) != set(range(20)):
+            got.append((await moved.next(lambda m: m.get("to") == r))["body"]["n"])
+            assert len(got) <= 40, got
+        assert all(got.count(n) <= 2 for n in range(20)), got
         await moved.aclose()
     finally:
         await asyncio.gather(sender.aclose(), receiver.aclose())
