@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import tempfile
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,8 @@ class HostSettings:
 #: 2,000 small messages checked in one go; a stub that floods would then hold the loop for milliseconds
 #: while other stubs' messages wait.  16 KiB keeps each turn short at a negligible cost per byte.
 READ_CHUNK = 16 * 1024
+#: Messages from one stub handled per event-loop turn (the rest wait for the next turn, the channel paused).
+EVENTS_PER_TURN = 256
 
 
 class _Channel(asyncio.BufferedProtocol):
@@ -164,6 +167,9 @@ class ProcessComponent(Component):
         self._net: socket.socket | None = None
         self._broker: EgressBroker | None = None
         self._egress: EgressChannel | None = None
+        #: Messages read from the stub and not handled yet (a big batch frame is handled over several turns).
+        self._backlog: deque[Message | FrameError] = deque()
+        self._backlog_scheduled = False
         self._cgroup: StubCgroup | None = None
         self._limit_hit: str | None = None
         self._cleanup: asyncio.Task[None] | None = None
@@ -615,8 +621,33 @@ class ProcessComponent(Component):
 
     def _on_data(self, data: bytes | memoryview) -> None:
         self.counters["bytes_from_stub"] += len(data)
+        events = self._decoder.feed(data)
+        if len(events) <= EVENTS_PER_TURN and not self._backlog:
+            self._handle(events)
+            return
+        # One frame may be a batch of thousands (a flooding stub): handle them a turn at a time, and read
+        # nothing more from this stub until they are done, so other stubs' messages wait one turn at most.
+        self._backlog.extend(events)
+        if not self._backlog_scheduled:
+            self._backlog_scheduled = True
+            if self._transport is not None:
+                self._transport.pause_reading()
+            self._loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        backlog = self._backlog
+        self._handle([backlog.popleft() for _ in range(min(len(backlog), EVENTS_PER_TURN))])
+        if backlog:
+            self._loop.call_soon(self._next_turn)
+            return
+        self._backlog_scheduled = False
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _handle(self, events: list[Message | FrameError]) -> None:
         guard = self._guard
-        for event in self._decoder.feed(data):
+        for event in events:
             if isinstance(event, FrameError):
                 if guard is not None:
                     guard.frame_error(event)
