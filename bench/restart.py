@@ -113,6 +113,7 @@ async def catalogue(root: Path, node_url: str, ack: bool) -> tuple[CatalogueServ
     shutil.copytree(STUB_PACKAGE, package)
     template = json.loads((package / "descriptor.json").read_text())
     template["configuration"].update(url=node_url, ack=ack, backoffBase=0.02, backoffCap=0.2)
+    template["egress"] = [node_url]  # the only endpoint the stub may reach, opened for it by the runtime
     (package / "descriptor.json").write_text(json.dumps(template))
     publish(package, root / "published", key, DOMAIN)
     server = CatalogueServer(root / "published", default="default")
