@@ -30,7 +30,7 @@ from protofly.address import is_within
 from protofly.bus import NOT_PENDING, SETTLED, MessageBus
 from protofly.log import get_logger
 from protofly.message import Message
-from protofly.registry import Local, RuntimeRegistry, StubRecord
+from protofly.registry import RuntimeRegistry, StubRecord
 from protofly.throttle import LogThrottle, TokenBucket
 
 __all__ = ["BoundaryPolicy", "StubBoundary"]
@@ -111,8 +111,9 @@ class StubBoundary:
         if self._bus.has_listener(to):
             return True  # a hyperty or a subscribed resource
         # Nobody listens: the bus would answer 404 for a local address, but would relay anything else to
-        # another stub (deploying it first), which a stub may never make the runtime do.
-        return isinstance(self._registry.route(msg), Local)
+        # another stub (deploying it first), which a stub may never make the runtime do.  (Asked of the
+        # registry's local table, not of route(): that would use up a response's return path.)
+        return self._registry.is_local_component(to)
 
     def _refuse(self, msg: Message, counter: str, code: int, description: str) -> bool:
         total = self.record.count(counter)

@@ -219,10 +219,6 @@ class RuntimeRegistry:
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
 
-    def is_local(self, url: str) -> bool:
-        """True for addresses inside this runtime's own URL space."""
-        return address.is_within(url, self.runtime_url)
-
     # -- local components ----------------------------------------------------------------------------
 
     def add_local(self, url: str) -> None:

@@ -9,7 +9,7 @@ from protofly.boundary import BoundaryPolicy, StubBoundary
 from protofly.bus import NOT_PENDING, REFUSED, SETTLED, MessageBus
 from protofly.log import get_logger
 from protofly.message import Message, response, response_code
-from protofly.registry import RuntimeRegistry
+from protofly.registry import RuntimeRegistry, ToStub
 from protofly.throttle import LogThrottle, TokenBucket
 
 
@@ -138,3 +138,15 @@ def test_admission_bounds_deploys_and_answers_evicted_failures_from_the_negative
     clock.now += 31
     assert admission.check("d.test", stubs=0, deploying=0, evictable=False) is None
     assert admission.counters == {"deploys_refused": 2, "negative_cache_hits": 1}
+
+
+async def test_a_refused_response_does_not_use_up_anothers_return_path() -> None:
+    bus, registry, home, foreign, _ = await setting()
+    request = Message(id=7, type="execute", from_="hyperty://c.test/carol", to="hyperty://a.test/me")
+    registry.remember_return(request, home.url)  # carol's request came in through the home stub
+    forged = Message(id=7, type="response", from_="hyperty://b.test/x", to="hyperty://c.test/carol", body={})
+    assert not foreign.admit(forged)
+    assert foreign.record.counters["forbidden_destination"] == 1
+    answer = Message(id=7, type="response", from_="hyperty://a.test/me", to="hyperty://c.test/carol")
+    assert registry.route(answer) == ToStub("a.test", home.url)  # the real answer still goes back that way
+    await bus.close()
