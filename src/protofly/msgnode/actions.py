@@ -18,6 +18,7 @@ from websockets.frames import CloseCode
 
 __all__ = [
     "CLOSE_SESSION_TAKEN_OVER",
+    "Ack",
     "Action",
     "Allocate",
     "Claim",
@@ -45,6 +46,15 @@ class Send:
 
     conn: Hashable
     data: bytes | memoryview | msgspec.Raw
+
+
+@dataclass(slots=True)
+class Ack(Send):
+    """An ``ack`` (acknowledged delivery) for ``conn``: cumulative, so the shell keeps only the last one.
+
+    Acks are not written one per frame received: the shell sends the newest of each connection once per
+    loop turn, with that turn's other frames, after the turn's journal records are on disk.
+    """
 
 
 @dataclass(slots=True)

@@ -54,7 +54,7 @@ from protofly.address import validate_domain
 from protofly.message import Message, MessageError, decode, decode_frame, encode, response
 from protofly.msgnode import acks
 from protofly.msgnode import snapshot as state_snapshot
-from protofly.msgnode.actions import Action, Allocate, CloseCode, Refused, Send
+from protofly.msgnode.actions import Ack, Action, Allocate, CloseCode, Refused, Send
 from protofly.msgnode.addresses import AddressTable
 from protofly.msgnode.answers import Answers
 from protofly.msgnode.remote import Remote
@@ -373,7 +373,7 @@ class MessageNodeCore:
             self.journal.append(("r", session.url, session.received))
         if not state.closing and state.session is session:
             counters["acks_sent"] += 1
-            out.append(Send(state.conn, acks.ack_message(session.url, session.received)))
+            out.append(Ack(state.conn, acks.ack_message(session.url, session.received)))
 
     def received_binary(self, conn: Hashable) -> list[Action]:
         """reTHINK carries JSON in text frames only; a binary frame means a confused peer."""
@@ -518,11 +518,12 @@ class MessageNodeCore:
             if session is None or not isinstance(record[2], int):
                 continue
             seq = record[2]
-            if kind == "q" and len(record) == 4 and seq > session.sent:
-                data = encode_any(record[3])
-                session.sent = seq - 1
-                if session.number(data, 1 << 62, 1 << 62):
-                    applied += 1
+            if kind == "q":  # ["q", session, seq, m_seq, m_seq+1, ...]
+                for number, message in enumerate(record[3:], seq):
+                    if number > session.sent:
+                        session.sent = number - 1
+                        if session.number(encode_any(message), 1 << 62, 1 << 62):
+                            applied += 1
             elif kind == "a" and session.acknowledged(seq):
                 applied += 1
             elif kind == "r" and seq > session.received:
@@ -624,10 +625,27 @@ class MessageNodeCore:
     # -- buffers of detached sessions ----------------------------------------------------------------
 
     def _number(self, state: ConnState, target: Session, msg: Message, raw: Any, out: list[Action]) -> None:
-        """Point to point to an ack session: numbered and kept until acknowledged, or ``503`` when full."""
+        """Point to point to an ack session: numbered and kept until acknowledged, or ``503`` when full.
+
+        ``acks.number`` inlined: this runs once per message a runtime sends to another.
+        """
         data = encode(msg) if raw is None else bytes(raw)
-        if acks.number(target, data, out, self.journal, (self.buffer_messages, self.buffer_bytes)):
-            self.counters["delivered" if target.conn is not None else "buffered"] += 1
+        manager = self.manager
+        unacked = target.unacked
+        size = len(data)
+        if len(unacked) < manager.buffer_messages and target.unacked_bytes + size <= manager.buffer_bytes:
+            seq = target.sent = target.sent + 1
+            unacked.append((seq, data))
+            target.unacked_bytes += size
+            journal = self.journal
+            if journal is not None:
+                journal.append(("q", target.url, seq, data))
+            conn = target.conn
+            if conn is not None:
+                out.append(Send(conn, b"[%d,%b]" % (seq, data)))
+                self.counters["delivered"] += 1
+            else:
+                self.counters["buffered"] += 1
             return
         self.counters["buffer_full"] += 1
         text = (

@@ -8,14 +8,17 @@ restarted node would not know.
   subscriptions, buffers, numbered messages not acknowledged).  Rewritten atomically (temp file, rename)
   whenever the structure changes (a session opened or ended, an allocation, a subscription, a binding) and
   when the journal grows past ``checkpoint_bytes``; the journal is emptied after each checkpoint.
-* ``journal`` -- the message traffic between checkpoints, one record per change: a numbered message kept
-  for a session (``q``), acknowledged by its runtime (``a``), the last number received from a runtime
+* ``journal`` -- the message traffic between checkpoints, one record per change: numbered messages kept
+  for a session (``q``: ``["q",session,seq,m1,m2,...]``, consecutive numbers from ``seq``, the messages'
+  JSON spliced in), acknowledged by its runtime (``a``), the last number received from a runtime
   (``r``).  Records are length-prefixed (``<length>\\n<json>\\n``); a torn last record (killed mid-write)
   is ignored on load.  Replaying is idempotent, so a crash between a checkpoint and the journal's
   truncation only replays records the checkpoint already holds.
 
 fsync policy (``fsync_interval``): records are written with ``write(2)`` before the node acts on them,
-which is all a process crash (SIGKILL, OOM kill) needs -- the kernel keeps the page cache.  Against a
+which is all a process crash (SIGKILL, OOM kill) needs -- the kernel keeps the page cache.  The shell
+commits a loop turn's records in one ``write(2)`` (group commit), before the first byte of that turn is
+written to any socket.  Against a
 machine crash (power loss) the files are ``fsync``-ed every ``fsync_interval`` seconds in a thread (the
 default, 1 s: at most that much acknowledged traffic is at risk); ``0`` fsyncs every batch on the loop
 (each costs a disk flush, see docs/benchmarks.md); ``None`` never fsyncs.  Blocking I/O on the loop is
@@ -100,33 +103,63 @@ class Journal:
         self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.size = os.fstat(self._fd).st_size
 
-    def append(self, records: list[Any]) -> None:
-        """Write ``records`` (one ``write(2)``) before the node acts on them."""
+    def append(self, records: list[Any]) -> bool:
+        """Write ``records`` (one ``write(2)``) before the node acts on them; False, writing nothing, when
+        one of them is a structural change (``("x",)``: the caller writes a checkpoint instead).
+
+        Consecutive numbered messages of one session become one record, ``["q",session,seq,m1,m2,...]``,
+        the messages' JSON spliced in as they are (no re-encoding, no base64).
+        """
         fd = self._fd
         if fd is None or not records:
-            return
+            return True
         parts: list[bytes] = []
-        names = self._names
+        group: list[bytes] = []
+        group_url = ""
+        group_seq = next_seq = 0
         for record in records:
-            if record[0] == "q":  # the message as JSON inside the record (not base64), built by hand: hot path
+            kind = record[0]
+            if kind == "q":
                 _, url, seq, data = record
-                name = names.get(url)
-                if name is None:
-                    name = _encode(url)
-                    if len(names) < 10_000:
-                        names[url] = name
-                payload = b'["q",%s,%d,%s]' % (name, seq, data)
-            else:
-                payload = _encode(record)
-            parts.append(b"%d\n" % len(payload))
-            parts.append(payload)
-            parts.append(b"\n")
+                if seq == next_seq and url == group_url:
+                    group.append(data)
+                    next_seq += 1
+                    continue
+                if group:
+                    parts.append(self._numbered(group_url, group_seq, group))
+                group = [data]
+                group_url = url
+                group_seq = seq
+                next_seq = seq + 1
+                continue
+            if kind == "x":
+                return False
+            if group:
+                parts.append(self._numbered(group_url, group_seq, group))
+                group = []
+                next_seq = 0
+            payload = _encode(record)
+            parts.append(b"%d\n%s\n" % (len(payload), payload))
+        if group:
+            parts.append(self._numbered(group_url, group_seq, group))
         data = b"".join(parts)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         self.size += len(data)
-        self.records += len(records)
+        self.records += len(parts)
+        return True
+
+    def _numbered(self, url: str, seq: int, messages: list[bytes]) -> bytes:
+        """One ``q`` record (length-prefixed) for consecutive numbered messages of one session."""
+        names = self._names
+        name = names.get(url)
+        if name is None:
+            name = _encode(url)
+            if len(names) < 10_000:
+                names[url] = name
+        payload = b'["q",%s,%d,%s]' % (name, seq, b",".join(messages))
+        return b"%d\n%s\n" % (len(payload), payload)
 
     @property
     def due(self) -> bool:

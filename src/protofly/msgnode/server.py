@@ -26,7 +26,18 @@ from typing import TYPE_CHECKING, Self
 from aiohttp import WSMsgType, web
 
 from protofly.log import get_logger
-from protofly.msgnode.actions import Action, Allocate, Claim, Close, Drained, EnableBatch, Replay, Send, SessionEnded
+from protofly.msgnode.actions import (
+    Ack,
+    Action,
+    Allocate,
+    Claim,
+    Close,
+    Drained,
+    EnableBatch,
+    Replay,
+    Send,
+    SessionEnded,
+)
 from protofly.msgnode.core import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_BUFFER_MESSAGES,
@@ -153,6 +164,8 @@ class MessageNode:
         self._tasks = TaskSet("msgnode")
         self._timer: asyncio.TimerHandle | None = None
         self._syncing: asyncio.Task[None] | None = None
+        #: The end-of-turn journal write, when records wait and no socket write has taken them yet.
+        self._committing: asyncio.Handle | None = None
         self._log = _log.bind(domain=self.domain)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -219,6 +232,9 @@ class MessageNode:
             if syncing is not None:
                 syncing.cancel()
                 await asyncio.wait([syncing], timeout=self.close_timeout)
+            if self._committing is not None:
+                self._committing.cancel()
+                self._committing = None
             self._persist(final=True)
             self.journal.close()
         if self.state_file is not None:
@@ -351,6 +367,14 @@ class MessageNode:
         journal.checkpoint(self.core.snapshot(), sync=self.fsync_interval is not None)
         return count
 
+    def _commit(self) -> None:
+        """The writers' barrier and the end of a turn: the journal records waiting, on disk now."""
+        handle, self._committing = self._committing, None
+        if handle is not None:
+            handle.cancel()
+        if self.core.journal:
+            self._persist()
+
     def _persist(self, *, final: bool = False) -> None:
         """Write what the core changed before acting on it: journal records, or a checkpoint."""
         journal = self.journal
@@ -358,10 +382,9 @@ class MessageNode:
         records = self.core.take_journal()
         if not records and not final:
             return
-        if final or journal.due or any(record[0] == "x" for record in records):
+        if final or journal.due or not journal.append(records):
             journal.checkpoint(self.core.snapshot(), sync=self.fsync_interval == 0 or final)
             return
-        journal.append(records)
         if self.fsync_interval == 0:
             journal.sync()
 
@@ -443,6 +466,7 @@ class MessageNode:
             write_timeout=self.write_timeout,
             close_timeout=self.close_timeout,
             on_slow=self._slow_consumer,
+            barrier=None if self.journal is None else self._commit,
         )
         self._connections.add(conn)
         core = self.core
@@ -496,10 +520,14 @@ class MessageNode:
     # -- actions ------------------------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
-        if self.journal is not None and self.core.journal:
-            self._persist()  # on disk before anything leaves the node
+        if self.journal is not None and self.core.journal and self._committing is None:
+            # group commit: the turn's records are written once, before the first byte of this turn leaves
+            # the node (the writers' barrier) or at the end of the turn, whichever comes first
+            self._committing = asyncio.get_running_loop().call_soon(self._commit)
         for action in actions:
             match action:
+                case Ack(conn=FrameWriter() as conn, data=data):
+                    conn.ack(bytes(data))
                 case Send(conn=FrameWriter() as conn, data=data):
                     conn.send(data)
                 case Close(conn=FrameWriter() as conn, code=code, reason=reason):
@@ -514,6 +542,8 @@ class MessageNode:
                 case SessionEnded(url=url, reason=reason, addresses=addresses):
                     self._log.info("session ended", session=url, reason=reason, addresses=addresses)
                 case Allocate() | Claim():
+                    if self.journal is not None:
+                        self._commit()
                     self._cluster_action(action)
 
     def _slow_consumer(self, conn: FrameWriter, pending: list[object]) -> None:

@@ -5,6 +5,12 @@ iteration in one ``transport.writelines`` call (aiohttp's own writer would make 
 frame).  Frames are written on the transport directly: server frames are unmasked and compression is never
 negotiated, so a frame is just a 2/4/10-byte header and the message bytes.
 
+Acknowledgements (``Ack``) are cumulative: the writer keeps only the newest one per connection and writes
+it with the next batch of frames, so a turn that reads twenty frames from a runtime answers with one
+``ack``.  ``barrier`` (the node's durable state) is called before any byte is handed to the transport:
+it writes the turn's journal records first -- group commit -- so nothing leaves the node, neither an
+``ack`` nor a message, for something a restarted node would not know.
+
 Flow control: the queue is bounded in messages and bytes; while the socket's buffer is over its high water
 mark nothing more is written, and a consumer whose queue overflows (or that makes no progress for
 ``write_timeout`` seconds) is disconnected with close code 1013 so the node's memory stays flat.  A
@@ -57,6 +63,8 @@ class FrameWriter:
     """
 
     __slots__ = (
+        "_ack",
+        "_barrier",
         "_drain_task",
         "_flush_handle",
         "_loop",
@@ -90,6 +98,7 @@ class FrameWriter:
         write_timeout: float,
         close_timeout: float,
         on_slow: Callable[[FrameWriter, list[Any]], None] | None = None,
+        barrier: Callable[[], None] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         #: Told what was still queued when this connection is cut off as a slow consumer (the node keeps it).
@@ -113,6 +122,10 @@ class FrameWriter:
         self.limit_bytes = send_queue_bytes
         self._flush_handle: asyncio.Handle | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        #: Called before anything is written (the node's journal group commit).
+        self._barrier = barrier
+        #: The newest ``ack`` not written yet (an older one is replaced: acks are cumulative).
+        self._ack: bytes | None = None
 
     # -- queueing -----------------------------------------------------------------------------------
 
@@ -134,6 +147,14 @@ class FrameWriter:
             self._overflow()
         elif self.pending_bytes > self._stats["queue_peak_bytes"]:
             self._stats["queue_peak_bytes"] = self.pending_bytes
+
+    def ack(self, data: bytes) -> None:
+        """Queue an ``ack``, replacing one not written yet; it goes out with this loop turn's frames."""
+        if self.closing:
+            return
+        self._ack = data
+        if self._flush_handle is None and self._drain_task is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     def replay(self, frames: list[bytes]) -> None:
         """Queue a re-opened session's buffered messages, raising the limits by as much.
@@ -173,7 +194,9 @@ class FrameWriter:
         protocol = self._request.protocol
         while self.pending and not protocol.writing_paused:
             self._write(self._chunk())
-        if self.pending and self._drain_task is None:
+        if self._ack is not None and not protocol.writing_paused:
+            self._write(0)
+        if (self.pending or self._ack is not None) and self._drain_task is None:
             self._drain_task = self._tasks.spawn(self._drain())
 
     def _chunk(self) -> int:
@@ -188,9 +211,12 @@ class FrameWriter:
         return len(self.pending)
 
     def _write(self, count: int) -> None:
-        """Frame the first ``count`` queued messages and hand them to the transport in one call."""
-        if count == 0:
+        """Frame the first ``count`` queued messages (and the pending ``ack``) and hand them over in one call."""
+        ack = self._ack
+        if count == 0 and ack is None:
             return
+        if self._barrier is not None:
+            self._barrier()
         transport = self._request.transport
         if count == len(self.pending):
             taken, size = self.pending, self.pending_bytes
@@ -206,6 +232,11 @@ class FrameWriter:
         if transport is None or transport.is_closing():
             return
         parts = self._frames(taken) if self.batch_frame and count > 1 else self._plain_frames(taken)
+        if ack is not None:
+            self._ack = None
+            parts.append(text_header(len(ack)))
+            parts.append(ack)
+            self._stats["frames_out"] += 1
         transport.writelines(parts)
         stats = self._stats
         stats["writes"] += 1
@@ -286,6 +317,7 @@ class FrameWriter:
         self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer: " + why, timeout=min(1.0, self.close_timeout))
 
     def _discard(self) -> None:
+        self._ack = None
         self._stats["dropped_closing"] += len(self.pending)
         self.pending = []
         self.pending_bytes = 0
@@ -298,7 +330,7 @@ class FrameWriter:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self.pending:
+        if self.pending or self._ack is not None:
             self._write(len(self.pending))
         self.closing = True
         self._stats["closes_sent"] += 1

@@ -152,11 +152,15 @@ def test_journal_replays_onto_a_checkpoint_into_an_equal_state(tmp_path) -> None
     core.received(pair.b, frame(type="update", from_=pair.b_url, to=SESSION_URL, body={"ack": 1}))
     journal = Journal(tmp_path)
     journal.open()
-    journal.append(core.take_journal())
+    taken = core.take_journal()
+    assert [r[0] for r in taken] == ["x", "q", "q", "q", "r", "a"]  # x: the sender was bound on the fly
+    assert journal.append(taken) is False and journal.size == 0  # a structural change: a checkpoint's job
+    assert journal.append(taken[1:]) is True
     journal.close()
     snapshot, records = Journal(tmp_path).load()
     assert snapshot is None  # no checkpoint written by this test
-    assert [r[0] for r in records] == ["x", "q", "q", "q", "r", "a"]  # x: the sender was bound on the fly
+    assert [r[:3] for r in records] == [["q", pair.b_url, 1], ["r", pair.a_url, 3], ["a", pair.b_url, 1]]
+    assert [m["body"]["n"] for m in records[0][3:]] == [1, 2, 3]  # consecutive numbers: one record
 
     restored = MessageNodeCore("b.test", journal=True)
     restored.restore(checkpoint, now=0.0)
