@@ -367,11 +367,13 @@ class NodeSession:
         #: again on a new session (the node forgot the old one), so no subscription is lost with it.
         self.subscriptions: dict[tuple[str, str, str], set[str]] = {}
         #: Acknowledged delivery (docs/msgnode.md): granted on this socket; the last number sent and the
-        #: sent messages the node has not acknowledged ``(seq, data)``; the last number received from the
-        #: node; an ``ack`` to send.  Messages stay counted in ``outbox_size`` until acknowledged.
+        #: sent messages the node has not acknowledged (numbered ``sent_seq - len(inflight) + 1`` ...
+        #: ``sent_seq``: plain bytes, no per-message tuples for the garbage collector to walk); the last
+        #: number received from the node; an ``ack`` to send.  Messages stay counted in ``outbox_size``
+        #: until acknowledged.
         self.ack_granted = False
         self.sent_seq = 0
-        self.inflight: deque[tuple[int, bytes]] = deque()
+        self.inflight: deque[bytes] = deque()
         self.delivered = 0
         self._ack_due = False
         #: How many messages the runtime handed over (``submit``); the hand-over number of every message
@@ -443,7 +445,8 @@ class NodeSession:
             )
         self.outbox.append(data)
         self.outbox_size += size
-        self._marks.append(self.handed)
+        if self.settings.ack:  # without acks nobody reports hand-overs: nothing to remember
+            self._marks.append(self.handed)
         self.counters["accepted"] += 1
         if msg.type in ("subscribe", "unsubscribe") and msg.to.endswith("/sm"):
             self._note_subscription(msg)
@@ -474,7 +477,8 @@ class NodeSession:
             data = encode(Message(id=f"{_RESUBSCRIBE}{number}", type="subscribe", from_=sender, to=to, body=body))
             self.outbox.appendleft(data)
             self.outbox_size += len(data)
-            self._marks.appendleft(mark)
+            if self.settings.ack:
+                self._marks.appendleft(mark)
 
     @property
     def handed_over(self) -> int:
@@ -534,20 +538,26 @@ class NodeSession:
             data = outbox.popleft()
             parts.append(data)
             size += len(data) + 1
-        for offset, data in enumerate(parts):
-            self.inflight.append((seq + offset, data))
+        self.inflight.extend(parts)
         self.sent_seq = seq + len(parts) - 1
         return b"[%d," % seq + b",".join(parts) + b"]", len(parts)
+
+    def numbered_inflight(self) -> list[tuple[int, bytes]]:
+        """The sent messages the node has not acknowledged, with their numbers (tests, diagnostics)."""
+        return list(enumerate(self.inflight, self.sent_seq - len(self.inflight) + 1))
 
     def _released(self, seq: int, actions: list[Action]) -> None:
         """The node acknowledged everything up to ``seq``: forget it (and let the runtime know)."""
         inflight = self.inflight
-        released = 0
-        while inflight and inflight[0][0] <= seq:
-            self.outbox_size -= len(inflight.popleft()[1])
-            self._marks.popleft()
-            released += 1
-        if released:
+        released = min(seq - (self.sent_seq - len(inflight)), len(inflight))
+        if released > 0:
+            size = 0
+            popleft = inflight.popleft
+            marks = self._marks.popleft
+            for _ in range(released):
+                size += len(popleft())
+                marks()
+            self.outbox_size -= size
             actions.append(self.saved_state())
 
     def _resync(self, received: int, actions: list[Action]) -> None:
@@ -555,8 +565,7 @@ class NodeSession:
         self._released(received, actions)
         if self.inflight:
             self.counters["resent"] += len(self.inflight)
-            for _, data in reversed(self.inflight):
-                self.outbox.appendleft(data)
+            self.outbox.extendleft(reversed(self.inflight))
             self.inflight.clear()
         self.sent_seq = received
 
@@ -564,6 +573,10 @@ class NodeSession:
         """A frame carrying ``count`` outbox messages reached the socket."""
         self.counters["sent"] += count
         self.counters["frames_sent"] += 1
+        if count and not self.ack_granted and self._marks:  # a node without acks: written is handed over
+            marks = self._marks.popleft
+            for _ in range(min(count, len(self._marks))):
+                marks()
 
     def unsent(self, frame: bytes, count: int) -> None:
         """A frame from :meth:`next_frame` could not be written: put its messages back at the front."""
@@ -574,7 +587,7 @@ class NodeSession:
         self.counters["requeued"] += count
         if self.ack_granted:  # numbered: back from in flight to the outbox, numbers given back
             for _ in range(count):
-                self.outbox.appendleft(self.inflight.pop()[1])
+                self.outbox.appendleft(self.inflight.pop())
             self.sent_seq -= count
             return
         if count == 1:
@@ -873,8 +886,7 @@ class NodeSession:
 
     def _refuse_outbox(self, description: str) -> list[Action]:
         actions: list[Action] = []
-        for _, data in reversed(self.inflight):  # never acknowledged: answered with the rest
-            self.outbox.appendleft(data)
+        self.outbox.extendleft(reversed(self.inflight))  # never acknowledged: answered with the rest
         self.inflight.clear()
         self._marks.clear()
         while self.outbox:

@@ -521,6 +521,9 @@ class MessageNodeCore:
             if kind == "q":  # ["q", session, seq, m_seq, m_seq+1, ...]
                 for number, message in enumerate(record[3:], seq):
                     if number > session.sent:
+                        if number > session.sent + 1:  # a gap (a damaged journal): numbers must stay consecutive
+                            session.unacked.clear()
+                            session.unacked_bytes = 0
                         session.sent = number - 1
                         if session.number(encode_any(message), 1 << 62, 1 << 62):
                             applied += 1
@@ -635,7 +638,7 @@ class MessageNodeCore:
         size = len(data)
         if len(unacked) < manager.buffer_messages and target.unacked_bytes + size <= manager.buffer_bytes:
             seq = target.sent = target.sent + 1
-            unacked.append((seq, data))
+            unacked.append(data)
             target.unacked_bytes += size
             journal = self.journal
             if journal is not None:

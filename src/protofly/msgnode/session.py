@@ -49,9 +49,12 @@ class Session:
     received: int = 0
     #: The sequence number of the last message the node numbered for this session.
     sent: int = 0
-    #: Messages numbered for the runtime and not acknowledged by it yet: ``(seq, data)``, oldest first.
-    #: Connected or not, they stay here until the runtime's ``ack`` (a re-open replays them).
-    unacked: deque[tuple[int, bytes]] = field(default_factory=deque)
+    #: Messages numbered for the runtime and not acknowledged by it yet, oldest first: the numbers
+    #: ``sent - len(unacked) + 1`` ... ``sent`` (consecutive; see :meth:`numbered`).  Plain bytes, no
+    #: ``(seq, data)`` tuples: they live until the runtime's ``ack`` and the garbage collector would
+    #: traverse every one of them again and again.  Connected or not, they stay here until the runtime's
+    #: ``ack`` (a re-open replays them).
+    unacked: deque[bytes] = field(default_factory=deque)
     unacked_bytes: int = 0
 
     def number(self, data: bytes, max_messages: int, max_bytes: int) -> int:
@@ -60,17 +63,29 @@ class Session:
         if len(self.unacked) >= max_messages or self.unacked_bytes + size > max_bytes:
             return 0
         self.sent += 1
-        self.unacked.append((self.sent, data))
+        self.unacked.append(data)
         self.unacked_bytes += size
         return self.sent
 
+    def numbered(self) -> Iterator[tuple[int, bytes]]:
+        """The unacknowledged messages with their numbers, oldest first."""
+        return enumerate(self.unacked, self.sent - len(self.unacked) + 1)
+
     def acknowledged(self, seq: int) -> int:
         """The runtime has everything up to ``seq``: forget it; returns how many messages were released."""
-        released = 0
         unacked = self.unacked
-        while unacked and unacked[0][0] <= seq:
-            self.unacked_bytes -= len(unacked.popleft()[1])
-            released += 1
+        released = min(seq - (self.sent - len(unacked)), len(unacked))
+        if released <= 0:
+            return 0
+        if released == len(unacked):
+            unacked.clear()
+            self.unacked_bytes = 0
+            return released
+        size = 0
+        popleft = unacked.popleft
+        for _ in range(released):
+            size += len(popleft())
+        self.unacked_bytes -= size
         return released
 
     def keep(self, data: bytes, max_messages: int, max_bytes: int) -> bool:

@@ -245,12 +245,12 @@ class SessionManager:
                 self._released(session, received)
             extra["ack"] = True
             extra["received"] = session.received
-            return [acks.frame(seq, data) for seq, data in session.unacked]
+            return [acks.frame(seq, data) for seq, data in session.numbered()]
         state.ack = False
         if not session.ack:
             return []
         session.ack = False
-        frames = [data for _, data in session.unacked]
+        frames = list(session.unacked)
         self._released(session, session.sent)
         return frames
 
@@ -330,7 +330,7 @@ class SessionManager:
             self.remote.session_changed(session, "ended")
         out.append(SessionEnded(session.url, session.runtime_url, reason, freed))
         if session.unacked:  # numbered and never acknowledged: answered like the buffer
-            session.buffer.extend(data for _, data in session.unacked)
+            session.buffer.extend(session.unacked)
             session.unacked.clear()
             session.unacked_bytes = 0
         if session.buffer:  # after the tables are freed: no answer can route back into this session

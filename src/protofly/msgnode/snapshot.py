@@ -111,7 +111,7 @@ def _text(data: bytes) -> tuple[str | None, str | None]:
 
 def _export(session: Session) -> _SessionState:
     buffer = [_BufferedState(*_text(data)) for data in session.buffer]
-    unacked = [_NumberedState(*_text(data), seq=seq) for seq, data in session.unacked]
+    unacked = [_NumberedState(*_text(data), seq=seq) for seq, data in session.numbered()]
     return _SessionState(
         runtime_url=session.runtime_url,
         token=session.token,
@@ -145,9 +145,10 @@ def _import(saved: _SessionState, where: str, owner: dict[str, Session]) -> Sess
     session.sent = saved.sent
     for index, numbered in enumerate(saved.unacked):
         data = _frame(numbered, f"{where}.unacked[{index}]")
-        if not 0 < numbered.seq <= saved.sent or (session.unacked and numbered.seq <= session.unacked[-1][0]):
-            raise StateError(f"{where}.unacked[{index}].seq: expected increasing numbers up to {saved.sent}")
-        session.unacked.append((numbered.seq, data))
+        expected = saved.sent - len(saved.unacked) + 1 + index
+        if numbered.seq != expected or expected <= 0:
+            raise StateError(f"{where}.unacked[{index}].seq: expected consecutive numbers ending at {saved.sent}")
+        session.unacked.append(data)
         session.unacked_bytes += len(data)
     for name, addresses in (("addresses", saved.addresses), ("bound", saved.bound)):
         for address in addresses:

@@ -84,7 +84,7 @@ def test_unacknowledged_messages_are_replayed_after_a_re_open_from_what_the_runt
     core = pair.node.core
     pair.send(1, 1, 2, 3)
     core.received(pair.b, frame(type="update", from_=pair.b_url, to=SESSION_URL, body={"ack": 1}))
-    assert [seq for seq, _ in core.session(pair.b_url).unacked] == [2, 3]
+    assert [seq for seq, _ in core.session(pair.b_url).numbered()] == [2, 3]
     core.disconnected(pair.b, now=0.0)
     pair.send(4, 4)  # detached: kept, numbered, not sent
     b2 = pair.node.connect("b2")
@@ -167,13 +167,13 @@ def test_journal_replays_onto_a_checkpoint_into_an_equal_state(tmp_path) -> None
     assert restored.apply_journal(records) == 5
     assert restored.apply_journal(records) == 0  # idempotent: a record twice changes nothing
     b = restored.session(pair.b_url)
-    assert [seq for seq, _ in b.unacked] == [2, 3] and b.sent == 3 and b.ack is True
-    assert json.loads(b.unacked[0][1])["body"]["n"] == 2
+    assert [seq for seq, _ in b.numbered()] == [2, 3] and b.sent == 3 and b.ack is True
+    assert json.loads(b.unacked[0])["body"]["n"] == 2
     assert restored.session(pair.a_url).received == 1 + 2  # the frame numbered 1 carried three messages
     # and it survives a checkpoint of its own
     again = MessageNodeCore("b.test")
     again.restore(msgspec.json.decode(msgspec.json.encode(restored.snapshot())), now=0.0)
-    assert [seq for seq, _ in again.session(pair.b_url).unacked] == [2, 3]
+    assert [seq for seq, _ in again.session(pair.b_url).numbered()] == [2, 3]
 
 
 def test_a_torn_journal_tail_is_ignored() -> None:

@@ -53,10 +53,10 @@ def test_outbox_is_numbered_kept_until_acked_and_handed_over_then(mn) -> None:
     [(frame, count)] = frames(s)
     data = json.loads(frame)
     assert count == 3 and data[0] == 1 and [m["body"]["n"] for m in data[1:]] == [0, 1, 2]
-    assert [seq for seq, _ in s.inflight] == [1, 2, 3] and s.handed_over == 0
+    assert [seq for seq, _ in s.numbered_inflight()] == [1, 2, 3] and s.handed_over == 0
     actions = s.received(node_ack(2))
     [save] = [a for a in actions if isinstance(a, mn.SaveState)]
-    assert save.handed_over == 2 and [seq for seq, _ in s.inflight] == [3]
+    assert save.handed_over == 2 and [seq for seq, _ in s.numbered_inflight()] == [3]
 
 
 def test_after_a_lost_socket_the_re_open_resends_exactly_what_the_node_lacks(mn) -> None:
