@@ -35,7 +35,7 @@ import msgspec
 
 from protofly.bus import BusClosedError, MessageBus
 from protofly.log import get_logger
-from protofly.message import Message, response
+from protofly.message import Message, MessageError, decode, encode, response
 from protofly.sandbox import Component
 
 __all__ = ["MAX_STATE_BYTES", "MAX_TRACKED", "SessionStore", "TrackedComponent"]
@@ -54,8 +54,11 @@ class _Domain:
 
     stub_url: str
     state: Any = None
-    #: (number, message) posted to the current instance and not handed over yet, oldest first.
-    ledger: deque[tuple[int, Message]] = field(default_factory=deque)
+    #: Messages posted to the current instance and not handed over yet, oldest first: the numbers
+    #: ``posted - len(ledger) + 1`` ... ``posted``.  Kept encoded: tens of thousands of live ``Message``
+    #: objects (and their body dicts) would be walked by every full garbage collection, which cost more
+    #: than encoding them once (a message that cannot be encoded is kept as it is).
+    ledger: deque[bytes | Message] = field(default_factory=deque)
     #: Messages posted to the current instance so far (the last number given).
     posted: int = 0
     #: Left by a dead instance, for the next one.
@@ -68,6 +71,20 @@ class _Domain:
             ("saved", "state_refused", "handed_over", "redelivered", "abandoned", "untracked"), 0
         )
     )
+
+
+def _messages(ledger: deque[bytes | Message]) -> list[Message]:
+    """The ledger's messages, decoded again (a dead stub's leftovers: the rare path)."""
+    messages: list[Message] = []
+    for item in ledger:
+        if isinstance(item, Message):
+            messages.append(item)
+            continue
+        try:
+            messages.append(decode(item, max_size=len(item) + 1))
+        except MessageError:  # it was encoded from a Message: cannot happen, and is not worth losing others
+            _log.error("a ledger entry could not be decoded again", size=len(item))
+    return messages
 
 
 class TrackedComponent(Component):
@@ -99,7 +116,10 @@ class TrackedComponent(Component):
         if len(ledger) >= MAX_TRACKED:
             ledger.popleft()
             entry.counters["untracked"] += 1
-        ledger.append((entry.posted, msg))
+        try:
+            ledger.append(encode(msg))
+        except (TypeError, msgspec.EncodeError):
+            ledger.append(msg)
         return True
 
     async def execute(self, method: str, params: list[Any] | None = None, *, timeout: float) -> Message:
@@ -147,7 +167,7 @@ class SessionStore:
         entry = self._domains.get(domain)
         if entry is None or entry.stub_url != component.url:
             entry = self._domains[domain] = _Domain(component.url)
-        entry.leftovers.extend(msg for _, msg in entry.ledger)
+        entry.leftovers.extend(_messages(entry.ledger))
         entry.ledger.clear()
         entry.posted = 0
         return TrackedComponent(component, entry)
@@ -178,7 +198,7 @@ class SessionStore:
         entry = self._domains.get(domain)
         if entry is None:
             return 0
-        waiting = [msg for _, msg in entry.ledger] + entry.leftovers
+        waiting = _messages(entry.ledger) + entry.leftovers
         entry.ledger.clear()
         entry.leftovers = []
         for msg in waiting:
@@ -201,10 +221,10 @@ class SessionStore:
         if type(handed) is int:
             entry.reports = True
             ledger = entry.ledger
-            released = 0
-            while ledger and ledger[0][0] <= handed:
+            released = min(handed - (entry.posted - len(ledger)), len(ledger))
+            for _ in range(released):
                 ledger.popleft()
-                released += 1
+            released = max(released, 0)
             entry.counters["handed_over"] += released
         if "value" in body:
             state = body["value"]
