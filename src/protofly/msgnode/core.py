@@ -9,7 +9,10 @@ touches a socket, so every protocol rule is unit-tested with plain function call
 The data lives in tables, each in its own module: sessions (``session.py``), the address table
 (``addresses.py``) and the subscription table (``subscriptions.py``).  The ``mn:/session`` component
 (session lifecycle, drain handshake) is ``session_manager.py``, every answer is made by ``answers.py`` and
-the state snapshot is ``snapshot.py``.  This module composes them and routes messages between them.
+the state snapshot is ``snapshot.py``.  This module composes them and routes messages between them; the
+allocation, subscription and registry components are ``components.py``, and three mixins hold the rest of
+the core's interface: ``node_state.py`` (snapshot, restore, journal replay), ``cluster_calls.py`` (what a
+cluster's shell reports back) and ``node_info.py`` (configuration and introspection).
 
 Connections are opaque hashable objects chosen by the shell; the core only uses them as keys and hands
 them back in actions.
@@ -48,19 +51,19 @@ import uuid
 from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
-import msgspec
-
 from protofly.address import validate_domain
 from protofly.message import Message, MessageError, decode, decode_frame, encode, response
 from protofly.msgnode import acks
-from protofly.msgnode import snapshot as state_snapshot
-from protofly.msgnode.actions import Ack, Action, Allocate, CloseCode, Refused, Send
+from protofly.msgnode.actions import Ack, Action, CloseCode, Send
 from protofly.msgnode.addresses import AddressTable
 from protofly.msgnode.answers import Answers
+from protofly.msgnode.cluster_calls import ClusterCalls
+from protofly.msgnode.components import NodeComponents
+from protofly.msgnode.node_info import NodeInfo
+from protofly.msgnode.node_state import NodeState
 from protofly.msgnode.remote import Remote
 from protofly.msgnode.session import ConnState, Session, SessionTable
 from protofly.msgnode.session_manager import SESSION_URL, SessionManager
-from protofly.msgnode.snapshot import StateError
 from protofly.msgnode.subscriptions import SubscriptionTable
 
 __all__ = [
@@ -95,12 +98,11 @@ _COUNTERS = (
     *("forwarded", "remote_in", "sessions_claimed", "sessions_handed_off"),
 )
 
-encode_any = msgspec.json.encode
 
 Handler = Callable[[ConnState, Message, list[Action]], None]
 
 
-class MessageNodeCore:
+class MessageNodeCore(NodeInfo, NodeState, ClusterCalls):
     """Sessions, allocations, subscriptions and routing of one domain's message node.
 
     Limits (all per session) keep one misbehaving runtime from exhausting the node's memory:
@@ -171,16 +173,18 @@ class MessageNodeCore:
             new_id=new_id,
             journal=self.journal,
         )
+        parts = NodeComponents(self.addresses, self.subscriptions, self._answers, self.manager, self.counters)
+        self._registry_component = parts.registry
         self._components: dict[str, Handler] = {
             SESSION_URL: self.manager.handle,
-            self.allocation_url: self._allocation_component,
-            self.hyperty_allocation_url: self._allocation_component,
-            self.object_allocation_url: self._allocation_component,
-            self.subscription_url: self._subscription_component,
-            self.registry_url: self._registry_component,
-            self.registry_url + "/": self._registry_component,
-            "global://registry": self._registry_component,
-            "global://registry/": self._registry_component,
+            self.allocation_url: parts.allocation,
+            self.hyperty_allocation_url: parts.allocation,
+            self.object_allocation_url: parts.allocation,
+            self.subscription_url: parts.subscription,
+            self.registry_url: parts.registry,
+            self.registry_url + "/": parts.registry,
+            "global://registry": parts.registry,
+            "global://registry/": parts.registry,
         }
 
     # -- the rest of a cluster (None: a single-process node) ----------------------------------------------
@@ -194,84 +198,6 @@ class MessageNodeCore:
         """Plug a cluster in (``msgnode/cluster/``): routing misses, session and subscription changes go to it."""
         self.manager.remote = remote
         self.subscriptions.on_change = None if remote is None else remote.resource_changed
-
-    # -- configuration and introspection (tests, stats) ------------------------------------------------
-
-    @property
-    def session_grace(self) -> float:
-        return self.manager.session_grace
-
-    @property
-    def max_frame(self) -> int:
-        return self.manager.max_frame
-
-    @property
-    def buffer_messages(self) -> int:
-        return self.manager.buffer_messages
-
-    @property
-    def buffer_bytes(self) -> int:
-        return self.manager.buffer_bytes
-
-    @property
-    def max_addresses(self) -> int:
-        return self.addresses.max_addresses
-
-    @property
-    def max_block(self) -> int:
-        return self.addresses.max_block
-
-    @property
-    def max_bound(self) -> int:
-        return self.addresses.max_bound
-
-    @property
-    def max_subscriptions(self) -> int:
-        return self.subscriptions.max_subscriptions
-
-    @property
-    def auth_required(self) -> bool:
-        return self.manager.auth_required
-
-    def session(self, url: str) -> Session | None:
-        """The live or detached session at ``<runtimeURL>/<token>``."""
-        return self.sessions.get(url)
-
-    def session_of(self, conn: Hashable) -> Session | None:
-        state = self.manager.conns.get(conn)
-        return None if state is None else state.session
-
-    def owner(self, address: str) -> Session | None:
-        """The session an allocated or bound address routes to."""
-        return self.addresses.owner(address)
-
-    def subscribers(self, resource: str) -> list[Session]:
-        return list(self.subscriptions.subscribers(resource) or ())
-
-    @property
-    def session_count(self) -> int:
-        return len(self.sessions)
-
-    @property
-    def address_count(self) -> int:
-        return len(self.addresses)
-
-    @property
-    def draining(self) -> bool:
-        return self.manager.draining
-
-    @property
-    def drain_pending(self) -> int:
-        """Drain connections that have neither said ``drained`` nor gone away yet."""
-        return len(self.manager.awaiting)
-
-    def plain_connections(self) -> int:
-        """Open connections that did not negotiate the drain extension (closed after the short grace)."""
-        return sum(1 for state in self.manager.conns.values() if not state.drain and not state.closing)
-
-    def next_deadline(self) -> float | None:
-        """When :meth:`tick` next has work to do (a detached session expiring), or None."""
-        return self.sessions.next_deadline()
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -402,15 +328,6 @@ class MessageNodeCore:
             self.journal.append(("x",))
         return out
 
-    def take_journal(self) -> list[Any]:
-        """What changed since the last call (see :attr:`journal`); empty without ``journal``."""
-        journal = self.journal
-        if not journal:
-            return []
-        taken = journal.copy()
-        journal.clear()
-        return taken
-
     def slow_consumer(self, conn: Hashable, pending: list[Any], now: float) -> list[Action]:
         """The shell cut ``conn`` off (it did not read): detach its session and keep what it did not get.
 
@@ -476,63 +393,6 @@ class MessageNodeCore:
         out: list[Action] = []
         self.manager.finish_drain(now, out)
         return out
-
-    # -- state snapshot ------------------------------------------------------------------------------
-
-    def snapshot(self) -> dict[str, Any]:
-        """Everything a restarted node needs, as plain JSON-able data that shares nothing with the core.
-
-        Sessions are exported whether connected or not: a restored node holds them all detached.
-        """
-        return state_snapshot.export(self.domain, self.sessions)
-
-    def restore(self, snapshot: Any, now: float) -> int:
-        """Load a :meth:`snapshot` into this (empty) core; every session detached until ``now + session_grace``.
-
-        Raises :class:`StateError` naming the field at fault; nothing is loaded then.  Returns the number of
-        sessions loaded.
-        """
-        if len(self.sessions) or self.manager.conns:
-            raise StateError("restore: this message node already has sessions or connections")
-        sessions, owner = state_snapshot.load(snapshot, self.domain)
-        # all checked: install
-        self.sessions.install(sessions)
-        self.addresses.install(owner)
-        self.subscriptions.install(sessions)
-        deadline = now + max(self.session_grace, 0.0)  # a zero grace expires them at the first tick
-        for session in sessions:
-            self.sessions.schedule(session, deadline)
-        self.counters["sessions_restored"] += len(sessions)
-        return len(sessions)
-
-    def apply_journal(self, records: list[list[Any]]) -> int:
-        """Replay journal records (``journal.py``) onto the state just restored; returns how many applied.
-
-        Idempotent: a record the restored checkpoint already reflects changes nothing.  Records of
-        sessions the checkpoint does not hold (ended since) are skipped.
-        """
-        applied = 0
-        for record in records:
-            kind = record[0] if record else None
-            session = self.sessions.get(record[1]) if kind in ("q", "a", "r") and len(record) > 2 else None
-            if session is None or not isinstance(record[2], int):
-                continue
-            seq = record[2]
-            if kind == "q":  # ["q", session, seq, m_seq, m_seq+1, ...]
-                for number, message in enumerate(record[3:], seq):
-                    if number > session.sent:
-                        if number > session.sent + 1:  # a gap (a damaged journal): numbers must stay consecutive
-                            session.unacked.clear()
-                            session.unacked_bytes = 0
-                        session.sent = number - 1
-                        if session.number(encode_any(message), 1 << 62, 1 << 62):
-                            applied += 1
-            elif kind == "a" and session.acknowledged(seq):
-                applied += 1
-            elif kind == "r" and seq > session.received:
-                session.received = seq
-                applied += 1
-        return applied
 
     # -- routing -----------------------------------------------------------------------------------
 
@@ -668,164 +528,3 @@ class MessageNodeCore:
             f"whose buffer is full ({len(target.buffer)} messages, {target.buffer_bytes} bytes)"
         )
         self._answers.error(state, msg, 503, text, out)
-
-    # -- address allocation, subscriptions, registries -------------------------------------------------
-
-    def _component_session(self, state: ConnState, msg: Message, out: list[Action]) -> Session | None:
-        """The sender's session for a node component, or None once the message is counted or answered."""
-        if msg.type == "response":
-            self.counters["responses_dropped"] += 1
-            return None
-        if state.session is None:
-            self._answers.error(
-                state, msg, 403, f"no session on this connection: send 'open' to {SESSION_URL} first", out
-            )
-        return state.session
-
-    def _allocation_component(self, state: ConnState, msg: Message, out: list[Action]) -> None:
-        kind = msg.type
-        session = self._component_session(state, msg, out)
-        if session is None:
-            return
-        try:
-            if kind == "create" and self.remote is not None:  # atomic across the cluster: the shell asks it
-                addresses, key = self.addresses.plan(session, msg)
-                out.append(Allocate(state.conn, msg, session.url, addresses, key))
-                return
-            if kind == "create":
-                value: Any = self.addresses.allocate(session, msg)
-            elif kind == "delete":
-                value = {"deallocated": self.addresses.deallocate(session, msg)}
-                if self.remote is not None:
-                    self.remote.session_changed(session, "updated")
-            else:
-                raise Refused(405, f"type: {msg.to} accepts create and delete, not '{kind}'")
-        except Refused as exc:
-            self._answers.error(state, msg, exc.code, exc.description, out)
-            return
-        self._answers.reply(state, response(msg, 200, value=value), out)
-
-    def _subscription_component(self, state: ConnState, msg: Message, out: list[Action]) -> None:
-        kind = msg.type
-        session = self._component_session(state, msg, out)
-        if session is None:
-            return
-        try:
-            if kind not in ("subscribe", "unsubscribe"):
-                raise Refused(405, f"type: {msg.to} accepts subscribe and unsubscribe, not '{kind}'")
-            self.subscriptions.handle(session, msg)
-        except Refused as exc:
-            self._answers.error(state, msg, exc.code, exc.description, out)
-            return
-        if self.remote is not None:
-            self.remote.session_changed(session, "updated")
-        self._answers.reply(state, response(msg, 200), out)
-
-    def _registry_component(self, state: ConnState, msg: Message, out: list[Action]) -> None:
-        if msg.type == "response":
-            self.counters["responses_dropped"] += 1
-            return
-        self._answers.error(state, msg, 501, f"{msg.to}: no registry is connected to this message node", out)
-
-    # -- calls back from a cluster's shell (``msgnode/cluster/``) ------------------------------------------
-
-    def allocated(
-        self, conn: Hashable, msg: Message, addresses: list[str], key: str | None, refused: Refused | None
-    ) -> list[Action]:
-        """The cluster took ``addresses`` (and ``key``) for the session of ``conn``, or ``refused`` says why not."""
-        out: list[Action] = []
-        state = self.manager.conns.get(conn)
-        session = None if state is None else state.session
-        if state is None or state.closing:
-            return out
-        if refused is None and session is None:
-            refused = Refused(410, "the session went away while its addresses were allocated")
-        if refused is not None or session is None:
-            assert refused is not None
-            self._answers.error(state, msg, refused.code, refused.description, out)
-            return out
-        value = self.addresses.grant(session, addresses, key)
-        if self.remote is not None:
-            self.remote.session_changed(session, "updated")
-        self._answers.reply(state, response(msg, 200, value=value), out)
-        return out
-
-    def adopt(self, conn: Hashable, msg: Message, session: Session, frames: list[bytes]) -> list[Action]:
-        """A ``re-open`` claimed ``session`` from the cluster: hold it here, ``200``, then replay ``frames``."""
-        out: list[Action] = []
-        state = self.manager.conns.get(conn)
-        if state is None:
-            return out
-        session.buffer = list(frames)
-        session.buffer_bytes = sum(len(frame) for frame in frames)
-        self.counters["sessions_claimed"] += 1
-        self.manager.adopt(state, msg, session, out)
-        return out
-
-    def claim_failed(self, conn: Hashable, msg: Message, code: int, text: str) -> list[Action]:
-        out: list[Action] = []
-        state = self.manager.conns.get(conn)
-        if state is not None and not state.closing:
-            self._answers.error(state, msg, code, text, out)
-        return out
-
-    def hand_off(self, url: str) -> tuple[list[Action], list[bytes]]:
-        """Another node claimed session ``url``: let it go (close 4000) and return its buffered frames."""
-        out: list[Action] = []
-        frames = self.manager.hand_off(url, out)
-        if frames or out:
-            self.counters["sessions_handed_off"] += 1
-        return out, frames
-
-    def remote_deliver(self, url: str, data: bytes) -> list[Action] | None:
-        """A message for local session ``url`` came from another node; None when that session is not here."""
-        session = self.sessions.get(url)
-        if session is None:
-            return None
-        self.counters["remote_in"] += 1
-        out: list[Action] = []
-        if session.conn is not None:
-            self.counters["delivered"] += 1
-            out.append(Send(session.conn, data))
-        elif session.keep(data, self.buffer_messages, self.buffer_bytes):
-            self.counters["buffered"] += 1
-        else:
-            self.counters["buffer_full"] += 1
-            return self.undeliverable(data, 503, f"the session {url} is detached and its buffer is full")
-        return out
-
-    def remote_fan_out(self, resource: str, data: bytes) -> list[Action]:
-        """A publication to ``resource`` came from another node: hand it to this node's subscribers."""
-        out: list[Action] = []
-        subscribers = self.subscriptions.subscribers(resource)
-        self.counters["remote_in"] += 1
-        if not subscribers:
-            return out
-        delivered = 0
-        for session in subscribers:
-            conn = session.conn
-            if conn is None:
-                if session.keep(data, self.buffer_messages, self.buffer_bytes):
-                    self.counters["buffered"] += 1
-                else:
-                    self.counters["buffer_full"] += 1
-            else:
-                out.append(Send(conn, data))
-                delivered += 1
-        self.counters["fanout_deliveries"] += delivered
-        return out
-
-    def undeliverable(self, data: bytes, code: int, text: str) -> list[Action]:
-        """A message this node accepted could not be delivered by the cluster: ``code`` to its sender."""
-        out: list[Action] = []
-        try:
-            msg = decode(data, max_size=max(len(data), self.max_frame))
-        except MessageError:
-            self.counters["responses_dropped"] += 1
-            return out
-        if msg.type == "response":
-            self.counters["responses_dropped"] += 1
-            return out
-        self.counters["errors_sent"] += 1
-        self.manager.deliver(encode(response(msg, code, text)), msg.from_, out)
-        return out
