@@ -16,6 +16,8 @@ import pytest
 from protofly.message import Message, response_code
 from protofly.msgnode import MessageNode
 from protofly.sandbox import Boundary
+from protofly.sandbox.broker import EgressPolicy
+from protofly.sandbox.egress import parse_endpoint
 from protofly.sandbox.process import ProcessSandbox
 from protofly.sandbox.process_component import ProcessComponent
 
@@ -89,6 +91,7 @@ async def sides() -> AsyncIterator[tuple[Side, Side]]:
                 on_message=side.on_message,
                 on_exit=lambda reason: None,
                 language="Javascript ECMA6",
+                egress=EgressPolicy((parse_endpoint(node.url),)),  # the node, opened by the broker
             )
             answer = await side.component.execute("connect", [{}], timeout=WAIT)
             assert response_code(answer) == 200
