@@ -229,7 +229,6 @@ function brokeredFetch(egress) {
       const req = module.request(parsed, {
         method: (init.method || (input && input.method) || 'GET').toUpperCase(),
         headers: plain,
-        agent: false,
         createConnection: connector(egress, url, aliases),
       });
       req.setTimeout(FETCH_IDLE_MS, () => req.destroy(new EgressError(504, `fetch: ${url} sent nothing for ${FETCH_IDLE_MS / 1000} s`)));
