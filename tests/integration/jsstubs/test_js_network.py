@@ -58,6 +58,11 @@ async def other() -> AsyncIterator[Counting]:
         yield server
 
 
+def host_view(path: str) -> str:
+    """A /proc/net file as the test process (in the host's network namespace) sees it."""
+    return Path(path).read_text()
+
+
 async def ask(runtime: Any, domain: str, **body: Any) -> dict[str, Any]:
     question = Message(type="read", from_="hyperty://y.test/me", to=f"hyperty://{domain}/anyone", body=body)
     answer = await runtime.bus.request(question, timeout=30)
@@ -138,8 +143,8 @@ async def test_a_js_stub_reaches_nothing_of_the_host_by_itself(world: JsWorld, t
         assert result["udp"][1].startswith("ENETUNREACH")
         assert result["raw"] == "PermissionError"  # no CAP_NET_RAW in the JS host's sandbox, for any process
         needle = f":{catalogue_port:04X} "
-        assert needle in Path("/proc/net/tcp").read_text()
-        assert unix_path in Path("/proc/net/unix").read_text()
+        assert needle in host_view("/proc/net/tcp")
+        assert unix_path in host_view("/proc/net/unix")
         assert needle not in result["proc"]["/proc/net/tcp"]
         assert needle not in result["proc"]["/proc/net/tcp6"]
         assert unix_path not in result["proc"]["/proc/net/unix"]
