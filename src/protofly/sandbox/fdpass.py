@@ -38,6 +38,8 @@ __all__ = [
 #: Descriptors received and not yet claimed beyond which the oldest are closed (a bound, not a queue).
 MAX_UNCLAIMED = 64
 _TAG_MAX = 64
+#: Reads of a Node host's IPC channel per readiness callback.
+_DRAIN_READS = 16
 
 
 def socket_pair() -> tuple[socket.socket, socket.socket]:
@@ -79,9 +81,14 @@ def send_node_handle(channel: socket.socket, tag: str, sock: socket.socket) -> N
 
 
 def drain_acks(channel: socket.socket) -> tuple[bool, int]:
-    """Read what a Node host wrote on its IPC channel (its handle ACKs): (still open, NACKs seen)."""
+    """Read what a Node host wrote on its IPC channel (its handle ACKs): (still open, NACKs seen).
+
+    At most ``_DRAIN_READS`` reads a call, so a stub writing there without pause (it can reach Node's
+    ``process``) costs the runtime one bounded read per loop turn; descriptors it might attach are
+    dropped by the kernel, since no ancillary buffer is given.
+    """
     nacks = 0
-    while True:
+    for _ in range(_DRAIN_READS):
         try:
             data = channel.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -91,6 +98,7 @@ def drain_acks(channel: socket.socket) -> tuple[bool, int]:
         if not data:
             return False, nacks
         nacks += data.count(b"NODE_HANDLE_NACK")
+    return True, nacks
 
 
 class SocketInbox:
