@@ -26,6 +26,8 @@
  * packages (`activate(url, bus, config)` returning `{name, instance}`).  The stub's code runs in its own
  * vm context with the globals a browser stub expects (WebSocket, timers, console, fetch, TextEncoder...)
  * and without `require` or `process`; the process boundary, not the vm context, is the isolation.
+ * The host runs in a network namespace with no interface: the stub's WebSocket and fetch get their
+ * connections from the runtime's broker, passed in on Node's IPC channel (node_egress.js).
  * reTHINK runtime services (`factory.createSyncher` and the like), `XMLHttpRequest` and WebRTC are not
  * provided: using one fails with an error naming it.
  *
