@@ -264,3 +264,45 @@ test("egress: the stub's WebSocket and fetch ask the broker for the URL's endpoi
   const closed = await new Promise((resolve) => { socket.onclose = (event) => resolve(event.code); });
   assert.equal(closed, 1006);
 });
+
+test("egress: a wss/https connection is TLS over the brokered socket, the server's certificate checked", async (t) => {
+  const { execFileSync } = require('node:child_process');
+  const { mkdtempSync } = require('node:fs');
+  const { tmpdir } = require('node:os');
+  const path = require('node:path');
+  const net = require('node:net');
+  const tls = require('node:tls');
+  const dir = mkdtempSync(path.join(tmpdir(), 'protofly-tls-'));
+  const key = path.join(dir, 'key.pem');
+  const cert = path.join(dir, 'cert.pem');
+  try {
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '1',
+      '-subj', '/CN=node.x.test', '-addext', 'subjectAltName=DNS:node.x.test'], { stdio: 'ignore' });
+  } catch (err) {
+    t.skip(`openssl cannot make a test certificate (${err.message})`);
+    return;
+  }
+  const server = tls.createServer({ key: readFileSync(key), cert: readFileSync(cert) }, (socket) => socket.end('hello over TLS'));
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address();
+  // The broker's part, played by the test: a plain TCP connection to the server, as the runtime passes it.
+  const broker = { asked: [], open(url) { this.asked.push(url); return new Promise((resolve) => { const s = net.connect(port, '127.0.0.1', () => resolve(s)); }); } };
+  const connect = (options, host = 'node.x.test') => new Promise((resolve, reject) => {
+    egressModule.connector(broker, `wss://${host}:${port}/ws`, {})(options, (err, socket) => {
+      if (err) return reject(err);
+      socket.on('error', reject);
+      const chunks = [];
+      socket.on('data', (chunk) => chunks.push(chunk));
+      socket.on('end', () => resolve(Buffer.concat(chunks).toString()));
+      return undefined;
+    });
+  });
+  try {
+    await assert.rejects(connect({}), (err) => err.code === 'DEPTH_ZERO_SELF_SIGNED_CERT');  // not trusted: refused
+    assert.equal(await connect({ ca: readFileSync(cert) }), 'hello over TLS');  // trusted, for the URL's host
+    await assert.rejects(connect({ ca: readFileSync(cert) }, 'other.x.test'), (err) => err.code === 'ERR_TLS_CERT_ALTNAME_INVALID');
+    assert.deepEqual(broker.asked.slice(0, 2), [`wss://node.x.test:${port}/ws`, `wss://node.x.test:${port}/ws`]);
+  } finally {
+    server.close();
+  }
+});
