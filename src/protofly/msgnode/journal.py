@@ -77,6 +77,8 @@ class Journal:
         self.checkpoint_bytes = checkpoint_bytes
         self.size = 0
         self.records = 0
+        #: ``write(2)`` calls of records (group commit: one per loop turn that changed something).
+        self.writes = 0
         self.checkpoints = 0
         self._fd: int | None = None
         self._names: dict[str, bytes] = {}  # session URL -> its JSON string, for the hot path
@@ -148,6 +150,7 @@ class Journal:
             view = view[os.write(fd, view) :]
         self.size += len(data)
         self.records += len(parts)
+        self.writes += 1
         return True
 
     def _numbered(self, url: str, seq: int, messages: list[bytes]) -> bytes:
