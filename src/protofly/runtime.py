@@ -359,8 +359,9 @@ class Runtime:
 
     def _resolve(self, msg: Message) -> str | None:
         """The bus's resolver: the registry's route, with a deployment started for a domain without stub."""
-        route = self.registry.route(msg)
-        if isinstance(route, ToStub):
+        assert self._registry is not None, "the bus resolves only after the runtime started"
+        route = self._registry.route(msg)
+        if type(route) is ToStub:
             return route.url
         if isinstance(route, NeedsStub) and not self._closing:
             refusal = self._admit_deploy(route.domain)

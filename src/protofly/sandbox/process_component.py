@@ -656,7 +656,7 @@ class ProcessComponent(Component):
             elif event.to == SANDBOX_EXTERNAL:
                 self._on_control(event)
             elif guard is not None:
-                if self._output.has_secrets and event.to == self._status_url:
+                if event.to == self._status_url and self._output.has_secrets:
                     self._scrub(event)
                 guard.from_stub(event)
 
