@@ -84,9 +84,10 @@ class StubBoundary:
         self._statuses = TokenBucket(policy.status_rate, policy.status_burst, clock=clock)
         self._messages = TokenBucket(policy.message_rate, policy.message_burst, clock=clock)
         self._warnings = warnings
-        #: Destinations this stub may reach, valid for the (routes, local) versions in ``_versions``.
+        #: Destinations this stub may reach, valid while the bus's and the registry's versions are these.
         self._reachable: set[str] = set()
-        self._versions = (-1, -1)
+        self._routes_seen = -1
+        self._local_seen = -1
 
     def admit(self, msg: Message) -> bool:
         """True: post ``msg`` on the bus (``via`` stamped).  False: it was settled, dropped or answered here."""
@@ -103,10 +104,10 @@ class StubBoundary:
                 return self._refuse(
                     msg, "forged_responses", 0, "a response that did not come back the way its request went"
                 )
-        versions = (self._bus.routes_version, self._registry.local_version)
-        if versions != self._versions:
+        routes, local = self._bus.routes_version, self._registry.local_version
+        if routes != self._routes_seen or local != self._local_seen:
             self._reachable.clear()
-            self._versions = versions
+            self._routes_seen, self._local_seen = routes, local
         if to not in self._reachable:
             if not self._may_reach(to):
                 return self._refuse(msg, "forbidden_destination", 403, f"a stub may not send to {to}")
