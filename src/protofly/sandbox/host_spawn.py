@@ -54,16 +54,14 @@ class HostCommand:
     cwd: str
 
 
-def namespaces(settings: HostSettings, probe: iso.Probe) -> tuple[str, ...]:
-    """The probe's namespaces; a Node host keeps the network (it has no ``open_connection`` yet)."""
-    if settings.node_spare:
-        return iso.without_network(probe.namespaces)
+def namespaces(probe: iso.Probe) -> tuple[str, ...]:
+    """The probe's namespaces, the network one included for Python and Node hosts alike."""
     return probe.namespaces
 
 
-def own_network(settings: HostSettings, probe: iso.Probe) -> bool:
-    """The host runs in a network namespace of its own (bwrap, and not a Node host)."""
-    return probe.bwrap is not None and "--unshare-net" in namespaces(settings, probe)
+def own_network(probe: iso.Probe) -> bool:
+    """The host runs in a network namespace of its own (bwrap, with the probe's network namespace)."""
+    return probe.bwrap is not None and "--unshare-net" in namespaces(probe)
 
 
 def host_command(
@@ -95,7 +93,7 @@ def host_command(
     if probe.bwrap is not None:
         argv = iso.bwrap_command(
             probe.bwrap,
-            namespaces(settings, probe),
+            namespaces(probe),
             settings.python,
             args,
             containment=iso.containment_options(probe, block_fd=gate),

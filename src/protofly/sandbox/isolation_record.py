@@ -36,13 +36,13 @@ def isolation_record(
     bwrap: dict[str, Any] | bool = False
     if bwrapped:
         bwrap = {
-            "namespaces": iso.namespace_names(namespaces(settings, probe)),
-            "network": "own namespace, loopback only" if own_network(settings, probe) else "shared",
+            "namespaces": iso.namespace_names(namespaces(probe)),
+            "network": "own namespace, loopback only" if own_network(probe) else "shared",
             "filesystem": "read-only binds of /usr, the interpreter and protofly; "
             f"private tmpfs /tmp of {settings.tmp_mb} MiB",
             "nested_user_namespaces": not probe.userns_locked,
         }
-    network = _network_layer(settings, probe, egress, missing)
+    network = _network_layer(probe, egress, missing)
     return {
         "process": True,
         "host": report.get("host", "python"),
@@ -62,18 +62,11 @@ def isolation_record(
     }
 
 
-def _network_layer(
-    settings: HostSettings, probe: iso.Probe, egress: list[str], missing: list[str]
-) -> dict[str, Any] | bool:
+def _network_layer(probe: iso.Probe, egress: list[str], missing: list[str]) -> dict[str, Any] | bool:
     """The network layer: an empty namespace plus the brokered ``egress``, or a ``missing`` entry."""
-    if own_network(settings, probe):
+    if own_network(probe):
         return {"namespace": "own, no interface but loopback", "egress": egress}
-    if settings.node_spare and probe.network:
-        missing.append(
-            "network namespace: not for JavaScript stubs yet (the Node host has no open_connection); "
-            "the stub shares the host's network"
-        )
-    elif not any(item.startswith("network namespace:") for item in missing):
+    if not any(item.startswith("network namespace:") for item in missing):
         missing.append("network namespace: none without bwrap; the stub shares the host's network")
     return False
 
