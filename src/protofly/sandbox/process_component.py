@@ -6,7 +6,8 @@ messages after the boundary checks (:mod:`~protofly.sandbox.guard`), and the com
 (``starting`` → ``ready`` → ``deploying`` → ``running`` → ``removing`` → ``exited``).  The process tree
 and its reaping are :class:`~protofly.sandbox.proctree.HostProcess`'s; the stub's output log is
 :class:`~protofly.sandbox.output.StubOutput`'s; the host's command line is
-:mod:`~protofly.sandbox.host_spawn`'s, and its isolation record :mod:`~protofly.sandbox.isolation_record`'s.
+:mod:`~protofly.sandbox.host_spawn`'s, its isolation record :mod:`~protofly.sandbox.isolation_record`'s, its
+network :mod:`~protofly.sandbox.host_network`'s and its cgroup :mod:`~protofly.sandbox.host_cgroup`'s.
 
 Removal goes disconnect → grace → SIGTERM → SIGKILL → reap; a crash is reported as ``failed`` at once,
 with ``on_exit`` called once.
@@ -28,16 +29,16 @@ from protofly.message import Message, MessageError, error_description, response,
 from protofly.sandbox import Boundary, Component, DeployError, Limits, SandboxError
 from protofly.sandbox import isolation as iso
 from protofly.sandbox.broker import NO_EGRESS, EgressBroker, EgressPolicy
-from protofly.sandbox.cgroup import CgroupError, StubCgroup
+from protofly.sandbox.cgroup import StubCgroup
 from protofly.sandbox.channel import LIVENESS, SANDBOX_EXTERNAL, SANDBOX_INTERNAL, FrameError, control
-from protofly.sandbox.egress_channel import EgressChannel
-from protofly.sandbox.fdpass import drain_acks, node_socket_pair, send_node_handle, send_socket, socket_pair
 from protofly.sandbox.guard import Guard, failed_status, new_counters
+from protofly.sandbox.host_cgroup import HostCgroup
 from protofly.sandbox.host_channel import Events, HostChannel
+from protofly.sandbox.host_network import HostNetwork
 from protofly.sandbox.host_spawn import HostSettings, host_command, make_workdir
 from protofly.sandbox.isolation_record import isolation_record
 from protofly.sandbox.output import StubOutput
-from protofly.sandbox.proctree import HostProcess, descendants, describe_exit
+from protofly.sandbox.proctree import HostProcess, describe_exit
 from protofly.tasks import TaskSet
 
 __all__ = ["KILL_WAIT", "HostSettings", "ProcessComponent"]
@@ -98,12 +99,8 @@ class ProcessComponent(Component):
         self._output = StubOutput(self.counters)
         self._log = _log
         #: The runtime's end of the socket-passing pair, and what the stub may connect to.
-        self._net: socket.socket | None = None
-        self._broker: EgressBroker | None = None
-        self._egress: EgressChannel | None = None
-        self._cgroup: StubCgroup | None = None
-        self._limit_hit: str | None = None
-        self._cleanup: asyncio.Task[None] | None = None
+        self._network = HostNetwork(node=settings.node_spare, log=lambda: self._log)
+        self._cgroup = HostCgroup(self.counters, tasks, lambda: self._log)
 
     # -- public interface ---------------------------------------------------------------------------
 
@@ -224,20 +221,16 @@ class ProcessComponent(Component):
 
     async def wait_cleanup(self) -> None:
         """Wait until the host's cgroup is empty and removed (no process of the stub's tree is left)."""
-        cleanup = self._cleanup
-        if cleanup is not None:
-            await asyncio.wait([cleanup], timeout=KILL_WAIT + 1.0)
+        await self._cgroup.wait_removed(KILL_WAIT + 1.0)
 
     @property
     def cgroup(self) -> StubCgroup | None:
         """The host's control group (None: the machine offers none, see ``isolation["missing"]``)."""
-        return self._cgroup
+        return self._cgroup.group
 
     def usage(self) -> dict[str, Any] | None:
         """What the stub's cgroup accounts for now: memory (current, peak), CPU seconds, processes."""
-        if self._cgroup is None or self._state == "exited":
-            return None
-        return self._cgroup.usage().as_dict()
+        return None if self._state == "exited" else self._cgroup.usage()
 
     def check_limits(self) -> str | None:
         """A limit the kernel says the tree hit since the deploy: the reason, after killing the whole tree.
@@ -245,23 +238,15 @@ class ProcessComponent(Component):
         Hitting a cgroup limit is a failure of the stub (the kernel already refused a fork or OOM-killed a
         process of it); it is counted, the tree is killed, and the exit reports the reason.
         """
-        if self._cgroup is None or self._state not in ("running", "deploying") or self._limit_hit:
-            return self._limit_hit
-        reason = self._limit_reason()
+        cgroup = self._cgroup
+        if cgroup.group is None or self._state not in ("running", "deploying") or cgroup.limit_hit:
+            return cgroup.limit_hit
+        reason = cgroup.hit()
         if reason is not None:
             self._log.warning("stub hit a cgroup limit; killing its process tree", reason=reason)
-            self._cgroup.kill()
+            cgroup.kill()
             self._signal_tree(signal.SIGKILL)  # still "running": the exit is reported as the stub's failure
         return reason
-
-    def _limit_reason(self) -> str | None:
-        """A limit hit since the deploy (the first one found is counted, once), or None."""
-        if self._limit_hit is None and self._cgroup is not None:
-            hit = self._cgroup.hit()
-            if hit is not None:
-                self._limit_hit = hit.reason
-                self.counters[hit.counter] = self.counters.get(hit.counter, 0) + 1
-        return self._limit_hit
 
     def poll_exit(self) -> None:
         """Notice an exit now rather than when the event loop next looks at the pidfd."""
@@ -271,26 +256,20 @@ class ProcessComponent(Component):
     async def start(self, timeout: float) -> None:
         """Start the host process in its own cgroup and wait until it says ``ready``."""
         settings = self._settings
-        if settings.cgroups is not None:
-            try:
-                self._cgroup = settings.cgroups.new_group(settings.limits.memory_mb << 20, settings.limits.processes)
-            except CgroupError as exc:
-                raise SandboxError(f"cannot start the sandbox host: {exc}") from None
+        self._cgroup.create(settings.cgroups, settings.limits)
         if not self._bwrap:
             self._workdir = await asyncio.to_thread(make_workdir, settings.workdir_root, self._probe.user)
         parent, child = socket.socketpair()
-        self._net, net_child = node_socket_pair() if settings.node_spare else socket_pair()
-        if settings.node_spare:  # Node acknowledges each socket it gets on its IPC channel: read and dropped
-            self._loop.add_reader(self._net.fileno(), self._drain_node_acks)
+        net_child = self._network.open()
         gate, opener = os.pipe()
         try:
             self._process = self._spawn(child.fileno(), net_child.fileno(), gate)
         except OSError as exc:
             parent.close()
-            self._close_net()
+            self._network.close()
             os.close(opener)
             self._remove_workdir()
-            self._remove_cgroup()
+            self._cgroup.remove()
             raise SandboxError(f"cannot start the sandbox host: {exc}") from None
         finally:
             child.close()
@@ -299,10 +278,7 @@ class ProcessComponent(Component):
         process = self._process
         self.pid = process.pid
         try:
-            if self._cgroup is not None:
-                # A migration waits for an RCU grace period (milliseconds per process and hierarchy): in a
-                # thread, so that a deploy running meanwhile on the loop does not wait for a spare's start.
-                await asyncio.to_thread(self._cgroup.place_tree, process.pid, descendants)
+            await self._cgroup.place(process.pid)
             os.write(opener, b"g")  # the host may run now: everything it does is charged to its cgroup
         except BaseException as exc:
             self.kill_now()
@@ -357,28 +333,19 @@ class ProcessComponent(Component):
     ) -> None:
         """Run the stub in this started host (``DeployError`` naming the stub's problem if it cannot)."""
         self.url = url
-        self._broker = EgressBroker(egress, self.counters, stub_url=url)
-        if self._net is not None:
-            self._egress = EgressChannel(
-                self._broker,
-                self._net,
-                self._tasks,
-                self._answer,
-                lambda: self._state in ("running", "deploying"),
-                send=send_node_handle if self._settings.node_spare else send_socket,
-            )
+        self._network.serve(
+            EgressBroker(egress, self.counters, stub_url=url),
+            self._tasks,
+            self._answer,
+            lambda: self._state in ("running", "deploying"),
+        )
         self._status_url = f"{url}/status"
         self._guard = Guard(url, boundary, on_message, self.counters)
         self._on_exit = on_exit
         self._log = _log.bind(stub_url=url, sandbox_pid=self.pid)
         self._output.bind(stub_url=url, sandbox_pid=self.pid)
         self._state = "deploying"
-        if self._cgroup is not None:
-            try:  # the stub's own limits, before any of its code runs
-                self._cgroup.set_limits(limits.memory_mb << 20, limits.processes)
-                self._cgroup.arm()
-            except CgroupError as exc:
-                raise DeployError(f"the sandbox could not limit the stub's cgroup: {exc}") from None
+        self._cgroup.narrow(limits)  # the stub's own limits, before any of its code runs
         body: dict[str, Any] = {"url": url, "sourceCode": source, "config": config, "sandbox": limits.as_dict()}
         if classname:
             body["sourceCodeClassname"] = classname
@@ -399,8 +366,8 @@ class ProcessComponent(Component):
             self._settings,
             self._probe,
             host_report=self._host_report,
-            cgroup=self._cgroup,
-            egress=self._broker.policy.declared(),
+            cgroup=self._cgroup.group,
+            egress=self._network.declared(),
             workdir=self._workdir,
         )
         if self.isolation["missing"]:
@@ -467,7 +434,7 @@ class ProcessComponent(Component):
             self.counters["forged_control"] = self.counters.get("forged_control", 0) + 1
             return
         if msg.type == "execute":  # the host asks for the stub's network (open-connection)
-            self._on_execute(msg)
+            self._network.handle(msg, self._answer, self._state in ("running", "deploying"))
             return
         body = msg.body or {}
         value = body.get("value")
@@ -479,36 +446,9 @@ class ProcessComponent(Component):
         elif value == "failed":
             self._last_words = str(body.get("description") or "failed")[:200]
 
-    # -- egress -------------------------------------------------------------------------------------
-
-    def _on_execute(self, msg: Message) -> None:
-        """A request from the host: ``open-connection`` (the stub's network) is the only one."""
-        if self._egress is None or self._state not in ("running", "deploying"):
-            self._answer(msg, 409, "egress: no stub is deployed in this sandbox")
-            return
-        self._egress.handle(msg)
-
     def _answer(self, request: Message, code: int, description: str | None = None) -> None:
         with contextlib.suppress(MessageError):
             self._channel.send(response(request, code, description))
-
-    def _close_net(self) -> None:
-        net, self._net = self._net, None
-        if net is not None:
-            if self._settings.node_spare:
-                self._loop.remove_reader(net.fileno())
-            net.close()
-
-    def _drain_node_acks(self) -> None:
-        """Read (and drop) a Node host's handle ACKs; a NACK, a socket Node could not take, is logged."""
-        net = self._net
-        if net is None:
-            return
-        still_open, nacks = drain_acks(net)
-        if nacks:
-            self._log.warning("the Node host could not take a socket passed to it", nacks=nacks)
-        if not still_open:
-            self._loop.remove_reader(net.fileno())
 
     def _on_channel_lost(self) -> None:
         self._channel.fail_waiters(f"the sandbox channel closed ({self._exit_reason or 'process ending'})")
@@ -529,7 +469,7 @@ class ProcessComponent(Component):
 
     def _exited_with(self, returncode: int) -> None:
         """The process was reaped: fail whatever waits on it, clean up, and report a running stub's death."""
-        limit = self._limit_reason() if self._state in ("running", "deploying", "removing") else None
+        limit = self._cgroup.hit() if self._state in ("running", "deploying", "removing") else None
         reason = limit or describe_exit(returncode, bwrap=self._bwrap)  # the kernel's word, not the stub's
         if limit is None and self._host_report is not None and self._host_report.get("host") == "node":
             reason = _node_exit_reason(reason, self._output.recent_stderr())
@@ -542,7 +482,7 @@ class ProcessComponent(Component):
         self._exit_reason = reason
         previous, self._state = self._state, "exited"
         self._on_reaped(self)
-        self._close_net()
+        self._network.close()
         self._channel.close()
         self._channel.fail_waiters(f"the sandbox process ended: {reason}")
         if not self._ready.done():
@@ -550,29 +490,11 @@ class ProcessComponent(Component):
             self._ready.set_exception(SandboxError(f"the sandbox host ended before it was ready: {reason}{tail}"))
             self._ready.exception()  # retrieved: start() reports it
         self._remove_workdir()
-        self._remove_cgroup()
+        self._cgroup.remove()
         if previous == "running":
             self._report_failure(reason)
         else:
             self._log.debug("sandbox host ended", reason=reason, state=previous)
-
-    def _remove_cgroup(self) -> None:
-        """Kill whatever of the tree is left (a child the host left behind), then remove the group."""
-        group = self._cgroup
-        if group is not None and self._cleanup is None:
-            try:
-                self._cleanup = self._tasks.spawn(self._remove_group(group), name="remove stub cgroup", shared=True)
-            except RuntimeError:  # the sandbox is closed already: kill now, the group is removed with the tree's
-                group.kill()
-
-    async def _remove_group(self, group: StubCgroup) -> None:
-        try:
-            left = await asyncio.to_thread(group.remove)
-        except CgroupError as exc:
-            self._log.error("stub cgroup not removed", error=str(exc))
-            return
-        if left:  # usually bwrap's helpers still exiting; a stub's orphan shows up here too
-            self._log.debug("killed what was left in the stub's cgroup", count=len(left))
 
     def _remove_workdir(self) -> None:
         if self._workdir is not None:
