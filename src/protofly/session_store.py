@@ -54,10 +54,11 @@ class _Domain:
 
     stub_url: str
     state: Any = None
-    #: Messages posted to the current instance and not handed over yet, oldest first: the numbers
-    #: ``posted - len(ledger) + 1`` ... ``posted``.  Kept encoded: tens of thousands of live ``Message``
-    #: objects (and their body dicts) would be walked by every full garbage collection, which cost more
-    #: than encoding them once (a message that cannot be encoded is kept as it is).
+    #: Messages posted to the current instance and not handed over yet, oldest first.  Their numbers are
+    #: consecutive, so they are not stored: ``posted - len(ledger) + 1`` ... ``posted``.  Kept encoded:
+    #: tens of thousands of live ``Message`` objects (and their body dicts) would be walked by every full
+    #: garbage collection, which costs more than encoding them once (one that cannot be encoded is kept
+    #: as it is).
     ledger: deque[bytes | Message] = field(default_factory=deque)
     #: Messages posted to the current instance so far (the last number given).
     posted: int = 0
@@ -221,10 +222,10 @@ class SessionStore:
         if type(handed) is int:
             entry.reports = True
             ledger = entry.ledger
-            released = min(handed - (entry.posted - len(ledger)), len(ledger))
+            oldest = entry.posted - len(ledger) + 1  # the number of ledger[0]
+            released = max(0, min(len(ledger), handed - oldest + 1))
             for _ in range(released):
                 ledger.popleft()
-            released = max(released, 0)
             entry.counters["handed_over"] += released
         if "value" in body:
             state = body["value"]
