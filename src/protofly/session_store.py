@@ -35,7 +35,7 @@ import msgspec
 
 from protofly.bus import BusClosedError, MessageBus
 from protofly.log import get_logger
-from protofly.message import Message, MessageError, decode, encode, response
+from protofly.message import Message, response
 from protofly.sandbox import Component
 
 __all__ = ["MAX_STATE_BYTES", "MAX_TRACKED", "SessionStore", "TrackedComponent"]
@@ -55,11 +55,8 @@ class _Domain:
     stub_url: str
     state: Any = None
     #: Messages posted to the current instance and not handed over yet, oldest first.  Their numbers are
-    #: consecutive, so they are not stored: ``posted - len(ledger) + 1`` ... ``posted``.  Kept encoded:
-    #: tens of thousands of live ``Message`` objects (and their body dicts) would be walked by every full
-    #: garbage collection, which costs more than encoding them once (one that cannot be encoded is kept
-    #: as it is).
-    ledger: deque[bytes | Message] = field(default_factory=deque)
+    #: consecutive, so they are not stored: the last one is ``posted`` (no tuple per message to allocate).
+    ledger: deque[Message] = field(default_factory=deque)
     #: Messages posted to the current instance so far (the last number given).
     posted: int = 0
     #: Left by a dead instance, for the next one.
@@ -72,20 +69,6 @@ class _Domain:
             ("saved", "state_refused", "handed_over", "redelivered", "abandoned", "untracked"), 0
         )
     )
-
-
-def _messages(ledger: deque[bytes | Message]) -> list[Message]:
-    """The ledger's messages, decoded again (a dead stub's leftovers: the rare path)."""
-    messages: list[Message] = []
-    for item in ledger:
-        if isinstance(item, Message):
-            messages.append(item)
-            continue
-        try:
-            messages.append(decode(item, max_size=len(item) + 1))
-        except MessageError:  # it was encoded from a Message: cannot happen, and is not worth losing others
-            _log.error("a ledger entry could not be decoded again", size=len(item))
-    return messages
 
 
 class TrackedComponent(Component):
@@ -117,10 +100,7 @@ class TrackedComponent(Component):
         if len(ledger) >= MAX_TRACKED:
             ledger.popleft()
             entry.counters["untracked"] += 1
-        try:
-            ledger.append(encode(msg))
-        except (TypeError, msgspec.EncodeError):
-            ledger.append(msg)
+        ledger.append(msg)
         return True
 
     async def execute(self, method: str, params: list[Any] | None = None, *, timeout: float) -> Message:
@@ -168,7 +148,7 @@ class SessionStore:
         entry = self._domains.get(domain)
         if entry is None or entry.stub_url != component.url:
             entry = self._domains[domain] = _Domain(component.url)
-        entry.leftovers.extend(_messages(entry.ledger))
+        entry.leftovers.extend(entry.ledger)
         entry.ledger.clear()
         entry.posted = 0
         return TrackedComponent(component, entry)
@@ -199,7 +179,7 @@ class SessionStore:
         entry = self._domains.get(domain)
         if entry is None:
             return 0
-        waiting = _messages(entry.ledger) + entry.leftovers
+        waiting = [*entry.ledger, *entry.leftovers]
         entry.ledger.clear()
         entry.leftovers = []
         for msg in waiting:
