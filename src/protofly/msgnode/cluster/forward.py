@@ -37,7 +37,7 @@ from protofly.msgnode.cluster.names import SessionRecord, session_id
 if TYPE_CHECKING:
     from protofly.msgnode.cluster.link import ClusterLink
 
-__all__ = ["Forwarder"]
+__all__ = ["BUFFER_ID", "Forwarder"]
 
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
 _encode = msgspec.json.encode
@@ -51,6 +51,8 @@ _UNACKED_MAX = 100_000
 _SEEN_MAX = 200_000
 #: How long a message bound for a buffer stream waits for JetStream (a leader re-elected) before a 503.
 _BUFFER_RETRY_SECONDS = 10.0
+#: The header naming a buffered forward (``<inbox>.<seq>``), so that a retry that bounced is not delivered twice.
+BUFFER_ID = "Pf-Id"
 
 
 class Forwarder:
@@ -112,7 +114,7 @@ class Forwarder:
             oldest = next(iter(unacked))
             _, _, old_url, old_data = unacked.pop(oldest)
             self.counters["unacked_buffered"] += 1
-            self.link.tasks.spawn(self.to_buffer(old_url, old_data), name="to buffer")
+            self.link.tasks.spawn(self.to_buffer(old_url, old_data, f"{self.inbox}.{oldest}"), name="to buffer")
         unacked[seq] = (now, now, url, data)
         self.queue(self.link.names.session(session_id(url)), data, f"{self.inbox}.{seq}")
 
@@ -142,19 +144,32 @@ class Forwarder:
                     continue
                 out.popleft()
 
+    def reconnected(self) -> None:
+        """Back on NATS: what waited in the client's buffer goes out now; its acknowledgements get their time."""
+        now = time.monotonic()
+        unacked = self._unacked
+        for seq, (first, _, url, data) in list(unacked.items()):
+            unacked[seq] = (first, now, url, data)
+
     async def _retrier(self) -> None:
-        """Publish again what nobody acknowledged in time; after ``give_up``, buffer it."""
+        """Publish again what nobody acknowledged in time; after ``give_up``, buffer it.
+
+        Not while this node is off NATS itself: what it published meanwhile waits in the client's buffer.
+        """
         unacked = self._unacked
         subject_of = self.link.names.session
         while True:
             await asyncio.sleep(self.ack_timeout / 4)
+            nc = self.link.nc
+            if nc is None or not nc.is_connected:
+                continue
             now = time.monotonic()
             late = [seq for seq, (_, last, _, _) in unacked.items() if now - last >= self.ack_timeout]
             for seq in late:
                 first, _, url, data = unacked.pop(seq)
                 if now - first >= self.give_up:
                     self.counters["unacked_buffered"] += 1
-                    self.link.tasks.spawn(self.to_buffer(url, data), name="to buffer")
+                    self.link.tasks.spawn(self.to_buffer(url, data, f"{self.inbox}.{seq}"), name="to buffer")
                     continue
                 unacked[seq] = (first, now, url, data)  # to the end: the oldest stay first
                 self.counters["retried"] += 1
@@ -187,7 +202,7 @@ class Forwarder:
             self.counters["no_responders"] += 1
         else:
             self.counters["gone"] += 1
-        await self.to_buffer(pending[2], pending[3])
+        await self.to_buffer(pending[2], pending[3], f"{self.inbox}.{seq}")
 
     # -- what other nodes send --------------------------------------------------------------------------
 
@@ -232,8 +247,12 @@ class Forwarder:
 
     # -- buffers ------------------------------------------------------------------------------------------
 
-    async def to_buffer(self, url: str, data: bytes) -> None:
-        """Keep ``data`` in session ``url``'s buffer stream; an unknown session is ``404`` to the sender."""
+    async def to_buffer(self, url: str, data: bytes, ident: str | None = None) -> None:
+        """Keep ``data`` in session ``url``'s buffer stream; an unknown session is ``404`` to the sender.
+
+        ``ident`` names the forward it was (``<inbox>.<seq>``): the node that holds the session drops it if it
+        already took that forward over the session subject (a retry bounced after the first copy arrived).
+        """
         link = self.link
         sid = session_id(url)
         record = link.records.get(sid)
@@ -246,6 +265,9 @@ class Forwarder:
             link.apply(link.core.undeliverable(data, 404, f"no route: the session {url} no longer exists"))
             return
         if sid in link.session_subs:  # it came back here meanwhile
+            if ident is not None and ident in self._seen:
+                self.counters["duplicates"] += 1
+                return
             actions = link.core.remote_deliver(url, data)
             if actions is not None:
                 link.apply(actions)
@@ -255,7 +277,8 @@ class Forwarder:
         deadline = loop.time() + _BUFFER_RETRY_SECONDS
         while True:
             try:
-                await link.js.publish(link.names.buffer(sid), data, timeout=link.timeout)
+                headers = None if ident is None else {BUFFER_ID: ident}
+                await link.js.publish(link.names.buffer(sid), data, timeout=link.timeout, headers=headers)
                 break
             except Exception as exc:  # a JetStream leader lost with its server: retried while it is re-elected
                 if loop.time() < deadline:
@@ -266,6 +289,7 @@ class Forwarder:
                 link.apply(link.core.undeliverable(data, 503, text))
                 return
         self.counters["to_buffer"] += 1
+        link.log.warning("DEBUG buffered", ident=ident, owner=record.owner)
         owner = link.records[sid].owner if sid in link.records else record.owner
         if owner == link.node_id:
             link.tasks.spawn(self.deliver_buffer(url), name="deliver buffer")
@@ -283,8 +307,12 @@ class Forwarder:
                 return
             try:
                 await nc.request(link.names.control(owner), _encode({"deliver": url}), timeout=1.0)
+                link.log.warning("DEBUG nudged", owner=owner)
                 return
-            except Exception:  # not back yet (or dead: then the claim of its session replays the buffer)
+            except Exception as exc:
+                link.log.warning(
+                    "DEBUG nudge failed", owner=owner, exc=repr(exc)
+                )  # not back yet (or dead: then the claim of its session replays the buffer)
                 await asyncio.sleep(0.2)
 
     async def deliver_buffer(self, url: str) -> None:
@@ -299,13 +327,20 @@ class Forwarder:
             self._delivering[url] = True
             return
         self._delivering[url] = False
+        loop = asyncio.get_running_loop()
         try:
             while session_id(url) in link.session_subs:
-                try:
-                    frames = await take_buffer(link, session_id(url))
-                except Exception as exc:
-                    link.log.warning("buffer not read", error=str(exc) or type(exc).__name__)
-                    return
+                deadline = loop.time() + _BUFFER_RETRY_SECONDS
+                while True:
+                    try:
+                        frames = await take_buffer(link, session_id(url), self._seen)
+                        break
+                    except Exception as exc:  # the stream's leader lost with its server: read again shortly
+                        if loop.time() > deadline:
+                            link.log.error("buffer not read", error=str(exc) or type(exc).__name__)
+                            return
+                        await asyncio.sleep(0.25)  # nothing announces the new leader to a client
+                link.log.warning("DEBUG deliver_buffer", frames=len(frames))
                 for frame in frames:
                     actions = link.core.remote_deliver(url, frame)
                     if actions is None:  # it moved meanwhile: follow it

@@ -107,6 +107,8 @@ class ClusterLink:
         # what this node holds
         self.session_subs: dict[str, Subscription] = {}  # session id -> subscription
         self.sub_urls: dict[str, str] = {}  # subject -> session URL
+        self.buffer_subs: dict[str, Subscription] = {}  # session id -> subscription to its buffer subject
+        self.buffer_urls: dict[str, str] = {}  # buffer subject -> session URL
         self.resource_subs: dict[str, Subscription] = {}  # resource -> subscription
         self.resource_by_subject: dict[str, str] = {}
         #: Sessions being claimed here: what arrives for them before the claim completes waits here.
@@ -161,6 +163,7 @@ class ClusterLink:
     async def _reconnected(self) -> None:
         """Back on NATS (another server): what was buffered for our sessions meanwhile is delivered now."""
         self.log.info("nats reconnected")
+        self.forwarder.reconnected()
         for url in list(self.sub_urls.values()):
             self.tasks.spawn(self.forwarder.deliver_buffer(url), name="deliver buffer")
 
@@ -228,6 +231,13 @@ class ClusterLink:
 
     async def _nats_error(self, exc: Exception) -> None:
         self.log.warning("nats", error=str(exc) or type(exc).__name__)
+
+    @property
+    def nats_port(self) -> int:
+        """The port of the NATS server this node is connected to now (0 while it is not): for operators."""
+        nc = self.nc
+        url = None if nc is None or not nc.is_connected else nc.connected_url
+        return 0 if url is None or url.port is None else url.port
 
     @property
     def alive_nodes(self) -> list[str]:
@@ -412,14 +422,25 @@ class ClusterLink:
         self.session_subs[sid] = await self.nc.subscribe(
             subject, cb=self.forwarder.on_session, pending_msgs_limit=100_000
         )
+        # what another node writes to the session's buffer stream is seen here too (core NATS, at most
+        # once): a prompt to deliver it, on top of the writer's nudge
+        buffer = self.names.buffer(sid)
+        self.buffer_urls[buffer] = url
+        self.buffer_subs[sid] = await self.nc.subscribe(buffer, cb=self._on_buffered)
+
+    async def _on_buffered(self, msg: Msg) -> None:
+        url = self.buffer_urls.get(msg.subject)
+        if url is not None:
+            self.tasks.spawn(self.forwarder.deliver_buffer(url), name="deliver buffer")
 
     async def let_go(self, url: str) -> None:
         sid = session_id(url)
-        sub = self.session_subs.pop(sid, None)
         self.sub_urls.pop(self.names.session(sid), None)
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        self.buffer_urls.pop(self.names.buffer(sid), None)
+        for sub in (self.session_subs.pop(sid, None), self.buffer_subs.pop(sid, None)):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     # -- what the core tells (Remote) -----------------------------------------------------------------
 
