@@ -86,7 +86,7 @@ async def serve_node(name: str, cluster: str, *args: str) -> NodeProcess:
         name,
         *args,
         stdout=asyncio.subprocess.PIPE,
-        stderr=open(f"/tmp/clusterlog-{name}.txt", "ab"),  # DEBUG
+        stderr=asyncio.subprocess.DEVNULL,
     )
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)

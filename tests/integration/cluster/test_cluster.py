@@ -231,16 +231,18 @@ async def test_a_nats_server_killed_under_traffic_the_service_continues_and_noth
         got = [(await bob.next(lambda m: m.get("to") == b, timeout=15))["body"]["n"] for _ in range(50)]
         await nats.kill(server)
         await traffic
-        try:
-            for _ in range(total - 50):
-                got.append((await bob.next(lambda m: m.get("to") == b, timeout=15))["body"]["n"])
-        except TimeoutError:
-            print("DEBUG got", len(got), sorted(set(range(total)) - set(got))[:30])
-            for node in (nodes[0], nodes[2]):
-                print("DEBUG", {k: v for k, v in (await node.stats()).items() if v})
-            raise
-        assert sorted(got) == list(range(total)), f"lost {sorted(set(range(total)) - set(got))[:20]}"
-        assert not [m for m in alice.inbox if m.get("type") == "response"]  # no error either
+        errors: set[int] = set()
+        with contextlib.suppress(TimeoutError):  # a message neither delivered nor answered fails below
+            while len(got) + len(errors) < total:
+                msg = await bob.next(lambda m: m.get("to") == b, timeout=20)
+                got.append(msg["body"]["n"])
+                errors = {m["id"] for m in alice.inbox if m.get("type") == "response"}
+        errors = {m["id"] for m in alice.inbox if m.get("type") == "response"}
+        # every one arrived, once; one the cluster could not keep (JetStream unavailable beyond its retries)
+        # would be an explicit error to the sender, never silence
+        assert len(got) == len(set(got)), f"delivered twice: {sorted(n for n in got if got.count(n) > 1)}"
+        assert sorted(set(got) | errors) == list(range(total)), f"lost {sorted(set(range(total)) - set(got) - errors)}"
+        assert not errors, f"answered with an error instead: {sorted(errors)}"
         with contextlib.suppress(TimeoutError):  # a repeat would come within the retry window
             extra = await bob.next(lambda m: m.get("to") == b, timeout=1.5)
             raise AssertionError(f"delivered twice: {extra}")

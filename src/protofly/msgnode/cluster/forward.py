@@ -37,7 +37,7 @@ from protofly.msgnode.cluster.names import SessionRecord, session_id
 if TYPE_CHECKING:
     from protofly.msgnode.cluster.link import ClusterLink
 
-__all__ = ["BUFFER_ID", "Forwarder"]
+__all__ = ["BUFFER_ID", "Forwarder", "drop_buffer"]
 
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
 _encode = msgspec.json.encode
@@ -70,13 +70,13 @@ class Forwarder:
         #: Forwarded lately, by sequence number: (monotonic time, session URL, data), for ``resend``.
         self._sent: dict[int, tuple[float, str, bytes]] = {}
         self._sent_bytes = 0
-        #: Not yet acknowledged nor bounced, oldest first: seq -> (first sent, last sent, session URL, data).
-        self._unacked: dict[int, tuple[float, float, str, bytes]] = {}
+        #: Not yet acknowledged nor bounced, oldest first: seq -> (first sent, next retry due, tries, URL, data).
+        self._unacked: dict[int, tuple[float, float, int, str, bytes]] = {}
         #: Taken from other nodes (their reply subject): a retry of one of them is acknowledged, not delivered.
         self._seen: dict[str, None] = {}
         #: Acknowledgements to send, by the sending node's inbox.
         self._acks: dict[str, list[str]] = {}
-        self._delivering: dict[str, bool] = {}  # session URL -> its buffer is to be read once more
+        self._delivering: dict[str, asyncio.Lock] = {}  # session URL -> one reader of its buffer at a time
 
     @property
     def inbox(self) -> str:
@@ -112,10 +112,10 @@ class Forwarder:
         unacked = self._unacked
         if len(unacked) >= _UNACKED_MAX:
             oldest = next(iter(unacked))
-            _, _, old_url, old_data = unacked.pop(oldest)
+            _, _, _, old_url, old_data = unacked.pop(oldest)
             self.counters["unacked_buffered"] += 1
             self.link.tasks.spawn(self.to_buffer(old_url, old_data, f"{self.inbox}.{oldest}"), name="to buffer")
-        unacked[seq] = (now, now, url, data)
+        unacked[seq] = (now, now + self.ack_timeout, 0, url, data)
         self.queue(self.link.names.session(session_id(url)), data, f"{self.inbox}.{seq}")
 
     def queue(self, subject: str, data: bytes, reply: str) -> None:
@@ -148,8 +148,8 @@ class Forwarder:
         """Back on NATS: what waited in the client's buffer goes out now; its acknowledgements get their time."""
         now = time.monotonic()
         unacked = self._unacked
-        for seq, (first, _, url, data) in list(unacked.items()):
-            unacked[seq] = (first, now, url, data)
+        for seq, (first, _, tries, url, data) in list(unacked.items()):
+            unacked[seq] = (first, now + self.ack_timeout, tries, url, data)
 
     async def _retrier(self) -> None:
         """Publish again what nobody acknowledged in time; after ``give_up``, buffer it.
@@ -164,14 +164,15 @@ class Forwarder:
             if nc is None or not nc.is_connected:
                 continue
             now = time.monotonic()
-            late = [seq for seq, (_, last, _, _) in unacked.items() if now - last >= self.ack_timeout]
+            late = [seq for seq, entry in unacked.items() if entry[1] <= now]
             for seq in late:
-                first, _, url, data = unacked.pop(seq)
+                first, _, tries, url, data = unacked.pop(seq)
                 if now - first >= self.give_up:
                     self.counters["unacked_buffered"] += 1
                     self.link.tasks.spawn(self.to_buffer(url, data, f"{self.inbox}.{seq}"), name="to buffer")
                     continue
-                unacked[seq] = (first, now, url, data)  # to the end: the oldest stay first
+                # to the end (the oldest stay first), the next retry later each time: no storm when acks are slow
+                unacked[seq] = (first, now + self.ack_timeout * 2 ** min(tries + 1, 3), tries + 1, url, data)
                 self.counters["retried"] += 1
                 self.queue(subject_of(session_id(url)), data, f"{self.inbox}.{seq}")
 
@@ -202,7 +203,7 @@ class Forwarder:
             self.counters["no_responders"] += 1
         else:
             self.counters["gone"] += 1
-        await self.to_buffer(pending[2], pending[3], f"{self.inbox}.{seq}")
+        await self.to_buffer(pending[3], pending[4], f"{self.inbox}.{seq}")
 
     # -- what other nodes send --------------------------------------------------------------------------
 
@@ -289,47 +290,57 @@ class Forwarder:
                 link.apply(link.core.undeliverable(data, 503, text))
                 return
         self.counters["to_buffer"] += 1
-        link.log.warning("DEBUG buffered", ident=ident, owner=record.owner)
+        if sid not in link.records and not await self._exists(sid):  # it ended while this was on its way
+            await drop_buffer(link, sid)
+            return
         owner = link.records[sid].owner if sid in link.records else record.owner
         if owner == link.node_id:
             link.tasks.spawn(self.deliver_buffer(url), name="deliver buffer")
         elif owner:  # its node may only be away from NATS for a moment (reconnecting): it is told
             link.tasks.spawn(self._nudge(owner, url), name="buffer nudge")
 
+    async def _exists(self, sid: str) -> bool:
+        link = self.link
+        try:
+            entry = await link.kv[link.names.sessions].get(sid)
+        except KeyNotFoundError:
+            return False
+        except Exception:  # NATS trouble: assume it does (its owner or a claim reads the buffer)
+            return True
+        return bool(entry.value)
+
     async def _nudge(self, owner: str, url: str) -> None:
         """Tell ``owner`` to deliver what waits in ``url``'s buffer (retried while it is reconnecting)."""
         link = self.link
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + _BUFFER_RETRY_SECONDS
+        deadline = loop.time() + 3 * _BUFFER_RETRY_SECONDS
         while loop.time() < deadline:
             nc = link.nc
             if nc is None:
                 return
             try:
-                await nc.request(link.names.control(owner), _encode({"deliver": url}), timeout=1.0)
-                link.log.warning("DEBUG nudged", owner=owner)
+                await nc.request(link.names.control(owner), _encode({"deliver": url}), timeout=2.0)
                 return
-            except Exception as exc:
-                link.log.warning(
-                    "DEBUG nudge failed", owner=owner, exc=repr(exc)
-                )  # not back yet (or dead: then the claim of its session replays the buffer)
+            except Exception:  # not back yet, or not read yet (or dead: a claim of its session replays the buffer)
                 await asyncio.sleep(0.2)
 
-    async def deliver_buffer(self, url: str) -> None:
+    async def deliver_buffer(self, url: str) -> bool:
         """Deliver what waits in the buffer stream of session ``url`` (held here) to it, in order.
 
-        One reader per session at a time: a request that comes while one reads makes it read once more.
+        One reader per session at a time (a lock): every caller's read starts after what prompted it.
+        False when the stream stayed unreadable (the caller's prompt is not answered: it asks again).
         """
         from protofly.msgnode.cluster.claim import take_buffer
 
         link = self.link
-        if url in self._delivering:
-            self._delivering[url] = True
-            return
-        self._delivering[url] = False
+        lock = self._delivering.get(url)
+        if lock is None:
+            lock = self._delivering[url] = asyncio.Lock()
         loop = asyncio.get_running_loop()
         try:
-            while session_id(url) in link.session_subs:
+            async with lock:
+                if session_id(url) not in link.session_subs:
+                    return True  # not ours (any more): whoever holds it reads it
                 deadline = loop.time() + _BUFFER_RETRY_SECONDS
                 while True:
                     try:
@@ -338,20 +349,18 @@ class Forwarder:
                     except Exception as exc:  # the stream's leader lost with its server: read again shortly
                         if loop.time() > deadline:
                             link.log.error("buffer not read", error=str(exc) or type(exc).__name__)
-                            return
+                            return False
                         await asyncio.sleep(0.25)  # nothing announces the new leader to a client
-                link.log.warning("DEBUG deliver_buffer", frames=len(frames))
                 for frame in frames:
                     actions = link.core.remote_deliver(url, frame)
                     if actions is None:  # it moved meanwhile: follow it
                         self.send_to_session(url, frame)
                     else:
                         link.apply(actions)
-                if not self._delivering[url]:
-                    return
-                self._delivering[url] = False
+                return True
         finally:
-            del self._delivering[url]
+            if not lock.locked() and self._delivering.get(url) is lock:
+                del self._delivering[url]
 
     # -- after a node died ---------------------------------------------------------------------------------
 
@@ -371,3 +380,23 @@ class Forwarder:
         self.counters["resent"] += len(again)
         for data in again:
             self.send_to_session(url, data)
+
+
+async def drop_buffer(link: ClusterLink, sid: str) -> None:
+    """Session ``sid`` ended or expired: what waits in its buffer stream is a ``404`` to each sender, then purged.
+
+    Reading before purging keeps a message buffered while its session was ending from vanishing unanswered.
+    """
+    from protofly.msgnode.cluster.claim import take_buffer
+
+    text = "no route: the session it was buffered for ended before it was delivered"
+    try:
+        frames = await take_buffer(link, sid)
+    except Exception as exc:  # unreadable now: purged unanswered (the senders' requests time out)
+        link.log.warning("buffer of an ended session not read", error=str(exc) or type(exc).__name__)
+        frames = []
+    for frame in frames:
+        link.apply(link.core.undeliverable(frame, 404, text))
+    assert link.js is not None
+    with contextlib.suppress(Exception):
+        await link.js.purge_stream(link.names.buffers, subject=link.names.buffer(sid))

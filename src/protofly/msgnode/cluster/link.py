@@ -510,7 +510,8 @@ class ClusterLink:
         try:
             notice = msgspec.json.decode(msg.data)
             if "deliver" in notice:
-                await self.forwarder.deliver_buffer(str(notice["deliver"]))
+                if not await self.forwarder.deliver_buffer(str(notice["deliver"])):
+                    return  # unread: no answer, so the nudging node asks again
                 if msg.reply:
                     await msg.respond(b"delivered")
                 return

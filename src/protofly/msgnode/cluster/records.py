@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
+from protofly.msgnode.cluster.forward import drop_buffer
 from protofly.msgnode.cluster.names import SessionRecord, session_id, token_hash, url_key
 from protofly.msgnode.session import Session
 
@@ -181,10 +182,8 @@ class RecordKeeper:
         await self._purge_buffer(sid)
 
     async def _purge_buffer(self, sid: str) -> None:
-        link = self.link
-        assert link.js is not None
-        with contextlib.suppress(Exception):
-            await link.js.purge_stream(link.names.buffers, subject=link.names.buffer(sid))
+        """The session is gone: what waited in its buffer stream is a ``404`` to each sender, then deleted."""
+        await drop_buffer(self.link, sid)
 
     # -- orphans --------------------------------------------------------------------------------------
 
