@@ -50,7 +50,7 @@ _UNACKED_MAX = 100_000
 #: Sequence numbers of messages taken from other nodes, remembered to drop their retries.
 _SEEN_MAX = 200_000
 #: How long a message bound for a buffer stream waits for JetStream (a leader re-elected) before a 503.
-_BUFFER_RETRY_SECONDS = 10.0
+_BUFFER_RETRY_SECONDS = 20.0
 #: The header naming a buffered forward (``<inbox>.<seq>``), so that a retry that bounced is not delivered twice.
 BUFFER_ID = "Pf-Id"
 
