@@ -7,26 +7,25 @@ into its core.  What lives in NATS (names in ``names.py``):
   session URL): an allocation *creates* its keys (create-if-absent, atomic in JetStream), so two nodes
   racing for one allocationKey get one owner; release deletes them;
 * **session records** -- KV bucket ``sessions`` (:class:`SessionRecord`: runtime URL, token hash, owner node,
-  addresses, subscriptions, detached-since), written only by the owner, each write a compare-and-swap on
-  the revision it last wrote: a node that lost a session to a ``re-open`` elsewhere learns it there;
+  addresses, bindings, subscriptions, detached-since), written only by the owner (``records.py``, which also
+  expires sessions orphaned by a dead node), each write a compare-and-swap on its last revision;
+* **foreign bindings** -- KV bucket ``bound`` (another domain's hyperty a session speaks for -> session URL);
 * **routing** -- each node subscribes to one subject per session it holds; a message for a session on
-  another node is published there with a reply subject, so NATS answers "no responders" when nobody holds
-  it (node gone), and a node that no longer holds it answers ``gone``: either way the message goes to the
-  session's **buffer** (stream ``BUFFERS``, one subject per session, bounded by count and age), or, if the
-  session no longer exists, back to its sender as ``404``;
+  another node is published there, acknowledged by the node that takes it, retried when no acknowledgement
+  comes, and sent to the session's **buffer** (stream ``BUFFERS``) when nobody holds it (``forward.py``);
 * **subscriptions** -- one subject per resource, subscribed once per node with subscribers (bucket
   ``subscriptions`` says which nodes): a publication is one NATS publish, fanned out by each node;
 * **liveness** -- every node puts a heartbeat in bucket ``nodes`` (bucket-wide TTL: nats-server 2.9 has no
   per-key TTL).
 
-Every node caches the buckets through KV watchers, so routing decisions are dictionary look-ups on the
-loop; NATS I/O is queued to the link's own tasks.  ``claim.py`` takes sessions over and hands them on.
+Every node copies the buckets through KV watchers (``caches.py``), so routing decisions are dictionary
+look-ups on the loop; NATS I/O is queued to the link's own tasks.  ``claim.py`` takes sessions over and
+hands them on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import time
 import uuid
@@ -45,6 +44,7 @@ from nats.js.kv import KeyValue
 
 from protofly.log import get_logger
 from protofly.msgnode.actions import Action
+from protofly.msgnode.cluster.caches import Caches
 from protofly.msgnode.cluster.forward import Forwarder
 from protofly.msgnode.cluster.names import Names, SessionRecord, session_id, url_key
 from protofly.msgnode.cluster.records import RecordKeeper
@@ -55,7 +55,6 @@ from protofly.tasks import TaskSet
 __all__ = ["ClusterLink"]
 
 _log = get_logger("protofly.msgnode.cluster")
-_decode_record = msgspec.json.Decoder(SessionRecord).decode
 _encode = msgspec.json.encode
 #: A foreign address unknown to the cache is looked up this often, this far apart, before a 404: the
 #: binding's write (by the node its sender spoke through) may still be on its way.
@@ -96,14 +95,16 @@ class ClusterLink:
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self.kv: dict[str, KeyValue] = {}
-        # caches of the buckets (kept by watchers)
-        self.owner_of: dict[str, str] = {}  # address -> session URL
-        self.records: dict[str, SessionRecord] = {}  # session id -> record
-        self.by_runtime: dict[str, str] = {}  # runtime URL -> session URL
-        self.bound_to: dict[str, str] = {}  # foreign address bound on the fly -> session URL
-        self.resource_nodes: dict[str, set[str]] = {}  # resource -> nodes with subscribers
-        self.nodes: dict[str, float] = {}  # node -> last heartbeat seen (loop time)
-        self.nodes_seen: dict[str, float] = {}  # node -> last heartbeat seen (monotonic, kept after it leaves)
+        self.log = _log.bind(domain=core.domain, node=self.node_id)
+        # copies of the buckets, kept by watchers (``caches.py``)
+        self.caches = caches = Caches(self.names, self.log)
+        self.owner_of = caches.owner_of
+        self.records = caches.records
+        self.by_runtime = caches.by_runtime
+        self.bound_to = caches.bound_to
+        self.resource_nodes = caches.resource_nodes
+        self.nodes = caches.nodes
+        self.nodes_seen = caches.nodes_seen
         # what this node holds
         self.session_subs: dict[str, Subscription] = {}  # session id -> subscription
         self.sub_urls: dict[str, str] = {}  # subject -> session URL
@@ -117,7 +118,6 @@ class ClusterLink:
         self.closing = False
         #: Set by the graceful stop's hand-over: no more record writes of its own.
         self.leaving = False
-        self.log = _log.bind(domain=core.domain, node=self.node_id)
         self.forwarder = Forwarder(self, ack_timeout=ack_timeout)
         self.keeper = RecordKeeper(self)
 
@@ -133,10 +133,10 @@ class ClusterLink:
         self.kv[names.nodes] = await self._bucket(names.nodes, ttl=max(3 * self.heartbeat, 1.0))
         await self._setup(self._buffer_stream)
         await self._setup(self._beat)
-        watched = (names.addresses, names.keys, names.sessions, names.subscriptions, names.nodes, names.bound)
+        watched = self.caches.buckets
         ready = [asyncio.get_running_loop().create_future() for _ in watched]
         for bucket, future in zip(watched, ready, strict=True):
-            self.tasks.spawn(self._watch(bucket, future), name=f"watch {bucket}")
+            self.tasks.spawn(self.caches.watch(self.kv[bucket], bucket, future), name=f"watch {bucket}")
         await asyncio.wait_for(asyncio.gather(*ready), timeout=self.timeout)
         await self.nc.subscribe(names.control(self.node_id), cb=self._on_control)
         await self.nc.subscribe(names.resend, cb=self.forwarder.on_resend)
@@ -244,79 +244,6 @@ class ClusterLink:
         now = asyncio.get_running_loop().time()
         limit = max(3 * self.heartbeat, 1.0)
         return sorted(node for node, seen in self.nodes.items() if now - seen <= limit)
-
-    # -- caches ---------------------------------------------------------------------------------------
-
-    async def _watch(self, bucket: str, ready: asyncio.Future[None]) -> None:
-        """Keep the cache of ``bucket``; a watcher that fails (NATS trouble) is made again."""
-        while True:
-            try:
-                await self._watch_once(bucket, ready)
-            except Exception as exc:
-                self.log.warning("cluster watcher restarted", bucket=bucket, error=str(exc) or type(exc).__name__)
-            await asyncio.sleep(0.5)  # then watch again from the current values
-
-    async def _watch_once(self, bucket: str, ready: asyncio.Future[None]) -> None:
-        watcher = await self.kv[bucket].watchall()
-        apply = {
-            self.names.addresses: self._seen_address,
-            self.names.keys: lambda key, value: None,
-            self.names.sessions: self._seen_session,
-            self.names.subscriptions: self._seen_subscription,
-            self.names.nodes: self._seen_node,
-            self.names.bound: self._seen_bound,
-        }[bucket]
-        async for entry in watcher:
-            if entry is None:
-                if not ready.done():
-                    ready.set_result(None)
-                continue
-            value = None if entry.operation in ("DEL", "PURGE") else entry.value
-            try:
-                apply(entry.key, value)
-            except (msgspec.DecodeError, ValueError) as exc:
-                self.log.warning("bad cluster entry", bucket=bucket, key=entry.key, error=str(exc))
-
-    def _seen_address(self, key: str, value: bytes | None) -> None:
-        address = _unkey(key)
-        if value is None:
-            self.owner_of.pop(address, None)
-        else:
-            self.owner_of[address] = value.decode()
-
-    def _seen_session(self, key: str, value: bytes | None) -> None:
-        old = self.records.pop(key, None)
-        if old is not None and self.by_runtime.get(old.runtime) == old.url:
-            del self.by_runtime[old.runtime]
-        if value is not None:
-            record = _decode_record(value)
-            self.records[key] = record
-            self.by_runtime[record.runtime] = record.url
-
-    def _seen_bound(self, key: str, value: bytes | None) -> None:
-        address = _unkey(key)
-        if value is None:
-            self.bound_to.pop(address, None)
-        else:
-            self.bound_to[address] = value.decode()
-
-    def _seen_subscription(self, key: str, value: bytes | None) -> None:
-        encoded, _, node = key.rpartition(".")
-        resource = _unkey(encoded)
-        nodes = self.resource_nodes.setdefault(resource, set())
-        if value is None:
-            nodes.discard(node)
-            if not nodes:
-                del self.resource_nodes[resource]
-        else:
-            nodes.add(node)
-
-    def _seen_node(self, key: str, value: bytes | None) -> None:
-        if value is None:
-            self.nodes.pop(key, None)
-        else:
-            self.nodes[key] = asyncio.get_running_loop().time()
-            self.nodes_seen[key] = time.monotonic()
 
     async def _heartbeats(self) -> None:
         while True:
@@ -490,8 +417,6 @@ class ClusterLink:
             self.log.warning("cluster table not updated", error=str(exc) or type(exc).__name__)
             return None
 
-    # -- session records ------------------------------------------------------------------------------
-
     # -- records (``records.py``) -----------------------------------------------------------------------
 
     @property
@@ -532,7 +457,3 @@ class ClusterLink:
         self.apply(actions)
         for frame in frames:
             self.forwarder.send_to_session(url, frame)
-
-
-def _unkey(key: str) -> str:
-    return base64.urlsafe_b64decode(key + "=" * (-len(key) % 4)).decode()
