@@ -6,7 +6,7 @@ answers "no responders".  So a message forwarded to a session on another node is
 is known, and every fate is explicit:
 
 * **acknowledged** -- the receiving node acknowledges what it took (in batches: one publish per sending
-  node per loop turn, ``<inbox>.ack`` carrying sequence numbers);
+  node every 10 ms at most, ``<inbox>.ack`` carrying sequence numbers);
 * **bounced** -- "no responders" (nobody holds the session: its node died or is reconnecting) or ``gone``
   (the node no longer holds it): the message goes to the session's **buffer stream** (JetStream, publish
   acknowledged; retried while a leader is re-elected), and the owner is nudged to deliver it; a session
@@ -47,6 +47,8 @@ _SENT_BYTES = 64 << 20
 _SENT_SECONDS = 5.0
 #: Unacknowledged forwards: at most this many (beyond, the oldest goes to its buffer stream at once).
 _UNACKED_MAX = 100_000
+#: How long the receiving node gathers acknowledgements before it sends them (well under the ack timeout).
+_ACK_DELAY = 0.01
 #: Sequence numbers of messages taken from other nodes, remembered to drop their retries.
 _SEEN_MAX = 200_000
 #: How long a message bound for a buffer stream waits for JetStream (a leader re-elected) before a 503.
@@ -236,12 +238,12 @@ class Forwarder:
     def _ack(self, reply: str) -> None:
         inbox, _, seq = reply.rpartition(".")
         acks = self._acks
-        if not acks:
-            asyncio.get_running_loop().call_soon(self._send_acks)
+        if not acks:  # a little later: more in one batch, and never ahead of the traffic it acknowledges
+            asyncio.get_running_loop().call_later(_ACK_DELAY, self._send_acks)
         acks.setdefault(inbox, []).append(seq)
 
     def _send_acks(self) -> None:
-        """One acknowledgement per sending node for what arrived in this loop turn."""
+        """One acknowledgement per sending node for what arrived in the last ``_ACK_DELAY``."""
         acks, self._acks = self._acks, {}
         for inbox, seqs in acks.items():
             self.queue(f"{inbox}.ack", ",".join(seqs).encode(), "")
