@@ -68,7 +68,9 @@ class Forwarder:
         self.counters.update(dict.fromkeys(("acked", "retried", "duplicates", "unacked_buffered"), 0))
         self._out: collections.deque[tuple[str, bytes, str]] = collections.deque()
         self._out_event = asyncio.Event()
-        self._seq = 0
+        #: Forward numbers start at the wall clock in µs: a node restarted under the same ``--node-id`` does
+        #: not reuse numbers the other nodes remember having taken (they would drop its messages as repeats).
+        self._seq = time.time_ns() // 1000
         #: Forwarded lately, by sequence number: (monotonic time, session URL, data), for ``resend``.
         self._sent: dict[int, tuple[float, str, bytes]] = {}
         self._sent_bytes = 0
