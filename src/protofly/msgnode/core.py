@@ -417,8 +417,11 @@ class MessageNodeCore(NodeInfo, NodeState, ClusterCalls):
         if not self.addresses.claim(session, msg.from_):
             self._answers.error(state, msg, 403, f"from: {msg.from_} is allocated to another session", out)
             return
-        if self.journal is not None and self.counters["bound"] != bound:
-            self.journal.append(("x",))
+        if self.counters["bound"] != bound:  # a foreign sender bound on the fly: journal it, tell the cluster
+            if self.journal is not None:
+                self.journal.append(("x",))
+            if self.remote is not None:
+                self.remote.session_changed(session, "updated")
         target = self.addresses.owner(to) or self.sessions.route(to)
         if target is not None:
             if target.ack:

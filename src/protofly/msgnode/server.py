@@ -436,6 +436,7 @@ class MessageNode:
             merged.update({f"cluster_{name}": value for name, value in self.link.counters.items()})
             merged["cluster_nodes"] = len(self.link.alive_nodes)
             merged["cluster_resource_nodes"] = max((len(n) for n in self.link.resource_nodes.values()), default=0)
+            merged["cluster_nats_port"] = self.link.nats_port
         return merged
 
     # -- handlers -----------------------------------------------------------------------------------

@@ -204,20 +204,52 @@ async def test_a_graceful_stop_hands_sessions_over(nats: NatsCluster, nodes: lis
         await asyncio.gather(sender.aclose(), receiver.aclose())
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect (issue 17 stays open): when the killed NATS server is the one a node is connected to, "
-    "messages that node forwards during its reconnect can be lost; seen once in a full CI run, not alone",
-)
-async def test_a_nats_server_killed_the_service_continues(nats: NatsCluster, nodes: list[NodeProcess]):
+@pytest.mark.parametrize("side", ["sender", "receiver"])
+async def test_a_nats_server_killed_under_traffic_the_service_continues_and_nothing_is_lost(
+    nats: NatsCluster, nodes: list[NodeProcess], side: str
+):
+    """The NATS server under the sender's node (or the receiver's) is SIGKILLed while messages flow.
+
+    Core NATS drops what was on its way through the dead server; the forwarding node learns it from the
+    missing acknowledgement and publishes again (the receiving node drops repeats), or buffers what
+    bounced: all 300 arrive, each once (an explicit 503 is the only other outcome, seen only when
+    JetStream stays unavailable beyond the retries on an overloaded machine).
+    """
     alice, a = await _runtime(nodes[0].url, "alice")
     bob, b = await _runtime(nodes[2].url, "bob")
+    total = 300
     try:
-        await nats.kill(nats.servers[0])
-        for n in range(50):
-            await alice.send(id=n, type="update", from_=a, to=b, body={"n": n})
+        watched = nodes[0] if side == "sender" else nodes[2]
+        port = (await watched.stats())["cluster_nats_port"]
+        [server] = [s for s in nats.servers if s.port == port]
+
+        async def send_all() -> None:
+            for n in range(total):
+                await alice.send(id=n, type="update", from_=a, to=b, body={"n": n})
+                await asyncio.sleep(0.003)
+
+        traffic = asyncio.create_task(send_all())
         got = [(await bob.next(lambda m: m.get("to") == b, timeout=15))["body"]["n"] for _ in range(50)]
-        assert sorted(got) == list(range(50))
+        await nats.kill(server)
+        await traffic
+        errors: set[int] = set()
+        with contextlib.suppress(TimeoutError):  # a message neither delivered nor answered fails below
+            while len(got) + len(errors) < total:
+                msg = await bob.next(lambda m: m.get("to") == b, timeout=20)
+                got.append(msg["body"]["n"])
+                errors = {m["id"] for m in alice.inbox if m.get("type") == "response"}
+        answers = [m for m in alice.inbox if m.get("type") == "response"]
+        errors = {m["id"] for m in answers}
+        # every one arrived, once, or (JetStream unavailable beyond the retries, a machine overloaded by
+        # parallel runs) was answered with an explicit 503: never silence
+        assert len(got) == len(set(got)), f"delivered twice: {sorted(n for n in got if got.count(n) > 1)}"
+        assert sorted(set(got) | errors) == list(range(total)), f"lost {sorted(set(range(total)) - set(got) - errors)}"
+        assert all(m["body"]["code"] == 503 for m in answers), answers
+        assert len(errors) <= total // 100, f"answered with an error instead: {answers}"
+        with contextlib.suppress(TimeoutError):  # a repeat would come within the retry window
+            extra = await bob.next(lambda m: m.get("to") == b, timeout=1.5)
+            raise AssertionError(f"delivered twice: {extra}")
+        assert (await watched.stats())["cluster_nats_port"] not in (0, port)  # it moved to another server
         # the shared tables still work (two of three JetStream replicas): a new allocation routes, once
         # JetStream has re-elected the leaders the killed server held (seconds on a loaded machine)
         carol = await _client(nodes[1].url)
@@ -226,8 +258,8 @@ async def test_a_nats_server_killed_the_service_continues(nats: NatsCluster, nod
         reply = await carol.next(lambda m: m.get("type") == "response" and m.get("id") == sent["id"], timeout=30)
         assert reply["body"]["code"] == 200, reply
         [c] = reply["body"]["value"]["allocated"]
-        await alice.send(id=99, type="update", from_=a, to=c, body={"n": 99})
-        assert (await carol.next(lambda m: m.get("to") == c, timeout=15))["body"]["n"] == 99
+        await alice.send(id=999, type="update", from_=a, to=c, body={"n": 999})
+        assert (await carol.next(lambda m: m.get("to") == c, timeout=15))["body"]["n"] == 999
         await carol.aclose()
     finally:
         await asyncio.gather(alice.aclose(), bob.aclose())

@@ -24,6 +24,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 
 from protofly.message import Message
 from protofly.msgnode.actions import Allocate, Claim, Refused
+from protofly.msgnode.cluster.forward import BUFFER_ID
 from protofly.msgnode.cluster.link import ClusterLink
 from protofly.msgnode.cluster.names import SessionRecord, session_id, token_hash, url_key
 from protofly.msgnode.session import Session
@@ -148,8 +149,12 @@ async def _take_over(link: ClusterLink, previous: str, url: str) -> str | None:
     return None
 
 
-async def take_buffer(link: ClusterLink, sid: str) -> list[bytes]:
-    """Read session ``sid``'s buffer stream in order, then purge what was read."""
+async def take_buffer(link: ClusterLink, sid: str, seen: dict[str, None] | None = None) -> list[bytes]:
+    """Read session ``sid``'s buffer stream in order, then purge what was read.
+
+    A message buffered by a forwarding node carries its forward's name (header ``Pf-Id``): those in
+    ``seen`` (already taken here over the session subject, before their retry bounced) are dropped.
+    """
     js = link.js
     assert js is not None
     subject = link.names.buffer(sid)
@@ -161,8 +166,13 @@ async def take_buffer(link: ClusterLink, sid: str) -> list[bytes]:
             stored = await js.get_msg(link.names.buffers, seq=seq, subject=subject, next=True)
         except NotFoundError:
             break
-        if stored.data is not None:
+        ident = (stored.headers or {}).get(BUFFER_ID)
+        if seen is not None and ident is not None and ident in seen:
+            link.counters["duplicates"] += 1
+        elif stored.data is not None:
             frames.append(stored.data)
+            if seen is not None and ident is not None:
+                seen[ident] = None
         last = stored.seq or seq
         seq = last + 1
     if last:

@@ -58,6 +58,7 @@ class Names:
         self.sessions = f"pf_{token}_sessions"
         self.subscriptions = f"pf_{token}_subscriptions"
         self.nodes = f"pf_{token}_nodes"
+        self.bound = f"pf_{token}_bound"
         self.buffers = f"PF_{token}_BUFFERS"
         self.buffer_subjects = f"pf.{token}.b.*"
         self.resend = f"pf.{token}.resend"
