@@ -114,6 +114,11 @@ class Component(ABC):
     async def remove(self, grace: float = 2.0) -> None:
         """Ask the stub to disconnect, wait up to ``grace``, then terminate, then kill; always reaps."""
 
+    def deploy_parts(self) -> dict[str, float]:
+        """How the deploy's time was spent, in milliseconds per part (the deploy timeline's detail of its
+        ``sandbox`` step); empty where the sandbox does not break it down."""
+        return {}
+
     def usage(self) -> dict[str, Any] | None:
         """What the stub's process tree uses now, as its cgroup accounts it: ``memory_bytes``,
         ``memory_peak_bytes``, ``cpu_seconds``, ``processes``; None where there is no cgroup to ask."""
@@ -137,6 +142,13 @@ class Sandbox(ABC):
     """Deploys components; one implementation per isolation strategy."""
 
     kind: str
+
+    def settle(self) -> None:  # noqa: B027 - optional hook, a no-op for sandboxes that put nothing off
+        """A deploy is over (live or failed): do the work the sandbox put off while it ran.
+
+        The process sandbox starts the spare hosts that replace those the deploys took only now, so that
+        a spare's start does not compete with a deploy for the CPU.  Nothing to do for other sandboxes.
+        """
 
     @abstractmethod
     async def deploy(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -231,7 +232,9 @@ class ProcessSandbox(Sandbox):
         await self.start()
         spares = self._js_spares if javascript else self._spares
         for attempt in (1, 2):
+            asked = time.perf_counter()
             component = await spares.take()
+            waited = time.perf_counter() - asked
             self._components.add(component)
             component.counters.update(self._limit_hits.get(url, {}))
             try:
@@ -246,9 +249,11 @@ class ProcessSandbox(Sandbox):
                     on_exit=on_exit,
                     timeout=self.deploy_timeout,
                     egress=egress or NO_EGRESS,
+                    waited=waited,
                 )
             except BaseException as exc:
                 self._components.discard(component)
+                spares.settle()  # this deploy is over
                 await self._reap_failed(component)
                 if attempt == 1 and isinstance(exc, DeployError) and component.died_before_stub_code:
                     _log.warning("a sandbox host died before the stub's code ran; retrying on a new one", url=url)
@@ -256,6 +261,12 @@ class ProcessSandbox(Sandbox):
                 raise
             return component
         raise AssertionError("unreachable")
+
+    def settle(self) -> None:
+        """Start the spare hosts that replace those the finished deploys took (see :mod:`.spares`)."""
+        if not self._closed:
+            self._spares.settle()
+            self._js_spares.settle()
 
     def count_limit_hits(self, component: ProcessComponent) -> None:
         """Keep a component's limit-hit counters for the next component of its stub (after a restart)."""

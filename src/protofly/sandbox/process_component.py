@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,6 +174,7 @@ class ProcessComponent(Component):
         self._cgroup: StubCgroup | None = None
         self._limit_hit: str | None = None
         self._cleanup: asyncio.Task[None] | None = None
+        self._parts: dict[str, float] = {}
 
     # -- public interface ---------------------------------------------------------------------------
 
@@ -460,8 +462,12 @@ class ProcessComponent(Component):
         on_exit: Callable[[str], None],
         timeout: float,
         egress: EgressPolicy = NO_EGRESS,
+        waited: float = 0.0,
     ) -> None:
-        """Run the stub in this started host (``DeployError`` naming the stub's problem if it cannot)."""
+        """Run the stub in this started host (``DeployError`` naming the stub's problem if it cannot).
+
+        ``waited`` is how long the deploy waited for this host (seconds; a ready spare: next to nothing).
+        """
         self.url = url
         self._broker = EgressBroker(egress, self.counters, stub_url=url)
         if self._net is not None:
@@ -474,12 +480,14 @@ class ProcessComponent(Component):
         self._log = _log.bind(stub_url=url, sandbox_pid=self.pid)
         self._output.bind(stub_url=url, sandbox_pid=self.pid)
         self._state = "deploying"
+        started = time.perf_counter()
         if self._cgroup is not None:
             try:  # the stub's own limits, before any of its code runs
                 self._cgroup.set_limits(limits.memory_mb << 20, limits.processes)
                 self._cgroup.arm()
             except CgroupError as exc:
                 raise DeployError(f"the sandbox could not limit the stub's cgroup: {exc}") from None
+        limited = time.perf_counter()
         body: dict[str, Any] = {"url": url, "sourceCode": source, "config": config, "sandbox": limits.as_dict()}
         if classname:
             body["sourceCodeClassname"] = classname
@@ -496,6 +504,10 @@ class ProcessComponent(Component):
             raise DeployError(f"the sandbox process ended during deploy: {reason}{tail}") from None
         if response_code(reply) != 200:
             raise DeployError(error_description(reply.body) or f"deploy failed with code {response_code(reply)}")
+        self._parts = {
+            "host": round(waited * 1000, 3),
+            **_deploy_parts(limited - started, time.perf_counter() - limited, reply),
+        }
         self.isolation = self._isolation_record()
         if self.isolation["missing"]:
             self._log.warning("stub deployed with isolation layers missing", missing=self.isolation["missing"])
@@ -503,6 +515,12 @@ class ProcessComponent(Component):
             self._loop.call_soon(self._report_failure, self._exit_reason or "unknown")
         else:
             self._state = "running"
+
+    def deploy_parts(self) -> dict[str, float]:
+        """``host`` (waiting for a started host), ``limits`` (writing the stub's cgroup limits), ``confine``
+        and ``load`` (as the host measured its confinement and the stub's code start) and ``channel`` (the
+        rest of the ``create`` round trip)."""
+        return dict(self._parts)
 
     def _limit_node(self, limits: Limits) -> None:
         """Node has no setrlimit: apply the stub's limits from here; the host reports what is in force."""
@@ -803,6 +821,23 @@ class ProcessComponent(Component):
                 on_exit(reason)
             except Exception:
                 self._log.exception("the runtime's on_exit failed")
+
+
+def _deploy_parts(limits: float, create: float, reply: Message) -> dict[str, float]:
+    """The deploy's parts in ms; the host's own figures are taken only if they are sane numbers (the stub
+    shares the host's process, so they are shown, never acted on)."""
+    parts = {"limits": round(limits * 1000, 3)}
+    value = (reply.body or {}).get("value")
+    told = value.get("ms") if isinstance(value, dict) else None
+    host = {}
+    if isinstance(told, dict):
+        for name in ("confine", "load"):
+            ms = told.get(name)
+            if isinstance(ms, int | float) and not isinstance(ms, bool) and 0 <= ms <= create * 1000:
+                host[name] = float(ms)
+    parts.update(host)
+    parts["channel"] = round(max(create * 1000 - sum(host.values()), 0.0), 3)
+    return parts
 
 
 def _make_workdir(root: str | None, user: tuple[int, int] | None) -> str:
