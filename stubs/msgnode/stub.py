@@ -26,6 +26,7 @@ goes into the ``open`` body and nowhere else (never into a log, a status or a ``
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections import deque
@@ -187,7 +188,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
         value = config.get(key)
         if key in cls._WHAT:
             return f"configuration.{key}: {cls._WHAT[key]}, got {value!r}"
-        kind = _FIELD_TYPES.get(key)
+        kind = _field_types().get(key)
         if isinstance(kind, msgspec.inspect.BoolType):
             return f"configuration.{key}: expected true or false, got {value!r}"
         if isinstance(kind, msgspec.inspect.IntType | msgspec.inspect.FloatType) and not detail.endswith(
@@ -198,14 +199,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
         return f"configuration.{key}: expected {expected}, got {value!r}"
 
 
+@functools.cache
 def _field_types() -> dict[str, msgspec.inspect.Type]:
-    """The type (with its constraints) of every configuration key, for error texts."""
+    """The type (with its constraints) of every configuration key, for error texts (worked out at the first
+    error, not at every start: it costs a millisecond)."""
     info = msgspec.inspect.type_info(Settings)
     assert isinstance(info, msgspec.inspect.StructType)
     return {field.encode_name: field.type for field in info.fields}
-
-
-_FIELD_TYPES = _field_types()
 
 
 # -- actions ----------------------------------------------------------------------------------------
