@@ -54,6 +54,8 @@ from protofly.tasks import TaskSet
 __all__ = ["ProcessSandbox"]
 
 _log = get_logger("protofly.sandbox")
+#: Seconds between the end of a deploy and the start of the spare host that replaces the one it took.
+SETTLE_DELAY = 0.05
 #: Stub URLs whose limit hits are remembered across restarts.
 _MAX_REMEMBERED = 10_000
 
@@ -136,6 +138,8 @@ class ProcessSandbox(Sandbox):
         self._hosts: set[ProcessComponent] = set()
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
+        #: The refill :meth:`settle` scheduled, not run yet.
+        self._settle: asyncio.TimerHandle | None = None
 
     @property
     def components(self) -> list[ProcessComponent]:
@@ -263,7 +267,18 @@ class ProcessSandbox(Sandbox):
         raise AssertionError("unreachable")
 
     def settle(self) -> None:
-        """Start the spare hosts that replace those the finished deploys took (see :mod:`.spares`)."""
+        """Start the spare hosts that replace those the finished deploys took (see :mod:`.spares`).
+
+        A moment later (:data:`SETTLE_DELAY`): a host's start does a few ms of work on the loop (its group,
+        its command line, the fork) and more beside it (bwrap making namespaces, the cgroup move), which
+        the deploy's caller, woken a few loop turns from now, and the first messages through the new stub
+        should not wait for.  A deploy meanwhile starts its host itself, as :meth:`start` refills.
+        """
+        if self._settle is None and not self._closed:
+            self._settle = asyncio.get_running_loop().call_later(SETTLE_DELAY, self._settle_now)
+
+    def _settle_now(self) -> None:
+        self._settle = None
         if not self._closed:
             self._spares.settle()
             self._js_spares.settle()
@@ -295,6 +310,9 @@ class ProcessSandbox(Sandbox):
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._settle is not None:
+                self._settle.cancel()
+                self._settle = None
             removals = [c.remove(self.close_grace) for c in self._components]
             removals.append(self._spares.close(self.close_grace, self.start_timeout))
             removals.append(self._js_spares.close(self.close_grace, self.start_timeout))
