@@ -20,6 +20,7 @@ from tests.integration.sandbox.sandbox_helpers import (
     running_or_ours,
     tree,
 )
+from tests.polling import wait_until
 
 import protofly
 from protofly.message import Message
@@ -352,6 +353,23 @@ async def test_a_prestarted_host_is_used_for_the_next_deploy():
         await inbox.status("created")
         await box.wait_ready()  # a replacement was started
         assert len(box.hosts) == 2 and component in box.hosts
+    finally:
+        await box.close()
+
+
+async def test_a_taken_spare_is_replaced_once_the_deploy_is_over_not_during_it():
+    box = ProcessSandbox(prestart=1)
+    try:
+        await box.wait_ready()
+        [spare] = box.hosts
+        component = await deploy(box, "echo.py", Inbox(), classname="EchoStub")
+        assert component.pid == spare.pid
+        assert box.hosts == [component]  # no replacement starting beside the deploy
+        box.settle()  # the runtime's deploy pipeline says so when the stub is live (or failed)
+        await wait_until(lambda: len(box.hosts) == 2)
+        await box.wait_ready()
+        [replacement] = [host for host in box.hosts if host is not component]
+        assert replacement.state == "ready" and replacement.pid != component.pid
     finally:
         await box.close()
 
