@@ -10,18 +10,31 @@ the node starts serving, never by the command line's ``--help``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from protofly.msgnode.server import MessageNode
+from protofly.msgnode.core import MessageNodeCore
 
 __all__ = ["CONTENT_TYPE", "GAUGES", "NODE_METRICS", "node_metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class MessageNode(Protocol):
+    """What the metrics read of a node: described here so that the server, which serves them, is not imported."""
+
+    @property
+    def domain(self) -> str: ...
+    @property
+    def core(self) -> MessageNodeCore: ...
+    @property
+    def counters(self) -> dict[str, int]: ...
+    @property
+    def stats(self) -> dict[str, int]: ...
+
 
 #: Gauges: (name, meaning, how to read it from the node).
 GAUGES: tuple[tuple[str, str, Callable[[MessageNode], float]], ...] = (

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from protofly.events import DeployFailed, DeployStep, RuntimeEvent, StubLive, as_json
 from protofly.log import get_logger
-from protofly.observe.usage import Usage, read_all
+from protofly.observe.usage import read_all
 from protofly.sandbox import active_layers
 from protofly.tasks import TaskSet
 
@@ -50,7 +50,11 @@ class _Timeline:
     outcome: str | None = None
 
 
-def stub_rows(runtime: Runtime, usage: dict[str, Usage]) -> list[dict[str, Any]]:
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
+
+
+def stub_rows(runtime: Runtime, usage: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The stub table: one JSON-friendly row per stub."""
     rows = []
     for record in runtime.stubs():
@@ -72,9 +76,9 @@ def stub_rows(runtime: Runtime, usage: dict[str, Usage]) -> list[dict[str, Any]]
                 "messages_in": counters.get("messages_to_stub", 0),
                 "messages_out": counters.get("messages_from_stub", 0),
                 "dropped": counters.get("dropped_to_stub", 0),
-                "cpu_seconds": None if found is None else round(found.cpu_seconds, 2),
-                "memory_bytes": None if found is None else found.memory_bytes,
-                "processes": None if found is None else found.processes,
+                "cpu_seconds": _rounded(None if found is None else found["cpu_seconds"]),
+                "memory_bytes": None if found is None else found["memory_bytes"],
+                "processes": None if found is None else found["processes"],
                 "pid": record.info.get("pid"),
                 "history": [
                     {"at": e.at, "value": e.value, "description": e.description, "source": e.source}
@@ -108,9 +112,9 @@ class ConsoleFeed:
 
     # -- what the page loads first -------------------------------------------------------------------
 
-    async def usage(self) -> dict[str, Usage]:
+    async def usage(self) -> dict[str, dict[str, Any]]:
         pids = [(r.domain, r.info["pid"]) for r in self.runtime.stubs() if isinstance(r.info.get("pid"), int)]
-        return await asyncio.to_thread(read_all, pids) if pids else {}
+        return await asyncio.to_thread(read_all, self.runtime, pids) if pids else {}
 
     async def state(self) -> dict[str, Any]:
         runtime = self.runtime

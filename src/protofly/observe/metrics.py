@@ -5,8 +5,8 @@ demo, a test — do not collide):
 
 * counters and gauges read at scrape time from what the runtime already counts (each
   :class:`~protofly.registry.StubRecord`'s counters and status, the runtime's admission and liveness
-  counters) plus the stub's processes' memory, CPU and count read from ``/proc``
-  (:mod:`protofly.observe.usage`);
+  counters) plus the stub's memory, CPU and process count as its cgroup accounts them (``/proc`` where
+  it has none; :mod:`protofly.observe.usage`);
 * histograms and counters of events (:mod:`protofly.events`): deploy step durations per seed step, whole
   deployments, outcomes, crashes.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from protofly import status
 from protofly.events import CrashLoop, DeployFailed, DeployStep, RuntimeEvent, StubCrashed, StubLive
-from protofly.observe.usage import Usage, read_all
+from protofly.observe.usage import read_all
 from protofly.sandbox import active_layers
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ METRICS: tuple[MetricDoc, ...] = (
     MetricDoc("protofly_stub_status_expired_total", "counter", STUB, "times its live status expired"),
     MetricDoc("protofly_stub_queued_messages", "gauge", STUB, "messages held while the stub deploys or restarts"),
     MetricDoc("protofly_stub_cpu_seconds_total", "counter", STUB, "CPU seconds (user+system) of the stub's processes"),
-    MetricDoc("protofly_stub_memory_bytes", "gauge", STUB, "resident memory of the stub's processes"),
+    MetricDoc("protofly_stub_memory_bytes", "gauge", STUB, "memory the stub's cgroup accounts for"),
     MetricDoc("protofly_stub_processes", "gauge", STUB, "processes in the stub's sandbox"),
     MetricDoc("protofly_deploy_step_seconds", "histogram", ("domain", "step", "seed"), "duration of one deploy step"),
     MetricDoc("protofly_deploy_seconds", "histogram", ("domain",), "trigger to live of a successful deployment"),
@@ -150,7 +150,7 @@ class _Snapshot(Collector):
 
     def __init__(self) -> None:
         self.stubs: list[_StubView] = []
-        self.usage: dict[str, Usage] = {}
+        self.usage: dict[str, dict[str, Any]] = {}
         self.runtime: dict[str, int] = {}
 
     def collect(self) -> Iterator[Metric]:
@@ -189,9 +189,13 @@ class _Snapshot(Collector):
             queued.add_metric(key, stub.queued)
             usage = self.usage.get(stub.domain)
             if usage is not None:
-                cpu.add_metric(key, usage.cpu_seconds)
-                memory.add_metric(key, usage.memory_bytes)
-                processes.add_metric(key, usage.processes)
+                for family, value in (
+                    (cpu, usage["cpu_seconds"]),
+                    (memory, usage["memory_bytes"]),
+                    (processes, usage["processes"]),
+                ):
+                    if value is not None:  # None: this kernel does not count it
+                        family.add_metric(key, value)
         yield from (info, state, since, up, *simple.values(), dropped, forged, restarts, queued, cpu, memory, processes)
         stubs = _family("protofly_runtime_stubs")
         stubs.add_metric([], len(self.stubs))
@@ -267,9 +271,9 @@ class RuntimeMetrics:
             )
         return views
 
-    async def usage(self, views: list[_StubView]) -> dict[str, Usage]:
+    async def usage(self, views: list[_StubView]) -> dict[str, dict[str, Any]]:
         pids = [(view.domain, view.pid) for view in views if view.pid is not None]
-        return await asyncio.to_thread(read_all, pids) if pids else {}
+        return await asyncio.to_thread(read_all, self.runtime, pids) if pids else {}
 
     async def render(self) -> bytes:
         """The exposition text: state copied on the loop, ``/proc`` read in a thread, then rendered."""

@@ -1,35 +1,33 @@
-"""What a stub's processes cost now: resident memory, CPU seconds and process count, read from ``/proc``.
+"""What a stub's processes cost now, for the console and ``/metrics``: the stub's own accounting first.
 
-A stub's sandbox is a process tree (bwrap's helpers and the host); its usage is the sum over the tree
-below the host pid the deployment recorded (``StubRecord.info["pid"]``).  The reads are a few small procfs
-files per process and run in a worker thread (:func:`read_all`), never on the event loop.
+The figures are :meth:`protofly.Runtime.usage` (the stub's cgroup: memory now and at its peak, CPU seconds,
+processes).  Where the stub has no cgroup (the machine offers none, see its ``isolation["missing"]``) the
+console still shows something true rather than nothing: the resident memory and CPU seconds summed over the
+process tree below the host pid the deployment recorded, read from ``/proc``, in the same
+:class:`~protofly.sandbox.cgroup.Usage` model (no peak).  Both read small kernel files, so :func:`read_all`
+runs in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from protofly.sandbox.cgroup import Usage
 from protofly.sandbox.proctree import tree
 
-__all__ = ["Usage", "read_all", "read_usage"]
+if TYPE_CHECKING:
+    from protofly.runtime import Runtime
+
+__all__ = ["read_all", "read_tree"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """One stub's processes, summed: ``memory_bytes`` resident, ``cpu_seconds`` user+system, ``processes``."""
-
-    memory_bytes: int
-    cpu_seconds: float
-    processes: int
-
-
-def read_usage(pid: int) -> Usage | None:
-    """The usage of ``pid``'s tree; None when the process is gone."""
+def read_tree(pid: int) -> Usage | None:
+    """The usage of ``pid``'s tree from ``/proc`` (resident memory, no peak); None when the process is gone."""
     memory = 0
     ticks = 0
     count = 0
@@ -47,14 +45,17 @@ def read_usage(pid: int) -> Usage | None:
         count += 1
     if count == 0:
         return None
-    return Usage(memory, ticks / _TICKS, count)
+    return Usage(memory_bytes=memory, memory_peak_bytes=None, cpu_seconds=ticks / _TICKS, processes=count)
 
 
-def read_all(pids: Iterable[tuple[str, int]]) -> dict[str, Usage]:
-    """``{domain: usage}`` for ``(domain, pid)`` pairs (run it in a thread)."""
+def read_all(runtime: Runtime, stubs: Iterable[tuple[str, int]]) -> dict[str, dict[str, Any]]:
+    """``{domain: usage}`` (``Usage.as_dict`` form) for ``(domain, host pid)`` pairs; run it in a thread."""
     found = {}
-    for domain, pid in pids:
-        usage = read_usage(pid)
+    for domain, pid in stubs:
+        usage = runtime.usage(domain)
+        if usage is None:
+            fallback = read_tree(pid)
+            usage = None if fallback is None else fallback.as_dict()
         if usage is not None:
             found[domain] = usage
     return found

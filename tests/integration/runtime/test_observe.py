@@ -107,3 +107,29 @@ async def test_readyz_turns_ready_when_the_home_stub_is_live(domains, runtime_fa
                 assert answer.status == 405
         finally:
             await observe.close()
+
+
+async def test_usage_comes_from_the_cgroup_and_from_proc_without_one(domains, runtime_factory, backend) -> None:
+    """The metrics show the stub's cgroup accounting; with cgroups off, its process tree's from ``/proc``."""
+    domains.publish("b.test", {"host": "127.0.0.1", "port": backend.port})
+    await domains.serve("b.test")
+    for cgroups in ("auto", "off"):
+        async with runtime_factory(cgroups=cgroups) as runtime, aiohttp.ClientSession() as session:
+            observe = ObserveServer(runtime, metrics="127.0.0.1:0")
+            await observe.start()
+            try:
+                handle = await runtime.load_stub("b.test")
+                stub = {"domain": "b.test", "stub_url": handle.record.url}
+                samples = await scrape(session, observe.urls["metrics"])
+                accounted = runtime.usage("b.test")
+                has_cgroup = bool(handle.record.isolation.get("cgroup"))
+                assert (accounted is not None) == has_cgroup
+                if cgroups == "off":
+                    assert accounted is None  # no cgroup: the figures below are the tree's, from /proc
+                memory = value(samples, "protofly_stub_memory_bytes", **stub)
+                assert memory > 1 << 20  # a Python process, whichever the source
+                if accounted is not None:  # the same source: within what one scrape-to-read moment changes
+                    assert abs(memory - accounted["memory_bytes"]) < 16 << 20
+                assert value(samples, "protofly_stub_processes", **stub) >= 1
+            finally:
+                await observe.close()
