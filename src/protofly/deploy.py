@@ -124,17 +124,7 @@ class DeployPipeline:
         self.events = events
 
     async def run(self, target: Target, *, refresh: bool, adopt: Callable[[Component], None]) -> StubHandle:
-        """Deploy ``target`` until ``live``; ``adopt`` is given the component as soon as it exists.
-
-        Once the run is over, whatever its outcome, the sandbox may do the work it put off meanwhile
-        (start a spare host for the next deploy).
-        """
-        try:
-            return await self._run(target, refresh=refresh, adopt=adopt)
-        finally:
-            self.sandbox.settle()
-
-    async def _run(self, target: Target, *, refresh: bool, adopt: Callable[[Component], None]) -> StubHandle:
+        """Deploy ``target`` until ``live``; ``adopt`` is given the component as soon as it exists."""
         record = target.record
         handle = StubHandle(domain=target.domain, url=record.url, record=record)
         deadline = time.monotonic() + self.config.deploy_timeout

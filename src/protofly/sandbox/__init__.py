@@ -143,13 +143,6 @@ class Sandbox(ABC):
 
     kind: str
 
-    def settle(self) -> None:  # noqa: B027 - optional hook, a no-op for sandboxes that put nothing off
-        """A deploy is over (live or failed): do the work the sandbox put off while it ran.
-
-        The process sandbox starts the spare hosts that replace those the deploys took only now, so that
-        a spare's start does not compete with a deploy for the CPU.  Nothing to do for other sandboxes.
-        """
-
     @abstractmethod
     async def deploy(
         self,

@@ -54,8 +54,8 @@ from protofly.tasks import TaskSet
 __all__ = ["ProcessSandbox"]
 
 _log = get_logger("protofly.sandbox")
-#: Seconds between the end of a deploy and the start of the spare host that replaces the one it took.
-SETTLE_DELAY = 0.05
+#: Seconds between a deploy's ``created`` (or failure) and the start of the spare that replaces its host.
+REFILL_DELAY = 0.05
 #: Stub URLs whose limit hits are remembered across restarts.
 _MAX_REMEMBERED = 10_000
 
@@ -138,8 +138,8 @@ class ProcessSandbox(Sandbox):
         self._hosts: set[ProcessComponent] = set()
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
-        #: The refill :meth:`settle` scheduled, not run yet.
-        self._settle: asyncio.TimerHandle | None = None
+        #: The refill :meth:`_put_off_refill` scheduled, not run yet.
+        self._refill: asyncio.TimerHandle | None = None
 
     @property
     def components(self) -> list[ProcessComponent]:
@@ -255,9 +255,10 @@ class ProcessSandbox(Sandbox):
                     egress=egress or NO_EGRESS,
                     waited=waited,
                 )
+                self._put_off_refill()
             except BaseException as exc:
                 self._components.discard(component)
-                spares.settle()  # this deploy is over
+                self._put_off_refill()
                 await self._reap_failed(component)
                 if attempt == 1 and isinstance(exc, DeployError) and component.died_before_stub_code:
                     _log.warning("a sandbox host died before the stub's code ran; retrying on a new one", url=url)
@@ -266,19 +267,20 @@ class ProcessSandbox(Sandbox):
             return component
         raise AssertionError("unreachable")
 
-    def settle(self) -> None:
-        """Start the spare hosts that replace those the finished deploys took (see :mod:`.spares`).
+    def _put_off_refill(self) -> None:
+        """Start the spares that replace those the deploys took, :data:`REFILL_DELAY` from now.
 
-        A moment later (:data:`SETTLE_DELAY`): a host's start does a few ms of work on the loop (its group,
-        its command line, the fork) and more beside it (bwrap making namespaces, the cgroup move), which
-        the deploy's caller, woken a few loop turns from now, and the first messages through the new stub
-        should not wait for.  A deploy meanwhile starts its host itself, as :meth:`start` refills.
+        Not at once: a host's start does a few ms of work on the loop (its group, its command line, the
+        fork) and more beside it (bwrap making namespaces, the cgroup move, the interpreter's start), which
+        on two cores takes CPU the deploy needs: its stub's connect, the caller woken a few loop turns
+        later, the first messages through the new stub.  A deploy meanwhile starts its host itself, as
+        :meth:`start` refills the pool.
         """
-        if self._settle is None and not self._closed:
-            self._settle = asyncio.get_running_loop().call_later(SETTLE_DELAY, self._settle_now)
+        if self._refill is None and not self._closed:
+            self._refill = asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill_now)
 
-    def _settle_now(self) -> None:
-        self._settle = None
+    def _refill_now(self) -> None:
+        self._refill = None
         if not self._closed:
             self._spares.settle()
             self._js_spares.settle()
@@ -310,9 +312,9 @@ class ProcessSandbox(Sandbox):
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._settle is not None:
-                self._settle.cancel()
-                self._settle = None
+            if self._refill is not None:
+                self._refill.cancel()
+                self._refill = None
             removals = [c.remove(self.close_grace) for c in self._components]
             removals.append(self._spares.close(self.close_grace, self.start_timeout))
             removals.append(self._js_spares.close(self.close_grace, self.start_timeout))

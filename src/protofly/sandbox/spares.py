@@ -2,11 +2,11 @@
 
 Importing asyncio and msgspec takes most of a Python start, so the process sandbox keeps ``size`` hosts
 started and idle (imports done, no stub code, no limits yet).  A deploy takes one; its replacement starts
-when the deploy is over (:meth:`SparePool.settle`), not at once: a host's start is ~100 ms of CPU and
-kernel work (namespaces, a cgroup move), and on a machine with two cores it would take a third of the CPU
-the deploy itself needs.  The next deploy's :meth:`SparePool.refill` starts it anyway, so a caller that
-never settles loses only the head start.  The pool owns the starting and started spares, in start order;
-it knows a host only through :class:`Spare`, so it depends on nothing above it.
+when the owner says the deploy is over (:meth:`SparePool.settle`), not at once: a host's start is ~100 ms
+of CPU and kernel work (namespaces, a cgroup move), and on a machine with two cores it would take a third
+of the CPU the deploy itself needs.  The next deploy's :meth:`SparePool.refill` starts it anyway.  The pool
+owns the starting and started spares, in start order; it knows a host only through :class:`Spare`, so it
+depends on nothing above it.
 """
 
 from __future__ import annotations
