@@ -170,7 +170,7 @@ async def rethink_catalogue(root: Path, node_url: str, key: SigningKey) -> Catal
     (package / "default.ps.js").write_bytes((RETHINK / "default.ps.js").read_bytes())
     template = json.loads((RETHINK / "default.ps.json").read_text())
     template["configuration"]["url"] = node_url
-    template.update({"version": "1.0.0", "sourceFile": "default.ps.js"})
+    template.update({"version": "1.0.0", "sourceFile": "default.ps.js", "egress": [node_url]})
     (package / "descriptor.json").write_text(json.dumps(template))
     publish(package, root / "published-js", key, DOMAIN)
     server = CatalogueServer(root / "published-js", default="default")

@@ -192,3 +192,117 @@ test('the host: a stub that cannot start is a 500 naming why, and the host stays
   const out = frames.flatMap((f) => new host.FrameDecoder().feed(f));
   assert.deepEqual(out.map((m) => m.body), [{ code: 500, description: 'Error: boom' }, { code: 400, description: 'create: body.url must be a non-empty string' }]);
 });
+
+// -- brokered connections (node_egress.js) ------------------------------------------------------------------
+
+const egressModule = require('../../src/protofly/sandbox/node_egress.js');
+
+function egressWithOutbox(channel = true) {
+  const sent = [];
+  return { egress: new egressModule.Egress((msg) => sent.push(msg), channel), sent };
+}
+
+function fakeSocket() {
+  return { destroyed: false, noDelay: false, setNoDelay() { this.noDelay = true; }, destroy() { this.destroyed = true; } };
+}
+
+test('egress: a request completes when both the answer and the socket came, in either order', async () => {
+  const { egress, sent } = egressWithOutbox();
+  const first = egress.open('ws://node.x.test:80/ws');
+  const second = egress.open('tcp://db.x.test:5432');
+  assert.deepEqual(sent.map((m) => [m.id, m.type, m.to, m.body.method, m.body.params]), [
+    [1, 'execute', 'hyperty-runtime://sandbox/external', 'open-connection', ['ws://node.x.test:80/ws']],
+    [2, 'execute', 'hyperty-runtime://sandbox/external', 'open-connection', ['tcp://db.x.test:5432']],
+  ]);
+  const one = fakeSocket();
+  const two = fakeSocket();
+  assert.equal(egress.onAnswer({ id: 1, type: 'response', body: { code: 200 } }), true);
+  egress.onHandle({ protofly: 'egress', id: '1' }, one);
+  egress.onHandle({ protofly: 'egress', id: '2' }, two);
+  egress.onAnswer({ id: 2, type: 'response', body: { code: 200 } });
+  assert.equal(await first, one);
+  assert.equal(await second, two);
+  assert.ok(one.noDelay && !one.destroyed && egress.pending.size === 0);
+});
+
+test("egress: a refusal rejects with the runtime's code and words; no channel and too many are refused here", async () => {
+  const { egress } = egressWithOutbox();
+  const refused = egress.open('tcp://evil.test:25');
+  egress.onAnswer({ id: 1, type: 'response', body: { code: 403, description: 'egress: tcp://evil.test:25 not declared' } });
+  await assert.rejects(refused, (err) => err.name === 'EgressError' && err.code === 403 && /not declared/.test(err.message));
+  await assert.rejects(egressWithOutbox(false).egress.open('ws://a.test'), (err) => err.code === 403 && /no socket channel/.test(err.message));
+  const busy = egressWithOutbox().egress;
+  const waiting = Array.from({ length: egressModule.MAX_OPENING }, () => busy.open('ws://a.test').catch(() => null));
+  await assert.rejects(busy.open('ws://a.test'), (err) => err.code === 429);
+  for (const id of busy.pending.keys()) busy.fail(id, new Error('test over'));
+  await Promise.all(waiting);
+});
+
+test('egress: a socket nobody asked for, or a second one for a request, is kept bounded and closed', () => {
+  const { egress } = egressWithOutbox();
+  const strays = Array.from({ length: 70 }, fakeSocket);
+  strays.forEach((socket, i) => egress.onHandle({ protofly: 'egress', id: String(1000 + i) }, socket));
+  assert.equal(egress.unclaimed.size, 64);
+  assert.deepEqual(strays.slice(0, 6).map((s) => s.destroyed), [true, true, true, true, true, true]);
+  const foreign = fakeSocket();
+  egress.onHandle({ something: 'else' }, foreign);
+  assert.ok(foreign.destroyed);
+});
+
+test("egress: the stub's WebSocket and fetch ask the broker for the URL's endpoint", async () => {
+  const { egress, sent } = egressWithOutbox();
+  const context = host.stubContext({ nodeModules: null }, egress);
+  const socket = new context.WebSocket('ws://node.x.test:8080/ws');
+  socket.onerror = () => {};
+  const fetched = context.fetch('http://api.x.test/v1').catch((err) => err);
+  await flush();
+  assert.deepEqual(sent.map((m) => m.body.params[0]), ['ws://node.x.test:8080/ws', 'http://api.x.test/v1']);
+  egress.onAnswer({ id: 2, type: 'response', body: { code: 403, description: 'egress: http://api.x.test:80/v1 not declared' } });
+  const err = await fetched;
+  assert.equal(err.code, 403);
+  egress.onAnswer({ id: 1, type: 'response', body: { code: 502, description: 'egress: cannot connect' } });
+  const closed = await new Promise((resolve) => { socket.onclose = (event) => resolve(event.code); });
+  assert.equal(closed, 1006);
+});
+
+test("egress: a wss/https connection is TLS over the brokered socket, the server's certificate checked", async (t) => {
+  const { execFileSync } = require('node:child_process');
+  const { mkdtempSync } = require('node:fs');
+  const { tmpdir } = require('node:os');
+  const path = require('node:path');
+  const net = require('node:net');
+  const tls = require('node:tls');
+  const dir = mkdtempSync(path.join(tmpdir(), 'protofly-tls-'));
+  const key = path.join(dir, 'key.pem');
+  const cert = path.join(dir, 'cert.pem');
+  try {
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '1',
+      '-subj', '/CN=node.x.test', '-addext', 'subjectAltName=DNS:node.x.test'], { stdio: 'ignore' });
+  } catch (err) {
+    t.skip(`openssl cannot make a test certificate (${err.message})`);
+    return;
+  }
+  const server = tls.createServer({ key: readFileSync(key), cert: readFileSync(cert) }, (socket) => socket.end('hello over TLS'));
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address();
+  // The broker's part, played by the test: a plain TCP connection to the server, as the runtime passes it.
+  const broker = { asked: [], open(url) { this.asked.push(url); return new Promise((resolve) => { const s = net.connect(port, '127.0.0.1', () => resolve(s)); }); } };
+  const connect = (options, host = 'node.x.test') => new Promise((resolve, reject) => {
+    egressModule.connector(broker, `wss://${host}:${port}/ws`, {})(options, (err, socket) => {
+      if (err) return reject(err);
+      socket.on('error', reject);
+      const chunks = [];
+      socket.on('data', (chunk) => chunks.push(chunk));
+      socket.on('end', () => resolve(Buffer.concat(chunks).toString()));
+      return undefined;
+    });
+  });
+  try {
+    await assert.rejects(connect({}), (err) => err.code === 'DEPTH_ZERO_SELF_SIGNED_CERT');  // not trusted: refused
+    assert.equal(await connect({ ca: readFileSync(cert) }), 'hello over TLS');  // trusted, for the URL's host
+    await assert.rejects(connect({ ca: readFileSync(cert) }, 'other.x.test'), (err) => err.code === 'ERR_TLS_CERT_ALTNAME_INVALID');
+    assert.deepEqual(broker.asked.slice(0, 2), [`wss://node.x.test:${port}/ws`, `wss://node.x.test:${port}/ws`]);
+  } finally {
+    server.close();
+  }
+});

@@ -37,6 +37,8 @@ class EgressChannel:
         tasks: TaskSet,
         answer: Answer,
         alive: Callable[[], bool],
+        *,
+        send: Callable[[socket.socket, str, socket.socket], None] = send_socket,
     ) -> None:
         self.broker = broker
         self._net = net
@@ -44,6 +46,7 @@ class EgressChannel:
         self._answer = answer
         self._alive = alive
         self._opening = 0
+        self._send = send  # how a socket travels to this host (fdpass: a Python host's, or Node's IPC)
 
     def handle(self, msg: Message) -> None:
         """One ``execute`` request from the host."""
@@ -82,7 +85,7 @@ class EgressChannel:
             if not self._alive() or self._net.fileno() < 0:
                 return
             try:
-                send_socket(self._net, str(msg.id), sock)
+                self._send(self._net, str(msg.id), sock)
             except OSError as exc:
                 self._answer(msg, 503, f"egress: cannot pass the socket to the stub ({exc.strerror or exc})")
                 return

@@ -43,7 +43,6 @@ __all__ = [
     "probe",
     "read_paths",
     "sandbox_user",
-    "without_network",
 ]
 
 _log = get_logger("protofly.sandbox.isolation")
@@ -112,11 +111,6 @@ class Probe:
 def namespace_names(namespaces: tuple[str, ...]) -> list[str]:
     """``("--unshare-user", "--unshare-cgroup-try")`` → ``["user", "cgroup"]``."""
     return [opt.removeprefix("--unshare-").removesuffix("-try") for opt in namespaces]
-
-
-def without_network(namespaces: tuple[str, ...]) -> tuple[str, ...]:
-    """The same namespaces but the network one (for a host that cannot use brokered connections)."""
-    return tuple(opt for opt in namespaces if opt not in _NETWORK)
 
 
 _cache: dict[tuple[str, str | None, tuple[int, int] | None], Probe] = {}

@@ -6,7 +6,7 @@ the runtime's view of that capability, kept free of heavy imports because the sa
 
 * :func:`is_javascript` folds reTHINK's language spellings (``javascript``, ``"Javascript ECMA6"``, ...);
 * :func:`node_executable` and :func:`node_modules` find Node.js and the ``npm ci``-installed packages
-  (the pinned ``ws``, the WebSocket of Node versions without a built-in one);
+  (the pinned ``ws``, the stub's WebSocket on every Node version: it takes the runtime's brokered sockets);
 * :func:`missing` says, with the install hint, why JavaScript stubs cannot run here, or None.
 """
 

@@ -66,10 +66,15 @@ def exec_spare(settings: Mapping[str, Any]) -> NoReturn:
         if not isinstance(node, str) or not node:
             raise RuntimeError("Node.js is not installed (the runtime found no node on its PATH)")
         os.set_inheritable(int(settings["fd"]), True)
+        env = dict(os.environ)
+        egress_fd = settings.get("egress_fd")
+        if isinstance(egress_fd, int):  # Node opens it as its IPC channel: the stub's sockets arrive there
+            os.set_inheritable(egress_fd, True)
+            env.update(NODE_CHANNEL_FD=str(egress_fd), NODE_CHANNEL_SERIALIZATION_MODE="json")
         report = confine.apply(None, settings)
         report["missing"] = [m for m in report.get("missing", []) if not m.startswith("rlimits:")]
         report["host"] = "node"
-        os.execve(node, node_command(node, settings, report), dict(os.environ))
+        os.execve(node, node_command(node, settings, report), env)
     except Exception as exc:
         os.write(2, f"protofly sandbox host: cannot start Node.js ({node}): {exc}\n".encode())
     os._exit(127)

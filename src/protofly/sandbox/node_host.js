@@ -26,6 +26,8 @@
  * packages (`activate(url, bus, config)` returning `{name, instance}`).  The stub's code runs in its own
  * vm context with the globals a browser stub expects (WebSocket, timers, console, fetch, TextEncoder...)
  * and without `require` or `process`; the process boundary, not the vm context, is the isolation.
+ * The host runs in a network namespace with no interface: the stub's WebSocket and fetch get their
+ * connections from the runtime's broker, passed in on Node's IPC channel (node_egress.js).
  * reTHINK runtime services (`factory.createSyncher` and the like), `XMLHttpRequest` and WebRTC are not
  * provided: using one fails with an error naming it.
  *
@@ -42,6 +44,7 @@ const vm = require('vm');
 
 const { DEFAULT_MAX_FRAME, FrameDecoder, FrameWriter, frame } = require('./node_channel.js');
 const { MiniBus } = require('./node_bus.js');
+const { Egress, EgressError, brokeredFetch, brokeredWebSocket } = require('./node_egress.js');
 
 const SANDBOX_EXTERNAL = 'hyperty-runtime://sandbox/external';
 const SANDBOX_INTERNAL = 'hyperty-runtime://sandbox/internal';
@@ -94,19 +97,24 @@ function unavailable(what, why) {
   };
 }
 
-/** The global WebSocket: Node's own where it has one (Node 22+), else the pinned `ws` package. */
-function webSocketClass(nodeModules) {
-  if (typeof globalThis.WebSocket === 'function') return globalThis.WebSocket;
+/**
+ * The global WebSocket.  With an `egress` (the sandbox) it is the pinned `ws` package's class connected
+ * through the runtime's broker, on every Node version: Node 22's built-in one cannot be handed a socket.
+ * Without one (the host's own tests) Node's built-in is used where there is one.
+ */
+function webSocketClass(nodeModules, egress) {
+  if (!egress && typeof globalThis.WebSocket === 'function') return globalThis.WebSocket;
   const candidates = nodeModules ? [path.join(nodeModules, 'ws')] : [];
   candidates.push('ws');
   for (const candidate of candidates) {
     try {
-      return require(candidate);
+      const WS = require(candidate);
+      return egress ? brokeredWebSocket(WS, egress) : WS;
     } catch (err) {
       // try the next one
     }
   }
-  return unavailable('WebSocket', `Node ${process.version} has none built in and the pinned 'ws' package is not installed: run 'npm ci' in the protofly checkout`);
+  return unavailable('WebSocket', `the pinned 'ws' package, through which the runtime hands a stub its connections, is not installed: run 'npm ci' in the protofly checkout`);
 }
 
 /** A `factory` whose every service throws, naming it: protofly does not run reTHINK's runtime services. */
@@ -121,15 +129,16 @@ function missingFactory() {
   });
 }
 
-function stubContext(settings) {
-  const WebSocket = webSocketClass(settings.nodeModules);
+/** The stub's globals; `egress` (the host's broker client) connects its WebSocket and fetch. */
+function stubContext(settings, egress) {
+  const WebSocket = webSocketClass(settings.nodeModules, egress);
   const globals = {
     console: boundedConsole(process.stdout, process.stderr, settings.logPerSecond || 200),
     setTimeout, clearTimeout, setInterval, clearInterval, setImmediate, clearImmediate, queueMicrotask,
     WebSocket,
     TextEncoder, TextDecoder, URL, URLSearchParams,
     atob: globalThis.atob, btoa: globalThis.btoa,
-    fetch: globalThis.fetch, Headers: globalThis.Headers, Request: globalThis.Request, Response: globalThis.Response,
+    fetch: egress ? brokeredFetch(egress) : globalThis.fetch, Headers: globalThis.Headers, Request: globalThis.Request, Response: globalThis.Response,
     structuredClone: globalThis.structuredClone,
     XMLHttpRequest: unavailable('XMLHttpRequest', 'use WebSocket or fetch'),
     RTCPeerConnection: unavailable('RTCPeerConnection (WebRTC)', 'stubs cannot open peer connections'),
@@ -230,6 +239,7 @@ class Host {
     this.backlog = [];
     this.status = null;
     this.statusWaiters = [];
+    this.egress = new Egress((msg) => this.send(msg), false); // main() gives it the IPC channel
   }
 
   /** The stub's messages to the runtime; its status updates are also noted (see `disconnected`). */
@@ -304,7 +314,8 @@ class Host {
       this.writer.flush();
       this.exit(0);
     } else if (msg.type === 'read' && msg.body && msg.body.resource === 'liveness') this.pong(msg);
-    else if (msg.type !== 'response') this.respond(msg, 400, `unknown control message type ${JSON.stringify(msg.type)}`);
+    else if (msg.type === 'response') this.egress.onAnswer(msg);
+    else this.respond(msg, 400, `unknown control message type ${JSON.stringify(msg.type)}`);
   }
 
   /** The runtime's liveness ping (protofly.liveness), answered on the event loop the stub runs on: a stub that
@@ -341,7 +352,7 @@ class Host {
     this.reportIsolation(body.sandbox);
     this.bus = new MiniBus((out) => this.fromStub(out));
     try {
-      const context = this.context || stubContext(this.settings);
+      const context = this.context || stubContext(this.settings, this.egress);
       this.context = null;
       const start = loadStub(body.sourceCode, { classname: body.sourceCodeClassname, filename: `${body.url}.js`, context });
       const stubConfig = vm.runInContext('(text) => JSON.parse(text)', context)(JSON.stringify(withDefaults(config)));
@@ -468,13 +479,16 @@ function main(argv) {
   });
   socket.on('close', () => exit(0));
   socket.on('error', () => exit(0));
-  host.context = stubContext(settings);  // prepared while idle: a deploy only evaluates the stub
+  // The stub's connections arrive as handles on Node's IPC channel (NODE_CHANNEL_FD, set by node_exec.py).
+  host.egress.channel = Boolean(process.channel);
+  if (process.channel) process.on('message', (msg, handle) => host.egress.onHandle(msg, handle));
+  host.context = stubContext(settings, host.egress);  // prepared while idle: a deploy only evaluates the stub
   host.send({ type: 'update', from: SANDBOX_INTERNAL, to: SANDBOX_EXTERNAL,
     body: { value: 'ready', pid: process.pid, node: process.version } });
 }
 
 module.exports = {
-  DEFAULT_MAX_BUFFER, FrameDecoder, FrameWriter, Host, MiniBus, MissingCapability, frame, loadStub, main,
+  DEFAULT_MAX_BUFFER, Egress, EgressError, FrameDecoder, FrameWriter, Host, MiniBus, MissingCapability, frame, loadStub, main,
   missingFactory, rlimitsProblem, stubContext, withDefaults,
 };
 

@@ -44,7 +44,7 @@ from protofly.sandbox.channel import (
     control,
 )
 from protofly.sandbox.egress_channel import EgressChannel
-from protofly.sandbox.fdpass import socket_pair
+from protofly.sandbox.fdpass import drain_acks, node_socket_pair, send_node_handle, send_socket, socket_pair
 from protofly.sandbox.guard import Guard, failed_status, new_counters
 from protofly.sandbox.output import StubOutput
 from protofly.sandbox.proctree import HostProcess, descendants, describe_exit
@@ -348,7 +348,9 @@ class ProcessComponent(Component):
         if not self._bwrap:
             self._workdir = await asyncio.to_thread(_make_workdir, settings.workdir_root, self._probe.user)
         parent, child = socket.socketpair()
-        self._net, net_child = socket_pair()
+        self._net, net_child = node_socket_pair() if settings.node_spare else socket_pair()
+        if settings.node_spare:  # Node acknowledges each socket it gets on its IPC channel: read and dropped
+            self._loop.add_reader(self._net.fileno(), self._drain_node_acks)
         gate, opener = os.pipe()
         try:
             self._process = self._spawn(child.fileno(), net_child.fileno(), gate)
@@ -440,9 +442,7 @@ class ProcessComponent(Component):
         )
 
     def _namespaces(self) -> tuple[str, ...]:
-        """The probe's namespaces; a Node host keeps the network (it has no ``open_connection`` yet)."""
-        if self._settings.node_spare:
-            return iso.without_network(self._probe.namespaces)
+        """The probe's namespaces, the network one included for Python and Node hosts alike."""
         return self._probe.namespaces
 
     @property
@@ -472,7 +472,12 @@ class ProcessComponent(Component):
         self._broker = EgressBroker(egress, self.counters, stub_url=url)
         if self._net is not None:
             self._egress = EgressChannel(
-                self._broker, self._net, self._tasks, self._answer, lambda: self._state in ("running", "deploying")
+                self._broker,
+                self._net,
+                self._tasks,
+                self._answer,
+                lambda: self._state in ("running", "deploying"),
+                send=send_node_handle if self._settings.node_spare else send_socket,
             )
         self._status_url = f"{url}/status"
         self._guard = Guard(url, boundary, on_message, self.counters)
@@ -576,12 +581,7 @@ class ProcessComponent(Component):
         declared = self._broker.policy.declared() if self._broker is not None else []
         if self._own_network:
             return {"namespace": "own, no interface but loopback", "egress": declared}
-        if self._settings.node_spare and self._probe.network:
-            missing.append(
-                "network namespace: not for JavaScript stubs yet (the Node host has no open_connection); "
-                "the stub shares the host's network"
-            )
-        elif not any(item.startswith("network namespace:") for item in missing):
+        if not any(item.startswith("network namespace:") for item in missing):
             missing.append("network namespace: none without bwrap; the stub shares the host's network")
         return False
 
@@ -731,7 +731,20 @@ class ProcessComponent(Component):
     def _close_net(self) -> None:
         net, self._net = self._net, None
         if net is not None:
+            if self._settings.node_spare:
+                self._loop.remove_reader(net.fileno())
             net.close()
+
+    def _drain_node_acks(self) -> None:
+        """Read (and drop) a Node host's handle ACKs; a NACK, a socket Node could not take, is logged."""
+        net = self._net
+        if net is None:
+            return
+        still_open, nacks = drain_acks(net)
+        if nacks:
+            self._log.warning("the Node host could not take a socket passed to it", nacks=nacks)
+        if not still_open:
+            self._loop.remove_reader(net.fileno())
 
     def _on_channel_lost(self) -> None:
         self._transport = None

@@ -40,9 +40,8 @@ def node_problem() -> str | None:
     if node is None:
         return f"Node.js is not installed ({INSTALL_HINT})"
     version = subprocess.run([node, "--version"], capture_output=True, text=True, check=False).stdout.strip()
-    major = int(version.lstrip("v").split(".")[0] or 0)
-    if major < 22 and node_modules() is None:
-        return f"Node {version} has no built-in WebSocket and the pinned 'ws' is not installed ({INSTALL_HINT})"
+    if node_modules() is None:  # the stub's WebSocket is ws's, connected through the runtime's broker
+        return f"Node {version}: the pinned 'ws' is not installed ({INSTALL_HINT})"
     return None
 
 
@@ -100,7 +99,8 @@ class JsWorld:
     async def publish_rethink(self, catalogue: str, domain: str) -> None:
         """reTHINK's gen-2 Vert.x stub, unmodified, signed by ``domain`` for its node."""
         node = await self.node(domain)
-        self.publish_package(catalogue, domain, rethink_descriptor(node.url), DATA / "default.ps.js")
+        # reTHINK's descriptor, plus the one endpoint the stub needs, opened for it by the runtime's broker
+        self.publish_package(catalogue, domain, rethink_descriptor(node.url, egress=[node.url]), DATA / "default.ps.js")
 
     async def publish_msgnode(self, catalogue: str, domain: str) -> None:
         """protofly's Python stub for ``domain``'s node."""

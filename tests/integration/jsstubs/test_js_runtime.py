@@ -41,9 +41,13 @@ async def test_rethinks_vertx_stub_goes_live_in_node_and_carries_a_request_to_a_
         layers = stub_a.isolation
         assert layers["bwrap"] and layers["seccomp"] and layers["landlock"] and layers["no_new_privs"]
         assert layers["rlimits"]["memory_mb"] == 1024 and "RLIMIT_DATA" in layers["rlimits"]["memory"]
-        # The Node host has no brokered connections yet: its stub keeps the host's network, and says so.
-        assert layers["network"] is False and stub_b.isolation["network"]["egress"]
-        assert any(item.startswith("network namespace: not for JavaScript stubs") for item in layers["missing"])
+        # Both stubs sit in an empty network namespace; each reached its node through the runtime's broker.
+        node_url = (await world.node("x.test")).url
+        for record in (stub_a, stub_b):
+            assert record.isolation["network"] == {"namespace": "own, no interface but loopback", "egress": [node_url]}
+            assert "net" in record.isolation["bwrap"]["namespaces"]
+            assert not any(item.startswith("network namespace") for item in record.isolation["missing"])
+            assert record.counters["egress_opened"] == 1 and record.counters.get("egress_refused", 0) == 0
 
         answer = await hyperty_a.request(hyperty_b.url, "execute", {"n": 7}, timeout=20)
         assert response_code(answer) == 200
@@ -73,7 +77,8 @@ async def test_rethinks_unsigned_static_layout_deploys_under_warn_loudly_and_is_
     node = await world.node("x.test")
     folder = world.root / "cat-raw" / ".well-known" / "protocolstub"
     folder.mkdir(parents=True)
-    (folder / "default.ps.json").write_text(json.dumps(rethink_descriptor(node.url)))  # no sourcePackage
+    descriptor = rethink_descriptor(node.url, egress=[node.url])  # no sourcePackage, no signature
+    (folder / "default.ps.json").write_text(json.dumps(descriptor))
     (folder / "default.ps.js").write_bytes((DATA / "default.ps.js").read_bytes())
     raw = await world.serve("cat-raw")
     async with world.runtime("y.test", {"x.test": raw}, policy="require") as runtime:
@@ -99,7 +104,9 @@ async def test_rethinks_gen1_vertx_package_with_latin1_bytes_deploys_and_goes_li
     stub = world.root / "VertxProtoStub.js"
     stub.write_bytes(source)
     node = await world.node("x.test")
-    world.publish_js("cat-gen1", "x.test", stub, {"url": node.url}, sourceCodeClassname="VertxProtoStub")
+    world.publish_js(
+        "cat-gen1", "x.test", stub, {"url": node.url}, sourceCodeClassname="VertxProtoStub", egress=[node.url]
+    )
     cat = await world.serve("cat-gen1")
     async with world.runtime("y.test", {"x.test": cat}) as runtime:
         handle = await runtime.load_stub("x.test")

@@ -16,6 +16,8 @@ import pytest
 from protofly.message import Message, response_code
 from protofly.msgnode import MessageNode
 from protofly.sandbox import Boundary
+from protofly.sandbox.broker import EgressPolicy
+from protofly.sandbox.egress import parse_endpoint
 from protofly.sandbox.process import ProcessSandbox
 from protofly.sandbox.process_component import ProcessComponent
 
@@ -89,6 +91,7 @@ async def sides() -> AsyncIterator[tuple[Side, Side]]:
                 on_message=side.on_message,
                 on_exit=lambda reason: None,
                 language="Javascript ECMA6",
+                egress=EgressPolicy((parse_endpoint(node.url),)),  # the node, opened by the broker
             )
             answer = await side.component.execute("connect", [{}], timeout=WAIT)
             assert response_code(answer) == 200
@@ -142,3 +145,32 @@ async def test_a_ping_between_hyperties_behind_two_stubs_arrives_with_via_the_re
     ping = await two.next(lambda m: m.type == "ping")
     assert ping.from_ == hyperty_one and ping.to == hyperty_two
     assert session_of(two)(ping.body["via"])
+
+
+async def test_without_bwrap_the_namespace_is_reported_missing_and_the_websocket_is_still_brokered() -> None:
+    node = MessageNode(DOMAIN, port=0)
+    await node.start()
+    side = Side("runtime://one.test/rt1")
+    try:
+        async with ProcessSandbox(use_bwrap=False, prestart=0) as sandbox:
+            side.component = await sandbox.deploy(
+                url=side.url,
+                source=(DATA / "default.ps.js").read_bytes(),
+                config={"url": node.url, "runtimeURL": side.runtime_url},
+                classname=None,
+                limits=None,
+                boundary=Boundary(runtime_url=side.runtime_url, runtime_domain="one.test", stub_domain=DOMAIN),
+                on_message=side.on_message,
+                on_exit=lambda reason: None,
+                language="Javascript ECMA6",
+                egress=EgressPolicy((parse_endpoint(node.url),)),
+            )
+            answer = await side.component.execute("connect", [{}], timeout=WAIT)
+            assert response_code(answer) == 200
+            await side.next(lambda m: m.to == f"{side.url}/status" and (m.body or {}).get("value") == "live")
+            layers = side.component.isolation
+            assert layers["host"] == "node" and layers["network"] is False
+            assert "network namespace: none without bwrap; the stub shares the host's network" in layers["missing"]
+            assert side.component.counters["egress_opened"] == 1  # its WebSocket came from the broker all the same
+    finally:
+        await node.stop()
