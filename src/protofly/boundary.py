@@ -19,6 +19,11 @@ counters):
   receiver can tell a first-hand ``from`` from one relayed by the home stub.
 
 Every drop is logged at most once per stub, kind and interval.
+
+The destination rule is decided once per destination, not once per message: a destination found reachable
+is kept in a small set that is emptied whenever a listener or a local component comes or goes (the bus's
+``routes_version``, the registry's ``local_version``), so the answer is always the one the rule would
+give now.  Refusals are never kept (they are rare, and each is counted anyway).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ _NOT_ANSWERED = frozenset({"response", "update"})
 
 #: The sandbox control protocol's addresses: never a stub's destination.
 _CONTROL_SPACE = "hyperty-runtime://sandbox"
+#: Destinations per stub whose reachability is kept (all forgotten at once when full).
+MAX_REACHABLE = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,10 @@ class StubBoundary:
         self._statuses = TokenBucket(policy.status_rate, policy.status_burst, clock=clock)
         self._messages = TokenBucket(policy.message_rate, policy.message_burst, clock=clock)
         self._warnings = warnings
+        #: Destinations this stub may reach, valid while the bus's and the registry's versions are these.
+        self._reachable: set[str] = set()
+        self._routes_seen = -1
+        self._local_seen = -1
 
     def admit(self, msg: Message) -> bool:
         """True: post ``msg`` on the bus (``via`` stamped).  False: it was settled, dropped or answered here."""
@@ -93,8 +104,16 @@ class StubBoundary:
                 return self._refuse(
                     msg, "forged_responses", 0, "a response that did not come back the way its request went"
                 )
-        if not self._may_reach(msg):
-            return self._refuse(msg, "forbidden_destination", 403, f"a stub may not send to {to}")
+        routes, local = self._bus.routes_version, self._registry.local_version
+        if routes != self._routes_seen or local != self._local_seen:
+            self._reachable.clear()
+            self._routes_seen, self._local_seen = routes, local
+        if to not in self._reachable:
+            if not self._may_reach(to):
+                return self._refuse(msg, "forbidden_destination", 403, f"a stub may not send to {to}")
+            if len(self._reachable) >= MAX_REACHABLE:
+                self._reachable.clear()
+            self._reachable.add(to)
         if not self._messages.take():
             return self._refuse(msg, "messages_rate_limited", 429, "messages over the stub's rate")
         body = msg.body
@@ -104,8 +123,7 @@ class StubBoundary:
             body["via"] = self.url
         return True
 
-    def _may_reach(self, msg: Message) -> bool:
-        to = msg.to
+    def _may_reach(self, to: str) -> bool:
         if is_within(to, self._runtime_url) or is_within(to, _CONTROL_SPACE):
             return False
         if self._bus.has_listener(to):

@@ -120,6 +120,9 @@ class MessageBus:
         resolve_timeout: float = DEFAULT_RESOLVE_TIMEOUT,
     ) -> None:
         self._routes: dict[str, tuple[Listener, ...]] = {}
+        #: Bumped whenever a listener is added or removed: a cache of answers to :meth:`has_listener`
+        #: (the trust boundary's) is valid only while it stays the same.
+        self.routes_version = 0
         self._interceptors: tuple[Interceptor, ...] = ()
         self._pending: dict[tuple[str, int | str | None], _Pending] = {}
         self._slots: dict[int, tuple[asyncio.TimerHandle, set[tuple[str, int | str | None]]]] = {}
@@ -140,10 +143,12 @@ class MessageBus:
             raise ValueError("listener address must be a non-empty string")
         listener = Listener(self, address, handler)
         self._routes[address] = (*self._routes.get(address, ()), listener)
+        self.routes_version += 1
         return listener
 
     def _remove_listener(self, listener: Listener) -> None:
         current = self._routes.get(listener.address, ())
+        self.routes_version += 1
         remaining = tuple(entry for entry in current if entry is not listener)
         if remaining:
             self._routes[listener.address] = remaining

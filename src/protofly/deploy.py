@@ -189,6 +189,7 @@ class DeployPipeline:
             runtime_domain=self.config.domain,
             stub_domain=target.domain,
             is_local=self.registry.is_local_component,
+            local_version=self.registry.local_generation,
         )
         holder: list[Component] = []
         try:

@@ -108,6 +108,8 @@ class Hyperty:
                 self.bus.reply_error(msg, 501, f"hyperty {self.url} has no handler")
             return None
         result = handler(msg)
+        if result is None:  # a notification handled (the common case): nothing to answer or await
+            return None
         if inspect.isawaitable(result):
             return self._answer_later(msg, result)
         self._answer(msg, result)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,8 @@ log = get_logger("protofly.registry")
 
 #: Return paths kept for requests that arrived through a stub (oldest forgotten first).
 MAX_RETURN_PATHS = 10_000
+#: Destinations whose route to a stub is kept (all forgotten at once when full, or when the tables change).
+MAX_CACHED_ROUTES = 4096
 #: Stub numbers are reserved in blocks so that allocating one costs no disk write, yet none is reused.
 RESERVE_BLOCK = 64
 
@@ -118,8 +120,16 @@ class RuntimeRegistry:
         self._memory_counter: dict[str, int] = {}  # without a state directory
         self._topping_up: dict[str, asyncio.Task[None]] = {}
         self._local: set[str] = set()
+        #: Bumped whenever the set of local components changes: a cache of "not a local component" answers
+        #: (the sandbox guard's, the boundary's) is valid only while it stays the same.
+        self.local_version = 0
         self._warnings = LogThrottle(log)
-        self._return_paths: dict[tuple[str, int | str | None], str] = {}  # insertion order: oldest first
+        #: Oldest first; an OrderedDict because evicting the oldest of a plain dict that keeps losing its
+        #: first entries scans the dead slots at its front (microseconds per message once full).
+        self._return_paths: OrderedDict[tuple[str, int | str | None], str] = OrderedDict()
+        #: ``to`` -> the ToStub route for a message that is not a response: route() is a pure function of the
+        #: tables, so its answer is kept until a stub or a local component comes or goes (bounded).
+        self._routes: dict[str, ToStub] = {}
 
     @classmethod
     async def open(
@@ -224,9 +234,20 @@ class RuntimeRegistry:
     def add_local(self, url: str) -> None:
         """Declare ``url`` one of this runtime's components (a hyperty, the CLI): no stub may send in its name."""
         self._local.add(url)
+        self._tables_changed()
 
     def remove_local(self, url: str) -> None:
         self._local.discard(url)
+        self._tables_changed()
+
+    def _tables_changed(self) -> None:
+        """A local component or a stub came or went: cached routing and boundary answers are stale."""
+        self.local_version += 1
+        self._routes.clear()
+
+    def local_generation(self) -> int:
+        """:attr:`local_version` as a call (what the sandbox's :class:`~protofly.sandbox.Boundary` takes)."""
+        return self.local_version
 
     def is_local_component(self, url: str) -> bool:
         """True for a declared local component or any address in the runtime's own URL space."""
@@ -248,6 +269,7 @@ class RuntimeRegistry:
         record._listener = self.bus.add_listener(record.status_url, self._on_status)
         self._stubs[domain] = record
         self._by_url[url] = record
+        self._tables_changed()
         self.report(record, status.DEPLOYING, source="runtime")
         return record
 
@@ -257,6 +279,7 @@ class RuntimeRegistry:
         if record is None:
             raise RegistryError(f"no stub registered for {domain}")
         self._by_url.pop(record.url, None)
+        self._tables_changed()
         if record._listener is not None:
             record._listener.remove()
             record._listener = None
@@ -394,7 +417,7 @@ class RuntimeRegistry:
         paths = self._return_paths
         paths[(request.from_, request.id)] = stub_url
         if len(paths) > MAX_RETURN_PATHS:
-            del paths[next(iter(paths))]
+            paths.popitem(last=False)
 
     def route(self, msg: Message) -> Route:
         """Where a message with no local listener goes; pure, apart from using up a response's return path."""
@@ -404,6 +427,9 @@ class RuntimeRegistry:
             record = self._by_url.get(via) if via is not None else None
             if record is not None:
                 return ToStub(record.domain, record.url)
+        cached = self._routes.get(to)
+        if cached is not None:
+            return cached
         if to in self._local or address.is_within(to, self.runtime_url):
             return Local(to)
         try:
@@ -416,7 +442,11 @@ class RuntimeRegistry:
             domain = self.domain  # global services are reached through the home domain's node
         record = self._stubs.get(domain)
         if record is not None:
-            return ToStub(domain, record.url)
+            route = ToStub(domain, record.url)
+            if len(self._routes) >= MAX_CACHED_ROUTES:
+                self._routes.clear()
+            self._routes[to] = route
+            return route
         return NeedsStub(domain)
 
     def resolve(self, msg: Message) -> str | None:

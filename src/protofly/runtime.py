@@ -10,13 +10,12 @@ How the seed's steps map to the code (``docs/architecture.md`` has the full tabl
       the Identity Module's credentials, and the stub's own ``live``.
 
 What to do with each domain's stub — deploy, queue, forward, answer, restart, give up — is decided by its
-:class:`~protofly.supervision.StubLifecycle`, a machine without I/O; this module performs its actions.
+:class:`~protofly.supervision.StubLifecycle`, a machine without I/O; :mod:`protofly.supervisor` performs
+its actions.  This module composes the parts, offers the API and routes messages to stubs.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -30,16 +29,8 @@ from protofly.bus import MessageBus, Rejected
 from protofly.catalogue import CatalogueClient
 from protofly.catalogue.keys import TrustStore
 from protofly.config import RuntimeConfig
-from protofly.deploy import DeployPipeline, Step, StubDeploymentError, StubHandle, Target
-from protofly.events import (
-    CrashLoop,
-    DeployFailed,
-    EventStream,
-    RestartScheduled,
-    StubCrashed,
-    StubLive,
-    StubUnloaded,
-)
+from protofly.deploy import DeployPipeline, Step, StubDeploymentError, StubHandle
+from protofly.events import EventStream
 from protofly.hyperty import Handler, Hyperty, allocate_hyperty
 from protofly.identity import IdentityModule
 from protofly.liveness import LivenessMonitor, LivenessPolicy
@@ -47,35 +38,10 @@ from protofly.log import get_logger
 from protofly.message import Message
 from protofly.rebind import Rebinder
 from protofly.registry import Local, NeedsStub, RegistryError, RuntimeRegistry, StubRecord, ToStub
-from protofly.sandbox import Component, Limits, Sandbox, create_sandbox
+from protofly.sandbox import Limits, Sandbox, create_sandbox
 from protofly.session_store import SessionStore
-from protofly.supervised import SupervisedStub
-from protofly.supervision import (
-    Action,
-    AnswerQueued,
-    CancelDeploy,
-    Crashed,
-    Deployed,
-    DeployStarted,
-    Enqueue,
-    Failure,
-    FlushQueue,
-    Forward,
-    GaveUp,
-    Incoming,
-    Phase,
-    Policy,
-    Refuse,
-    Reject,
-    RetryNow,
-    StartDeploy,
-    StubLifecycle,
-    Trigger,
-    Unload,
-)
-from protofly.supervision import DeployFailed as DeployFailedEvent
-from protofly.supervision import RestartScheduled as RestartAction
-from protofly.tasks import TaskSet
+from protofly.supervision import Phase, Policy, RetryNow, Trigger
+from protofly.supervisor import Supervisor
 from protofly.throttle import LogThrottle
 
 __all__ = ["Runtime", "Step", "StubDeploymentError", "StubHandle"]
@@ -147,10 +113,21 @@ class Runtime:
         self._sandbox = sandbox
         self._catalogue = catalogue
         self._identity = identity
-        self._stubs: dict[str, SupervisedStub] = {}
-        self._tasks = TaskSet("runtime")
+        #: The stub table and the performer of each stub's lifecycle (:mod:`protofly.supervisor`).
+        self.supervisor = Supervisor(
+            config,
+            bus=self.bus,
+            events=self.events,
+            sessions=self.sessions,
+            admission=self.admission,
+            policy=self.policy,
+            boundary_policy=self.boundary_policy,
+            warnings=self.warnings,
+            clock=clock,
+            uniform=uniform,
+        )
+        self._stubs = self.supervisor.stubs
         self._registry: RuntimeRegistry | None = None
-        self._pipeline: DeployPipeline | None = None
         #: Pings live stubs and expires unrefreshed `live` statuses (:mod:`protofly.liveness`).
         self.liveness: LivenessMonitor | None = None
         self._closing = False
@@ -198,10 +175,10 @@ class Runtime:
             events=self.events,
             stubs=lambda: list(self._stubs.values()),
             lookup=self._stubs.get,
-            feed=lambda stub, event: self._perform(stub, stub.machine.handle(event)),
+            feed=lambda stub, event: self.supervisor.perform(stub, stub.machine.handle(event)),
         )
         self.liveness.start()
-        self._pipeline = DeployPipeline(
+        pipeline = DeployPipeline(
             config=config,
             registry=self._registry,
             catalogue=self._catalogue,
@@ -211,6 +188,7 @@ class Runtime:
             events=self.events,
             sessions=self.sessions,
         )
+        self.supervisor.start(self._registry, pipeline)
         log.info("runtime started", runtime_url=self.runtime_url, sandbox=config.sandbox)
 
     async def __aexit__(
@@ -223,11 +201,10 @@ class Runtime:
         if self._closing:
             return
         self._closing = True
+        self.supervisor.closing = True
         if self.liveness is not None:
             await self.liveness.close()
-        await asyncio.gather(*(self._unload(stub, "runtime closed") for stub in list(self._stubs.values())))
-        self._stubs.clear()
-        await self._tasks.close()
+        await self.supervisor.close()
         await self.rebinder.close()
         if self._sandbox is not None:
             await self._sandbox.close()
@@ -313,22 +290,22 @@ class Runtime:
         domain, name = address.split_stub_reference(reference)
         stub = self._stubs.get(domain)
         if stub is None:
-            stub = self._new_stub(domain, name, reference)
+            stub = self.supervisor.new_stub(domain, name, reference)
         elif stub.name != name:
             raise StubDeploymentError(
                 domain, 409, f"stub {stub.name!r} already serves {domain}; unload it before loading {name!r}"
             )
         if stub.live and stub.handle is not None:
             return stub.handle
-        self._perform(stub, stub.machine.handle(Trigger()))
-        return await self._outcome(stub)
+        self.supervisor.perform(stub, stub.machine.handle(Trigger()))
+        return await self.supervisor.outcome(stub)
 
     async def unload_stub(self, domain: str) -> StubRecord:
         """Disconnect and remove the stub of ``domain``; waiting messages get ``503``."""
         stub = self._stubs.pop(address.validate_domain(domain), None)
         if stub is None:
             raise StubDeploymentError(domain, 404, f"no stub is loaded for {domain}")
-        await self._unload(stub, "stub unloaded")
+        await self.supervisor.unload(stub, "stub unloaded")
         return stub.record
 
     async def retry_now(self, domain: str) -> StubHandle:
@@ -338,9 +315,9 @@ class Runtime:
             return await self.load_stub(domain)
         if stub.live and stub.handle is not None:
             return stub.handle
-        await self._cancel_deploy(stub)
-        self._perform(stub, stub.machine.handle(RetryNow()))
-        return await self._outcome(stub)
+        await self.supervisor.cancel_deploy(stub)
+        self.supervisor.perform(stub, stub.machine.handle(RetryNow()))
+        return await self.supervisor.outcome(stub)
 
     def set_credentials(self, domain: str, credentials: Mapping[str, Any]) -> None:
         """Replace the credentials handed to ``domain``'s stub when it connects (never logged).
@@ -349,25 +326,20 @@ class Runtime:
         """
         self.identity.set(address.validate_domain(domain), credentials)
 
-    async def _outcome(self, stub: SupervisedStub) -> StubHandle:
-        if stub.task is None:
-            failure = stub.machine.failure or Failure(503, f"stub for {stub.domain} is not being deployed")
-            raise StubDeploymentError(stub.domain, failure.code, failure.description, cause=failure.cause)
-        return await asyncio.shield(stub.task)
-
     # -- routing -------------------------------------------------------------------------------------
 
     def _resolve(self, msg: Message) -> str | None:
         """The bus's resolver: the registry's route, with a deployment started for a domain without stub."""
-        route = self.registry.route(msg)
-        if isinstance(route, ToStub):
+        assert self._registry is not None, "the bus resolves only after the runtime started"
+        route = self._registry.route(msg)
+        if type(route) is ToStub:
             return route.url
         if isinstance(route, NeedsStub) and not self._closing:
             refusal = self._admit_deploy(route.domain)
             if refusal is not None:
                 raise Rejected(refusal.code, refusal.description)
             try:
-                stub = self._new_stub(route.domain, "default", route.domain)
+                stub = self.supervisor.new_stub(route.domain, "default", route.domain)
             except (RegistryError, address.AddressError) as exc:
                 log.warning("cannot deploy on demand", domain=route.domain, error=str(exc))
                 return None
@@ -386,159 +358,5 @@ class Runtime:
             victim = next((stub for stub in stubs.values() if stub.machine.phase in failed), None)
         refusal = self.admission.check(domain, stubs=len(stubs), deploying=deploying, evictable=victim is not None)
         if refusal is None and victim is not None:
-            self._evict(victim)
+            self.supervisor.evict(victim)
         return refusal
-
-    def _evict(self, stub: SupervisedStub) -> None:
-        """Forget a failed stub (no process, no task) and answer its domain from the negative cache."""
-        failure = stub.machine.failure or Failure(503, f"stub for {stub.domain} failed")
-        self.admission.remember_failure(stub.domain, failure.code, failure.description)
-        del self._stubs[stub.domain]
-        stub.listener.remove()
-        self._perform(stub, stub.machine.handle(Unload("evicted to make room for another domain")))
-        with contextlib.suppress(RegistryError):
-            self.registry.unregister_stub(stub.domain)
-        self.events.emit(StubUnloaded(stub.domain, stub.record.url, "evicted after failing"))
-
-    def _incoming(self, stub: SupervisedStub, msg: Message) -> None:
-        """A message at a stub's port that is not live: the machine says forward, hold or refuse."""
-        self._perform(stub, stub.machine.handle(Incoming()), msg)
-
-    # -- performing the machine's actions ----------------------------------------------------------
-
-    def _perform(self, stub: SupervisedStub, actions: list[Action], msg: Message | None = None) -> None:
-        gave_up: str | None = None
-        for action in actions:
-            match action:
-                case Forward() if msg is not None and stub.component is not None:
-                    stub.port.forward(stub.component, msg)
-                case Enqueue() if msg is not None:
-                    stub.port.hold(msg)
-                case Reject(code, description) if msg is not None:
-                    stub.port.reject(msg, code, description)
-                case StartDeploy(delay, refresh):
-                    stub.task = self._tasks.spawn(self._deployment(stub, delay, refresh), shared=True)
-                case FlushQueue():
-                    component = stub.component
-                    if component is not None:
-                        stub.port.flush(component, lambda: stub.live)
-                case AnswerQueued(code, description):
-                    stub.port.answer_all(code, description)
-                case RestartAction(reason, delay):
-                    stub.record.restarts = stub.machine.restarts
-                    self.events.emit(StubCrashed(stub.domain, stub.record.url, reason, round(delay, 3)))
-                case GaveUp(reason, crashes):
-                    log.error("stub crash loop: giving up", domain=stub.domain, stub_url=stub.record.url)
-                    self.events.emit(CrashLoop(stub.domain, stub.record.url, reason, crashes))
-                    # after the queue's answer (the next action): what the dead instance held or waits for
-                    gave_up = f"the stub for {stub.domain} crashed for good: {reason}"
-                case Refuse() | CancelDeploy():
-                    pass  # load_stub raises the failure; cancellation is awaited by the caller
-        if gave_up is not None:
-            self.sessions.abandon(stub.domain, gave_up)
-
-    async def _deployment(self, stub: SupervisedStub, delay: float, refresh: bool) -> StubHandle:
-        if delay:
-            self.events.emit(RestartScheduled(stub.domain, stub.record.url, round(delay, 3)))
-            await asyncio.sleep(delay)
-            self._perform(stub, stub.machine.handle(DeployStarted()))
-        if stub.record.deployment != "deploying":
-            self.registry.report(stub.record, "deploying")
-        target = Target(
-            stub.domain,
-            stub.reference,
-            stub.record,
-            on_message=stub.from_stub,
-            on_exit=lambda component, reason: self._on_exit(stub, component, reason),
-        )
-        pipeline = self._pipeline
-        assert pipeline is not None, "deployments start only after the runtime started"
-        try:
-            handle = await pipeline.run(target, refresh=refresh, adopt=lambda c: setattr(stub, "component", c))
-        except StubDeploymentError as error:
-            await self._discard_component(stub)
-            self._deploy_failed(stub, error)
-            raise
-        except asyncio.CancelledError:
-            await self._discard_component(stub)
-            raise
-        finally:
-            if stub.task is asyncio.current_task():
-                stub.task = None
-        stub.handle = handle
-        stub.record.info.pop("cause", None)
-        self.sessions.redeliver(stub.domain, stub.component)  # what a dead instance left, before the queue
-        self._perform(stub, stub.machine.handle(Deployed()))
-        pid = stub.record.info.get("pid")
-        self.events.emit(StubLive(stub.domain, stub.record.url, round(handle.total_ms, 3), pid))
-        return handle
-
-    def _deploy_failed(self, stub: SupervisedStub, error: StubDeploymentError) -> None:
-        stub.record.info["cause"] = error.cause
-        self.registry.report(stub.record, "deployment-failed", error.description)
-        log.warning("stub deployment failed", domain=stub.domain, stub_url=stub.record.url, reason=error.description)
-        self.events.emit(DeployFailed(stub.domain, stub.record.url, error.code, error.description))
-        failure = Failure(error.code, error.description, error.cause)
-        self._perform(stub, stub.machine.handle(DeployFailedEvent(failure)))
-        # after the queue got its answer: what a dead instance held, or waits for through it
-        self.sessions.abandon(stub.domain, f"the stub for {stub.domain} could not be restarted: {error.description}")
-
-    def _on_exit(self, stub: SupervisedStub, component: Component, reason: str) -> None:
-        """The stub's process ended (the sandbox already published ``failed`` with ``reason``)."""
-        if stub.component is not component or self._closing:
-            return
-        stub.component = None
-        log.warning("stub crashed", domain=stub.domain, stub_url=stub.record.url, reason=reason)
-        if stub.record.connection != "failed":  # the sandbox's status on the stub's behalf may have been refused
-            self.registry.report(stub.record, "failed", reason, source="runtime")
-        self._perform(stub, stub.machine.handle(Crashed(reason)))  # in a deployment it fails by itself
-
-    # -- stub table ------------------------------------------------------------------------------
-
-    def _new_stub(self, domain: str, name: str, reference: str) -> SupervisedStub:
-        record = self.registry.register_stub(domain, name=name, descriptor_url=reference)
-        stub = SupervisedStub(
-            domain,
-            name,
-            reference,
-            record,
-            bus=self.bus,
-            registry=self.registry,
-            lifecycle=StubLifecycle(domain, self.policy, clock=self.clock, uniform=self.uniform),
-            queue_limit=self.config.queue_limit,
-            boundary_policy=self.boundary_policy,
-            warnings=self.warnings,
-            clock=self.clock,
-            on_idle_message=self._incoming,
-            save_state=self.sessions.save,
-        )
-        self._stubs[domain] = stub
-        return stub
-
-    async def _cancel_deploy(self, stub: SupervisedStub) -> None:
-        task, stub.task = stub.task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StubDeploymentError):
-                await task
-
-    async def _discard_component(self, stub: SupervisedStub) -> None:
-        component, stub.component = stub.component, None
-        if component is not None:
-            with contextlib.suppress(Exception):
-                await component.remove(grace=0.2)
-
-    async def _unload(self, stub: SupervisedStub, reason: str) -> None:
-        await self._cancel_deploy(stub)
-        component, stub.component = stub.component, None
-        if component is not None:
-            try:
-                await component.remove(grace=self.config.remove_grace)
-            except Exception as exc:
-                log.error("removing stub failed", stub_url=stub.record.url, error=str(exc))
-        stub.listener.remove()
-        self._perform(stub, stub.machine.handle(Unload(reason)))
-        self.sessions.abandon(stub.domain, f"the stub for {stub.domain} was unloaded: {reason}")
-        with contextlib.suppress(RegistryError):
-            self.registry.unregister_stub(stub.domain)
-        self.events.emit(StubUnloaded(stub.domain, stub.record.url, reason))

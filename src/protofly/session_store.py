@@ -54,8 +54,9 @@ class _Domain:
 
     stub_url: str
     state: Any = None
-    #: (number, message) posted to the current instance and not handed over yet, oldest first.
-    ledger: deque[tuple[int, Message]] = field(default_factory=deque)
+    #: Messages posted to the current instance and not handed over yet, oldest first.  Their numbers are
+    #: consecutive, so they are not stored: the last one is ``posted`` (no tuple per message to allocate).
+    ledger: deque[Message] = field(default_factory=deque)
     #: Messages posted to the current instance so far (the last number given).
     posted: int = 0
     #: Left by a dead instance, for the next one.
@@ -99,7 +100,7 @@ class TrackedComponent(Component):
         if len(ledger) >= MAX_TRACKED:
             ledger.popleft()
             entry.counters["untracked"] += 1
-        ledger.append((entry.posted, msg))
+        ledger.append(msg)
         return True
 
     async def execute(self, method: str, params: list[Any] | None = None, *, timeout: float) -> Message:
@@ -150,7 +151,7 @@ class SessionStore:
         entry = self._domains.get(domain)
         if entry is None or entry.stub_url != component.url:
             entry = self._domains[domain] = _Domain(component.url)
-        entry.leftovers.extend(msg for _, msg in entry.ledger)
+        entry.leftovers.extend(entry.ledger)
         entry.ledger.clear()
         entry.posted = 0
         return TrackedComponent(component, entry)
@@ -181,7 +182,7 @@ class SessionStore:
         entry = self._domains.get(domain)
         if entry is None:
             return 0
-        waiting = [msg for _, msg in entry.ledger] + entry.leftovers
+        waiting = [*entry.ledger, *entry.leftovers]
         entry.ledger.clear()
         entry.leftovers = []
         for msg in waiting:
@@ -204,10 +205,10 @@ class SessionStore:
         if type(handed) is int:
             entry.reports = True
             ledger = entry.ledger
-            released = 0
-            while ledger and ledger[0][0] <= handed:
+            oldest = entry.posted - len(ledger) + 1  # the number of ledger[0]
+            released = max(0, min(len(ledger), handed - oldest + 1))
+            for _ in range(released):
                 ledger.popleft()
-                released += 1
             entry.counters["handed_over"] += released
         if "value" in body:
             state = body["value"]

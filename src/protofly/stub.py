@@ -193,7 +193,7 @@ class Bus:
             except Exception:
                 _log.exception("stub listener failed on a %s message to %s", msg.type, msg.to)
                 continue
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 self.spawn(result)
 
     def spawn(self, awaitable: Awaitable[Any], *, quiet: bool = False) -> asyncio.Task[Any]:
@@ -418,7 +418,7 @@ class ProtoStub:
             self.bus.spawn(self._drain(None))
             return
         result = self.on_message(msg)
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             self._backlog = deque()
             self.bus.spawn(self._drain(result))
 

@@ -61,6 +61,9 @@ class Boundary:
     runtime_domain: str  # a.test
     stub_domain: str  # the domain the stub serves, e.g. b.test
     is_local: Callable[[str], bool] | None = None
+    #: Changes whenever ``is_local``'s answers may change (a local component came or went), so that the
+    #: guard may keep the senders it cleared until then; None with an ``is_local``: nothing is kept.
+    local_version: Callable[[], int] | None = None
 
 
 def active_layers(isolation: Mapping[str, Any]) -> list[str]:

@@ -33,6 +33,8 @@ COUNTER_NAMES = (
 )
 
 _SANDBOX_SPACE = "hyperty-runtime://sandbox"
+#: Senders a guard keeps as cleared (all forgotten at once when full).
+MAX_CLEARED = 1024
 #: Log every boundary violation up to this count, then one line per this many.
 _LOG_FIRST = 10
 _LOG_EVERY = 1000
@@ -80,6 +82,12 @@ class Guard:
     """Counts and checks messages crossing one component's boundary, then hands them on.
 
     ``on_message`` errors are the runtime's own bugs; they are logged and never break the channel.
+
+    The ``from`` rule is decided once per sender, not once per message: a stub sends from a handful of
+    addresses, so a sender that passed :func:`forgery` is kept in a small set.  Whether an address is a
+    local component can change (a hyperty is created after a stub used its future address), so the set
+    is emptied whenever the boundary's ``local_version`` changes, and it is not kept at all for a
+    boundary whose ``is_local`` has no version.  A forged sender is never kept: each one is counted.
     """
 
     def __init__(
@@ -95,15 +103,34 @@ class Guard:
         self.counters: dict[str, int] = counters if counters is not None else new_counters()
         self.log = get_logger("protofly.sandbox", stub_url=url)
         self._status_url = f"{url}/status"
+        #: Senders that passed the ``from`` rule, valid while ``local_version()`` is ``_cleared_version``.
+        self._cleared: set[str] = {url, self._status_url}
+        self._local_version = boundary.local_version
+        self._cleared_version = -1 if self._local_version is None else self._local_version()
+        self._keep = boundary.is_local is None or boundary.local_version is not None
 
     def from_stub(self, msg: Message) -> None:
         """One message from the stub: boundary check, count, deliver."""
         counters = self.counters
         counters["messages_from_stub"] += 1
         sender = msg.from_
-        if sender != self.url and sender != self._status_url:
+        cleared = self._cleared
+        version = self._local_version
+        if version is not None:
+            current = version()
+            if current != self._cleared_version:
+                self._cleared_version = current
+                cleared.clear()
+                cleared.update((self.url, self._status_url))
+        if sender not in cleared:
             reason = forgery(self.boundary, self.url, sender)
-            if reason is not None:
+            if reason is None:
+                if self._keep:
+                    if len(cleared) >= MAX_CLEARED:
+                        cleared.clear()
+                        cleared.update((self.url, self._status_url))
+                    cleared.add(sender)
+            else:
                 counters["forged_from"] += 1
                 count = counters["forged_from"]
                 if count <= _LOG_FIRST or count % _LOG_EVERY == 0:
@@ -116,7 +143,10 @@ class Guard:
                         forged_from=count,
                     )
                 return
-        self.deliver(msg)
+        try:
+            self.on_message(msg)
+        except Exception:
+            self.log.exception("the runtime's on_message failed on a message from the stub", type=msg.type)
 
     def deliver(self, msg: Message) -> None:
         try:

@@ -47,7 +47,8 @@ from protofly.sandbox import (
 from protofly.sandbox import isolation as iso
 from protofly.sandbox.broker import NO_EGRESS, EgressPolicy
 from protofly.sandbox.channel import DEFAULT_MAX_FRAME
-from protofly.sandbox.process_component import KILL_WAIT, HostSettings, ProcessComponent
+from protofly.sandbox.host_spawn import HostSettings
+from protofly.sandbox.process_component import KILL_WAIT, ProcessComponent
 from protofly.sandbox.spares import SparePool
 from protofly.tasks import TaskSet
 
