@@ -331,6 +331,11 @@ class ProcessSandbox(Sandbox):
         pending = waits + [task for task in self._tasks if task is not self._watcher]
         if pending:
             await asyncio.wait(pending, timeout=KILL_WAIT)
+        # A host reaped during that wait (a spare cancelled while starting) began removing its cgroup only
+        # then: wait for that too, or the runtime's group could not be removed after it.
+        late = [task for task in self._tasks if task is not self._watcher and not task.done()]
+        if late:
+            await asyncio.wait(late, timeout=KILL_WAIT)
         await self._tasks.close()
         if self.cgroup_tree is not None:
             await asyncio.to_thread(self.cgroup_tree.remove)
