@@ -34,7 +34,10 @@ async def cold(world: LocalDomains, scratch: Path, index: int, *, ready: bool) -
         started = time.perf_counter()
         handle = await runtime.load_stub("b.test")
         total = (time.perf_counter() - started) * 1000
-        return total, {step.name: step.ms for step in handle.steps}
+        steps = {step.name: step.ms for step in handle.steps}
+        for step in handle.steps:
+            steps.update({f"{step.name}_{part}": ms for part, ms in step.parts.items()})
+        return total, steps
 
 
 async def main() -> None:

@@ -69,7 +69,9 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     #: ``process`` (one OS process per stub, the default) or ``in-process`` (trusted code only).
     sandbox: Literal["process", "in-process"] = "process"
     #: Modules each pre-started sandbox host imports while idle, so deploying a stub that uses them is fast.
-    sandbox_preload: list[str] = msgspec.field(default_factory=lambda: ["websockets.asyncio.client"])
+    sandbox_preload: list[str] = msgspec.field(
+        default_factory=lambda: ["websockets.asyncio.client", "protofly.backoff"]
+    )
     #: Per-stub limits; a descriptor may ask for less, never more.
     memory_mb: AtLeastOne = 1024
     cpu_seconds: AtLeastOne = 3600

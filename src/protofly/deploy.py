@@ -52,6 +52,9 @@ class Step:
     seed: str
     ms: float
     detail: str | None = None
+    #: Where the step's time went, in ms per part, where it is broken down (``sandbox``: see
+    #: :meth:`~protofly.sandbox.Component.deploy_parts`); the parts need not add up to ``ms``.
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,10 +130,12 @@ class DeployPipeline:
         deadline = time.monotonic() + self.config.deploy_timeout
         mark = time.perf_counter()
 
-        def step(name: str, seed: str, since: float, detail: str | None = None) -> float:
+        def step(
+            name: str, seed: str, since: float, detail: str | None = None, parts: dict[str, float] | None = None
+        ) -> float:
             now = time.perf_counter()
             ms = (now - since) * 1000
-            handle.steps.append(Step(name, seed, ms, detail))
+            handle.steps.append(Step(name, seed, ms, detail, parts or {}))
             self.events.emit(DeployStep(target.domain, record.url, name, seed, round(ms, 3), detail))
             return now
 
@@ -142,7 +147,8 @@ class DeployPipeline:
         mark = step("catalogue", "3-4", mark, f"{verified.descriptor.object_name} {verified.version} from {origin}")
         component = await self._instantiate(target, verified, deadline)
         adopt(component)
-        mark = step("sandbox", "5, 7, 9", mark, "+".join(active_layers(component.isolation)))
+        layers = "+".join(active_layers(component.isolation))
+        mark = step("sandbox", "5, 7, 9", mark, layers, component.deploy_parts())
         self.registry.report(record, "deployed")
         await self._connect(target, component, deadline)
         mark = step("connect", "10", mark)

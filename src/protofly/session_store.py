@@ -112,6 +112,9 @@ class TrackedComponent(Component):
     def usage(self) -> dict[str, Any] | None:  # defined on Component, so __getattr__ would not pass it on
         return self.inner.usage()
 
+    def deploy_parts(self) -> dict[str, float]:
+        return self.inner.deploy_parts()
+
     async def ping(self, timeout: float) -> dict[str, Any] | None:  # liveness: the real component's
         return await self.inner.ping(timeout)
 

@@ -26,12 +26,12 @@ goes into the ``open`` body and nowhere else (never into a log, a status or a ``
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import random
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 import msgspec
@@ -208,7 +208,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
         value = config.get(key)
         if key in cls._WHAT:
             return f"configuration.{key}: {cls._WHAT[key]}, got {value!r}"
-        kind = _FIELD_TYPES.get(key)
+        kind = _field_types().get(key)
         if isinstance(kind, msgspec.inspect.BoolType):
             return f"configuration.{key}: expected true or false, got {value!r}"
         if isinstance(kind, msgspec.inspect.IntType | msgspec.inspect.FloatType) and not detail.endswith(
@@ -219,34 +219,32 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
         return f"configuration.{key}: expected {expected}, got {value!r}"
 
 
+@functools.cache
 def _field_types() -> dict[str, msgspec.inspect.Type]:
-    """The type (with its constraints) of every configuration key, for error texts."""
+    """The type (with its constraints) of every configuration key, for error texts (worked out at the first
+    error, not at every start: it costs a millisecond)."""
     info = msgspec.inspect.type_info(Settings)
     assert isinstance(info, msgspec.inspect.StructType)
     return {field.encode_name: field.type for field in info.fields}
 
 
-_FIELD_TYPES = _field_types()
-
-
 # -- actions ----------------------------------------------------------------------------------------
+# msgspec Structs rather than dataclasses: a dataclass writes and compiles its methods when its class is
+# made (~0.3 ms each), and every deploy runs this module afresh; a Struct's class costs microseconds.
 
 
-@dataclass(frozen=True, slots=True)
-class Status:
+class Status(msgspec.Struct, frozen=True):
     """Publish a connection status (``in-progress``, ``live``, ``disconnected``, ``failed``)."""
 
     value: str
     description: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Wake:
+class Wake(msgspec.Struct, frozen=True):
     """There are frames to write: the shell's writer should call :meth:`NodeSession.next_frame`."""
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class Deliver:
+class Deliver(msgspec.Struct, frozen=True):
     """Messages from the node for the runtime, in order (the shell stamps ``via`` and posts them)."""
 
     messages: list[Message]
@@ -255,8 +253,7 @@ class Deliver:
         return f"Deliver({len(self.messages)} messages)"
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class Answer:
+class Answer(msgspec.Struct, frozen=True):
     """An error response to a runtime sender whose message the stub cannot carry."""
 
     message: Message
@@ -265,16 +262,14 @@ class Answer:
         return f"Answer({self.message.body!r})"
 
 
-@dataclass(frozen=True, slots=True)
-class CloseSocket:
+class CloseSocket(msgspec.Struct, frozen=True):
     """Close the WebSocket (the session reports the outcome when :meth:`NodeSession.closed` is called)."""
 
     code: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class Retry:
+class Retry(msgspec.Struct, frozen=True):
     """Connect again after ``delay`` seconds (capped exponential backoff with full jitter)."""
 
     delay: float
@@ -283,22 +278,19 @@ class Retry:
         return f"Retry({self.delay:.3f})"
 
 
-@dataclass(frozen=True, slots=True)
-class Live:
+class Live(msgspec.Struct, frozen=True):
     """The handshake succeeded; ``fresh`` when a new session replaced one the node had forgotten."""
 
     fresh: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Failed:
+class Failed(msgspec.Struct, frozen=True):
     """The node refused the session for good (authentication, a malformed open): stop reconnecting."""
 
     description: str
 
 
-@dataclass(frozen=True, slots=True)
-class SaveState:
+class SaveState(msgspec.Struct, frozen=True):
     """Hand the runtime what a restarted stub needs to take this session over (``ProtoStub.save_state``).
 
     ``state`` is the session URL and the last number received from the node; ``handed_over`` how many of

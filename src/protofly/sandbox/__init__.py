@@ -117,6 +117,11 @@ class Component(ABC):
     async def remove(self, grace: float = 2.0) -> None:
         """Ask the stub to disconnect, wait up to ``grace``, then terminate, then kill; always reaps."""
 
+    def deploy_parts(self) -> dict[str, float]:
+        """How the deploy's time was spent, in milliseconds per part (the deploy timeline's detail of its
+        ``sandbox`` step); empty where the sandbox does not break it down."""
+        return {}
+
     def usage(self) -> dict[str, Any] | None:
         """What the stub's process tree uses now, as its cgroup accounts it: ``memory_bytes``,
         ``memory_peak_bytes``, ``cpu_seconds``, ``processes``; None where there is no cgroup to ask."""

@@ -20,9 +20,11 @@ Two kernel interfaces, one model (:class:`StubCgroup`):
 
 :func:`probe` finds which one works here (once, at sandbox start) and creates the runtime's group,
 ``protofly-<pid>`` below the runtime's own cgroup (or below ``parent``); a machine without either is
-reported with the reason, never skipped silently.  Files here are kernel pseudo-files: reading or writing
-one does not block, so the few a deploy needs are done on the event loop; removal (which waits for the
-kernel to let go of the group) runs in a thread.
+reported with the reason, never skipped silently.  The files are kernel pseudo-files
+(:mod:`~protofly.sandbox.cgroupfs`): reading or writing one does not block, so the few a deploy needs are
+done on the event loop; a host's move into its group (an RCU grace period per hierarchy) is made when the
+host starts as a spare, in a thread, and removal (which waits for the kernel to let go of the group) runs
+in a thread too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protofly.sandbox import cgroupfs as fs
+from protofly.sandbox.cgroupfs import CgroupError
+
 __all__ = ["CgroupError", "CgroupTree", "Hit", "Limited", "StubCgroup", "Usage", "hierarchies", "members", "probe"]
 
 #: v1 controllers a stub group needs (``cpuacct`` only adds CPU seconds to the accounting).
@@ -46,10 +51,6 @@ _V2_CONTROLLERS = ("memory", "pids", "cpu")
 #: How long removal waits for the killed processes to leave the group.
 _EMPTY_WAIT = 5.0
 _HOST_NUMBERS = itertools.count(1)
-
-
-class CgroupError(OSError):
-    """A cgroup operation failed; the text says which file and why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +141,9 @@ class StubCgroup:
         """Write the memory and pids limits (lower only after the start: a deploy narrows a spare's)."""
         if self.version == 2:
             unified = self.dirs["unified"]
-            _write(unified / "memory.max", memory_bytes)
-            _write_if_present(unified / "memory.swap.max", 0)  # tmpfs pages must not escape to swap
-            _write(unified / "pids.max", processes)
+            fs.write(unified / "memory.max", memory_bytes)
+            fs.write_if_present(unified / "memory.swap.max", 0)  # tmpfs pages must not escape to swap
+            fs.write(unified / "pids.max", processes)
         else:
             memory = self.dirs["memory"]
             # RAM + swap gets the same bound; the kernel wants memsw >= memory at every step, so the order
@@ -151,8 +152,8 @@ class StubCgroup:
             if self.memory_bytes and memory_bytes > self.memory_bytes:
                 files.reverse()
             for name in files:
-                (_write if name == "memory.limit_in_bytes" else _write_if_present)(memory / name, memory_bytes)
-            _write(self.dirs["pids"] / "pids.max", processes)
+                (fs.write if name == "memory.limit_in_bytes" else fs.write_if_present)(memory / name, memory_bytes)
+            fs.write(self.dirs["pids"] / "pids.max", processes)
         self.memory_bytes = memory_bytes
         self.processes = processes
 
@@ -161,7 +162,7 @@ class StubCgroup:
     def add(self, pid: int) -> None:
         """Move one process (all its threads) into the group, in every hierarchy."""
         for directory in self.dirs.values():
-            _write(directory / "cgroup.procs", pid)
+            fs.write(directory / "cgroup.procs", pid)
 
     def place_tree(self, root: int, descendants: Callable[[int], list[int]]) -> list[int]:
         """Move ``root`` and everything below it; a process forked after its parent moved is born inside.
@@ -190,11 +191,11 @@ class StubCgroup:
     def limited(self) -> Limited:
         """The kernel's counts of limit hits so far."""
         if self.version == 2:
-            memory = _keyed(self.dirs["unified"] / "memory.events")
-            pids = _keyed(self.dirs["unified"] / "pids.events")
+            memory = fs.keyed(self.dirs["unified"] / "memory.events")
+            pids = fs.keyed(self.dirs["unified"] / "pids.events")
         else:
-            memory = _keyed(self.dirs["memory"] / "memory.oom_control")
-            pids = _keyed(self.dirs["pids"] / "pids.events")
+            memory = fs.keyed(self.dirs["memory"] / "memory.oom_control")
+            pids = fs.keyed(self.dirs["pids"] / "pids.events")
         return Limited(oom_kills=memory.get("oom_kill", 0), forks_refused=pids.get("max", 0))
 
     def arm(self) -> None:
@@ -220,20 +221,20 @@ class StubCgroup:
         """Memory now and at its peak, CPU seconds and processes, as the kernel accounts them."""
         if self.version == 2:
             unified = self.dirs["unified"]
-            cpu = _keyed(unified / "cpu.stat").get("usage_usec")
+            cpu = fs.keyed(unified / "cpu.stat").get("usage_usec")
             return Usage(
-                memory_bytes=_number(unified / "memory.current"),
-                memory_peak_bytes=_number(unified / "memory.peak"),
+                memory_bytes=fs.number(unified / "memory.current"),
+                memory_peak_bytes=fs.number(unified / "memory.peak"),
                 cpu_seconds=None if cpu is None else cpu / 1e6,
-                processes=_number(unified / "pids.current"),
+                processes=fs.number(unified / "pids.current"),
             )
         cpuacct = self.dirs.get("cpuacct")
-        nanoseconds = _number(cpuacct / "cpuacct.usage") if cpuacct is not None else None
+        nanoseconds = fs.number(cpuacct / "cpuacct.usage") if cpuacct is not None else None
         return Usage(
-            memory_bytes=_number(self.dirs["memory"] / "memory.usage_in_bytes"),
-            memory_peak_bytes=_number(self.dirs["memory"] / "memory.max_usage_in_bytes"),
+            memory_bytes=fs.number(self.dirs["memory"] / "memory.usage_in_bytes"),
+            memory_peak_bytes=fs.number(self.dirs["memory"] / "memory.max_usage_in_bytes"),
             cpu_seconds=None if nanoseconds is None else nanoseconds / 1e9,
-            processes=_number(self.dirs["pids"] / "pids.current"),
+            processes=fs.number(self.dirs["pids"] / "pids.current"),
         )
 
     def report(self) -> dict[str, object]:
@@ -253,10 +254,10 @@ class StubCgroup:
         seen = self.pids()
         if self.version == 2 and (self._main / "cgroup.kill").exists():
             with contextlib.suppress(OSError):
-                _write(self._main / "cgroup.kill", 1)
+                fs.write(self._main / "cgroup.kill", 1)
                 return seen
         with contextlib.suppress(OSError):
-            _write(self.dirs["unified" if self.version == 2 else "pids"] / "pids.max", 0)  # no more forks
+            fs.write(self.dirs["unified" if self.version == 2 else "pids"] / "pids.max", 0)  # no more forks
         for _ in range(100):
             current = self.pids()
             if not current:
@@ -322,12 +323,12 @@ def probe(mode: str = "auto", parent: str = "") -> tuple[CgroupTree | None, str 
     """
     if mode == "off":
         return None, "cgroup: disabled by configuration"
-    mounts = _mounts()
-    own = _own_cgroups()
+    mounts = fs.mounts()
+    own = fs.own_cgroups()
     reasons: list[str] = []
     unified = mounts.get("unified")
     if unified is not None:
-        available = set(_read(unified / "cgroup.controllers").split())
+        available = set(fs.read(unified / "cgroup.controllers").split())
         if {"memory", "pids"} <= available:
             try:
                 return _v2(unified, parent or own.get("", "/")), None
@@ -350,17 +351,13 @@ def members(report: Mapping[str, Any]) -> list[int] | None:
 
     For operators and tests: every process of a stub's tree, whatever it did to leave the host's tree.
     """
-    mount = _mounts().get("unified" if report.get("version") == 2 else "memory")
+    mount = fs.mounts().get("unified" if report.get("version") == 2 else "memory")
     if mount is None:
         return None
     directory = mount / str(report.get("path", "")).lstrip("/")
     if not directory.is_dir():
         return None
-    return _ints(directory / "cgroup.procs")
-
-
-def _group_name() -> str:
-    return f"protofly-{os.getpid()}"
+    return fs.ints(directory / "cgroup.procs")
 
 
 def _v1(mounts: dict[str, Path], own: dict[str, str], parent: str) -> CgroupTree:
@@ -372,14 +369,14 @@ def _v1(mounts: dict[str, Path], own: dict[str, str], parent: str) -> CgroupTree
             if mount is None:
                 continue
             base = parent or own.get(controller, "/")
-            rel = f"{base.rstrip('/')}/{_group_name()}"
+            rel = f"{base.rstrip('/')}/{fs.group_name()}"
             reported = reported or rel  # the memory hierarchy's path names the group in reports
             directory = mount / rel.lstrip("/")
-            _clear_stale(directory.parent)
+            fs.clear_stale(directory.parent)
             directory.mkdir(parents=True, exist_ok=True)
             dirs[controller] = directory
             if controller == "memory":
-                _write_if_present(directory / "memory.use_hierarchy", 1)
+                fs.write_if_present(directory / "memory.use_hierarchy", 1)
             # A writable cgroup.procs is what delegation means; find out now rather than at the first deploy.
             if not os.access(directory / "cgroup.procs", os.W_OK):
                 raise PermissionError(errno.EACCES, f"{directory}/cgroup.procs is not writable")
@@ -394,125 +391,26 @@ def _v1(mounts: dict[str, Path], own: dict[str, str], parent: str) -> CgroupTree
 def _v2(mount: Path, own: str, /) -> CgroupTree:
     """Take ``own`` (delegated to us) for the runtime: itself in a leaf, the stubs' groups beside it."""
     base = mount / own.lstrip("/")
-    enabled = set(_read(base / "cgroup.subtree_control").split())
-    wanted = [c for c in _V2_CONTROLLERS if c in _read(base / "cgroup.controllers").split()]
+    enabled = set(fs.read(base / "cgroup.subtree_control").split())
+    wanted = [c for c in _V2_CONTROLLERS if c in fs.read(base / "cgroup.controllers").split()]
     if not {"memory", "pids"} <= enabled:
         if own.strip("/"):  # not the root cgroup, which may hold processes and still have children
-            others = [pid for pid in _ints(base / "cgroup.procs") if pid != os.getpid()]
+            others = [pid for pid in fs.ints(base / "cgroup.procs") if pid != os.getpid()]
             if others:
                 raise CgroupError(errno.EBUSY, f"{own} holds other processes ({len(others)}): not delegated to us")
-            if os.getpid() in _ints(base / "cgroup.procs"):
+            if os.getpid() in fs.ints(base / "cgroup.procs"):
                 leaf = base / "runtime"
                 leaf.mkdir(exist_ok=True)
-                _write(leaf / "cgroup.procs", os.getpid())
-        _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
-    directory = base / _group_name()
-    _clear_stale(base)
+                fs.write(leaf / "cgroup.procs", os.getpid())
+        fs.write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
+    directory = base / fs.group_name()
+    fs.clear_stale(base)
     directory.mkdir(exist_ok=True)
-    _write(directory / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
-    return CgroupTree(2, {"unified": directory}, f"{own.rstrip('/')}/{_group_name()}")
-
-
-def _clear_stale(parent: Path) -> None:
-    """Remove ``protofly-<pid>`` groups of runtimes that are gone (they are empty: their hosts died too)."""
-    with contextlib.suppress(OSError):
-        for entry in parent.iterdir():
-            name = entry.name
-            if not name.startswith("protofly-") or not name[9:].isdigit() or name == _group_name():
-                continue
-            if Path(f"/proc/{name[9:]}").exists():
-                continue
-            with contextlib.suppress(OSError):
-                for child in entry.iterdir():
-                    if child.is_dir():
-                        child.rmdir()
-                entry.rmdir()
+    fs.write(directory / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
+    return CgroupTree(2, {"unified": directory}, f"{own.rstrip('/')}/{fs.group_name()}")
 
 
 def hierarchies() -> dict[str, Path]:
     """Where each cgroup hierarchy is mounted: ``unified`` (cgroup2) and the v1 ``memory``, ``pids``,
     ``cpuacct`` (for an administrator's script delegating a subtree, and the tests)."""
-    return _mounts()
-
-
-def _mounts() -> dict[str, Path]:
-    """cgroup mounts from /proc/self/mountinfo: ``unified`` for cgroup2, each v1 controller by name."""
-    found: dict[str, Path] = {}
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        before, _, after = line.partition(" - ")
-        fields, tail = before.split(), after.split()
-        if len(fields) < 5 or len(tail) < 3 or fields[3] != "/":
-            continue  # a bind of a sub-tree: its paths would not match /proc/self/cgroup
-        kind, options = tail[0], tail[2].split(",")
-        if kind == "cgroup2":
-            found.setdefault("unified", Path(fields[4]))
-        elif kind == "cgroup":
-            for option in options:
-                if option in ("memory", "pids", "cpuacct"):
-                    found.setdefault(option, Path(fields[4]))
-    return found
-
-
-def _own_cgroups() -> dict[str, str]:
-    """This process's cgroup per v1 controller, and under ``""`` its v2 cgroup."""
-    found: dict[str, str] = {}
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        for controller in controllers.split(",") if controllers else [""]:
-            found[controller] = path
-    return found
-
-
-# -- files --------------------------------------------------------------------------------------------
-
-
-def _write(path: Path, value: int | str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise CgroupError(exc.errno, f"{path}: {exc.strerror}") from None
-    try:
-        os.write(fd, str(value).encode())
-    except OSError as exc:
-        raise CgroupError(exc.errno, f"writing {value} to {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-
-
-def _write_if_present(path: Path, value: int | str) -> None:
-    if path.exists():
-        _write(path, value)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
-
-
-def _ints(path: Path) -> list[int]:
-    return [int(x) for x in _read(path).split()]
-
-
-def _number(path: Path) -> int | None:
-    text = _read(path).strip()
-    return int(text) if text.isdigit() else None
-
-
-def _keyed(path: Path) -> dict[str, int]:
-    """A ``key value`` per line file (memory.events, pids.events, memory.oom_control, cpu.stat)."""
-    values: dict[str, int] = {}
-    for line in _read(path).splitlines():
-        key, _, value = line.partition(" ")
-        if value.strip().isdigit():
-            values[key] = int(value)
-    return values
+    return fs.mounts()

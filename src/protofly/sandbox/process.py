@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,8 @@ from protofly.tasks import TaskSet
 __all__ = ["ProcessSandbox"]
 
 _log = get_logger("protofly.sandbox")
+#: Seconds between a deploy's ``created`` (or failure) and the start of the spare that replaces its host.
+REFILL_DELAY = 0.05
 #: Stub URLs whose limit hits are remembered across restarts.
 _MAX_REMEMBERED = 10_000
 
@@ -136,6 +139,8 @@ class ProcessSandbox(Sandbox):
         self._hosts: set[ProcessComponent] = set()
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
+        #: The refill :meth:`_put_off_refill` scheduled, not run yet.
+        self._refill: asyncio.TimerHandle | None = None
 
     @property
     def components(self) -> list[ProcessComponent]:
@@ -232,7 +237,9 @@ class ProcessSandbox(Sandbox):
         await self.start()
         spares = self._js_spares if javascript else self._spares
         for attempt in (1, 2):
+            asked = time.perf_counter()
             component = await spares.take()
+            waited = time.perf_counter() - asked
             self._components.add(component)
             component.counters.update(self._limit_hits.get(url, {}))
             try:
@@ -247,9 +254,12 @@ class ProcessSandbox(Sandbox):
                     on_exit=on_exit,
                     timeout=self.deploy_timeout,
                     egress=egress or NO_EGRESS,
+                    waited=waited,
                 )
+                self._put_off_refill()
             except BaseException as exc:
                 self._components.discard(component)
+                self._put_off_refill()
                 await self._reap_failed(component)
                 if attempt == 1 and isinstance(exc, DeployError) and component.died_before_stub_code:
                     _log.warning("a sandbox host died before the stub's code ran; retrying on a new one", url=url)
@@ -257,6 +267,24 @@ class ProcessSandbox(Sandbox):
                 raise
             return component
         raise AssertionError("unreachable")
+
+    def _put_off_refill(self) -> None:
+        """Start the spares that replace those the deploys took, :data:`REFILL_DELAY` from now.
+
+        Not at once: a host's start does a few ms of work on the loop (its group, its command line, the
+        fork) and more beside it (bwrap making namespaces, the cgroup move, the interpreter's start), which
+        on two cores takes CPU the deploy needs: its stub's connect, the caller woken a few loop turns
+        later, the first messages through the new stub.  A deploy meanwhile starts its host itself, as
+        :meth:`start` refills the pool.
+        """
+        if self._refill is None and not self._closed:
+            self._refill = asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill_now)
+
+    def _refill_now(self) -> None:
+        self._refill = None
+        if not self._closed:
+            self._spares.settle()
+            self._js_spares.settle()
 
     def count_limit_hits(self, component: ProcessComponent) -> None:
         """Keep a component's limit-hit counters for the next component of its stub (after a restart)."""
@@ -285,6 +313,9 @@ class ProcessSandbox(Sandbox):
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._refill is not None:
+                self._refill.cancel()
+                self._refill = None
             removals = [c.remove(self.close_grace) for c in self._components]
             removals.append(self._spares.close(self.close_grace, self.start_timeout))
             removals.append(self._js_spares.close(self.close_grace, self.start_timeout))
@@ -300,6 +331,11 @@ class ProcessSandbox(Sandbox):
         pending = waits + [task for task in self._tasks if task is not self._watcher]
         if pending:
             await asyncio.wait(pending, timeout=KILL_WAIT)
+        # A host reaped during that wait (a spare cancelled while starting) began removing its cgroup only
+        # then: wait for that too, or the runtime's group could not be removed after it.
+        late = [task for task in self._tasks if task is not self._watcher and not task.done()]
+        if late:
+            await asyncio.wait(late, timeout=KILL_WAIT)
         await self._tasks.close()
         if self.cgroup_tree is not None:
             await asyncio.to_thread(self.cgroup_tree.remove)

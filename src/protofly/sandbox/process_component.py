@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from protofly.sandbox import isolation as iso
 from protofly.sandbox.broker import NO_EGRESS, EgressBroker, EgressPolicy
 from protofly.sandbox.cgroup import StubCgroup
 from protofly.sandbox.channel import LIVENESS, SANDBOX_EXTERNAL, SANDBOX_INTERNAL, FrameError, control
+from protofly.sandbox.deploy_parts import sandbox_parts
 from protofly.sandbox.guard import Guard, failed_status, new_counters
 from protofly.sandbox.host_cgroup import HostCgroup
 from protofly.sandbox.host_channel import Events, HostChannel
@@ -101,6 +103,7 @@ class ProcessComponent(Component):
         #: The runtime's end of the socket-passing pair, and what the stub may connect to.
         self._network = HostNetwork(node=settings.node_spare, log=lambda: self._log)
         self._cgroup = HostCgroup(self.counters, tasks, lambda: self._log)
+        self._parts: dict[str, float] = {}
 
     # -- public interface ---------------------------------------------------------------------------
 
@@ -330,8 +333,12 @@ class ProcessComponent(Component):
         on_exit: Callable[[str], None],
         timeout: float,
         egress: EgressPolicy = NO_EGRESS,
+        waited: float = 0.0,
     ) -> None:
-        """Run the stub in this started host (``DeployError`` naming the stub's problem if it cannot)."""
+        """Run the stub in this started host (``DeployError`` naming the stub's problem if it cannot).
+
+        ``waited`` is how long the deploy waited for this host (seconds; a ready spare: next to nothing).
+        """
         self.url = url
         self._network.serve(
             EgressBroker(egress, self.counters, stub_url=url),
@@ -345,7 +352,9 @@ class ProcessComponent(Component):
         self._log = _log.bind(stub_url=url, sandbox_pid=self.pid)
         self._output.bind(stub_url=url, sandbox_pid=self.pid)
         self._state = "deploying"
+        started = time.perf_counter()
         self._cgroup.narrow(limits)  # the stub's own limits, before any of its code runs
+        limited = time.perf_counter()
         body: dict[str, Any] = {"url": url, "sourceCode": source, "config": config, "sandbox": limits.as_dict()}
         if classname:
             body["sourceCodeClassname"] = classname
@@ -362,6 +371,10 @@ class ProcessComponent(Component):
             raise DeployError(f"the sandbox process ended during deploy: {reason}{tail}") from None
         if response_code(reply) != 200:
             raise DeployError(error_description(reply.body) or f"deploy failed with code {response_code(reply)}")
+        self._parts = {
+            "host": round(waited * 1000, 3),
+            **sandbox_parts(limited - started, time.perf_counter() - limited, reply),
+        }
         self.isolation = isolation_record(
             self._settings,
             self._probe,
@@ -376,6 +389,12 @@ class ProcessComponent(Component):
             self._loop.call_soon(self._report_failure, self._exit_reason or "unknown")
         else:
             self._state = "running"
+
+    def deploy_parts(self) -> dict[str, float]:
+        """``host`` (waiting for a started host), ``limits`` (writing the stub's cgroup limits), ``confine``
+        and ``load`` (as the host measured its confinement and the stub's code start) and ``channel`` (the
+        rest of the ``create`` round trip)."""
+        return dict(self._parts)
 
     def _limit_node(self, limits: Limits) -> None:
         """Node has no setrlimit: apply the stub's limits from here; the host reports what is in force."""

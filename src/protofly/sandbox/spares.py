@@ -1,9 +1,12 @@
 """The spare pool: sandbox hosts started ahead of the deploys that will take them.
 
 Importing asyncio and msgspec takes most of a Python start, so the process sandbox keeps ``size`` hosts
-started and idle (imports done, no stub code, no limits yet).  A deploy takes one and a replacement
-starts in the background.  The pool owns the starting and started spares, in start order; it knows a
-host only through :class:`Spare`, so it depends on nothing above it.
+started and idle (imports done, no stub code, no limits yet).  A deploy takes one; its replacement starts
+when the owner says the deploy is over (:meth:`SparePool.settle`), not at once: a host's start is ~100 ms
+of CPU and kernel work (namespaces, a cgroup move), and on a machine with two cores it would take a third
+of the CPU the deploy itself needs.  The next deploy's :meth:`SparePool.refill` starts it anyway.  The pool
+owns the starting and started spares, in start order; it knows a host only through :class:`Spare`, so it
+depends on nothing above it.
 """
 
 from __future__ import annotations
@@ -48,9 +51,12 @@ class SparePool(Generic[H]):
         self._tasks = tasks
         self._spares: deque[asyncio.Task[H]] = deque()
         self._closed = False
+        #: Hosts taken and not replaced yet (their deploys are still running).
+        self.owed = 0
 
     def refill(self) -> None:
         """Start spares until ``size`` are started or starting."""
+        self.owed = 0
         while len(self._spares) < self.size and not self._closed:
             task = self._tasks.spawn(self._start(), name="sandbox spare", shared=True)
             task.add_done_callback(_log_spare_failure)
@@ -61,8 +67,16 @@ class SparePool(Generic[H]):
         if self._spares:
             await asyncio.wait(list(self._spares), timeout=timeout)
 
+    def settle(self) -> None:
+        """The deploys that took hosts are over: start their replacements now."""
+        if self.owed:
+            self.refill()
+
     async def take(self) -> H:
-        """A started host: a ready spare if there is one, else the next one starting, else a new one."""
+        """A started host: a ready spare if there is one, else the next one starting, else a new one.
+
+        Its replacement is owed until :meth:`settle` (or the next :meth:`refill`).
+        """
         while self._spares:
             ready = next((t for t in self._spares if t.done()), None)
             task = ready or self._spares[0]
@@ -79,13 +93,13 @@ class SparePool(Generic[H]):
             host = task.result()
             host.poll_exit()
             if host.state == "ready":
-                self.refill()
+                self.owed += 1
                 return host
         try:
             host = await self._start()
         except SandboxError as exc:
             raise DeployError(str(exc)) from None
-        self.refill()
+        self.owed += 1
         return host
 
     async def close(self, grace: float, start_timeout: float) -> None:

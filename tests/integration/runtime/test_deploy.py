@@ -48,6 +48,14 @@ async def test_explicit_load_goes_live_with_a_timeline(backend, domains, runtime
         assert handle.total_ms == pytest.approx(sum(s.ms for s in handle.steps))
         assert 0 < handle.total_ms <= elapsed_ms
         assert handle.steps[1].detail.startswith("default ") and "1.0.0" in handle.steps[1].detail
+        # The sandbox step says where its time went: waiting for a host, the stub's cgroup limits, the
+        # host's confinement and the stub's code start (as the host timed them), the channel's round trip.
+        sandbox = handle.steps[2]
+        assert set(sandbox.parts) == {"host", "limits", "confine", "load", "channel"}
+        assert sandbox.parts["load"] > 0 and sandbox.parts["confine"] > 0
+        assert all(ms >= 0 for ms in sandbox.parts.values())
+        assert sum(sandbox.parts.values()) <= sandbox.ms + 0.01  # parts of the step, rounded to the µs
+        assert [s.name for s in handle.steps if s.parts] == ["sandbox"]
         # Observers saw the same timeline, then 'live' with the same total.
         steps_seen = [(e.step, e.seed, e.ms) for e in observed if isinstance(e, DeployStep)]
         assert steps_seen == [(s.name, s.seed, round(s.ms, 3)) for s in handle.steps]

@@ -80,6 +80,7 @@ def delegated_cgroups(user: pwd.struct_passwd) -> Iterator[str]:
     if not {"memory", "pids"} <= set(mounts) or os.path.exists("/sys/fs/cgroup/cgroup.subtree_control"):
         pytest.skip("no cgroup v1 memory and pids hierarchies to delegate here")
     name = f"/protofly-delegated-{os.getpid()}"
+    remove_stale_delegations(mounts)
     made: list[Path] = []
     try:
         for controller in ("memory", "pids", "cpuacct"):
@@ -94,6 +95,18 @@ def delegated_cgroups(user: pwd.struct_passwd) -> Iterator[str]:
     finally:
         for directory in made:
             remove_tree(directory)
+
+
+def remove_stale_delegations(mounts: dict[str, Path]) -> None:
+    """Remove what a test run that was killed before its teardown left: ``protofly-delegated-<pid>`` of a
+    pid that is gone (its runtimes are gone too, so the groups are empty)."""
+    for controller in ("memory", "pids", "cpuacct"):
+        mount = mounts.get(controller)
+        for directory in mount.glob("protofly-delegated-*") if mount is not None else []:
+            pid = directory.name.removeprefix("protofly-delegated-")
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(OSError):
+                    remove_tree(directory, timeout=1.0)
 
 
 def remove_tree(directory: Path, timeout: float = 10.0) -> None:

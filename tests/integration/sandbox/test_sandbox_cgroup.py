@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from tests.integration.runtime.containment import needs_cgroups, start_time, zombie
 from tests.integration.sandbox.sandbox_helpers import Inbox, deploy, request, tree
+from tests.polling import wait_until
 
 from protofly.sandbox import cgroup
 from protofly.sandbox.process import ProcessSandbox
@@ -46,3 +47,18 @@ async def test_a_spare_host_is_in_its_own_cgroup_before_any_stub_code_runs() -> 
     finally:
         await box.close()
     assert [cgroup.members(group) for group in groups] == [None, None]  # closing removes them
+
+
+@needs_cgroups
+async def test_closing_while_a_spare_is_still_starting_removes_its_cgroup_and_the_runtime_s() -> None:
+    box = ProcessSandbox(prestart=1)
+    await box.start()  # the spare starts in the background: close before it is ready
+    await wait_until(lambda: any(host.pid is not None for host in box.hosts))  # spawned, not yet ready
+    [starting] = box.hosts
+    assert starting.state == "starting" and starting.cgroup is not None
+    report = starting.cgroup.report()
+    assert box.cgroup_tree is not None
+    runtime_groups = list(box.cgroup_tree.dirs.values())
+    await box.close()
+    assert cgroup.members(report) is None  # the spare's group is gone
+    assert [group for group in runtime_groups if group.is_dir()] == []  # and so is the runtime's

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from tests.integration.sandbox.sandbox_helpers import MODES, all_ended, running_or_ours
 
+from protofly.sandbox import cgroup
+from protofly.sandbox.process import ProcessSandbox
+
 SCRIPT = Path(__file__).resolve().parent / "sandbox_runtime.py"
 
 
@@ -43,6 +46,25 @@ async def test_a_sigkilled_runtime_leaves_no_stub_process(use_bwrap):
     await asyncio.wait_for(process.wait(), 10)
     await all_ended(pids)
     assert [pid for pid in pids if running_or_ours(pid)] == []
+    # Its cgroups stay behind (empty: every process in them ended); the next runtime's sandbox removes them.
+    left = [group for group in runtime_groups(process.pid) if group.is_dir()]
+    box = ProcessSandbox(use_bwrap=use_bwrap, prestart=0)
+    await box.start()
+    await box.close()
+    assert [group for group in left if group.is_dir()] == []
+
+
+def runtime_groups(pid: int) -> list[Path]:
+    """Where a runtime with ``pid`` started by this process made its group: ``protofly-<pid>`` beside this
+    process's own cgroup, in each hierarchy (none where the machine offers no cgroups)."""
+    mounts = cgroup.hierarchies()
+    groups = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, own = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else ["unified"]:
+            if controller in mounts:
+                groups.append(mounts[controller] / own.lstrip("/") / f"protofly-{pid}")
+    return groups
 
 
 @pytest.mark.parametrize("use_bwrap", MODES)

@@ -20,6 +20,7 @@ from tests.integration.sandbox.sandbox_helpers import (
     running_or_ours,
     tree,
 )
+from tests.polling import wait_until
 
 import protofly
 from protofly.message import Message
@@ -356,6 +357,22 @@ async def test_a_prestarted_host_is_used_for_the_next_deploy():
         await box.close()
 
 
+async def test_a_taken_spare_is_replaced_after_the_deploy_not_during_it():
+    box = ProcessSandbox(prestart=1)
+    try:
+        await box.wait_ready()
+        [spare] = box.hosts
+        component = await deploy(box, "echo.py", Inbox(), classname="EchoStub")
+        assert component.pid == spare.pid
+        assert box.hosts == [component]  # no replacement starting beside the deploy: it starts a moment later
+        await wait_until(lambda: len(box.hosts) == 2)
+        await box.wait_ready()
+        [replacement] = [host for host in box.hosts if host is not component]
+        assert replacement.state == "ready" and replacement.pid != component.pid
+    finally:
+        await box.close()
+
+
 async def test_a_spare_that_died_is_replaced_by_a_fresh_host():
     box = ProcessSandbox(prestart=1)
     try:
@@ -363,6 +380,9 @@ async def test_a_spare_that_died_is_replaced_by_a_fresh_host():
         await box.wait_ready()
         [spare] = box.hosts
         os.kill(spare.pid, signal.SIGKILL)
+        # A spare that died: reaped (until then its host may still be alive below the killed bwrap, take the
+        # deploy and report its confinement, and a host that got that far is not retried).
+        assert await spare.wait_exit(5.0)
         inbox = Inbox()
         component = await deploy(box, "echo.py", inbox, classname="EchoStub")
         assert component.pid != spare.pid
