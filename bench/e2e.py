@@ -290,12 +290,18 @@ async def roundtrips(hyperty_a, target: str) -> dict[str, float]:
     }
 
 
-async def one_way(hyperty_a, target: str, receiver: Receiver, errors: list, size: int, count: int) -> tuple[float, int]:
-    """Post ``count`` messages of about ``size`` bytes of body; return (msgs/s, bad) once B has them all."""
+async def one_way(
+    hyperty_a, target: str, receiver: Receiver, errors: list, size: int, count: int, window: int | None = None
+) -> tuple[float, int]:
+    """Post ``count`` messages of about ``size`` bytes of body; return (msgs/s, bad) once B has them all.
+
+    ``window``: messages in flight at most (default: ``WINDOW_BYTES`` of bodies).
+    """
     bodies = [{"seq": seq, "pad": "x" * max(size - 20, 0)} for seq in range(count)]
     receiver.reset(bodies)
     before = len(errors)
-    window = max(WINDOW_BYTES // max(size, 1), 1)
+    if window is None:
+        window = max(WINDOW_BYTES // max(size, 1), 1)
     started = time.perf_counter()
     for sent, body in enumerate(bodies):
         while sent - receiver.count >= window:

@@ -4,24 +4,35 @@ Topology as ``bench/e2e.py``: one message node for ``b.test`` in its own process
 in this process, each with its home stub (signed, served by a catalogue, process sandbox); hyperty A in
 runtime A sends to hyperty B in runtime B.
 
-* ``oneway_msgs_per_s_100b``: 10,000 one-way messages of 100 B (after 3,000 unmeasured), for three
-  set-ups: ``plain`` (stubs without the ack extension, node without state), ``ack`` (acknowledged
-  delivery) and ``ack_durable`` (acknowledged delivery, node with ``--state-dir``, fsync every second);
-  ``ack_cost_pct`` and ``durable_cost_pct``: the throughput lost against ``plain``, in per cent;
+* ``oneway_msgs_per_s_100b``: ``ONEWAY`` (60,000) one-way messages of 100 B (after 5,000 unmeasured), for
+  three set-ups: ``plain`` (stubs without the ack extension, node without state), ``ack`` (acknowledged
+  delivery) and ``ack_durable`` (acknowledged delivery, node with ``--state-dir``, fsync every second).
+  A measured run lasts about a second, so it holds the periodic fsyncs it pays for.  Hyperty A keeps at
+  most ``WINDOW`` (5,000) messages in flight: half the node's per-session window of unacknowledged
+  messages (``DEFAULT_BUFFER_MESSAGES``), beyond which the node answers ``503`` -- a bench that outruns
+  it measures that limit, not the pipeline.  Reported per set-up: ``median`` and ``best`` over the rounds;
+* ``ack_cost_pct`` / ``durable_cost_pct``: the throughput lost against ``plain``, in per cent, from the
+  medians (``median``) and from the bests (``best``);
+* ``cpu_us_per_msg_100b``: CPU time per measured message (``/proc/<pid>/stat``), per set-up, median over
+  the rounds, split as ``bench/e2e.py`` does: ``runtimes`` (this process), ``stubs`` (both stub hosts),
+  ``node``; on a shared machine this, not the rate, is the figure to compare;
 * ``stub_kill_recovery_ms``: runtime A's stub process is SIGKILLed; a request is posted at once; the time
   until its reply is back (the runtime notices the death, restarts the stub, which re-opens its session
   and carries the request); median of 5;
 * ``node_kill_recovery_ms``: the node process is SIGKILLed and started again on its port with its state
   directory; a request posted at the kill; the time until its reply (node start-up included); median of 3.
 
-Each set-up runs ``ROUNDS`` times, interleaved, and the best rate of each is kept: on a shared machine the
-load changes by a factor of two between runs, far more than what is measured.
+Each set-up runs ``--rounds`` times (default 5), interleaved: on a shared machine the load changes by a
+factor of two between runs, far more than what is measured.  A round that fails (time-out, error
+responses, a node that does not start) is listed under ``failed`` with its error and left out of the
+figures; the JSON object is printed whatever happens (``error`` when the bench itself broke).
 
-Prints one JSON object.
+``python bench/restart.py [--rounds N] [--messages N] [--no-recovery]``.  Prints one JSON object.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -36,16 +47,19 @@ from typing import Any
 
 import msgspec
 
-from e2e import DOMAIN, STUB_PACKAGE, Receiver, config, one_way, parent_of
+from e2e import DOMAIN, STUB_PACKAGE, CpuMeter, Receiver, config, one_way, parent_of
 from protofly.catalogue import SigningKey, TrustStore, publish
 from protofly.catalogue.server import CatalogueServer
 from protofly.message import Message, response_code
+from protofly.msgnode.core import DEFAULT_BUFFER_MESSAGES
 from protofly.runtime import Runtime
 
-ONEWAY = 10_000
-WARMUP = 3_000
-ROUNDS = 3
+ONEWAY = 60_000
+WARMUP = 5_000
+WINDOW = DEFAULT_BUFFER_MESSAGES // 2
+ROUNDS = 5
 TIMEOUT = 30.0
+SETUPS = (("plain", False, False), ("ack", True, False), ("ack_durable", True, True))
 
 
 def kill_tree(pid: int) -> None:
@@ -128,7 +142,7 @@ async def timed_request(hyperty_a: Any, target: str, started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-async def setup(name: str, *, ack: bool, durable: bool, recovery: bool) -> dict[str, Any]:
+async def setup(name: str, *, ack: bool, durable: bool, recovery: bool, messages: int) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"protofly-bench-restart-{name}-"))
     state_dir = root / "node" if durable else None
     if state_dir is not None:
@@ -147,8 +161,12 @@ async def setup(name: str, *, ack: bool, durable: bool, recovery: bool) -> dict[
             errors: list[Message] = []
             hyperty_b = await rt_b.new_hyperty(receiver)
             hyperty_a = await rt_a.new_hyperty(lambda msg: errors.append(msg) if response_code(msg) != 200 else None)
-            await one_way(hyperty_a, hyperty_b.url, receiver, errors, 100, WARMUP)
-            rate, bad = await one_way(hyperty_a, hyperty_b.url, receiver, errors, 100, ONEWAY)
+            await one_way(hyperty_a, hyperty_b.url, receiver, errors, 100, WARMUP, WINDOW)
+            assert node.proc is not None
+            meter = CpuMeter(node.proc.pid)
+            meter.start()
+            rate, bad = await one_way(hyperty_a, hyperty_b.url, receiver, errors, 100, messages, WINDOW)
+            figures["cpu_us_per_msg_100b"] = meter.per_message(messages)
             figures["oneway_msgs_per_s_100b"] = round(rate)
             figures["oneway_bad"] = bad
             if recovery:
@@ -182,26 +200,69 @@ async def setup(name: str, *, ack: bool, durable: bool, recovery: bool) -> dict[
     return figures
 
 
-async def main() -> dict[str, Any]:
-    """Each set-up ROUNDS times, interleaved (the machine's load changes), best rate of each."""
-    rates: dict[str, list[int]] = {"plain": [], "ack": [], "ack_durable": []}
+def cost_pct(rate: float | None, plain: float | None) -> float | None:
+    """Throughput lost against ``plain``, in per cent (None when a set-up has no successful round)."""
+    if rate is None or not plain:
+        return None
+    return round(100 * (1 - rate / plain), 1)
+
+
+async def main(rounds: int = ROUNDS, messages: int = ONEWAY, recovery: bool = True) -> dict[str, Any]:
+    """Each set-up ``rounds`` times, interleaved (the machine's load changes); median and best of each."""
+    rates: dict[str, list[int]] = {name: [] for name, _, _ in SETUPS}
+    cpu: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in SETUPS}
+    failed: list[dict[str, Any]] = []
     bad = 0
-    recovery: dict[str, Any] = {}
-    for round_ in range(ROUNDS):
-        for name, ack, durable in (("plain", False, False), ("ack", True, False), ("ack_durable", True, True)):
-            figures = await setup(name, ack=ack, durable=durable, recovery=durable and round_ == 0)
+    figures_recovery: dict[str, Any] = {}
+    for round_ in range(rounds):
+        for name, ack, durable in SETUPS:
+            wants_recovery = recovery and durable and "node_kill_recovery_ms" not in figures_recovery
+            try:
+                figures = await setup(name, ack=ack, durable=durable, recovery=wants_recovery, messages=messages)
+            except Exception as exc:  # a failed round is reported, never silently dropped
+                failed.append({"setup": name, "round": round_, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                continue
             rates[name].append(figures["oneway_msgs_per_s_100b"])
+            cpu[name].append(figures["cpu_us_per_msg_100b"])
             bad += figures["oneway_bad"]
-            recovery.update({k: v for k, v in figures.items() if k.endswith("recovery_ms")})
-    best = {name: max(values) for name, values in rates.items()}
+            figures_recovery.update({k: v for k, v in figures.items() if k.endswith("recovery_ms")})
+    median = {name: round(statistics.median(v)) if v else None for name, v in rates.items()}
+    best = {name: max(v) if v else None for name, v in rates.items()}
     return {
-        "oneway_msgs_per_s_100b": best,
-        "ack_cost_pct": round(100 * (1 - best["ack"] / best["plain"]), 1),
-        "durable_cost_pct": round(100 * (1 - best["ack_durable"] / best["plain"]), 1),
+        "messages": messages,
+        "window": WINDOW,
+        "rounds": rounds,
+        "oneway_msgs_per_s_100b": {"median": median, "best": best, "all": rates},
+        "ack_cost_pct": {
+            "median": cost_pct(median["ack"], median["plain"]),
+            "best": cost_pct(best["ack"], best["plain"]),
+        },
+        "durable_cost_pct": {
+            "median": cost_pct(median["ack_durable"], median["plain"]),
+            "best": cost_pct(best["ack_durable"], best["plain"]),
+        },
+        "cpu_us_per_msg_100b": {
+            name: {group: round(statistics.median(s[group] for s in samples), 1) for group in samples[0]}
+            for name, samples in cpu.items()
+            if samples
+        },
         "bad": bad,
-        **recovery,
+        "failed": failed,
+        **figures_recovery,
     }
 
 
+def run() -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--messages", type=int, default=ONEWAY)
+    parser.add_argument("--no-recovery", action="store_true")
+    args = parser.parse_args()
+    try:
+        return asyncio.run(main(args.rounds, args.messages, not args.no_recovery))
+    except BaseException as exc:  # the JSON object is printed whatever happens
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main())))
+    print(json.dumps(run()))
