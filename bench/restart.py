@@ -22,12 +22,13 @@ runtime A sends to hyperty B in runtime B.
 * ``node_kill_recovery_ms``: the node process is SIGKILLed and started again on its port with its state
   directory; a request posted at the kill; the time until its reply (node start-up included); median of 3.
 
-Each set-up runs ``--rounds`` times (default 5), interleaved: on a shared machine the load changes by a
+Each set-up runs ``--rounds`` times (default 7), interleaved: on a shared machine the load changes by a
 factor of two between runs, far more than what is measured.  A round that fails (time-out, error
 responses, a node that does not start) is listed under ``failed`` with its error and left out of the
 figures; the JSON object is printed whatever happens (``error`` when the bench itself broke).
 
-``python bench/restart.py [--rounds N] [--messages N] [--no-recovery]``.  Prints one JSON object.
+``python bench/restart.py [--rounds N] [--messages N] [--no-recovery] [--fsync-interval S]`` (the
+durable set-up's fsync interval, 1 s by default; -1 never fsyncs: what the fsyncs cost).  Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ from protofly.runtime import Runtime
 ONEWAY = 60_000
 WARMUP = 5_000
 WINDOW = DEFAULT_BUFFER_MESSAGES // 2
-ROUNDS = 5
+ROUNDS = 7
+#: ``--fsync-interval`` of the durable set-up (``bench/restart.py --fsync-interval``; -1: never).
+FSYNC_INTERVAL = 1.0
 TIMEOUT = 30.0
 SETUPS = (("plain", False, False), ("ack", True, False), ("ack_durable", True, True))
 
@@ -91,7 +94,9 @@ class Node:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     async def start(self) -> None:
-        args = ["--state-dir", str(self.state_dir)] if self.state_dir is not None else []
+        args = []
+        if self.state_dir is not None:
+            args = ["--state-dir", str(self.state_dir), "--fsync-interval", str(FSYNC_INTERVAL)]
         self.proc = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN),
             *("--port", str(self.port), "--ping-interval", "0", *args),
@@ -243,6 +248,7 @@ async def main(rounds: int = ROUNDS, messages: int = ONEWAY, recovery: bool = Tr
         "messages": messages,
         "window": WINDOW,
         "rounds": rounds,
+        "fsync_interval": FSYNC_INTERVAL,
         "oneway_msgs_per_s_100b": {"median": median, "best": best, "all": rates},
         "ack_cost_pct": {
             "median": cost_pct(median["ack"], median["plain"]),
@@ -264,11 +270,14 @@ async def main(rounds: int = ROUNDS, messages: int = ONEWAY, recovery: bool = Tr
 
 
 def run() -> dict[str, Any]:
+    global FSYNC_INTERVAL
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--messages", type=int, default=ONEWAY)
     parser.add_argument("--no-recovery", action="store_true")
+    parser.add_argument("--fsync-interval", type=float, default=FSYNC_INTERVAL)
     args = parser.parse_args()
+    FSYNC_INTERVAL = args.fsync_interval
     try:
         return asyncio.run(main(args.rounds, args.messages, not args.no_recovery))
     except BaseException as exc:  # the JSON object is printed whatever happens
