@@ -12,7 +12,8 @@ runtime A sends to hyperty B in runtime B.
   messages (``DEFAULT_BUFFER_MESSAGES``), beyond which the node answers ``503`` -- a bench that outruns
   it measures that limit, not the pipeline.  Reported per set-up: ``median`` and ``best`` over the rounds;
 * ``ack_cost_pct`` / ``durable_cost_pct``: the throughput lost against ``plain``, in per cent, from the
-  medians (``median``) and from the bests (``best``);
+  medians (``median``), from the bests (``best``) and the median of each round's own cost (``paired``:
+  the set-ups of a round run back to back, so a slow change of the machine's load cancels out);
 * ``cpu_us_per_msg_100b``: CPU time per measured message (``/proc/<pid>/stat``), per set-up, median over
   the rounds, split as ``bench/e2e.py`` does: ``runtimes`` (this process), ``stubs`` (both stub hosts),
   ``node``; on a shared machine this, not the rate, is the figure to compare;
@@ -221,14 +222,24 @@ def cost_pct(rate: float | None, plain: float | None) -> float | None:
     return round(100 * (1 - rate / plain), 1)
 
 
+def paired_cost_pct(per_round: list[dict[str, int]], name: str) -> float | None:
+    """Median over the rounds of ``name``'s cost against ``plain`` in the same round: a slow drift of the
+    machine's load moves both rates of a round alike and cancels out."""
+    costs = [cost_pct(rates[name], rates["plain"]) for rates in per_round if name in rates and "plain" in rates]
+    values = [cost for cost in costs if cost is not None]
+    return round(statistics.median(values), 1) if values else None
+
+
 async def main(rounds: int = ROUNDS, messages: int = ONEWAY, recovery: bool = True) -> dict[str, Any]:
     """Each set-up ``rounds`` times, interleaved (the machine's load changes); median and best of each."""
     rates: dict[str, list[int]] = {name: [] for name, _, _ in SETUPS}
+    per_round: list[dict[str, int]] = []
     cpu: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in SETUPS}
     failed: list[dict[str, Any]] = []
     bad = 0
     figures_recovery: dict[str, Any] = {}
     for round_ in range(rounds):
+        per_round.append({})
         for name, ack, durable in SETUPS:
             wants_recovery = recovery and durable and "node_kill_recovery_ms" not in figures_recovery
             try:
@@ -237,6 +248,7 @@ async def main(rounds: int = ROUNDS, messages: int = ONEWAY, recovery: bool = Tr
                 failed.append({"setup": name, "round": round_, "error": f"{type(exc).__name__}: {exc}"[:500]})
                 continue
             rates[name].append(figures["oneway_msgs_per_s_100b"])
+            per_round[-1][name] = figures["oneway_msgs_per_s_100b"]
             cpu[name].append(figures["cpu_us_per_msg_100b"])
             bad += figures["oneway_bad"]
             figures_recovery.update({k: v for k, v in figures.items() if k.endswith("recovery_ms")})
@@ -253,10 +265,12 @@ async def main(rounds: int = ROUNDS, messages: int = ONEWAY, recovery: bool = Tr
         "ack_cost_pct": {
             "median": cost_pct(median["ack"], median["plain"]),
             "best": cost_pct(best["ack"], best["plain"]),
+            "paired": paired_cost_pct(per_round, "ack"),
         },
         "durable_cost_pct": {
             "median": cost_pct(median["ack_durable"], median["plain"]),
             "best": cost_pct(best["ack_durable"], best["plain"]),
+            "paired": paired_cost_pct(per_round, "ack_durable"),
         },
         "cpu_us_per_msg_100b": {
             name: {group: round(statistics.median(s[group] for s in samples), 1) for group in samples[0]}
