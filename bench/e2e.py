@@ -30,6 +30,10 @@ protofly's Python stub on runtime B's side: round trip and one-way figures (no f
 ``cold_deploy_js_ms_p50/p95``: ``load_stub`` of the JavaScript stub in a new runtime (empty state
 directory, its pre-started Node host ready) until ``live``, 25 rounds after 2 unmeasured, with its steps.
 
+``--acks=delayed`` (default) / ``immediate`` / ``off``: the acknowledged-delivery extension as shipped
+(acks ride with data or wait ``ackDelay``), with every ack sent at once (stub ``ackDelay: 0``, node
+``--ack-delay 0``: the behaviour before delayed acks), or not negotiated (stub ``ack: false``).
+
 Prints one JSON object.
 """
 
@@ -129,9 +133,10 @@ class CpuMeter:
 class NodeProcess:
     """The node in its own process (``protofly msg-node serve``), stopped by its pid."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra: str) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
+        self.extra = extra
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -146,6 +151,7 @@ class NodeProcess:
             "0",
             "--ping-interval",
             "0",
+            *self.extra,
             stdout=asyncio.subprocess.PIPE,
         )
         line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)
@@ -201,6 +207,15 @@ async def cold_deploys_js(root: Path, server: CatalogueServer, trust_file: Path)
     return figures
 
 
+#: ``--acks``: the stub's configuration and the node's options for each variant.
+ACKS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "delayed": ({}, ()),
+    "immediate": ({"ackDelay": 0}, ("--ack-delay", "0")),
+    "off": ({"ack": False}, ()),
+}
+ACK_MODE = "delayed"
+
+
 async def catalogue(root: Path, node_url: str) -> tuple[CatalogueServer, Path]:
     """Publish the stub for b.test (signed, configured with the node's URL) and serve it."""
     key = SigningKey.generate(DOMAIN)
@@ -212,6 +227,7 @@ async def catalogue(root: Path, node_url: str) -> tuple[CatalogueServer, Path]:
     shutil.copytree(STUB_PACKAGE, package)
     template = json.loads((package / "descriptor.json").read_text())
     template["configuration"]["url"] = node_url
+    template["configuration"].update(ACKS[ACK_MODE][0])
     template["egress"] = [node_url]  # the only endpoint the stub may reach, opened for it by the runtime
     (package / "descriptor.json").write_text(json.dumps(template))
     publish(package, root / "published", key, DOMAIN)
@@ -386,7 +402,7 @@ async def fan_out(rt_a: Runtime, rt_b: Runtime) -> dict[str, float | int]:
 
 async def main(js: bool = False) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="protofly-bench-e2e-"))
-    node = NodeProcess()
+    node = NodeProcess(*ACKS[ACK_MODE][1])
     server = server_a = None
     try:
         await node.start()
@@ -416,6 +432,7 @@ async def main(js: bool = False) -> dict[str, Any]:
             figures["stub_a_host"] = record.isolation.get("host", "python")
             figures["stub_isolation"] = "+".join(active_layers(record.isolation))
             figures["stub_isolation_missing"] = len(record.isolation.get("missing", []))
+            figures["acks"] = ACK_MODE
         if js:
             figures.update(await cold_deploys_js(root, server_a, trust_file))
         return figures
@@ -429,4 +446,9 @@ async def main(js: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        if arg.startswith("--acks="):
+            ACK_MODE = arg.removeprefix("--acks=")
+            if ACK_MODE not in ACKS:
+                sys.exit(f"--acks: expected one of {', '.join(ACKS)}, got {ACK_MODE!r}")
     print(json.dumps(asyncio.run(main(js="--js" in sys.argv[1:]))))
