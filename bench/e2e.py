@@ -81,6 +81,14 @@ def cpu_seconds(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def wakeups(pid: int | str) -> int:
+    """Voluntary context switches of ``pid``'s main thread: how often it slept waiting for something."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
 def parent_of(pid: int) -> int:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
@@ -128,6 +136,9 @@ class CpuMeter:
     def per_message(self, count: int) -> dict[str, float]:
         after = self._sample()
         return {name: round((after[name] - self.before[name]) / count * 1e6, 1) for name in after}
+
+    def wakeups(self) -> dict[str, int]:
+        return {name: sum(wakeups(pid) for pid in pids) for name, pids in self.groups.items()}
 
 
 class NodeProcess:
@@ -290,19 +301,24 @@ class Receiver:
         return None
 
 
-async def roundtrips(hyperty_a, target: str) -> dict[str, float]:
+async def roundtrips(hyperty_a, target: str, meter: CpuMeter) -> dict[str, Any]:
     for seq in range(ROUNDTRIP_WARMUP):
         await hyperty_a.request(target, "execute", {"seq": seq}, timeout=TIMEOUT)
     samples = []
+    meter.start()
+    woken = meter.wakeups()
     for seq in range(ROUNDTRIPS):
         started = time.perf_counter()
         answer = await hyperty_a.request(target, "execute", {"seq": seq}, timeout=TIMEOUT)
         samples.append((time.perf_counter() - started) * 1000)
         if response_code(answer) != 200 or answer.body["value"]["seq"] != seq:
             raise RuntimeError(f"round trip {seq} failed: {answer.body}")
+    after = meter.wakeups()
     return {
         "roundtrip_ms_p50": round(statistics.median(samples), 3),
         "roundtrip_ms_p99": round(percentile(samples, 0.99), 3),
+        "roundtrip_cpu_us": meter.per_message(ROUNDTRIPS),
+        "roundtrip_wakeups": {name: round((after[name] - woken[name]) / ROUNDTRIPS, 2) for name in after},
     }
 
 
@@ -417,8 +433,8 @@ async def main(js: bool = False) -> dict[str, Any]:
             hyperty_b = await rt_b.new_hyperty(receiver)
             hyperty_a = await rt_a.new_hyperty(lambda msg: errors.append(msg) if response_code(msg) != 200 else None)
             figures: dict[str, Any] = {}
-            figures.update(await roundtrips(hyperty_a, hyperty_b.url))
             meter = CpuMeter(node.proc.pid)
+            figures.update(await roundtrips(hyperty_a, hyperty_b.url, meter))
             for key, size, warmup in (("100b", 100, 3_000), ("10kb", 10_000, 2_000)):
                 await one_way(hyperty_a, hyperty_b.url, receiver, errors, size, warmup)
                 meter.start()

@@ -335,6 +335,11 @@ _MAX_RESUBSCRIBE = 10_000
 _PERMANENT = frozenset({400, 401, 403})
 
 
+#: Frames the writer hands to the socket in one write (``_Connection``): an ack and the frame it rides
+#: with, or a few small frames; bounded so a large outbox is not joined into one huge buffer.
+_GROUP_BYTES = 64 << 10
+
+
 # -- the session protocol, sans I/O ------------------------------------------------------------------
 
 
@@ -972,6 +977,23 @@ def _same_id(got: int | str | None, sent: int) -> bool:
 # -- the asyncio shell -------------------------------------------------------------------------------
 
 
+class _Connection(ClientConnection):
+    """A client connection that hands what its protocol queued to the transport in one write.
+
+    websockets writes each frame with its own ``transport.write`` (a system call each when the socket
+    buffer is empty); the writer queues an ack and the frame it rides with together, and this makes them
+    one segment, so the node is woken once for both.  A half-close among them falls back to websockets.
+    """
+
+    def send_data(self) -> None:
+        chunks = self.protocol.data_to_send()
+        if chunks and all(chunks):
+            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            return
+        self.protocol.writes[:0] = chunks
+        super().send_data()
+
+
 class MsgNodeStub(ProtoStub):
     """The runtime's end of a message node session: reconnects by itself, loses nothing it accepted.
 
@@ -1096,6 +1118,7 @@ class MsgNodeStub(ProtoStub):
                 max_queue=(4096, 1024),
                 write_limit=(1 << 20, 256 << 10),
                 user_agent_header=None,
+                create_connection=_Connection,
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             sock.close()
@@ -1136,23 +1159,34 @@ class MsgNodeStub(ProtoStub):
     async def _write(self, ws: ClientConnection, wake: asyncio.Event) -> None:
         """Write every frame the session has, in order; put back what never reached the socket.
 
-        ``send`` writes synchronously while the connection is open and only then may wait (flow control)
-        or fail, so a frame is unsent exactly when the connection was no longer open before the call.
+        Frames ready together (an ack and the frame it rides with) go in one ``send_context``, which
+        ``_Connection`` writes in one system call, so the node wakes once for them.  The frames are written
+        synchronously while the connection is open and only then may the writer wait (flow control) or
+        fail, so a frame is unsent exactly when the connection was no longer open before the call.
         """
         session = self.session
+        protocol = ws.protocol
         while True:
             await wake.wait()
             wake.clear()
             while (item := session.next_frame()) is not None:
-                frame, count = item
+                group = [item]
+                size = len(item[0])
+                while size < _GROUP_BYTES and (item := session.next_frame()) is not None:
+                    group.append(item)
+                    size += len(item[0])
                 if ws.state is not State.OPEN:
-                    session.unsent(frame, count)
+                    for frame, count in group:
+                        session.unsent(frame, count)
                     return
                 try:
-                    await ws.send(frame, text=True)
+                    async with ws.send_context():
+                        for frame, _ in group:
+                            protocol.send_text(frame)
                 finally:
-                    if count:
-                        session.written(count)
+                    for _, count in group:
+                        if count:
+                            session.written(count)
 
     def _open_timeout(self) -> None:
         self._open_timer = None
@@ -1170,6 +1204,11 @@ class MsgNodeStub(ProtoStub):
     def _apply(self, actions: list[Action]) -> float | None:
         """Carry out the session's actions; returns the retry delay if there is one."""
         delay = None
+        if self._saving is None:
+            for action in actions:
+                if type(action) is SaveState:  # before the deliveries post (and the host schedules its flush)
+                    self._save_soon()
+                    break
         for action in actions:
             match action:
                 case Deliver(messages=messages):
@@ -1179,9 +1218,9 @@ class MsgNodeStub(ProtoStub):
                 case Wake():
                     if self._wake is not None:
                         self._wake.set()
-                case AckLater(delay=delay):
+                case AckLater(delay=wait):
                     if self._ack_timer is None and self._ws is not None:
-                        self._ack_timer = asyncio.get_running_loop().call_later(delay, self._ack_expired)
+                        self._ack_timer = asyncio.get_running_loop().call_later(wait, self._ack_expired)
                 case Status(value=value, description=description):
                     if value != self.state or value != "in-progress":
                         self.status(value, description)
@@ -1197,7 +1236,7 @@ class MsgNodeStub(ProtoStub):
                 case Failed(description=description):
                     self._settle_first(ConnectionError(description))
                 case SaveState():
-                    self._save_soon()
+                    pass  # scheduled above
         return delay
 
     def _save_soon(self) -> None:
@@ -1205,6 +1244,9 @@ class MsgNodeStub(ProtoStub):
 
         Posted after this iteration's deliveries (the host sends them in order), so the runtime never
         holds a ``received`` ahead of the messages it has, nor a ``handedOver`` ahead of the node's acks.
+        Scheduled before those deliveries are posted (``_apply``): the host writes what is posted once per
+        iteration, from a callback it schedules at the first post, so the save runs first and travels in the
+        same frame as the deliveries -- one write, and one wake-up of the runtime, instead of two.
         """
         if self._saving is None:
             self._saving = asyncio.get_running_loop().call_soon(self._save_now)

@@ -268,8 +268,9 @@ class FrameWriter:
             if self._ack_timer is not None:
                 self._ack_timer.cancel()
                 self._ack_timer = None
-            parts.append(text_header(len(ack)))
-            parts.append(ack)
+            # first: a stub takes the ack (a saved state for its runtime) and the data in one pass, and its
+            # runtime gets both in one channel frame
+            parts[:0] = (text_header(len(ack)), ack)
             self._stats["frames_out"] += 1
         transport.writelines(parts)
         stats = self._stats
