@@ -17,19 +17,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from protofly.message import Message
 from protofly.msgnode.actions import Allocate, Claim, Refused
-from protofly.msgnode.cluster.forward import BUFFER_ID
-from protofly.msgnode.cluster.link import ClusterLink
+from protofly.msgnode.cluster.buffers import take_buffer
 from protofly.msgnode.cluster.names import SessionRecord, session_id, token_hash, url_key
+from protofly.msgnode.cluster.view import Link
 from protofly.msgnode.session import Session
 
-__all__ = ["allocate", "claim", "hand_over", "take_buffer"]
+__all__ = ["allocate", "claim", "hand_over"]
 
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
 #: Transient JetStream failures (a server lost, a leader re-elected) are retried this often, this far apart.
@@ -37,7 +36,7 @@ _TRIES = 20
 _RETRY_DELAY = 0.5
 
 
-async def allocate(link: ClusterLink, action: Allocate) -> None:
+async def allocate(link: Link, action: Allocate) -> None:
     """Carry out an :class:`Allocate`: create the key and the addresses, then let the core answer."""
     msg: Message = action.msg
     refused: Refused | None = None
@@ -49,7 +48,7 @@ async def allocate(link: ClusterLink, action: Allocate) -> None:
     link.apply(link.core.allocated(action.conn, msg, action.addresses, action.key, refused))
 
 
-async def _allocate_once(link: ClusterLink, action: Allocate) -> Refused | None:
+async def _allocate_once(link: Link, action: Allocate) -> Refused | None:
     names = link.names
     refused: Refused | None = None
     try:
@@ -76,7 +75,7 @@ async def _allocate_once(link: ClusterLink, action: Allocate) -> Refused | None:
     return refused
 
 
-async def claim(link: ClusterLink, action: Claim) -> None:
+async def claim(link: Link, action: Claim) -> None:
     """Carry out a :class:`Claim` (``re-open`` of a session held elsewhere, or by nobody)."""
     msg: Message = action.msg
     url = msg.from_
@@ -139,7 +138,7 @@ async def claim(link: ClusterLink, action: Claim) -> None:
         await link.nc.publish(link.names.resend, msgspec.json.encode({"url": url, "dead": dead}))
 
 
-async def _take_over(link: ClusterLink, previous: str, url: str) -> str | None:
+async def _take_over(link: Link, previous: str, url: str) -> str | None:
     """Tell the previous owner; it closes its socket and forwards its buffer.  Returns it if it is dead."""
     assert link.nc is not None
     try:
@@ -149,39 +148,7 @@ async def _take_over(link: ClusterLink, previous: str, url: str) -> str | None:
     return None
 
 
-async def take_buffer(link: ClusterLink, sid: str, seen: dict[str, None] | None = None) -> list[bytes]:
-    """Read session ``sid``'s buffer stream in order, then purge what was read.
-
-    A message buffered by a forwarding node carries its forward's name (header ``Pf-Id``): those in
-    ``seen`` (already taken here over the session subject, before their retry bounced) are dropped.
-    """
-    js = link.js
-    assert js is not None
-    subject = link.names.buffer(sid)
-    frames: list[bytes] = []
-    seq = 1
-    last = 0
-    while len(frames) < link.core.buffer_messages:
-        try:
-            stored = await js.get_msg(link.names.buffers, seq=seq, subject=subject, next=True)
-        except NotFoundError:
-            break
-        ident = (stored.headers or {}).get(BUFFER_ID)
-        if seen is not None and ident is not None and ident in seen:
-            link.counters["duplicates"] += 1
-        elif stored.data is not None:
-            frames.append(stored.data)
-            if seen is not None and ident is not None:
-                seen[ident] = None
-        last = stored.seq or seq
-        seq = last + 1
-    if last:
-        with contextlib.suppress(Exception):
-            await js.purge_stream(link.names.buffers, subject=subject, seq=last + 1)
-    return frames
-
-
-async def hand_over(link: ClusterLink) -> int:
+async def hand_over(link: Link) -> int:
     """At a graceful stop (after the drain): every session held here goes to its buffer stream, no owner."""
     core = link.core
     js = link.js

@@ -26,18 +26,16 @@ import asyncio
 import collections
 import contextlib
 import time
-from typing import TYPE_CHECKING
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
+from protofly.msgnode.cluster.buffers import BUFFER_ID, drop_buffer, take_buffer
 from protofly.msgnode.cluster.names import SessionRecord, session_id
+from protofly.msgnode.cluster.view import Link
 
-if TYPE_CHECKING:
-    from protofly.msgnode.cluster.link import ClusterLink
-
-__all__ = ["BUFFER_ID", "Forwarder", "drop_buffer"]
+__all__ = ["Forwarder"]
 
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
 _encode = msgspec.json.encode
@@ -53,14 +51,12 @@ _ACK_DELAY = 0.01
 _SEEN_MAX = 200_000
 #: How long a message bound for a buffer stream waits for JetStream (a leader re-elected) before a 503.
 _BUFFER_RETRY_SECONDS = 20.0
-#: The header naming a buffered forward (``<inbox>.<seq>``), so that a retry that bounced is not delivered twice.
-BUFFER_ID = "Pf-Id"
 
 
 class Forwarder:
     """The wire between this node and the others' sessions (see the module docstring)."""
 
-    def __init__(self, link: ClusterLink, *, ack_timeout: float = 1.0, give_up: float = 10.0) -> None:
+    def __init__(self, link: Link, *, ack_timeout: float = 1.0, give_up: float = 10.0) -> None:
         self.link = link
         self.ack_timeout = ack_timeout
         self.give_up = give_up
@@ -334,8 +330,6 @@ class Forwarder:
         One reader per session at a time (a lock): every caller's read starts after what prompted it.
         False when the stream stayed unreadable (the caller's prompt is not answered: it asks again).
         """
-        from protofly.msgnode.cluster.claim import take_buffer
-
         link = self.link
         lock = self._delivering.get(url)
         if lock is None:
@@ -384,23 +378,3 @@ class Forwarder:
         self.counters["resent"] += len(again)
         for data in again:
             self.send_to_session(url, data)
-
-
-async def drop_buffer(link: ClusterLink, sid: str) -> None:
-    """Session ``sid`` ended or expired: what waits in its buffer stream is a ``404`` to each sender, then purged.
-
-    Reading before purging keeps a message buffered while its session was ending from vanishing unanswered.
-    """
-    from protofly.msgnode.cluster.claim import take_buffer
-
-    text = "no route: the session it was buffered for ended before it was delivered"
-    try:
-        frames = await take_buffer(link, sid)
-    except Exception as exc:  # unreadable now: purged unanswered (the senders' requests time out)
-        link.log.warning("buffer of an ended session not read", error=str(exc) or type(exc).__name__)
-        frames = []
-    for frame in frames:
-        link.apply(link.core.undeliverable(frame, 404, text))
-    assert link.js is not None
-    with contextlib.suppress(Exception):
-        await link.js.purge_stream(link.names.buffers, subject=link.names.buffer(sid))

@@ -17,17 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from protofly.msgnode.cluster.forward import drop_buffer
+from protofly.msgnode.cluster.buffers import drop_buffer
 from protofly.msgnode.cluster.names import SessionRecord, session_id, token_hash, url_key
+from protofly.msgnode.cluster.view import Link
 from protofly.msgnode.session import Session
-
-if TYPE_CHECKING:
-    from protofly.msgnode.cluster.link import ClusterLink
 
 __all__ = ["RecordKeeper"]
 
@@ -38,7 +35,7 @@ _encode = msgspec.json.encode
 class RecordKeeper:
     """This node's session records and the orphan sweep (see the module docstring)."""
 
-    def __init__(self, link: ClusterLink) -> None:
+    def __init__(self, link: Link) -> None:
         self.link = link
         self.revisions: dict[str, int] = {}  # session id -> revision this node last wrote
         self.written: dict[str, SessionRecord] = {}
