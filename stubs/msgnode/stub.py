@@ -9,7 +9,8 @@ Two parts, as every stateful protocol in protofly:
 
 * :class:`NodeSession`, the session protocol without I/O: events in (socket opened, frame received,
   socket closed, timer fired, message from the runtime), actions out (:class:`Status`, :class:`Wake`,
-  :class:`AckLater`, :class:`Deliver`, :class:`Answer`, :class:`CloseSocket`, :class:`Retry`, :class:`Live`, :class:`Failed`).
+  :class:`AckLater`, :class:`Deliver`, :class:`Answer`, :class:`CloseSocket`, :class:`Retry`, :class:`Live`,
+  :class:`Failed`).
   It owns the outbox, the ``open``/``re-open`` handshake with its fallback, the batching and drain
   extensions and the backoff, and is unit-tested without sockets;
 * :class:`MsgNodeStub`, the asyncio shell: one WebSocket at a time, a reader loop, a writer task that sends

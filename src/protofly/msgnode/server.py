@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Self
 from aiohttp import WSMsgType, web
 
 from protofly.log import get_logger
+from protofly.msgnode.acks import DEFAULT_ACK_DELAY
 from protofly.msgnode.actions import (
     Ack,
     Action,
@@ -50,7 +51,6 @@ from protofly.msgnode.journal import Journal
 from protofly.msgnode.remote import ClusterUnavailable
 from protofly.msgnode.snapshot import StateError
 from protofly.msgnode.statefile import move_aside, read_state, write_state
-from protofly.msgnode.acks import DEFAULT_ACK_DELAY
 from protofly.msgnode.writer import FrameWriter
 from protofly.tasks import TaskSet
 

@@ -9,9 +9,10 @@ Acknowledgements (``Ack``) are cumulative: the writer keeps only the newest one 
 it with the next batch of frames, so a turn that reads twenty frames from a runtime answers with one
 ``ack``.  An ack the core marks ``delayed`` waits up to ``ack_delay`` (default 20 ms) for a frame to this
 peer to ride with -- in a request/reply, the reply -- and is written alone only after that (TCP's delayed
-ACK): an ack alone costs the peer's process a wake-up for nothing.  ``barrier`` (the node's durable state) is called before any byte is handed to the transport:
-it writes the turn's journal records first -- group commit -- so nothing leaves the node, neither an
-``ack`` nor a message, for something a restarted node would not know.
+ACK): an ack alone costs the peer's process a wake-up for nothing.  ``barrier`` (the node's durable
+state) is called before any byte is handed to the transport: it writes the turn's journal records first
+-- group commit -- so nothing leaves the node, neither an ``ack`` nor a message, for something a
+restarted node would not know.
 
 Flow control: the queue is bounded in messages and bytes; while the socket's buffer is over its high water
 mark nothing more is written, and a consumer whose queue overflows (or that makes no progress for

@@ -208,7 +208,9 @@ def test_an_address_held_by_another_session_or_foreign_is_refused(node) -> None:
 
 
 def acks_to(actions, conn) -> list[tuple[int, bool]]:
-    return [(json.loads(bytes(a.data))["body"]["ack"], a.delayed) for a in actions if isinstance(a, Ack) and a.conn is conn]
+    return [
+        (json.loads(bytes(a.data))["body"]["ack"], a.delayed) for a in actions if isinstance(a, Ack) and a.conn is conn
+    ]
 
 
 def test_an_ack_may_wait_for_data_until_a_quarter_of_the_window_came() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from tests.unit.stubs.test_msgnode_session import RUNTIME, STUB, TOKEN, answer, frames, kinds, msg
 
 from protofly.message import Message
