@@ -40,12 +40,13 @@ class Caches:
         self.records: dict[str, SessionRecord] = {}  # session id -> record
         self.by_runtime: dict[str, str] = {}  # runtime URL -> session URL
         self.bound_to: dict[str, str] = {}  # foreign address bound on the fly -> session URL
+        self.key_owner: dict[str, str] = {}  # allocation key -> session URL
         self.resource_nodes: dict[str, set[str]] = {}  # resource -> nodes with subscribers
         self.nodes: dict[str, float] = {}  # node -> last heartbeat seen (loop time)
         self.nodes_seen: dict[str, float] = {}  # node -> last heartbeat seen (monotonic, kept after it leaves)
         self._apply: dict[str, Callable[[str, bytes | None], None]] = {
             names.addresses: self._seen_address,
-            names.keys: lambda key, value: None,
+            names.keys: self._seen_key,
             names.sessions: self._seen_session,
             names.subscriptions: self._seen_subscription,
             names.nodes: self._seen_node,
@@ -94,6 +95,13 @@ class Caches:
             record = _decode_record(value)
             self.records[key] = record
             self.by_runtime[record.runtime] = record.url
+
+    def _seen_key(self, key: str, value: bytes | None) -> None:
+        allocation_key = unkey(key)
+        if value is None:
+            self.key_owner.pop(allocation_key, None)
+        else:
+            self.key_owner[allocation_key] = value.decode()
 
     def _seen_bound(self, key: str, value: bytes | None) -> None:
         address = unkey(key)

@@ -102,6 +102,7 @@ class ClusterLink:
         self.records = caches.records
         self.by_runtime = caches.by_runtime
         self.bound_to = caches.bound_to
+        self.key_owner = caches.key_owner
         self.resource_nodes = caches.resource_nodes
         self.nodes = caches.nodes
         self.nodes_seen = caches.nodes_seen

@@ -145,6 +145,11 @@ class RecordKeeper:
         addresses = set(before.addresses) - set(() if after is None else after.addresses)
         keys = set(before.keys) - set(() if after is None else after.keys)
         bound = set(before.bound) - set(() if after is None else after.bound)
+        if after is None:  # all of it: also what the tables name it for and its record did not list yet
+            url = before.url  # (a node killed between an allocation and the record's update)
+            addresses.update(address for address, owner in list(link.owner_of.items()) if owner == url)
+            keys.update(key for key, owner in list(link.key_owner.items()) if owner == url)
+            bound.update(address for address, owner in list(link.bound_to.items()) if owner == url)
         for address in addresses:
             await self._delete_owned(names.addresses, url_key(address), before.url)
             link.owner_of.pop(address, None)
@@ -236,7 +241,9 @@ class RecordKeeper:
             await bucket.delete(sid, last=entry.revision)
         except KeyWrongLastSequenceError:
             return  # another survivor expired it, or a stub re-claimed it: not ours to finish
-        link.counters["orphans_expired"] += 1
-        link.log.info("orphaned session expired", session=sid, owner=owner or "(none)")
-        await self.release(record, None)
-        await self._purge_buffer(sid)
+        try:  # counted once what it held is free: a reader of the counter may take its addresses and key at once
+            await self.release(record, None)
+            await self._purge_buffer(sid)
+        finally:
+            link.counters["orphans_expired"] += 1
+            link.log.info("orphaned session expired", session=sid, owner=owner or "(none)")
