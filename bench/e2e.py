@@ -30,6 +30,10 @@ protofly's Python stub on runtime B's side: round trip and one-way figures (no f
 ``cold_deploy_js_ms_p50/p95``: ``load_stub`` of the JavaScript stub in a new runtime (empty state
 directory, its pre-started Node host ready) until ``live``, 25 rounds after 2 unmeasured, with its steps.
 
+``--acks=delayed`` (default) / ``immediate`` / ``off``: the acknowledged-delivery extension as shipped
+(acks ride with data or wait ``ackDelay``), with every ack sent at once (stub ``ackDelay: 0``, node
+``--ack-delay 0``: the behaviour before delayed acks), or not negotiated (stub ``ack: false``).
+
 Prints one JSON object.
 """
 
@@ -75,6 +79,14 @@ TICKS = os.sysconf("SC_CLK_TCK")
 def cpu_seconds(pid: int | str) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def wakeups(pid: int | str) -> int:
+    """Voluntary context switches of ``pid``'s main thread: how often it slept waiting for something."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
 
 
 def parent_of(pid: int) -> int:
@@ -125,13 +137,17 @@ class CpuMeter:
         after = self._sample()
         return {name: round((after[name] - self.before[name]) / count * 1e6, 1) for name in after}
 
+    def wakeups(self) -> dict[str, int]:
+        return {name: sum(wakeups(pid) for pid in pids) for name, pids in self.groups.items()}
+
 
 class NodeProcess:
     """The node in its own process (``protofly msg-node serve``), stopped by its pid."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra: str) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
+        self.extra = extra
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -146,6 +162,7 @@ class NodeProcess:
             "0",
             "--ping-interval",
             "0",
+            *self.extra,
             stdout=asyncio.subprocess.PIPE,
         )
         line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)
@@ -201,6 +218,15 @@ async def cold_deploys_js(root: Path, server: CatalogueServer, trust_file: Path)
     return figures
 
 
+#: ``--acks``: the stub's configuration and the node's options for each variant.
+ACKS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "delayed": ({}, ()),
+    "immediate": ({"ackDelay": 0}, ("--ack-delay", "0")),
+    "off": ({"ack": False}, ()),
+}
+ACK_MODE = "delayed"
+
+
 async def catalogue(root: Path, node_url: str) -> tuple[CatalogueServer, Path]:
     """Publish the stub for b.test (signed, configured with the node's URL) and serve it."""
     key = SigningKey.generate(DOMAIN)
@@ -212,6 +238,7 @@ async def catalogue(root: Path, node_url: str) -> tuple[CatalogueServer, Path]:
     shutil.copytree(STUB_PACKAGE, package)
     template = json.loads((package / "descriptor.json").read_text())
     template["configuration"]["url"] = node_url
+    template["configuration"].update(ACKS[ACK_MODE][0])
     template["egress"] = [node_url]  # the only endpoint the stub may reach, opened for it by the runtime
     (package / "descriptor.json").write_text(json.dumps(template))
     publish(package, root / "published", key, DOMAIN)
@@ -274,19 +301,24 @@ class Receiver:
         return None
 
 
-async def roundtrips(hyperty_a, target: str) -> dict[str, float]:
+async def roundtrips(hyperty_a, target: str, meter: CpuMeter) -> dict[str, Any]:
     for seq in range(ROUNDTRIP_WARMUP):
         await hyperty_a.request(target, "execute", {"seq": seq}, timeout=TIMEOUT)
     samples = []
+    meter.start()
+    woken = meter.wakeups()
     for seq in range(ROUNDTRIPS):
         started = time.perf_counter()
         answer = await hyperty_a.request(target, "execute", {"seq": seq}, timeout=TIMEOUT)
         samples.append((time.perf_counter() - started) * 1000)
         if response_code(answer) != 200 or answer.body["value"]["seq"] != seq:
             raise RuntimeError(f"round trip {seq} failed: {answer.body}")
+    after = meter.wakeups()
     return {
         "roundtrip_ms_p50": round(statistics.median(samples), 3),
         "roundtrip_ms_p99": round(percentile(samples, 0.99), 3),
+        "roundtrip_cpu_us": meter.per_message(ROUNDTRIPS),
+        "roundtrip_wakeups": {name: round((after[name] - woken[name]) / ROUNDTRIPS, 2) for name in after},
     }
 
 
@@ -392,7 +424,7 @@ async def fan_out(rt_a: Runtime, rt_b: Runtime) -> dict[str, float | int]:
 
 async def main(js: bool = False) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="protofly-bench-e2e-"))
-    node = NodeProcess()
+    node = NodeProcess(*ACKS[ACK_MODE][1])
     server = server_a = None
     try:
         await node.start()
@@ -407,8 +439,8 @@ async def main(js: bool = False) -> dict[str, Any]:
             hyperty_b = await rt_b.new_hyperty(receiver)
             hyperty_a = await rt_a.new_hyperty(lambda msg: errors.append(msg) if response_code(msg) != 200 else None)
             figures: dict[str, Any] = {}
-            figures.update(await roundtrips(hyperty_a, hyperty_b.url))
             meter = CpuMeter(node.proc.pid)
+            figures.update(await roundtrips(hyperty_a, hyperty_b.url, meter))
             for key, size, warmup in (("100b", 100, 3_000), ("10kb", 10_000, 2_000)):
                 await one_way(hyperty_a, hyperty_b.url, receiver, errors, size, warmup)
                 meter.start()
@@ -422,6 +454,7 @@ async def main(js: bool = False) -> dict[str, Any]:
             figures["stub_a_host"] = record.isolation.get("host", "python")
             figures["stub_isolation"] = "+".join(active_layers(record.isolation))
             figures["stub_isolation_missing"] = len(record.isolation.get("missing", []))
+            figures["acks"] = ACK_MODE
         if js:
             figures.update(await cold_deploys_js(root, server_a, trust_file))
         return figures
@@ -435,4 +468,9 @@ async def main(js: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        if arg.startswith("--acks="):
+            ACK_MODE = arg.removeprefix("--acks=")
+            if ACK_MODE not in ACKS:
+                sys.exit(f"--acks: expected one of {', '.join(ACKS)}, got {ACK_MODE!r}")
     print(json.dumps(asyncio.run(main(js="--js" in sys.argv[1:]))))

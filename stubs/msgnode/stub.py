@@ -9,7 +9,8 @@ Two parts, as every stateful protocol in protofly:
 
 * :class:`NodeSession`, the session protocol without I/O: events in (socket opened, frame received,
   socket closed, timer fired, message from the runtime), actions out (:class:`Status`, :class:`Wake`,
-  :class:`Deliver`, :class:`Answer`, :class:`CloseSocket`, :class:`Retry`, :class:`Live`, :class:`Failed`).
+  :class:`AckLater`, :class:`Deliver`, :class:`Answer`, :class:`CloseSocket`, :class:`Retry`, :class:`Live`,
+  :class:`Failed`).
   It owns the outbox, the ``open``/``re-open`` handshake with its fallback, the batching and drain
   extensions and the backoff, and is unit-tested without sockets;
 * :class:`MsgNodeStub`, the asyncio shell: one WebSocket at a time, a reader loop, a writer task that sends
@@ -48,6 +49,7 @@ from protofly.stub import Bus, ProtoStub, summary
 
 __all__ = [
     "SESSION",
+    "AckLater",
     "Answer",
     "CloseSocket",
     "Deliver",
@@ -143,6 +145,9 @@ _KEYS = {
     "batch_bytes": "batchBytes",
     "drain": "drain",
     "ack": "ack",
+    "ack_delay": "ackDelay",
+    "ack_every": "ackEvery",
+    "ack_every_bytes": "ackEveryBytes",
     "open_timeout": "openTimeout",
     "max_message": "maxMessage",
     "ping_interval": "pingInterval",
@@ -170,6 +175,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_KEYS):
     batch_bytes: Annotated[int, Meta(ge=2)] = 256 << 10
     drain: bool = True
     ack: bool = True
+    #: Delayed acks: an ack waits up to ``ack_delay`` seconds for a frame going to the node to ride with (0:
+    #: at once), unless ``ack_every`` messages or ``ack_every_bytes`` bytes came since the last one -- a quarter
+    #: of the node's window for a session (10,000 messages, 8 MiB), so the node never answers 503 for it.
+    ack_delay: Annotated[float, Meta(ge=0.0)] = 0.02
+    ack_every: Annotated[int, Meta(ge=1)] = 2_500
+    ack_every_bytes: Annotated[int, Meta(ge=1)] = 2 << 20
     open_timeout: Annotated[float, Meta(ge=0.001)] = 3.0
     max_message: Annotated[int, Meta(ge=64)] = 1 << 20
     ping_interval: Annotated[float, Meta(ge=0.0)] = 20.0
@@ -244,6 +255,12 @@ class Wake(msgspec.Struct, frozen=True):
     """There are frames to write: the shell's writer should call :meth:`NodeSession.next_frame`."""
 
 
+class AckLater(msgspec.Struct, frozen=True):
+    """An ack is owed but may wait: unless a timer runs already, call :meth:`NodeSession.ack_timer` in ``delay`` s."""
+
+    delay: float
+
+
 class Deliver(msgspec.Struct, frozen=True):
     """Messages from the node for the runtime, in order (the shell stamps ``via`` and posts them)."""
 
@@ -301,7 +318,7 @@ class SaveState(msgspec.Struct, frozen=True):
     handed_over: int
 
 
-Action = Status | Wake | Deliver | Answer | CloseSocket | Retry | Live | Failed | SaveState
+Action = Status | Wake | AckLater | Deliver | Answer | CloseSocket | Retry | Live | Failed | SaveState
 
 # phases of NodeSession
 IDLE = "idle"  # no socket (before the first connect, or between attempts)
@@ -317,6 +334,11 @@ _MAX_RESUBSCRIBE = 10_000
 
 #: Open refusals that another attempt cannot fix (the credentials or the request are wrong).
 _PERMANENT = frozenset({400, 401, 403})
+
+
+#: Frames the writer hands to the socket in one write (``_Connection``): an ack and the frame it rides
+#: with, or a few small frames; bounded so a large outbox is not joined into one huge buffer.
+_GROUP_BYTES = 64 << 10
 
 
 # -- the session protocol, sans I/O ------------------------------------------------------------------
@@ -388,6 +410,11 @@ class NodeSession:
         self.inflight: deque[bytes] = deque()
         self.delivered = 0
         self._ack_due = False
+        #: Delayed acks: a delivered number not acknowledged yet, waiting for a frame to ride with or for
+        #: the timer (``AckLater``); messages and bytes received since the last ack (the thresholds).
+        self._ack_owed = False
+        self._ack_count = 0
+        self._ack_bytes = 0
         #: How many messages the runtime handed over (``submit``); the hand-over number of every message
         #: still pending (outbox and in flight, in order), for :class:`SaveState`.
         self.handed = 0
@@ -512,12 +539,17 @@ class NodeSession:
         ``frame_limit`` bytes when the node granted batching, else one per frame as reTHINK nodes expect.
         """
         outbox = self.outbox
-        if self._control and not (self.phase == CLOSING and outbox):  # 'close' goes after the outbox
-            return self._control.popleft(), 0
-        if self._ack_due and self.session_url is not None and self.phase in (LIVE, DRAINING, CLOSING):
-            self._ack_due = False
+        if (
+            (self._ack_due or (self._ack_owed and (self._control or (outbox and self.phase in (LIVE, CLOSING)))))
+            and self.session_url is not None
+            and self.phase in (LIVE, DRAINING, CLOSING)
+        ):  # due, or owed and a frame goes now: it rides along, written just before it
+            self._ack_due = self._ack_owed = False
+            self._ack_count = self._ack_bytes = 0
             self.counters["acks"] += 1
             return self._session_message("update", self.session_url, {"ack": self.delivered}), 0
+        if self._control and not (self.phase == CLOSING and outbox):  # 'close' goes after the outbox
+            return self._control.popleft(), 0
         if self.phase not in (LIVE, CLOSING) or not outbox:
             return None
         if self.ack_granted:
@@ -636,7 +668,8 @@ class NodeSession:
         self.batch_granted = False
         self.drain_granted = False
         self.ack_granted = False
-        self._ack_due = False
+        self._ack_due = self._ack_owed = False
+        self._ack_count = self._ack_bytes = 0
         self.frame_limit = self.settings.batch_bytes
         self.phase = OPENING
         if self.session_url is not None:
@@ -669,9 +702,27 @@ class NodeSession:
         self.counters["received"] += sum(len(a.messages) for a in actions if type(a) is Deliver)
         if self.delivered != before:  # the runtime has them (in order, after the Deliver): tell both sides
             actions.append(self.saved_state())
-            self._ack_due = True
-            actions.append(Wake())
+            self._ack_count += self.delivered - before
+            self._ack_bytes += len(data)
+            settings = self.settings
+            if (
+                settings.ack_delay <= 0
+                or self._ack_count >= settings.ack_every
+                or self._ack_bytes >= settings.ack_every_bytes
+            ):
+                self._ack_due = True
+                actions.append(Wake())
+            elif not self._ack_owed:  # rides on the next frame to the node, or goes when the timer fires
+                self._ack_owed = True
+                actions.append(AckLater(settings.ack_delay))
         return actions
+
+    def ack_timer(self) -> list[Action]:
+        """The ``AckLater`` timer fired: an ack still owed goes now, alone."""
+        if not self._ack_owed:
+            return []
+        self._ack_due = True
+        return [Wake()]
 
     def _decode_numbered(self, data: bytes) -> list[Message]:
         """A frame of the ack extension: ``[seq,m...]``, or a packed array of such frames and plain messages.
@@ -927,6 +978,23 @@ def _same_id(got: int | str | None, sent: int) -> bool:
 # -- the asyncio shell -------------------------------------------------------------------------------
 
 
+class _Connection(ClientConnection):
+    """A client connection that hands what its protocol queued to the transport in one write.
+
+    websockets writes each frame with its own ``transport.write`` (a system call each when the socket
+    buffer is empty); the writer queues an ack and the frame it rides with together, and this makes them
+    one segment, so the node is woken once for both.  A half-close among them falls back to websockets.
+    """
+
+    def send_data(self) -> None:
+        chunks = self.protocol.data_to_send()
+        if chunks and all(chunks):
+            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            return
+        self.protocol.writes[:0] = chunks
+        super().send_data()
+
+
 class MsgNodeStub(ProtoStub):
     """The runtime's end of a message node session: reconnects by itself, loses nothing it accepted.
 
@@ -946,6 +1014,8 @@ class MsgNodeStub(ProtoStub):
         self._ws: ClientConnection | None = None
         self._wake: asyncio.Event | None = None
         self._open_timer: asyncio.TimerHandle | None = None
+        #: The delayed-ack timer (``AckLater``) of the current socket; cancelled when it goes.
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._first: asyncio.Future[None] | None = None
         self._saving: asyncio.Handle | None = None
         #: Connection attempts that failed or ended: picks the node (``_node_url``).
@@ -1049,6 +1119,7 @@ class MsgNodeStub(ProtoStub):
                 max_queue=(4096, 1024),
                 write_limit=(1 << 20, 256 << 10),
                 user_agent_header=None,
+                create_connection=_Connection,
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             sock.close()
@@ -1064,6 +1135,9 @@ class MsgNodeStub(ProtoStub):
             code, reason = await self._read(ws)
         finally:
             self._cancel_open_timer()
+            if self._ack_timer is not None:
+                self._ack_timer.cancel()
+                self._ack_timer = None
             self._ws = None
             self._wake = None
             writer.cancel()
@@ -1086,27 +1160,42 @@ class MsgNodeStub(ProtoStub):
     async def _write(self, ws: ClientConnection, wake: asyncio.Event) -> None:
         """Write every frame the session has, in order; put back what never reached the socket.
 
-        ``send`` writes synchronously while the connection is open and only then may wait (flow control)
-        or fail, so a frame is unsent exactly when the connection was no longer open before the call.
+        Frames ready together (an ack and the frame it rides with) go in one ``send_context``, which
+        ``_Connection`` writes in one system call, so the node wakes once for them.  The frames are written
+        synchronously while the connection is open and only then may the writer wait (flow control) or
+        fail, so a frame is unsent exactly when the connection was no longer open before the call.
         """
         session = self.session
+        protocol = ws.protocol
         while True:
             await wake.wait()
             wake.clear()
             while (item := session.next_frame()) is not None:
-                frame, count = item
+                group = [item]
+                size = len(item[0])
+                while size < _GROUP_BYTES and (item := session.next_frame()) is not None:
+                    group.append(item)
+                    size += len(item[0])
                 if ws.state is not State.OPEN:
-                    session.unsent(frame, count)
+                    for frame, count in group:
+                        session.unsent(frame, count)
                     return
                 try:
-                    await ws.send(frame, text=True)
+                    async with ws.send_context():
+                        for frame, _ in group:
+                            protocol.send_text(frame)
                 finally:
-                    if count:
-                        session.written(count)
+                    for _, count in group:
+                        if count:
+                            session.written(count)
 
     def _open_timeout(self) -> None:
         self._open_timer = None
         self._apply(self.session.open_timed_out())
+
+    def _ack_expired(self) -> None:
+        self._ack_timer = None
+        self._apply(self.session.ack_timer())
 
     def _cancel_open_timer(self) -> None:
         if self._open_timer is not None:
@@ -1116,6 +1205,11 @@ class MsgNodeStub(ProtoStub):
     def _apply(self, actions: list[Action]) -> float | None:
         """Carry out the session's actions; returns the retry delay if there is one."""
         delay = None
+        if self._saving is None:
+            for action in actions:
+                if type(action) is SaveState:  # before the deliveries post (and the host schedules its flush)
+                    self._save_soon()
+                    break
         for action in actions:
             match action:
                 case Deliver(messages=messages):
@@ -1125,6 +1219,9 @@ class MsgNodeStub(ProtoStub):
                 case Wake():
                     if self._wake is not None:
                         self._wake.set()
+                case AckLater(delay=wait):
+                    if self._ack_timer is None and self._ws is not None:
+                        self._ack_timer = asyncio.get_running_loop().call_later(wait, self._ack_expired)
                 case Status(value=value, description=description):
                     if value != self.state or value != "in-progress":
                         self.status(value, description)
@@ -1140,7 +1237,7 @@ class MsgNodeStub(ProtoStub):
                 case Failed(description=description):
                     self._settle_first(ConnectionError(description))
                 case SaveState():
-                    self._save_soon()
+                    pass  # scheduled above
         return delay
 
     def _save_soon(self) -> None:
@@ -1148,6 +1245,9 @@ class MsgNodeStub(ProtoStub):
 
         Posted after this iteration's deliveries (the host sends them in order), so the runtime never
         holds a ``received`` ahead of the messages it has, nor a ``handedOver`` ahead of the node's acks.
+        Scheduled before those deliveries are posted (``_apply``): the host writes what is posted once per
+        iteration, from a callback it schedules at the first post, so the save runs first and travels in the
+        same frame as the deliveries -- one write, and one wake-up of the runtime, instead of two.
         """
         if self._saving is None:
             self._saving = asyncio.get_running_loop().call_soon(self._save_now)

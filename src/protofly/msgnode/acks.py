@@ -9,6 +9,9 @@ of its session in both directions:
 * each side acknowledges with an ``update`` carrying ``{"ack": n}`` (the node: from ``mn:/session`` to the
   session URL; the runtime: from the session URL to ``mn:/session``), meaning "I have everything up to
   ``n``";
+* an ack rides with the data already going to that peer; otherwise it waits up to ``ack_delay``
+  (default 20 ms) for some, and goes alone after that -- or at once when a quarter of the window has come
+  unacknowledged since the last (``MessageNodeCore.ack_every``), so the sender never stalls;
 * a message arriving again with a number already seen is a duplicate and is dropped (counted).
 
 The session keeps what it numbered for the runtime until acknowledged (``Session.unacked``); the stub keeps
@@ -25,7 +28,10 @@ import msgspec
 from protofly.msgnode.actions import Action, Send
 from protofly.msgnode.session import Session
 
-__all__ = ["ack_message", "frame", "number", "split"]
+__all__ = ["DEFAULT_ACK_DELAY", "ack_message", "frame", "number", "split"]
+
+#: Seconds an ack may wait for data going to the same peer before it is sent alone (delayed acks).
+DEFAULT_ACK_DELAY = 0.02
 
 _SESSION = b'"mn:/session"'
 

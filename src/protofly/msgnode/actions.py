@@ -52,9 +52,13 @@ class Send:
 class Ack(Send):
     """An ``ack`` (acknowledged delivery) for ``conn``: cumulative, so the shell keeps only the last one.
 
-    Acks are not written one per frame received: the shell sends the newest of each connection once per
-    loop turn, with that turn's other frames, after the turn's journal records are on disk.
+    Acks are not written one per frame received: the shell sends the newest of each connection with that
+    connection's next frames, after the turn's journal records are on disk.  ``delayed`` (the core's
+    decision, see ``MessageNodeCore.ack_every``): the ack may wait up to the shell's ``ack_delay`` for data
+    going to ``conn`` to ride along with (TCP's delayed ACK), instead of waking the peer for it alone.
     """
+
+    delayed: bool = False
 
 
 @dataclass(slots=True)

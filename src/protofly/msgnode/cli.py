@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from protofly.address import AddressError, validate_domain
+from protofly.msgnode.acks import DEFAULT_ACK_DELAY
 from protofly.msgnode.core import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_BUFFER_MESSAGES,
@@ -110,6 +111,15 @@ def serve(
     node_id: Annotated[
         str | None, typer.Option("--node-id", help="This node's name in the cluster (default: a random one).")
     ] = None,
+    ack_delay: Annotated[
+        float,
+        typer.Option(
+            "--ack-delay",
+            min=0.0,
+            help="Seconds an ack (ack extension) may wait for data going to the same client before it is sent "
+            "alone (0: at once).",
+        ),
+    ] = DEFAULT_ACK_DELAY,
 ) -> None:
     """Serve the message node until SIGINT or SIGTERM; prints its ws:// URL on stdout once listening.
 
@@ -151,6 +161,7 @@ def serve(
         buffer_bytes=buffer_bytes,
         cluster=cluster,
         node_id=node_id,
+        ack_delay=ack_delay,
     )
     if cluster is not None and (state_file is not None or state_dir is not None):
         hint = "--state-file" if state_file is not None else "--state-dir"

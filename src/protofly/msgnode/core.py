@@ -67,6 +67,8 @@ from protofly.msgnode.session_manager import SESSION_URL, SessionManager
 from protofly.msgnode.subscriptions import SubscriptionTable
 
 __all__ = [
+    "DEFAULT_ACK_EVERY",
+    "DEFAULT_ACK_EVERY_BYTES",
     "DEFAULT_BUFFER_BYTES",
     "DEFAULT_BUFFER_MESSAGES",
     "DEFAULT_MAX_FRAME",
@@ -84,6 +86,11 @@ DEFAULT_SEND_QUEUE_BYTES = 8 << 20
 #: Messages and bytes kept for one detached session until its re-open (beyond: ``503`` to the sender).
 DEFAULT_BUFFER_MESSAGES = 10_000
 DEFAULT_BUFFER_BYTES = 8 << 20
+#: Numbered messages / bytes from a client after which the node acknowledges at once instead of letting
+#: the ack wait for data to ride on: a quarter of a session's window (the node's ``DEFAULT_BUFFER_*``; the
+#: stub's outbox, 100,000 messages / 256 MiB, is larger), so a sender streaming one way never stalls.
+DEFAULT_ACK_EVERY = DEFAULT_BUFFER_MESSAGES // 4
+DEFAULT_ACK_EVERY_BYTES = DEFAULT_BUFFER_BYTES // 4
 
 _SESSION_TYPES = frozenset({"open", "re-open", "close"})
 
@@ -128,6 +135,8 @@ class MessageNodeCore(NodeInfo, NodeState, ClusterCalls):
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
         journal: bool = False,
+        ack_every: int = DEFAULT_ACK_EVERY,
+        ack_every_bytes: int = DEFAULT_ACK_EVERY_BYTES,
     ) -> None:
         self.domain = validate_domain(domain)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
@@ -136,6 +145,10 @@ class MessageNodeCore(NodeInfo, NodeState, ClusterCalls):
         #: acknowledged by the runtime, ``("r", session, seq)`` received from it, ``("x",)`` anything else
         #: (sessions, allocations, subscriptions, bindings: the shell writes a full checkpoint then).
         self.journal: list[Any] | None = [] if journal else None
+        #: Delayed acks: up to this many numbered messages (bytes) received from a connection its ack may
+        #: wait for data going back (``Ack.delayed``); the one that reaches it is acknowledged at once.
+        self.ack_every = ack_every
+        self.ack_every_bytes = ack_every_bytes
 
         node = f"domain://msg-node.{self.domain}"
         self.allocation_url = f"{node}/address-allocation"
@@ -269,7 +282,11 @@ class MessageNodeCore(NodeInfo, NodeState, ClusterCalls):
         return out
 
     def _numbered(self, state: ConnState, seq: int, rest: bytes, out: list[Action]) -> None:
-        """A numbered frame (ack extension): route what is new, drop duplicates, acknowledge the last."""
+        """A numbered frame (ack extension): route what is new, drop duplicates, acknowledge the last.
+
+        The ack is ``delayed`` (it rides on the next data to this connection, or waits the shell's
+        ``ack_delay``) unless ``ack_every`` messages or ``ack_every_bytes`` came since the last urgent one.
+        """
         counters = self.counters
         session = state.session
         if session is None:
@@ -299,7 +316,12 @@ class MessageNodeCore(NodeInfo, NodeState, ClusterCalls):
             self.journal.append(("r", session.url, session.received))
         if not state.closing and state.session is session:
             counters["acks_sent"] += 1
-            out.append(Ack(state.conn, acks.ack_message(session.url, session.received)))
+            state.unacked_in += len(items)
+            state.unacked_in_bytes += len(rest)
+            urgent = state.unacked_in >= self.ack_every or state.unacked_in_bytes >= self.ack_every_bytes
+            if urgent:
+                state.unacked_in = state.unacked_in_bytes = 0
+            out.append(Ack(state.conn, acks.ack_message(session.url, session.received), not urgent))
 
     def received_binary(self, conn: Hashable) -> list[Action]:
         """reTHINK carries JSON in text frames only; a binary frame means a confused peer."""

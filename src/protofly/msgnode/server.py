@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Self
 from aiohttp import WSMsgType, web
 
 from protofly.log import get_logger
+from protofly.msgnode.acks import DEFAULT_ACK_DELAY
 from protofly.msgnode.actions import (
     Ack,
     Action,
@@ -102,6 +103,7 @@ class MessageNode:
         checkpoint_bytes: int = 64 << 20,
         cluster: str | None = None,
         node_id: str | None = None,
+        ack_delay: float = DEFAULT_ACK_DELAY,
     ) -> None:
         if state_dir is not None and state_file is not None:
             raise ValueError("state_dir (durable state) and state_file (graceful-stop state) exclude each other")
@@ -136,6 +138,8 @@ class MessageNode:
         self.write_timeout = write_timeout
         self.drain_timeout = drain_timeout
         self.drain_grace = drain_grace
+        #: Seconds an ack may wait for data going to its peer (``writer.py``); 0: every ack at once.
+        self.ack_delay = ack_delay
         self.state_file = None if state_file is None else Path(state_file)
         self.stats: dict[str, int] = dict.fromkeys(
             (
@@ -468,6 +472,7 @@ class MessageNode:
             close_timeout=self.close_timeout,
             on_slow=self._slow_consumer,
             barrier=None if self.journal is None else self._commit,
+            ack_delay=self.ack_delay,
         )
         self._connections.add(conn)
         core = self.core
@@ -527,8 +532,8 @@ class MessageNode:
             self._committing = asyncio.get_running_loop().call_soon(self._commit)
         for action in actions:
             match action:
-                case Ack(conn=FrameWriter() as conn, data=data):
-                    conn.ack(bytes(data))
+                case Ack(conn=FrameWriter() as conn, data=data, delayed=delayed):
+                    conn.ack(bytes(data), delayed)
                 case Send(conn=FrameWriter() as conn, data=data):
                     conn.send(data)
                 case Close(conn=FrameWriter() as conn, code=code, reason=reason):

@@ -116,6 +116,10 @@ class ConnState:
     ack: bool = False
     #: A Close was issued: frames still arriving before the socket goes are ignored (and counted).
     closing: bool = False
+    #: Numbered messages (and their bytes) received since the last ack the core asked for at once: at
+    #: ``ack_every`` (or ``ack_every_bytes``) the next ack is not delayed, so the client's window never fills.
+    unacked_in: int = 0
+    unacked_in_bytes: int = 0
 
 
 class SessionTable:

@@ -7,9 +7,12 @@ negotiated, so a frame is just a 2/4/10-byte header and the message bytes.
 
 Acknowledgements (``Ack``) are cumulative: the writer keeps only the newest one per connection and writes
 it with the next batch of frames, so a turn that reads twenty frames from a runtime answers with one
-``ack``.  ``barrier`` (the node's durable state) is called before any byte is handed to the transport:
-it writes the turn's journal records first -- group commit -- so nothing leaves the node, neither an
-``ack`` nor a message, for something a restarted node would not know.
+``ack``.  An ack the core marks ``delayed`` waits up to ``ack_delay`` (default 20 ms) for a frame to this
+peer to ride with -- in a request/reply, the reply -- and is written alone only after that (TCP's delayed
+ACK): an ack alone costs the peer's process a wake-up for nothing.  ``barrier`` (the node's durable
+state) is called before any byte is handed to the transport: it writes the turn's journal records first
+-- group commit -- so nothing leaves the node, neither an ``ack`` nor a message, for something a
+restarted node would not know.
 
 Flow control: the queue is bounded in messages and bytes; while the socket's buffer is over its high water
 mark nothing more is written, and a consumer whose queue overflows (or that makes no progress for
@@ -27,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from protofly.log import get_logger
+from protofly.msgnode.acks import DEFAULT_ACK_DELAY
 from protofly.msgnode.actions import CloseCode
 from protofly.tasks import TaskSet
 
@@ -64,6 +68,8 @@ class FrameWriter:
 
     __slots__ = (
         "_ack",
+        "_ack_due",
+        "_ack_timer",
         "_barrier",
         "_drain_task",
         "_flush_handle",
@@ -72,6 +78,7 @@ class FrameWriter:
         "_request",
         "_stats",
         "_tasks",
+        "ack_delay",
         "batch_frame",
         "close_timeout",
         "closing",
@@ -99,6 +106,7 @@ class FrameWriter:
         close_timeout: float,
         on_slow: Callable[[FrameWriter, list[Any]], None] | None = None,
         barrier: Callable[[], None] | None = None,
+        ack_delay: float = DEFAULT_ACK_DELAY,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         #: Told what was still queued when this connection is cut off as a slow consumer (the node keeps it).
@@ -126,6 +134,11 @@ class FrameWriter:
         self._barrier = barrier
         #: The newest ``ack`` not written yet (an older one is replaced: acks are cumulative).
         self._ack: bytes | None = None
+        #: Delayed acks (``Ack.delayed``): how long one may wait for a frame to ride with; it is written
+        #: alone only once ``_ack_due`` (not delayed, or ``_ack_timer`` fired).  0: never delayed.
+        self.ack_delay = ack_delay
+        self._ack_due = False
+        self._ack_timer: asyncio.TimerHandle | None = None
 
     # -- queueing -----------------------------------------------------------------------------------
 
@@ -148,13 +161,31 @@ class FrameWriter:
         elif self.pending_bytes > self._stats["queue_peak_bytes"]:
             self._stats["queue_peak_bytes"] = self.pending_bytes
 
-    def ack(self, data: bytes) -> None:
-        """Queue an ``ack``, replacing one not written yet; it goes out with this loop turn's frames."""
+    def ack(self, data: bytes, delayed: bool = False) -> None:
+        """Queue an ``ack``, replacing one not written yet; it goes out with the next frames to this peer.
+
+        Not ``delayed``: this loop turn, alone if nothing else is written.  ``delayed``: with whatever data is
+        written to this peer first (this turn's, or a reply's a moment later), or alone after ``ack_delay``
+        -- in a request/reply the ack then costs the peer no wake-up of its own.
+        """
         if self.closing:
             return
         self._ack = data
+        if not delayed or self.ack_delay <= 0:
+            self._ack_due = True
+        elif not self._ack_due:
+            if self._ack_timer is None:
+                self._ack_timer = self._loop.call_later(self.ack_delay, self._ack_expired)
+            return  # data queued this turn has its flush scheduled already, and takes the ack along
         if self._flush_handle is None and self._drain_task is None:
             self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _ack_expired(self) -> None:
+        """No data went to this peer within ``ack_delay``: the delayed ack goes alone."""
+        self._ack_timer = None
+        self._ack_due = True
+        if self._flush_handle is None and self._drain_task is None:
+            self._flush()
 
     def replay(self, frames: list[bytes]) -> None:
         """Queue a re-opened session's buffered messages, raising the limits by as much.
@@ -194,9 +225,9 @@ class FrameWriter:
         protocol = self._request.protocol
         while self.pending and not protocol.writing_paused:
             self._write(self._chunk())
-        if self._ack is not None and not protocol.writing_paused:
+        if self._ack is not None and self._ack_due and not protocol.writing_paused:
             self._write(0)
-        if (self.pending or self._ack is not None) and self._drain_task is None:
+        if (self.pending or (self._ack is not None and self._ack_due)) and self._drain_task is None:
             self._drain_task = self._tasks.spawn(self._drain())
 
     def _chunk(self) -> int:
@@ -234,8 +265,13 @@ class FrameWriter:
         parts = self._frames(taken) if self.batch_frame and count > 1 else self._plain_frames(taken)
         if ack is not None:
             self._ack = None
-            parts.append(text_header(len(ack)))
-            parts.append(ack)
+            self._ack_due = False
+            if self._ack_timer is not None:
+                self._ack_timer.cancel()
+                self._ack_timer = None
+            # first: a stub takes the ack (a saved state for its runtime) and the data in one pass, and its
+            # runtime gets both in one channel frame
+            parts[:0] = (text_header(len(ack)), ack)
             self._stats["frames_out"] += 1
         transport.writelines(parts)
         stats = self._stats
@@ -318,6 +354,10 @@ class FrameWriter:
 
     def _discard(self) -> None:
         self._ack = None
+        self._ack_due = False
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         self._stats["dropped_closing"] += len(self.pending)
         self.pending = []
         self.pending_bytes = 0

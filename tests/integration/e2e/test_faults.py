@@ -174,6 +174,9 @@ async def test_a_node_that_lost_its_state_gets_every_hyperty_address_back(world)
         foreign = rt_a.registry.stub("b.test")
         hyperty_a.post(resource, "update", {"n": 0})
         await wait_until(lambda: updates == [0], timeout=10)
+        # and acknowledged by the node (acks may wait up to ackDelay): else, the node's state lost, the stub
+        # re-sends it on the new session and B gets it twice -- at least once, as docs/msgnode.md says
+        await wait_until(lambda: rt_a.sessions.pending("b.test") == 0, timeout=10)
 
         node = world.nodes["b.test"]
         await node.kill()

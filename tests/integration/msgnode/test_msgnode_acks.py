@@ -7,6 +7,7 @@ routed, in order, and every one is in the journal before its ack left the node.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from tests.integration.msgnode.msgnode_helpers import SESSION, WAIT
@@ -61,3 +62,56 @@ async def test_a_burst_of_numbered_frames_gets_one_cumulative_ack_and_one_journa
     )  # the receiver acknowledged none of them: all kept, numbered 1..50
     origin = restored.session(sender.session_url)
     assert origin is not None and origin.received == FRAMES
+
+
+def numbered(seq: int, sender: str, to: str, n: int) -> str:
+    return json.dumps([seq, {"id": n, "type": "update", "from": sender, "to": to, "body": {"n": n}}])
+
+
+def carries(item: object, n: int) -> bool:
+    """The client files a numbered frame's elements apart: the number, then the message."""
+    return isinstance(item, dict) and (item.get("body") or {}).get("n") == n
+
+
+async def test_an_ack_rides_with_the_reply_instead_of_going_alone(start_node, session) -> None:
+    """Delayed acks on a real node: with a delay far beyond the test's waits, the ack for a's request can
+    only reach a with the reply travelling to a -- one wake-up of a's process instead of two."""
+    node = await start_node(ack_delay=60.0)
+    a = await session(node, "a", ack=True)
+    [a_addr] = await a.allocate(scheme="hyperty", value={"number": 1})
+    b = await session(node, "b", ack=True)
+    [b_addr] = await b.allocate(scheme="hyperty", value={"number": 1})
+
+    await a.ws.send(numbered(1, a_addr, b_addr, 1))
+    await b.next(lambda m: carries(m, 1))  # the request reached b
+    assert not any(is_ack(m) for m in a.inbox if isinstance(m, dict))  # a has no ack yet: it waits
+    await b.ws.send(numbered(1, b_addr, a_addr, 2))  # b's reply
+
+    await a.next(lambda m: carries(m, 2))  # the reply ...
+    ack = await a.next(lambda m: isinstance(m, dict) and is_ack(m))  # ... and, with it, the ack
+    assert ack["body"]["ack"] == 1
+    assert node.counters["acks_sent"] == 2  # one for a's frame, one for b's (b's still waits)
+
+
+async def test_an_ack_goes_alone_after_the_delay(start_node, session) -> None:
+    node = await start_node(ack_delay=0.05)
+    receiver = await session(node, "b", ack=True)
+    [target] = await receiver.allocate(scheme="hyperty", value={"number": 1})
+    sender = await session(node, "a", ack=True)
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    await sender.ws.send(numbered(1, "hyperty://a.test/x", target, 1))
+    ack = await sender.next(lambda m: isinstance(m, dict) and is_ack(m))
+    assert ack["body"]["ack"] == 1
+    assert loop.time() - sent >= 0.04  # waited for data that never came, then went alone (no upper bound here)
+
+
+async def test_with_no_delay_every_ack_goes_in_the_same_turn(start_node, session) -> None:
+    node = await start_node(ack_delay=0)
+    receiver = await session(node, "b", ack=True)
+    [target] = await receiver.allocate(scheme="hyperty", value={"number": 1})
+    sender = await session(node, "a", ack=True)
+    frames_out = node.stats["frames_out"]
+    await sender.ws.send(numbered(1, "hyperty://a.test/x", target, 1))
+    ack = await sender.next(lambda m: isinstance(m, dict) and is_ack(m), timeout=WAIT)
+    assert ack["body"]["ack"] == 1 and node.stats["frames_out"] - frames_out == 2  # the forward and the ack

@@ -458,6 +458,27 @@ async def test_cli_serve_prints_the_url_and_serves(tmp_path):
     assert code == 0
 
 
+async def test_cli_serve_refuses_a_negative_ack_delay_naming_the_option():
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "protofly.cli",
+        "msg-node",
+        "serve",
+        "--domain",
+        DOMAIN,
+        "--port",
+        "0",
+        "--ack-delay",
+        "-1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=15)
+    assert proc.returncode == 2 and out == b""  # never listened
+    assert b"--ack-delay" in err
+
+
 async def test_plain_http_on_the_websocket_path_is_a_clear_400(node):
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{node.port}/ws", timeout=aiohttp.ClientTimeout(total=WAIT)) as r:

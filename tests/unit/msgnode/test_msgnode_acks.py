@@ -9,7 +9,7 @@ import pytest
 from tests.unit.msgnode.test_msgnode_core import ALLOC, Node, frame, sent
 
 from protofly.msgnode import acks
-from protofly.msgnode.actions import Replay, Send
+from protofly.msgnode.actions import Ack, Replay, Send
 from protofly.msgnode.core import SESSION_URL, MessageNodeCore
 from protofly.msgnode.journal import Journal, read_records
 
@@ -205,3 +205,30 @@ def test_an_address_held_by_another_session_or_foreign_is_refused(node) -> None:
     assert reclaim(node, thief, [held], allocationKey="k")["code"] == 409
     assert reclaim(node, thief, ["hyperty://other.test/x"], allocationKey="k")["code"] == 400
     assert reclaim(node, thief, ["hyperty://b.test/free"])["code"] == 400  # no allocationKey
+
+
+def acks_to(actions, conn) -> list[tuple[int, bool]]:
+    return [
+        (json.loads(bytes(a.data))["body"]["ack"], a.delayed) for a in actions if isinstance(a, Ack) and a.conn is conn
+    ]
+
+
+def test_an_ack_may_wait_for_data_until_a_quarter_of_the_window_came() -> None:
+    """Delayed acks: the core marks each ack ``delayed`` until ``ack_every`` messages came since the last
+    urgent one; then the ack must go at once (the shell writes it this turn), so the sender never stalls."""
+    pair = AckPair(Node(ack_every=3))
+    assert acks_to(pair.send(1, 1), pair.a) == [(1, True)]
+    assert acks_to(pair.send(2, 2), pair.a) == [(2, True)]
+    assert acks_to(pair.send(3, 3), pair.a) == [(3, False)]  # the third since the last urgent ack
+    assert acks_to(pair.send(4, 4, 5), pair.a) == [(5, True)]  # counting starts again
+    assert acks_to(pair.send(6, 6), pair.a) == [(6, False)]
+
+
+def test_an_ack_is_urgent_past_a_quarter_of_the_window_in_bytes() -> None:
+    pair = AckPair(Node(ack_every_bytes=150))
+    assert acks_to(pair.send(1, 1), pair.a) == [(1, True)]
+    assert acks_to(pair.send(2, 2), pair.a) == [(2, False)]  # two frames of about 100 bytes
+
+
+def test_default_acks_are_delayed(pair) -> None:
+    assert acks_to(pair.send(1, 1, 2), pair.a) == [(2, True)]

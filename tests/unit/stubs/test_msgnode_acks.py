@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from tests.unit.stubs.test_msgnode_session import RUNTIME, STUB, TOKEN, answer, frames, kinds, msg
 
 from protofly.message import Message
@@ -87,8 +88,66 @@ def test_numbered_messages_from_the_node_are_delivered_once_and_acknowledged(mn)
     assert delivered == [1, 2, 3] and s.counters["duplicates"] == 1
     saves = [a.state["received"] for a in first + again if isinstance(a, mn.SaveState)]
     assert saves == [2, 3]  # the runtime knows what a next instance must not receive again
+    assert frames(s) == []  # nothing goes the node's way: the ack waits for the timer
+    assert any(isinstance(a, mn.Wake) for a in s.ack_timer())
     acks = [json.loads(f) for f, count in frames(s) if count == 0]
     assert acks[-1]["body"] == {"ack": 3} and acks[-1]["to"] == "mn:/session"
+
+
+def _acks(sent: list[tuple[bytes, int]]) -> list[int]:
+    return [json.loads(f)["body"]["ack"] for f, count in sent if count == 0]
+
+
+def test_an_ack_rides_with_the_next_frame_to_the_node(mn) -> None:
+    s = ack_session(mn)
+    live(mn, s)
+    frames(s)
+    actions = s.received(node_numbered(1, 1, 2))
+    assert [a for a in actions if isinstance(a, mn.AckLater)] == [mn.AckLater(0.02)]
+    assert not any(isinstance(a, mn.Wake) for a in actions)  # no wake-up of the writer for the ack alone
+    s.received(node_numbered(3, 3))  # still owed: no second timer
+    assert s.submit(msg(9)) is None  # the reply: the ack goes just before it, in the same writer pass
+    sent = frames(s)
+    assert _acks(sent) == [3] and [count for _, count in sent] == [0, 1]
+    assert s.ack_timer() == [] and frames(s) == []  # the timer finds nothing owed
+
+
+def test_an_ack_goes_alone_after_the_delay_when_nothing_goes_the_nodes_way(mn) -> None:
+    s = ack_session(mn, ackDelay=0.005)
+    live(mn, s)
+    frames(s)
+    actions = s.received(node_numbered(1, 1))
+    assert [a for a in actions if isinstance(a, mn.AckLater)] == [mn.AckLater(0.005)]
+    assert frames(s) == []
+    s.ack_timer()
+    assert _acks(frames(s)) == [1] and s.counters["acks"] == 1
+
+
+def test_an_ack_goes_at_once_at_the_threshold_or_without_delay(mn) -> None:
+    s = ack_session(mn, ackEvery=3)
+    live(mn, s)
+    frames(s)
+    s.received(node_numbered(1, 1))
+    actions = s.received(node_numbered(2, 2, 3))  # 3 since the last ack: the window must not fill
+    assert any(isinstance(a, mn.Wake) for a in actions) and _acks(frames(s)) == [3]
+    s.received(node_numbered(4, 4))  # counting starts again
+    assert frames(s) == []
+    big = ack_session(mn, ackEveryBytes=100)
+    live(mn, big)
+    frames(big)
+    big.received(node_numbered(1, 1))  # one message of over 100 bytes
+    assert _acks(frames(big)) == [1]
+    none = ack_session(mn, ackDelay=0)
+    live(mn, none)
+    frames(none)
+    actions = none.received(node_numbered(1, 1))
+    assert not any(isinstance(a, mn.AckLater) for a in actions) and _acks(frames(none)) == [1]
+
+
+def test_a_bad_ack_setting_is_refused_naming_the_key(mn) -> None:
+    for key, value in (("ackDelay", -1), ("ackEvery", 0), ("ackEveryBytes", "x")):
+        with pytest.raises(ValueError, match=f"configuration.{key}"):
+            ack_session(mn, **{key: value})
 
 
 def test_a_packed_frame_of_numbered_and_plain_messages_is_taken_apart(mn) -> None:
