@@ -10,7 +10,7 @@ owns the process.  What it does:
   beyond its high-water mark);
 * **control requests** -- numbered, each waited for with a timeout, all failed at once when the channel or
   the process ends;
-* **reading** -- :data:`READ_CHUNK` bytes per callback, and at most :data:`EVENTS_PER_TURN` messages handed
+* **reading** -- up to :data:`READ_CHUNK` bytes per callback, and at most :data:`EVENTS_PER_TURN` messages handed
   on per loop turn with the channel paused meanwhile, so one flooding stub cannot hold the loop while other
   stubs' messages wait.
 """
@@ -30,10 +30,12 @@ from protofly.sandbox.channel import FrameDecoder, FrameEncoder, FrameError
 
 __all__ = ["EVENTS_PER_TURN", "READ_CHUNK", "Events", "HostChannel"]
 
-#: Bytes read from a stub's channel per event-loop callback.  asyncio reads up to 256 KiB at once, about
-#: 2,000 small messages checked in one go; a stub that floods would then hold the loop for milliseconds
-#: while other stubs' messages wait.  16 KiB keeps each turn short at a negligible cost per byte.
-READ_CHUNK = 16 * 1024
+#: Bytes read from a stub's channel per event-loop callback (asyncio's own read size).  Fairness does not
+#: come from a small read but from :data:`EVENTS_PER_TURN` (a big read is handed on over several turns, the
+#: channel paused): 16 KiB reads cost a loop turn and a partial frame's copy per 10 kB message (one-way
+#: 10 kB at 19-22k msg/s against 27k), while a 2,000,000-message flood keeps another stub's round trip
+#: at 2.0 ms p99 with 256 KiB reads (``bench/hostile.py``, ``docs/benchmarks.md``).
+READ_CHUNK = 256 * 1024
 #: Messages from one stub handled per event-loop turn (the rest wait for the next turn, the channel paused).
 EVENTS_PER_TURN = 256
 
