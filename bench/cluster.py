@@ -21,9 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection, connect
 
 from protofly.msgnode.cluster.natsrun import NatsCluster
+from protofly.msgnode.process import NodeProcess
 
 DOMAIN = "bench.test"
 SESSION = "mn:/session"
@@ -39,55 +38,11 @@ PAIRS = 6
 MESSAGES = 30_000
 WINDOW = 500
 ROUNDTRIPS = 2_000
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class Node:
-    def __init__(self, name: str, cluster: str) -> None:
-        self.name = name
-        self.cluster = cluster
-        self.proc: asyncio.subprocess.Process | None = None
-        self.url = ""
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "protofly.cli",
-            "msg-node",
-            "serve",
-            "--domain",
-            DOMAIN,
-            "--port",
-            "0",
-            "--ping-interval",
-            "0",
-            "--cluster",
-            self.cluster,
-            "--node-id",
-            self.name,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)
-        self.url = line.decode().strip()
-        if not self.url.startswith("ws://"):
-            raise RuntimeError(f"node {self.name} did not start")
-
-    def cpu_seconds(self) -> float:
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(") ", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
-
-    async def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            os.kill(self.proc.pid, sig)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout=15)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+def cluster_node(name: str, cluster: str) -> NodeProcess:
+    """One node of the domain's cluster, in its own process."""
+    return NodeProcess(DOMAIN, "--ping-interval", "0", "--cluster", cluster, "--node-id", name, quiet=True)
 
 
 class Peer:
@@ -124,7 +79,7 @@ class Peer:
             await asyncio.wait_for(self.ws.close(), timeout=2)
 
 
-async def throughput(nodes: list[Node]) -> float:
+async def throughput(nodes: list[NodeProcess]) -> float:
     count = len(nodes)
     pairs = []
     for i in range(PAIRS):
@@ -163,7 +118,7 @@ async def throughput(nodes: list[Node]) -> float:
     return MESSAGES / elapsed, cpu / MESSAGES * 1e6
 
 
-async def roundtrip(nodes: list[Node]) -> tuple[float, float]:
+async def roundtrip(nodes: list[NodeProcess]) -> tuple[float, float]:
     a = await Peer.open(nodes[0].url, "hyperty-runtime://rt-a.test/rt")
     b = await Peer.open(nodes[-1].url, "hyperty-runtime://rt-b.test/rt")
     await asyncio.sleep(0.3)
@@ -181,7 +136,7 @@ async def roundtrip(nodes: list[Node]) -> tuple[float, float]:
     return statistics.median(samples), samples[int(len(samples) * 0.99)]
 
 
-async def failover(nodes: list[Node]) -> dict[str, float]:
+async def failover(nodes: list[NodeProcess]) -> dict[str, float]:
     sender = await Peer.open(nodes[0].url, "hyperty-runtime://fo-s.test/rt")
     receiver = await Peer.open(nodes[1].url, "hyperty-runtime://fo-r.test/rt")
     await asyncio.sleep(0.3)
@@ -200,7 +155,8 @@ async def failover(nodes: list[Node]) -> dict[str, float]:
     traffic = asyncio.create_task(send())
     await asyncio.sleep(1.0)
     killed = time.perf_counter()
-    await nodes[1].stop(signal.SIGKILL)
+    nodes[1].kill()
+    await nodes[1].stop()  # reaps it
     assert receiver.reader is not None
     await asyncio.wait_for(receiver.reader, timeout=10)  # the socket is gone
     while not receiver.queue.empty():
@@ -226,7 +182,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         async with NatsCluster(Path(tmp) / "nats") as nats:
             for count in (1, 2, 3):
-                nodes = [Node(f"{count}n{i}", nats.url) for i in range(count)]
+                nodes = [cluster_node(f"{count}n{i}", nats.url) for i in range(count)]
                 await asyncio.gather(*(node.start() for node in nodes))
                 try:
                     rate, cpu = await throughput(nodes)
@@ -237,7 +193,7 @@ async def main() -> None:
                 out[f"node_cpu_us_per_msg_{count}_nodes"] = round(cpu, 1)
                 out[f"roundtrip_ms_p50_{count}_nodes"] = round(p50, 3)
                 out[f"roundtrip_ms_p99_{count}_nodes"] = round(p99, 3)
-            nodes = [Node(f"fo{i}", nats.url) for i in range(3)]
+            nodes = [cluster_node(f"fo{i}", nats.url) for i in range(3)]
             await asyncio.gather(*(node.start() for node in nodes))
             try:
                 out.update(await failover(nodes))

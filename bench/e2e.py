@@ -43,7 +43,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -58,6 +57,7 @@ from protofly.catalogue import SigningKey, TrustStore, publish  # noqa: E402
 from protofly.catalogue.server import CatalogueServer  # noqa: E402
 from protofly.config import RuntimeConfig  # noqa: E402
 from protofly.message import Message, response_code  # noqa: E402
+from protofly.msgnode.process import NodeProcess  # noqa: E402
 from protofly.runtime import Runtime  # noqa: E402
 from protofly.sandbox import active_layers  # noqa: E402
 
@@ -139,45 +139,6 @@ class CpuMeter:
 
     def wakeups(self) -> dict[str, int]:
         return {name: sum(wakeups(pid) for pid in pids) for name, pids in self.groups.items()}
-
-
-class NodeProcess:
-    """The node in its own process (``protofly msg-node serve``), stopped by its pid."""
-
-    def __init__(self, *extra: str) -> None:
-        self.proc: asyncio.subprocess.Process | None = None
-        self.url = ""
-        self.extra = extra
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "protofly.cli",
-            "msg-node",
-            "serve",
-            "--domain",
-            DOMAIN,
-            "--port",
-            "0",
-            "--ping-interval",
-            "0",
-            *self.extra,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)
-        self.url = line.decode().strip()
-        if not self.url.startswith("ws://"):
-            raise RuntimeError(f"node did not start: {line!r}")
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout=15)
-            except TimeoutError:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                await asyncio.wait_for(self.proc.wait(), timeout=5)
 
 
 async def rethink_catalogue(root: Path, node_url: str, key: SigningKey) -> CatalogueServer:
@@ -424,7 +385,7 @@ async def fan_out(rt_a: Runtime, rt_b: Runtime) -> dict[str, float | int]:
 
 async def main(js: bool = False) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="protofly-bench-e2e-"))
-    node = NodeProcess(*ACKS[ACK_MODE][1])
+    node = NodeProcess(DOMAIN, "--ping-interval", "0", *ACKS[ACK_MODE][1])
     server = server_a = None
     try:
         await node.start()
@@ -439,7 +400,7 @@ async def main(js: bool = False) -> dict[str, Any]:
             hyperty_b = await rt_b.new_hyperty(receiver)
             hyperty_a = await rt_a.new_hyperty(lambda msg: errors.append(msg) if response_code(msg) != 200 else None)
             figures: dict[str, Any] = {}
-            meter = CpuMeter(node.proc.pid)
+            meter = CpuMeter(node.pid)
             figures.update(await roundtrips(hyperty_a, hyperty_b.url, meter))
             for key, size, warmup in (("100b", 100, 3_000), ("10kb", 10_000, 2_000)):
                 await one_way(hyperty_a, hyperty_b.url, receiver, errors, size, warmup)

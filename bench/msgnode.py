@@ -21,16 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
+
+from protofly.msgnode.process import NodeProcess
 
 DOMAIN = "bench.test"
 SESSION = "mn:/session"
@@ -42,59 +40,14 @@ WINDOW_BYTES = 2 << 20
 #: A batching client packs up to this many messages (and bytes) per frame.
 BATCH = 64
 BATCH_BYTES = 64 << 10
-TICKS = os.sysconf("SC_CLK_TCK")
 SEQ_PAD = '{"seq":,"pad":""}'  # a body is this plus the digits of seq plus the padding: exactly `size` bytes
 
 
 # -- the node process -----------------------------------------------------------------------------------
 
 
-class NodeProcess:
-    def __init__(self, *options: str, port: int = 0) -> None:
-        self.proc: asyncio.subprocess.Process | None = None
-        self.url = ""
-        self.options = options
-        self.port = port
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "protofly.cli",
-            "msg-node",
-            "serve",
-            "--domain",
-            DOMAIN,
-            "--port",
-            str(self.port),
-            "--ping-interval",
-            "0",
-            *self.options,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)
-        self.url = line.decode().strip()
-        if not self.url.startswith("ws://"):
-            raise RuntimeError(f"node did not start: {line!r}")
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
-
-    async def stats(self) -> dict:
-        port = self.url.rsplit(":", 1)[1].split("/")[0]
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{port}/stats", timeout=aiohttp.ClientTimeout(total=5)) as r:
-                return await r.json()
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout=10)
-            except TimeoutError:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                await asyncio.wait_for(self.proc.wait(), timeout=5)
+def node_process(*options: str, port: int = 0) -> NodeProcess:
+    return NodeProcess(DOMAIN, "--ping-interval", "0", *options, port=port)
 
 
 # -- a stub-like client ---------------------------------------------------------------------------------
@@ -393,10 +346,10 @@ async def restart(sessions: int = 200, detached: int = 50, per_session: int = 20
     with tempfile.TemporaryDirectory() as directory:
         state_file = Path(directory) / "state.json"
         started = time.perf_counter()
-        node = NodeProcess("--state-file", str(state_file))
+        node = node_process("--state-file", str(state_file))
         await node.start()
         start_empty = time.perf_counter() - started
-        port = int(node.url.rsplit(":", 1)[1].split("/")[0])
+        port = node.port
         peers = []
         try:
             for first in range(0, sessions, 50):
@@ -473,7 +426,7 @@ async def restart(sessions: int = 200, detached: int = 50, per_session: int = 20
                 await peer.close()
 
             started = time.perf_counter()
-            node = NodeProcess("--state-file", str(state_file), port=port)
+            node = node_process("--state-file", str(state_file), port=port)
             await node.start()
             start_loaded = time.perf_counter() - started
             reopened = [
@@ -523,7 +476,7 @@ async def restart(sessions: int = 200, detached: int = 50, per_session: int = 20
 
 
 async def main() -> dict:
-    node = NodeProcess()
+    node = node_process()
     await node.start()
     results: dict = {}
     try:

@@ -41,7 +41,6 @@ import os
 import shutil
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +53,7 @@ from protofly.catalogue import SigningKey, TrustStore, publish
 from protofly.catalogue.server import CatalogueServer
 from protofly.message import Message, response_code
 from protofly.msgnode.core import DEFAULT_BUFFER_MESSAGES
+from protofly.msgnode.process import NodeProcess
 from protofly.runtime import Runtime
 
 ONEWAY = 60_000
@@ -82,45 +82,10 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-class Node:
+def node_process(state_dir: Path | None) -> NodeProcess:
     """The node in its own process, restartable on its port (with ``--state-dir`` when durable)."""
-
-    def __init__(self, state_dir: Path | None) -> None:
-        self.state_dir = state_dir
-        self.port = 0
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    async def start(self) -> None:
-        args = []
-        if self.state_dir is not None:
-            args = ["--state-dir", str(self.state_dir), "--fsync-interval", str(FSYNC_INTERVAL)]
-        self.proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "protofly.cli", "msg-node", "serve", "--domain", DOMAIN),
-            *("--port", str(self.port), "--ping-interval", "0", *args),
-            stdout=asyncio.subprocess.PIPE,
-        )
-        assert self.proc.stdout is not None
-        line = (await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)).decode().strip()
-        if not line.startswith("ws://"):
-            raise RuntimeError(f"node did not start: {line!r}")
-        self.port = int(line.rsplit(":", 1)[1].split("/")[0])
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        await self.proc.wait()
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout=15)
-            except TimeoutError:
-                await self.kill()
+    durable = () if state_dir is None else ("--state-dir", str(state_dir), "--fsync-interval", str(FSYNC_INTERVAL))
+    return NodeProcess(DOMAIN, "--ping-interval", "0", *durable)
 
 
 async def catalogue(root: Path, node_url: str, ack: bool) -> tuple[CatalogueServer, Path]:
@@ -148,7 +113,7 @@ async def timed_request(hyperty_a: Any, target: str, started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-async def recover(rt_a: Runtime, node: Node, hyperty_a: Any, target: str) -> dict[str, float]:
+async def recover(rt_a: Runtime, node: NodeProcess, hyperty_a: Any, target: str) -> dict[str, float]:
     """Recovery times: runtime A's stub SIGKILLed (5 times), then the node SIGKILLed and restarted (3 times)."""
     stub_samples = []
     for attempt in range(5):
@@ -167,7 +132,8 @@ async def recover(rt_a: Runtime, node: Node, hyperty_a: Any, target: str) -> dic
     node_samples = []
     for _ in range(3):
         started = time.perf_counter()
-        await node.kill()
+        node.kill()
+        await node.stop()  # reaps it: the port is free for the restart
         pending = asyncio.ensure_future(timed_request(hyperty_a, target, started))
         await node.start()
         node_samples.append(await pending)
@@ -180,7 +146,7 @@ async def setup(name: str, *, ack: bool, durable: bool, recovery: bool, messages
     state_dir = root / "node" if durable else None
     if state_dir is not None:
         state_dir.mkdir()
-    node = Node(state_dir)
+    node = node_process(state_dir)
     server = None
     figures: dict[str, Any] = {}
     try:

@@ -11,10 +11,6 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import os
-import signal
-import sys
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ from tests.integration.runtime.conftest import Domains
 
 from protofly.config import RuntimeConfig
 from protofly.msgnode.cluster.natsrun import NatsCluster, nats_server_binary
+from protofly.msgnode.process import NodeProcess
 from protofly.runtime import Runtime
 
 DOMAIN = "b.test"
@@ -35,65 +32,11 @@ if importlib.util.find_spec("nats") is None:
     pytest.skip("nats-py is not installed (pip install -e '.[cluster]')", allow_module_level=True)
 
 
-class NodeProcess:
-    """``protofly msg-node serve --cluster ...`` in its own process."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process, url: str) -> None:
-        self.name = name
-        self.proc = proc
-        self.url = url
-
-    @property
-    def stats_url(self) -> str:
-        return self.url.replace("ws://", "http://").rsplit("/ws", 1)[0] + "/stats"
-
-    async def stats(self) -> dict[str, Any]:
-        def get() -> dict[str, Any]:
-            with urllib.request.urlopen(self.stats_url, timeout=5) as reply:
-                return dict(json.loads(reply.read()))
-
-        return await asyncio.to_thread(get)
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-
-    async def stop(self) -> int:
-        if self.proc.returncode is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), timeout=15)
-        except TimeoutError:
-            self.proc.kill()
-            return await self.proc.wait()
-
-
 async def serve_node(name: str, cluster: str, *args: str) -> NodeProcess:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "protofly.cli",
-        "msg-node",
-        "serve",
-        "--domain",
-        DOMAIN,
-        "--port",
-        "0",
-        "--ping-interval",
-        "0",
-        "--cluster",
-        cluster,
-        "--node-id",
-        name,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
-    if not line.startswith(b"ws://"):
-        await proc.wait()
-        raise RuntimeError(f"node {name} did not start (exit {proc.returncode})")
-    return NodeProcess(name, proc, line.decode().strip())
+    """Node ``name`` of the domain's cluster, started in its own process (``NodeStartError`` if it does not)."""
+    node = NodeProcess(DOMAIN, "--ping-interval", "0", "--cluster", cluster, "--node-id", name, *args, quiet=True)
+    await node.start()
+    return node
 
 
 @pytest.fixture

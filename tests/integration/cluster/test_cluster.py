@@ -11,11 +11,12 @@ import contextlib
 from typing import Any
 
 import pytest
-from tests.integration.cluster.conftest import NodeProcess, serve_node
+from tests.integration.cluster.conftest import serve_node
 from tests.integration.msgnode.msgnode_helpers import ALLOC, SM, WAIT, Client
 from websockets.asyncio.client import connect
 
 from protofly.msgnode.cluster.natsrun import NatsCluster
+from protofly.msgnode.process import NodeProcess
 
 
 async def _client(url: str) -> Client:

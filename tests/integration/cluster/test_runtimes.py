@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.integration.cluster.conftest import ClusterRuntimes, NodeProcess
+from tests.integration.cluster.conftest import ClusterRuntimes
 
 from protofly.events import RuntimeEvent, StatusChanged
 from protofly.hyperty import Hyperty
 from protofly.message import Message, response_code
+from protofly.msgnode.process import NodeProcess
 from protofly.runtime import Runtime
 
 DOMAIN = "b.test"

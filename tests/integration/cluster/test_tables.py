@@ -13,12 +13,13 @@ from typing import Any
 import nats as nats_client
 import pytest
 from nats.js.errors import NotFoundError
-from tests.integration.cluster.conftest import DOMAIN, NodeProcess, serve_node
+from tests.integration.cluster.conftest import DOMAIN, serve_node
 from tests.integration.cluster.test_cluster import _client, _eventually, _runtime
 from tests.integration.msgnode.msgnode_helpers import ALLOC, SESSION
 
 from protofly.msgnode.cluster.names import Names, session_id
 from protofly.msgnode.cluster.natsrun import NatsCluster
+from protofly.msgnode.process import NodeProcess
 
 
 @pytest.fixture
