@@ -531,6 +531,11 @@ class MessageNode:
             # the node (the writers' barrier) or at the end of the turn, whichever comes first
             self._committing = asyncio.get_running_loop().call_soon(self._commit)
         for action in actions:
+            if type(action) is Send:  # nearly every action: one type check instead of the match's patterns
+                conn = action.conn
+                if isinstance(conn, FrameWriter):
+                    conn.send(action.data)
+                continue
             match action:
                 case Ack(conn=FrameWriter() as conn, data=data, delayed=delayed):
                     conn.ack(bytes(data), delayed)
