@@ -223,6 +223,16 @@ class RecordKeeper:
             if now - since >= grace:
                 await self._expire(sid, record.owner)
 
+    async def _beating(self, node: str) -> bool:
+        """Does ``node``'s heartbeat stand in the bucket now?  The server expires it (the bucket's TTL), so
+        this does not depend on how soon this node's watcher saw the last one."""
+        link = self.link
+        try:
+            entry = await link.kv[link.names.nodes].get(node)
+        except KeyNotFoundError:
+            return False
+        return entry.value is not None
+
     async def _expire(self, sid: str, owner: str) -> None:
         """Delete orphan ``sid``'s record by compare-and-swap; the one node that wins releases the rest."""
         link = self.link
@@ -237,6 +247,8 @@ class RecordKeeper:
         record = _decode_record(entry.value)
         if record.owner != owner:
             return  # re-claimed meanwhile
+        if owner and await self._beating(owner):
+            return  # its node lives: our copy of the heartbeats lagged (a busy loop), not its node
         try:
             await bucket.delete(sid, last=entry.revision)
         except KeyWrongLastSequenceError:
