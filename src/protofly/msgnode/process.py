@@ -64,7 +64,10 @@ class NodeProcess:
         except TimeoutError:
             line = ""
         if not line.startswith("ws://"):
-            code = await self.stop()
+            try:  # it ended (refused its options, could not listen): its own exit code says why
+                code = await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:  # silent and still running: stopped
+                code = await self.stop()
             raise NodeStartError(f"msg-node serve {' '.join(self.args)} did not start (exit {code}): {line!r}")
         self.url = line
         self.port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
