@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT / "tests" / "conformance" / "data"
+
+
+@pytest.fixture
+def protofly_logs_reach_caplog() -> Iterator[None]:
+    """Undo a CLI's ``log.configure`` (a handler on a closed stream, propagation off) for this test."""
+    logger = logging.getLogger("protofly")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+    try:
+        yield
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.propagate = saved[1]
+        logger.setLevel(saved[2])
 
 
 @pytest.fixture

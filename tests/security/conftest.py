@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -136,19 +135,8 @@ async def world(tmp_path: Path) -> AsyncIterator[HostileWorld]:
 
 
 @pytest.fixture(autouse=True)
-def protofly_logs_reach_caplog() -> Iterator[None]:
-    """Undo a CLI's ``log.configure`` (a handler on a closed stream, propagation off) for this test."""
-    logger = logging.getLogger("protofly")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    logger.handlers.clear()
-    logger.propagate = True
-    logger.setLevel(logging.NOTSET)
-    try:
-        yield
-    finally:
-        logger.handlers[:] = saved[0]
-        logger.propagate = saved[1]
-        logger.setLevel(saved[2])
+def _logs_reach_caplog(protofly_logs_reach_caplog: None) -> None:
+    """Every test here asserts on what protofly logs (``tests/conftest.py``)."""
 
 
 async def order(sender: Hyperty, domain: str, timeout: float = 20.0, **attack: Any) -> dict[str, Any]:

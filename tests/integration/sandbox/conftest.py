@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -22,16 +21,5 @@ async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[ProcessSandbo
 
 
 @pytest.fixture(autouse=True)
-def protofly_logs_reach_caplog() -> Iterator[None]:
-    """Undo a CLI's ``log.configure`` (a handler on a closed stream, propagation off) for this test."""
-    logger = logging.getLogger("protofly")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    logger.handlers.clear()
-    logger.propagate = True
-    logger.setLevel(logging.NOTSET)
-    try:
-        yield
-    finally:
-        logger.handlers[:] = saved[0]
-        logger.propagate = saved[1]
-        logger.setLevel(saved[2])
+def _logs_reach_caplog(protofly_logs_reach_caplog: None) -> None:
+    """Every test here asserts on what protofly logs (``tests/conftest.py``)."""
