@@ -19,6 +19,19 @@ from tests.processes import alive, descendants
 from protofly.message import Message, response_code
 
 
+class HeldEcho:
+    """A handler that notes each request's ``n`` and answers only once ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.arrived: list[int] = []
+
+    async def __call__(self, msg: Message) -> dict:
+        self.arrived.append(msg.body["n"])
+        await self.release.wait()
+        return {"echo": msg.body["n"]}
+
+
 def echo(msg: Message) -> dict:
     return {"echo": msg.body["n"]}
 
@@ -53,15 +66,8 @@ async def test_stub_killed_with_20_replies_in_flight_every_request_gets_its_repl
     """
     await world.start()
     async with world.runtime("a.test") as rt_a, world.runtime("b.test") as rt_b:
-        release = asyncio.Event()
-        arrived: list[int] = []
-
-        async def slow_echo(msg: Message) -> dict:
-            arrived.append(msg.body["n"])
-            await release.wait()
-            return {"echo": msg.body["n"]}
-
-        hyperty_b = await rt_b.new_hyperty(slow_echo)
+        held = HeldEcho()
+        hyperty_b = await rt_b.new_hyperty(held)
         hyperty_a = await rt_a.new_hyperty()
         home = await rt_a.load_stub("b.test")
         session_before = rt_a.sessions.saved("b.test")["session"]
@@ -69,10 +75,10 @@ async def test_stub_killed_with_20_replies_in_flight_every_request_gets_its_repl
         requests = [
             asyncio.create_task(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=10)) for n in range(20)
         ]
-        await wait_until(lambda: len(arrived) == 20, timeout=10)
+        await wait_until(lambda: len(held.arrived) == 20, timeout=10)
 
         await kill_stub(pid)
-        release.set()  # the 20 replies leave runtime B now, towards a session whose stub is dead
+        held.release.set()  # the 20 replies leave runtime B now, towards a session whose stub is dead
         answers = await asyncio.gather(*requests)
 
         assert tally(answers) == {200: 20}  # 20 sent, 20 real replies: no 408, no error
@@ -203,24 +209,17 @@ async def test_requests_held_by_a_stub_that_is_not_restarted_are_answered_at_onc
     """A crash budget of one: the stub's death is final, so the 20 requests it held get 503, not a 408."""
     await world.start()
     async with world.runtime("a.test", crash_budget=1) as rt_a, world.runtime("b.test") as rt_b:
-        release = asyncio.Event()
-        arrived: list[int] = []
-
-        async def slow_echo(msg: Message) -> dict:
-            arrived.append(msg.body["n"])
-            await release.wait()
-            return {"echo": msg.body["n"]}
-
-        hyperty_b = await rt_b.new_hyperty(slow_echo)
+        held = HeldEcho()
+        hyperty_b = await rt_b.new_hyperty(held)
         hyperty_a = await rt_a.new_hyperty()
         handle = await rt_a.load_stub("b.test")
         requests = [
             asyncio.create_task(hyperty_a.request(hyperty_b.url, "execute", {"n": n}, timeout=10)) for n in range(20)
         ]
-        await wait_until(lambda: len(arrived) == 20, timeout=10)
+        await wait_until(lambda: len(held.arrived) == 20, timeout=10)
         await kill_stub(handle.record.info["pid"])
         answers = await asyncio.gather(*requests)
-        release.set()
+        held.release.set()
 
         assert tally(answers) == {503: 20}  # an explicit error for each, no request timeout
         assert all("crashed for good" in a.body["description"] for a in answers)
